@@ -1,0 +1,128 @@
+"""`draftalign` command line: one verb per stage, each reading a job YAML.
+
+Every verb takes the job YAML as its first argument (default: the embedded local job) and
+`--set key.path=value` overrides; verb-specific flags override single fields too.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from draftalign.config import ConfigError, JobConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train draft models for speculative decoding and serve them.")
+
+DEFAULT_JOB = Path("cluster/jobs/local.yaml")
+JobArg = typer.Argument(None, help="job YAML (default cluster/jobs/local.yaml)")
+SetOpt = typer.Option(None, "--set", help="override a field: key.path=value (repeatable)")
+
+
+def _load(job: Path | None, overrides: list[str] | None, extra: dict[str, object] | None = None) -> JobConfig:
+    sets = list(overrides or [])
+    for key, value in (extra or {}).items():
+        if value is not None:
+            sets.append(f"{key}={value}")
+    path = job if job is not None else (DEFAULT_JOB if DEFAULT_JOB.exists() else None)
+    return load_config(path, sets)
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _guard(fn):
+    """Turn the project's own input errors into one clear line and exit code 2."""
+    from draftalign.models import ModelError
+
+    try:
+        return fn()
+    except (ConfigError, ModelError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def eval(job: Path = JobArg, target: str = typer.Option(None, help="target model (overrides target.model)"),
+         draft: str = typer.Option(None, help="draft checkpoint path, or 'new' for a fresh draft.arch draft"),
+         gamma: list[int] = typer.Option(None, help="γ (repeatable)"),
+         temperature: float = typer.Option(None), prompts_per_task: int = typer.Option(None),
+         max_new_tokens: int = typer.Option(None),
+         out: Path = typer.Option(None, help="write the eval JSON here"), overrides: list[str] = SetOpt):
+    """Acceptance rate, block efficiency and speedup of a draft against its target, per task and γ."""
+    from draftalign.evaluate import run_eval
+
+    def go():
+        cfg = _load(job, overrides, {"target.model": target, "eval.temperature": temperature,
+                                     "eval.prompts_per_task": prompts_per_task,
+                                     "eval.max_new_tokens": max_new_tokens})
+        if gamma:
+            cfg.eval.gamma = list(gamma)
+        run_eval(cfg, draft=draft, out=out)
+
+    _guard(go)
+
+
+@app.command()
+def pretrain(job: Path = JobArg, resume: bool = typer.Option(False, help="continue from the latest checkpoint"),
+             overrides: list[str] = SetOpt):
+    """Stage 1: pretrain the draft on plain text (Ray Train)."""
+    from learner.pretrain import run_pretrain
+
+    _guard(lambda: run_pretrain(_load(job, overrides), resume=resume))
+
+
+@app.command()
+def generate(job: Path = JobArg, overrides: list[str] = SetOpt):
+    """Stage 2: the vLLM-hosted target answers prompts → the distillation set (parquet)."""
+    from actors.generate import run_generate
+
+    _guard(lambda: run_generate(_load(job, overrides)))
+
+
+@app.command()
+def distill(job: Path = JobArg, resume: bool = typer.Option(False, help="continue from the latest checkpoint"),
+            overrides: list[str] = SetOpt):
+    """Stage 3: on-policy distillation (rollout actors, vLLM target scoring, Ray Train learner)."""
+    from learner.distill import run_distill
+
+    _guard(lambda: run_distill(_load(job, overrides), resume=resume))
+
+
+@app.command()
+def serve(job: Path = JobArg, port: int = typer.Option(None), draft: str = typer.Option(None),
+          overrides: list[str] = SetOpt):
+    """Serve target + draft speculative decoding behind an OpenAI-compatible HTTP API (Ray Serve)."""
+    from serve.app import run_serve
+
+    _guard(lambda: run_serve(_load(job, overrides, {"serve.port": port}), draft=draft))
+
+
+@app.command()
+def run(job: Path = JobArg, overrides: list[str] = SetOpt):
+    """Every stage: pretrain → generate → distill → eval → report, skipping finished stages."""
+    from draftalign.pipeline import run_pipeline
+
+    _guard(lambda: run_pipeline(_load(job, overrides)))
+
+
+@app.command()
+def launch(job: Path = typer.Argument(..., help="job YAML"),
+           address: str = typer.Option(..., help="Ray Jobs API address, e.g. http://HOST:8265"),
+           verb: str = typer.Option("run", help="the draftalign verb the job runs"),
+           overrides: list[str] = SetOpt):
+    """Submit a job to a Ray cluster through the Ray Jobs API and stream its logs."""
+    from draftalign.launch import launch as do_launch
+
+    def go():
+        _load(job, overrides)  # validate before shipping anything
+        sys.exit(do_launch(job, address, verb=verb, overrides=overrides or []))
+
+    _guard(go)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny real models with the embedded target's tokenizer (fast on 2 cores)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("DRAFTALIGN_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "draftalign"))
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def embedded_target_path() -> str:
+    from draftalign.config import EMBEDDED_TARGET
+    from draftalign.models import resolve_target
+
+    return resolve_target(EMBEDDED_TARGET)
+
+
+@pytest.fixture(scope="session")
+def target_tokenizer(embedded_target_path):
+    from draftalign.models import load_tokenizer
+
+    return load_tokenizer(embedded_target_path)
+
+
+def _tiny(tokenizer, dest: Path, layers: int, hidden: int, seed: int) -> str:
+    from draftalign.config import DraftArch
+    from draftalign.models import build_draft, save_pretrained_atomic
+
+    arch = DraftArch(num_layers=layers, hidden_size=hidden, num_heads=2, intermediate_size=2 * hidden,
+                     max_position_embeddings=1024)
+    model = build_draft(arch, tokenizer, seed=seed)
+    save_pretrained_atomic(model, tokenizer, dest)
+    return str(dest)
+
+
+@pytest.fixture(scope="session")
+def tiny_target_path(tmp_path_factory, target_tokenizer) -> str:
+    """A 2-layer, hidden-64 random Llama with the SmolLM2 tokenizer: a stand-in target."""
+    return _tiny(target_tokenizer, tmp_path_factory.mktemp("models") / "tiny-target", 2, 64, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_draft_path(tmp_path_factory, target_tokenizer) -> str:
+    """A 1-layer, hidden-32 random Llama with the same tokenizer: a stand-in draft."""
+    return _tiny(target_tokenizer, tmp_path_factory.mktemp("models") / "tiny-draft", 1, 32, seed=2)
