@@ -14,6 +14,7 @@ first L − 1 of them; the draft cache covers at most L − 1. Each model is fed
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -233,3 +234,70 @@ class SpecDecoder:
             d_len = min(d_len, t_len)
             d_cache.crop(d_len)
         return self._finish(gens)
+
+    # ------------------------------------------------------------------ streaming
+    @torch.inference_mode()
+    def generate_stream(self, prompt: list[int], params: SamplingParams,
+                        gamma: int | None = None) -> Iterator[tuple[list[int], Generation]]:
+        """Decode one prompt round by round: yield (tokens committed this round, the generation so far).
+
+        The same loop as `generate` (speculative) or `generate_target_only` (no draft) at batch 1,
+        consuming the random stream in the same order, so a seeded stream equals the seeded
+        `generate([prompt])` token for token. The last yield is `([], generation)` once the
+        generation is finished (`text` and `finish_reason` set); stop iterating early to cancel.
+        """
+        gen = torch.Generator(self.device)
+        gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        batch = _Batch([prompt], self.pad_id, self.device)
+        g = Generation([])
+        active = [True]
+        if self.draft is None:
+            cache, cached = DynamicCache(), 0
+            while active[0] and batch.length < self.max_len:
+                logits = self._timed("target", _forward, self.target, cache, batch, cached)[:, -1]
+                cached = batch.length
+                tok = sample(logits_to_probs(logits, params), gen)  # (1,)
+                g.rounds += 1
+                before = len(g.token_ids)
+                self._commit([g], active, tok[:, None], params)
+                batch.append(tok[:, None])
+                yield g.token_ids[before:], g
+            self._finish([g])
+            yield [], g
+            return
+        gamma = gamma or self.gamma
+        g.accepted_per_position = [0] * gamma
+        t_cache, d_cache = DynamicCache(), DynamicCache()
+        t_len = d_len = 0
+        while active[0] and batch.length + gamma + 1 <= self.max_len:
+            draft_tokens, draft_probs = [], []
+            extra = None
+            for i in range(gamma):
+                logits = self._timed("draft", _forward, self.draft, d_cache, batch, d_len, extra)[:, -1]
+                d_len = batch.length + i
+                q = logits_to_probs(logits, params)  # (1, V)
+                draft_probs.append(q)
+                draft_tokens.append(sample(q, gen))
+                extra = torch.stack(draft_tokens, 1)
+            x = torch.stack(draft_tokens, 1)  # (1, γ)
+            q = torch.stack(draft_probs, 1)  # (1, γ, V)
+            logits = self._timed("target", _forward, self.target, t_cache, batch, t_len, x)
+            p = logits_to_probs(logits[:, -(gamma + 1):], params)  # (1, γ+1, V)
+            k, nxt = self.verifier(x, q, p, gen)  # (1,), (1,)
+            ks = int(k[0])
+            emitted = torch.cat([x[:, :ks], nxt[:, None]], 1)  # (1, k+1)
+            g.rounds += 1
+            g.proposed += gamma
+            g.accepted += ks
+            for i in range(ks):
+                g.accepted_per_position[i] += 1
+            before = len(g.token_ids)
+            self._commit([g], active, emitted, params)
+            batch.append(emitted)
+            t_len = batch.length - 1
+            t_cache.crop(t_len)
+            d_len = min(d_len, t_len)
+            d_cache.crop(d_len)
+            yield g.token_ids[before:], g
+        self._finish([g])
+        yield [], g
