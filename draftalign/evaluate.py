@@ -1,0 +1,183 @@
+"""`draftalign eval`: acceptance rate, block efficiency and wall-clock speedup per task and γ.
+
+Spec-Bench practice: batch 1, the same engine and prompts for both arms (target-only decoding and
+speculative decoding), tokens/s over the whole prompt set. Definitions (REFERENCES.md):
+
+* acceptance_rate α̂ = accepted draft tokens / proposed draft tokens;
+* block_efficiency τ = emitted tokens / target forward passes;
+* expected_block_efficiency = (1 − α̂^(γ+1)) / (1 − α̂), the i.i.d.-acceptance prediction;
+* cost_ratio_c = time of one draft step / time of one target decoding step (measured);
+* speedup = speculative tokens/s ÷ target-only tokens/s (bound: τ / (γ·c + 1)).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from draftalign.config import JobConfig
+from draftalign.data import chat_prompt_ids, eval_messages
+from draftalign.models import (
+    build_draft,
+    load_causal_lm,
+    load_draft,
+    load_tokenizer,
+    pick_dtype,
+    resolve_target,
+)
+from serve.sampling import SamplingParams
+from serve.specdec import Generation, SpecDecoder
+
+METRICS = ("n_prompts", "acceptance_rate", "block_efficiency", "expected_block_efficiency", "cost_ratio_c",
+           "target_tokens_per_s", "spec_tokens_per_s", "speedup")
+
+
+def expected_block_efficiency(alpha: float, gamma: int) -> float:
+    """E[τ] = (1 − α^(γ+1)) / (1 − α) under i.i.d. acceptance α (γ + 1 when α = 1)."""
+    return float(gamma + 1) if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def default_draft(cfg: JobConfig) -> str:
+    """The newest trained draft of the job's run directory, else 'new' (a fresh draft.arch draft)."""
+    if cfg.draft.model:
+        return cfg.draft.model
+    for name in ("draft_distilled", "draft_pretrained"):
+        if (cfg.run_path / name / "config.json").is_file():
+            return str(cfg.run_path / name)
+    return "new"
+
+
+def load_pair(cfg: JobConfig, draft: str | None):
+    """(target, draft, tokenizer, target_path, draft_name) in the job's dtype, tokenizers checked."""
+    target_path = resolve_target(cfg.target.model)
+    tok = load_tokenizer(target_path)
+    dtype = pick_dtype(cfg.target.dtype)
+    target = load_causal_lm(target_path, dtype)
+    draft = draft or default_draft(cfg)
+    if draft == "new":
+        model = build_draft(cfg.draft.arch, tok, target, cfg.draft.init, cfg.draft.copy_layers, cfg.seed).to(dtype)
+    else:
+        model = load_draft(draft, tok, dtype, target_vocab=target.config.vocab_size)
+    return target, model, tok, target_path, draft
+
+
+def _row(sums: dict, gamma: int) -> dict:
+    """Metrics of one (task, γ) cell from raw sums, so aggregates are ratios of sums, not means of ratios."""
+    alpha = sums["accepted"] / sums["proposed"] if sums["proposed"] else 0.0
+    spec_tps = sums["tokens"] / sums["spec_s"] if sums["spec_s"] else 0.0
+    base_tps = sums["base_tokens"] / sums["base_s"] if sums["base_s"] else 0.0
+    draft_step = sums["draft_s"] / sums["draft_steps"] if sums["draft_steps"] else 0.0
+    target_step = sums["target_s"] / sums["target_steps"] if sums["target_steps"] else 0.0
+    return {
+        "n_prompts": sums["n"],
+        "acceptance_rate": alpha,
+        "block_efficiency": sums["tokens"] / sums["rounds"] if sums["rounds"] else 0.0,
+        "expected_block_efficiency": expected_block_efficiency(alpha, gamma),
+        "cost_ratio_c": draft_step / target_step if target_step else 0.0,
+        "target_tokens_per_s": base_tps,
+        "spec_tokens_per_s": spec_tps,
+        "speedup": spec_tps / base_tps if base_tps else 0.0,
+        "acceptance_per_position": [a / sums["rounds"] if sums["rounds"] else 0.0 for a in sums["per_position"]],
+        "generated_tokens": sums["tokens"],
+    }
+
+
+def _sums(gens: list[Generation], spec_s: float, timing, base: dict) -> dict:
+    return {"n": len(gens), "tokens": sum(len(g.token_ids) for g in gens), "rounds": sum(g.rounds for g in gens),
+            "proposed": sum(g.proposed for g in gens), "accepted": sum(g.accepted for g in gens),
+            "per_position": [sum(x) for x in zip(*(g.accepted_per_position for g in gens))],
+            "spec_s": spec_s, "draft_s": timing.draft_s, "draft_steps": timing.draft_steps, **base}
+
+
+def evaluate_pair(target, draft, tok, cfg: JobConfig, progress: bool = True) -> dict:
+    """Both arms, every task and γ, batch 1. Returns {"by_gamma": {γ: {"tasks", "overall"}}, "lossless_greedy"}."""
+    ev = cfg.eval
+    params = SamplingParams(temperature=ev.temperature, top_p=ev.top_p, top_k=ev.top_k,
+                            max_new_tokens=ev.max_new_tokens, seed=cfg.seed)
+    limit = min(cfg.target.max_model_len, target.config.max_position_embeddings) - ev.max_new_tokens - max(ev.gamma) - 1
+    prompts = {task: [ids for m in eval_messages(task, ev.prompts_per_task, cfg.seed)
+                      if len(ids := chat_prompt_ids(tok, m["messages"])) <= limit]
+               for task in ev.tasks}
+    engine = SpecDecoder(target, draft, tok, gamma=ev.gamma[0])
+    warm = next(iter(prompts.values()))[:1]
+    engine.generate(warm, SamplingParams(max_new_tokens=4))  # first-call overheads stay out of the timings
+    engine.generate_target_only(warm, SamplingParams(max_new_tokens=4))
+
+    checked = mismatches = 0
+    by_gamma: dict[int, dict] = {g: {"tasks": {}} for g in ev.gamma}
+    sums: dict[int, dict[str, dict]] = {g: {} for g in ev.gamma}
+    for task, ids in prompts.items():
+        engine.timing.__init__()
+        t0 = time.perf_counter()
+        base = [engine.generate_target_only([p], params)[0] for p in ids]
+        base_s = time.perf_counter() - t0
+        base_stats = {"base_tokens": sum(len(g.token_ids) for g in base), "base_s": base_s,
+                      "target_s": engine.timing.target_s, "target_steps": engine.timing.target_steps}
+        for gamma in ev.gamma:
+            engine.timing.__init__()
+            t0 = time.perf_counter()
+            spec = [engine.generate([p], params, gamma=gamma)[0] for p in ids]
+            spec_s = time.perf_counter() - t0
+            sums[gamma][task] = _sums(spec, spec_s, engine.timing, base_stats)
+            row = by_gamma[gamma]["tasks"][task] = _row(sums[gamma][task], gamma)
+            if params.greedy:
+                checked += len(ids)
+                mismatches += sum(a.token_ids != b.token_ids for a, b in zip(base, spec))
+            if progress:
+                print(f"  {task:<10} γ={gamma}  τ={row['block_efficiency']:.2f}  α={row['acceptance_rate']:.3f}  "
+                      f"speedup={row['speedup']:.2f}x", flush=True)
+    for g, block in by_gamma.items():
+        cells = list(sums[g].values())
+        total = {k: (sum(c[k] for c in cells) if k != "per_position"
+                     else [sum(x) for x in zip(*(c[k] for c in cells))]) for k in cells[0]}
+        block["overall"] = _row(total, g)
+    return {"by_gamma": by_gamma, "lossless_greedy": {"checked": checked, "mismatches": mismatches}}
+
+
+def format_table(result: dict) -> str:
+    cols = ("task", "γ", "n", "α", "τ", "E[τ]", "c", "target tok/s", "spec tok/s", "speedup")
+    rows = []
+    for g, block in result["by_gamma"].items():
+        for task, r in [*block["tasks"].items(), ("overall", block["overall"])]:
+            rows.append((task, str(g), str(r["n_prompts"]), f"{r['acceptance_rate']:.3f}",
+                         f"{r['block_efficiency']:.2f}", f"{r['expected_block_efficiency']:.2f}",
+                         f"{r['cost_ratio_c']:.3f}", f"{r['target_tokens_per_s']:.1f}",
+                         f"{r['spec_tokens_per_s']:.1f}", f"{r['speedup']:.2f}x"))
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    line = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |"
+    out = [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+    lg = result["lossless_greedy"]
+    out.append(f"lossless greedy: {lg['checked']} prompts checked, {lg['mismatches']} mismatches")
+    return "\n".join(out)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def run_eval(cfg: JobConfig, draft: str | None = None, out: Path | str | None = None) -> dict:
+    """Evaluate `draft` (path, 'new', or the job's newest trained draft) against the job's target."""
+    torch.manual_seed(cfg.seed)
+    target, draft_model, tok, target_path, draft_name = load_pair(cfg, draft)
+    print(f"eval: target={cfg.target.model} draft={draft_name} γ={cfg.eval.gamma} "
+          f"T={cfg.eval.temperature} dtype={next(target.parameters()).dtype}", flush=True)
+    res = evaluate_pair(target, draft_model, tok, cfg)
+    first = cfg.eval.gamma[0]
+    result = {"target": cfg.target.model, "draft": draft_name, "gamma": first,
+              "temperature": cfg.eval.temperature, "tasks": res["by_gamma"][first]["tasks"],
+              "overall": res["by_gamma"][first]["overall"],
+              "by_gamma": {str(g): b for g, b in res["by_gamma"].items()},
+              "lossless_greedy": res["lossless_greedy"], "max_new_tokens": cfg.eval.max_new_tokens,
+              "dtype": str(next(target.parameters()).dtype).removeprefix("torch.")}
+    print(format_table({"by_gamma": res["by_gamma"], "lossless_greedy": res["lossless_greedy"]}), flush=True)
+    if out is not None:
+        _write_json(Path(out), result)
+        print(f"wrote {out}")
+    return result

@@ -1,0 +1,204 @@
+"""Losslessness of the speculative decoding engine.
+
+Greedy: token-for-token equality with the target's own greedy decoding. Sampling: a χ² test of the
+empirical distribution of the first two generated tokens against the target's exact distribution,
+on a small-vocabulary model pair, with a broken acceptance rule as the negative control.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from draftalign.models import load_causal_lm, load_tokenizer
+from serve.sampling import SamplingParams, logits_to_probs, rejection_sample, sample
+from serve.specdec import SpecDecoder
+
+P_MIN = 0.01  # χ² p-value above which the empirical distribution is accepted as the target's
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_target_path, tiny_draft_path):
+    tok = load_tokenizer(tiny_target_path)
+    return load_causal_lm(tiny_target_path), load_causal_lm(tiny_draft_path), tok
+
+
+def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(1, 24, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+def test_greedy_equals_target_on_50_prompts(tiny_pair, gamma):
+    target, draft, tok = tiny_pair
+    engine = SpecDecoder(target, draft, tok, gamma=gamma)
+    params = SamplingParams(max_new_tokens=16)
+    for p in _prompts(50, target.config.vocab_size, seed=gamma):
+        ref = engine.generate_target_only([p], params)[0]
+        got = engine.generate([p], params)[0]
+        assert got.token_ids == ref.token_ids
+
+
+def test_greedy_batch_equals_single(tiny_pair):
+    target, draft, tok = tiny_pair
+    engine = SpecDecoder(target, draft, tok, gamma=3)
+    params = SamplingParams(max_new_tokens=16)
+    prompts = _prompts(8, target.config.vocab_size, seed=7)
+    batched = engine.generate(prompts, params)
+    for p, b in zip(prompts, batched):
+        assert b.token_ids == engine.generate_target_only([p], params)[0].token_ids
+
+
+def test_draft_equal_to_target_accepts_everything(tiny_pair):
+    target, _, tok = tiny_pair
+    engine = SpecDecoder(target, target, tok, gamma=4)
+    g = engine.generate(_prompts(1, target.config.vocab_size, seed=3), SamplingParams(max_new_tokens=20))[0]
+    assert g.acceptance_rate == 1.0
+    assert g.block_efficiency == pytest.approx(5.0)  # γ + 1 tokens per target pass
+
+
+def test_max_new_tokens_eos_and_stop_strings(tiny_pair):
+    target, draft, tok = tiny_pair
+    engine = SpecDecoder(target, draft, tok, gamma=3)
+    p = _prompts(1, target.config.vocab_size, seed=11)
+    free = engine.generate(p, SamplingParams(max_new_tokens=12))[0]
+    assert len(free.token_ids) == 12 and free.finish_reason == "length"
+    # Make the 5th token an end-of-sequence token: decoding must stop right there.
+    eos = free.token_ids[4]
+    engine.eos_ids = {eos}
+    stopped = engine.generate(p, SamplingParams(max_new_tokens=12))[0]
+    assert stopped.token_ids == free.token_ids[: free.token_ids.index(eos) + 1]
+    assert stopped.finish_reason == "stop"
+    engine.eos_ids = set()
+    stop = tok.decode(free.token_ids[3:5])
+    cut = engine.generate(p, SamplingParams(max_new_tokens=12, stop=(stop,)))[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text
+    assert cut.text == tok.decode(free.token_ids)[: tok.decode(free.token_ids).find(stop)]
+
+
+# ---------------------------------------------------------------- sampling: χ² losslessness
+V = 8  # small vocabulary: the joint distribution of two tokens has 64 cells
+
+
+def _small_lm(seed: int, sharpness: float) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=None, pad_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpness)  # peaky, distinct distributions: a test with power
+    return model.eval()
+
+
+@torch.no_grad()
+def _exact_two_token_dist(target, prompt: list[int], params: SamplingParams) -> torch.Tensor:
+    """P(a, b) = p(a | prompt) · p(b | prompt, a) under the processed target distribution → (V*V,)."""
+    x = torch.tensor([prompt])
+    p1 = logits_to_probs(target(x).logits[0, -1], params)  # (V,)
+    xs = torch.cat([x.repeat(V, 1), torch.arange(V)[:, None]], 1)  # (V, T+1)
+    p2 = logits_to_probs(target(xs).logits[:, -1], params)  # (V, V)
+    return (p1[:, None] * p2).reshape(-1).double()
+
+
+def _empirical(engine, prompt, params, n: int, batch: int, gamma: int) -> torch.Tensor:
+    counts = torch.zeros(V * V, dtype=torch.float64)
+    for i in range(n // batch):
+        p = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                           max_new_tokens=2, seed=1000 * gamma + i)
+        for g in engine.generate([prompt] * batch, p, gamma=gamma):
+            counts[g.token_ids[0] * V + g.token_ids[1]] += 1
+    return counts
+
+
+def _chi2_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    keep = probs * counts.sum() >= 5  # pool cells with small expected counts into one
+    obs = torch.cat([counts[keep], counts[~keep].sum(0, keepdim=True)])
+    exp = torch.cat([probs[keep], probs[~keep].sum(0, keepdim=True)]) * counts.sum()
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    exp = exp / exp.sum() * obs.sum()  # float rounding of Σp must not trip scipy's sum check
+    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
+
+
+def _always_accept(draft_tokens, draft_probs, target_probs, generator=None):
+    """Broken rule (negative control): accept every draft token, then a bonus token from p."""
+    B, gamma = draft_tokens.shape
+    return torch.full((B,), gamma), sample(target_probs[:, gamma], generator)
+
+
+def _resample_from_p(draft_tokens, draft_probs, target_probs, generator=None):
+    """Broken rule (negative control): correct accept test, but the recovered token is drawn from p
+    instead of norm(max(0, p − q))."""
+    k, nxt = rejection_sample(draft_tokens, draft_probs, target_probs, generator)
+    rows = torch.arange(len(k))
+    fresh = sample(target_probs[rows, k], generator)
+    return k, torch.where(k < draft_tokens.shape[1], fresh, nxt)
+
+
+SAMPLING_CASES = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=4),
+                  SamplingParams(temperature=1.3, top_p=0.8)]
+
+
+@pytest.mark.parametrize("params", SAMPLING_CASES, ids=["T1", "T0.7-topk4", "T1.3-topp0.8"])
+@pytest.mark.parametrize("gamma", [1, 3])
+def test_sampling_matches_target_distribution(params, gamma):
+    target, draft = _small_lm(0, 60.0), _small_lm(1, 60.0)
+    prompt = [1, 5, 2]
+    exact = _exact_two_token_dist(target, prompt, params)
+    engine = SpecDecoder(target, draft, None, gamma=gamma)
+    counts = _empirical(engine, prompt, params, n=6000, batch=500, gamma=gamma)
+    assert _chi2_p(counts, exact) > P_MIN
+
+
+@pytest.mark.parametrize("broken", [_always_accept, _resample_from_p], ids=["always-accept", "resample-from-p"])
+def test_broken_acceptance_rule_fails_the_same_test(broken):
+    target, draft = _small_lm(0, 60.0), _small_lm(1, 60.0)
+    prompt, params = [1, 5, 2], SamplingParams(temperature=1.0)
+    exact = _exact_two_token_dist(target, prompt, params)
+    engine = SpecDecoder(target, draft, None, gamma=3, verifier=broken)
+    counts = _empirical(engine, prompt, params, n=6000, batch=500, gamma=3)
+    assert _chi2_p(counts, exact) < P_MIN
+
+
+def test_target_only_sampling_matches_exact():
+    target = _small_lm(0, 60.0)
+    prompt, params = [1, 5, 2], SamplingParams(temperature=1.0)
+    engine = SpecDecoder(target, None, None)
+    counts = _empirical(engine, prompt, params, n=6000, batch=500, gamma=1)
+    assert _chi2_p(counts, _exact_two_token_dist(target, prompt, params)) > P_MIN
+
+
+def test_rejection_sampler_marginal_is_p_exactly_enumerated():
+    """One position, γ = 1: P(out = y) = q(y)·min(1, p/q) + P(reject)·residual(y) = p(y), computed in closed form
+    by enumerating the draft token and averaging many uniforms."""
+    torch.manual_seed(0)
+    p, q = torch.softmax(torch.randn(6) * 2, 0), torch.softmax(torch.randn(6) * 2, 0)
+    counts = torch.zeros(6, dtype=torch.float64)
+    n = 200_000
+    x = torch.multinomial(q, n, replacement=True)[:, None]  # (n, 1)
+    k, nxt = rejection_sample(x, q.expand(n, 1, 6), torch.stack([p, p]).expand(n, 2, 6),
+                              torch.Generator().manual_seed(1))
+    out = torch.where(k == 1, x[:, 0], nxt)
+    counts += torch.bincount(out, minlength=6)
+    assert torch.allclose(counts / n, p.double(), atol=4e-3)
+
+
+def test_logits_to_probs_filters():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    assert logits_to_probs(logits, SamplingParams()).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    topk = logits_to_probs(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert (topk[0, 2:] == 0).all() and topk.sum().item() == pytest.approx(1.0)
+    full = torch.softmax(logits, -1)[0]
+    topp = logits_to_probs(logits, SamplingParams(temperature=1.0, top_p=float(full[0]) + 1e-4))
+    assert (topp[0, :2] > 0).all() and (topp[0, 2:] == 0).all()
+
+
+def test_bad_sampling_params_are_named():
+    for kw, name in [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k"),
+                     ({"max_new_tokens": 0}, "max_new_tokens")]:
+        with pytest.raises(ValueError, match=name):
+            SamplingParams(**kw)
+
