@@ -1,0 +1,220 @@
+"""The target model served by vLLM: `TargetEngine` (one `vllm.LLM`) and its Ray actor `TargetActor`.
+
+Two calls, both on token ids (no text round trip, so draft and target agree on every id):
+- `generate(prompts, ...)` answers prompts: the distillation set (stage 2), serve and eval.
+- `score(seqs, starts, k)` returns the target's top-k (or full) next-token log-probs at every
+  position from `start` on: the teacher signal for distillation (stage 3, RolloutActors).
+
+vLLM runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set by `configure_vllm_env`): no
+EngineCore subprocess, ≈1 GiB, and it works inside a Ray actor with fractional CPUs. vLLM is
+imported inside `TargetEngine.__init__` so that the environment is set first and the driver
+never imports it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+import ray
+
+from draftalign.runtime import configure_vllm_env
+
+if TYPE_CHECKING:
+    from draftalign.config import JobConfig, TargetConfig
+
+
+def _max_logprobs(top_k: int) -> int:
+    """vLLM's per-engine cap on requested log-probs: -1 = whole vocabulary."""
+    return -1 if top_k == -1 else max(20, top_k)
+
+
+class TargetEngine:
+    """One vLLM engine holding the target. A plain class: use it directly, or as `TargetActor`."""
+
+    def __init__(self, model_path: str, dtype: str = "auto", max_model_len: int = 1024,
+                 top_k_logprobs: int = 20, seed: int = 0, tensor_parallel_size: int = 1,
+                 kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.5,
+                 threads: int | None = None):
+        configure_vllm_env(kv_cache_gib, threads)
+        from vllm import LLM  # after configure_vllm_env: vLLM reads the environment at import
+
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.model_path = model_path
+        self.max_model_len = max_model_len
+        self.max_logprobs = _max_logprobs(top_k_logprobs)
+        kw = {}
+        if tensor_parallel_size > 1:
+            kw["distributed_executor_backend"] = "ray"  # TP workers as Ray actors (GPU clusters)
+        self.llm = LLM(model_path, dtype={"auto": "auto", "float32": "float32",
+                                          "bfloat16": "bfloat16"}.get(dtype, dtype),
+                       enforce_eager=True, max_model_len=max_model_len, max_logprobs=self.max_logprobs,
+                       seed=seed, tensor_parallel_size=tensor_parallel_size,
+                       gpu_memory_utilization=gpu_memory_utilization, **kw)
+        mc = self.llm.llm_engine.model_config
+        self.vocab_size = mc.get_vocab_size()
+        self.dtype = str(mc.dtype).removeprefix("torch.")
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, cfg: TargetConfig, model_path: str, seed: int = 0,
+                    threads: int | None = None) -> TargetEngine:
+        return cls(model_path, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+                   top_k_logprobs=cfg.top_k_logprobs, seed=seed,
+                   tensor_parallel_size=cfg.tensor_parallel_size, kv_cache_gib=cfg.kv_cache_gib,
+                   gpu_memory_utilization=cfg.gpu_memory_utilization, threads=threads)
+
+    def info(self) -> dict:
+        """What this engine serves; also a cheap readiness probe for actors."""
+        return {"pid": os.getpid(), "model": self.model_path, "vocab_size": self.vocab_size,
+                "dtype": self.dtype, "max_model_len": self.max_model_len,
+                "max_logprobs": self.max_logprobs, "threads": os.environ.get("OMP_NUM_THREADS")}
+
+    def generate(self, prompts: list[list[int]], temperature: float = 1.0, top_p: float = 1.0,
+                 max_tokens: int = 128, n: int = 1,
+                 seed: int | list[int] | None = None) -> list[list[dict]]:
+        """Sample `n` continuations of each prompt (token ids).
+
+        Returns, per prompt, n dicts {"token_ids", "text", "finish_reason"} ("stop" = EOS or a
+        stop token, "length" = max_tokens or max_model_len); token_ids include the EOS token,
+        text omits special tokens. `seed` is one seed for every prompt or one per prompt; a
+        per-prompt seed makes a prompt's answers independent of how prompts are batched across
+        calls and engines (up to floating-point batch effects). vLLM seeds answer j of a prompt
+        with seed + j, so per-prompt seeds must be far apart (e.g. hashed), not consecutive.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._check_open()
+        if not prompts:
+            return []
+        seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"generate: prompt {i} is empty")
+            if len(p) >= self.max_model_len:  # longer answers than the room left stop with "length"
+                raise ValueError(f"generate: prompt {i} has {len(p)} tokens; max_model_len="
+                                 f"{self.max_model_len} leaves no room for an answer")
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                 seed=s) for s in seeds]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                                 use_tqdm=False)
+        return [[{"token_ids": list(c.token_ids), "text": c.text, "finish_reason": str(c.finish_reason)}
+                 for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+
+    def score(self, seqs: list[list[int]], starts: list[int], k: int) -> list[dict]:
+        """The target's next-token distribution at every position i in [start, len(seq)).
+
+        Row t of the result is the distribution that predicts seq[start + t], conditioned on
+        seq[:start + t]. Returns per sequence {"ids": int64 (T, k), "logprobs": float32 (T, k)}
+        with T = len(seq) - start, columns sorted by rank (most likely first); with k = -1 the
+        whole vocabulary: {"ids": None, "logprobs": float32 (T, V)} indexed by token id.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._check_open()
+        if len(seqs) != len(starts):
+            raise ValueError(f"score: {len(seqs)} sequences but {len(starts)} starts")
+        if k == 0 or k < -1:
+            raise ValueError(f"score: k must be ≥ 1 or -1 (whole vocabulary), got {k}")
+        if self.max_logprobs != -1 and (k == -1 or k > self.max_logprobs):
+            raise ValueError(f"score: k={k} exceeds this engine's max_logprobs={self.max_logprobs} "
+                             f"(set target.top_k_logprobs)")
+        for i, (s, st) in enumerate(zip(seqs, starts, strict=True)):
+            if not 1 <= st <= len(s):
+                raise ValueError(f"score: start {st} of sequence {i} must be in [1, {len(s)}] "
+                                 f"(position 0 has no context)")
+            if len(s) >= self.max_model_len:
+                raise ValueError(f"score: sequence {i} has {len(s)} tokens; max_model_len="
+                                 f"{self.max_model_len} leaves no room for the one generated token")
+        if not seqs:
+            return []
+        # flat_logprobs keeps vLLM's output as flat lists (no dict per position): much faster.
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in seqs], params,
+                                 use_tqdm=False)
+        return [self._unpack(o.prompt_logprobs, len(s), st, k)
+                for o, s, st in zip(outs, seqs, starts, strict=True)]
+
+    def _unpack(self, plp, length: int, start: int, k: int) -> dict:
+        # vLLM 0.32 FlatLogprobs: position 0 is empty; every later position holds width = k + 1
+        # entries [actual token (its true rank), rank 1, rank 2, …, rank k] — the actual token
+        # comes first even when it is also in the top k, so dropping column 0 leaves the top k.
+        width = (self.vocab_size if k == -1 else k) + 1
+        T = length - start
+        if T == 0:
+            return {"ids": None if k == -1 else np.empty((0, k), np.int64),
+                    "logprobs": np.empty((0, self.vocab_size if k == -1 else k), np.float32)}
+        assert len(plp.start_indices) == length, (len(plp.start_indices), length)
+        first = plp.start_indices[start]
+        last = plp.end_indices[-1]
+        assert last - first == T * width, (last - first, T, width)
+        ids = np.asarray(plp.token_ids[first:last], dtype=np.int64).reshape(T, width)[:, 1:]  # (T, k)
+        lps = np.asarray(plp.logprobs[first:last], dtype=np.float32).reshape(T, width)[:, 1:]  # (T, k)
+        if k != -1:
+            return {"ids": ids, "logprobs": lps}
+        full = np.empty((T, self.vocab_size), dtype=np.float32)  # (T, V)
+        np.put_along_axis(full, ids, lps, axis=1)
+        return {"ids": None, "logprobs": full}
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("TargetEngine is shut down")
+
+    def shutdown(self) -> None:
+        """Stop the engine core explicitly (else its threads can abort the process at exit)."""
+        if not self._closed:
+            self._closed = True
+            self.llm.llm_engine.engine_core.shutdown()
+
+
+def engine_threads(num_cpus: float) -> int:
+    """OpenMP threads for an engine granted `num_cpus` Ray CPUs (fractions round up, ≥ 1)."""
+    return max(1, math.ceil(num_cpus - 1e-9))
+
+
+TargetActor = ray.remote(TargetEngine)  # options (resources, restarts) are set by the creator
+
+
+def create_target_actors(cfg: JobConfig, model_path: str, threads: int | None = None,
+                         max_restarts: int = -1, max_task_retries: int = -1) -> list:
+    """Start `cfg.target.num_engines` TargetActors and wait until each engine is up.
+
+    Each actor asks Ray for `cpus_per_engine` CPUs and `gpus_per_engine` GPUs (with tensor
+    parallelism > 1, vLLM places its own GPU workers through Ray instead). `threads` = OpenMP
+    threads per engine (default: the granted CPUs rounded up). A crashed actor is restarted and
+    its in-flight call retried (generate and score are pure), unless the caller says otherwise.
+    """
+    t = cfg.target
+    threads = threads or engine_threads(t.cpus_per_engine)
+    opts = {"num_cpus": t.cpus_per_engine, "max_restarts": max_restarts,
+            "max_task_retries": max_task_retries}
+    if t.tensor_parallel_size == 1:
+        opts["num_gpus"] = t.gpus_per_engine
+    actors = [TargetActor.options(**opts).remote(
+        model_path, dtype=t.dtype, max_model_len=t.max_model_len, top_k_logprobs=t.top_k_logprobs,
+        seed=cfg.seed, tensor_parallel_size=t.tensor_parallel_size, kv_cache_gib=t.kv_cache_gib,
+        gpu_memory_utilization=t.gpu_memory_utilization, threads=threads)
+        for _ in range(t.num_engines)]
+    ray.get([a.info.remote() for a in actors])
+    return actors
+
+
+def shutdown_target_actors(actors: list) -> None:
+    """Shut each engine down cleanly, then end the actor (no restart)."""
+    refs = [a.shutdown.remote() for a in actors]
+    for a, r in zip(actors, refs, strict=True):
+        try:
+            ray.get(r, timeout=60)
+        except Exception:  # noqa: BLE001 — a dead engine needs no clean shutdown
+            pass
+        ray.kill(a)
+
