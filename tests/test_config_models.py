@@ -1,0 +1,109 @@
+"""Job YAML schema, model resolution and the tokenizer check: bad input gets one clear error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from draftalign.config import ConfigError, DraftArch, check_fits_cluster, load_config
+from draftalign.models import (
+    ModelError,
+    TokenizerMismatch,
+    _atomic_dir,
+    build_draft,
+    load_draft,
+    save_pretrained_atomic,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = sorted((ROOT / "cluster" / "jobs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("job", JOBS, ids=[j.name for j in JOBS])
+def test_every_job_yaml_validates_and_fits_its_cluster(job):
+    cfg = load_config(job)
+    check_fits_cluster(cfg)
+
+
+def test_unknown_key_and_bad_value_are_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learner:\n  lr: 1e-3\n  bogus: 1\ndistill:\n  loss: kl\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    msg = str(e.value)
+    assert "learner.bogus: unknown key" in msg
+    assert "distill.loss" in msg and "'tvd_pp'" in msg and "'fkl'" in msg
+
+
+def test_overrides_apply_and_validate():
+    cfg = load_config(None, ["learner.lr=0.01", "eval.gamma=[1,3,5]"])
+    assert cfg.learner.lr == 0.01 and cfg.eval.gamma == [1, 3, 5]
+    with pytest.raises(ConfigError, match="eval.gamma"):
+        load_config(None, ["eval.gamma=[0]"])
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(None, ["learner.lr"])
+
+
+def test_resources_beyond_the_declared_cluster_are_rejected():
+    cfg = load_config(None, ["rollout.num_actors=8", "rollout.cpus_per_actor=1"])
+    with pytest.raises(ConfigError, match="requests .* CPU"):
+        check_fits_cluster(cfg)
+
+
+def test_draft_arch_heads_must_divide():
+    with pytest.raises(ValueError, match="num_heads"):
+        DraftArch(hidden_size=100, num_heads=3)
+
+
+def test_embedded_target_is_plain_safetensors_with_chat_template(embedded_target_path, target_tokenizer):
+    p = Path(embedded_target_path)
+    assert (p / "model.safetensors").is_file() and (p / "config.json").is_file()
+    assert "quantization_config" not in (p / "config.json").read_text()
+    assert len(target_tokenizer) == 49152 and target_tokenizer.chat_template
+
+
+def test_atomic_dir_leaves_nothing_when_the_writer_dies(tmp_path):
+    def dies(tmp):
+        (tmp / "half").write_text("x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _atomic_dir(tmp_path / "model", dies)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_draft_with_other_tokenizer_fails_naming_the_difference(tmp_path, target_tokenizer):
+    tok = target_tokenizer
+    arch = DraftArch(num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64)
+    draft = build_draft(arch, tok)
+    other = type(tok).from_pretrained(tok.name_or_path)
+    other.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
+    save_pretrained_atomic(draft, other, tmp_path / "draft")
+    with pytest.raises(TokenizerMismatch, match="target tokenizer has 49152 tokens, draft tokenizer has 49153"):
+        load_draft(str(tmp_path / "draft"), tok, target_vocab=49152)
+    with pytest.raises(ModelError, match="does not exist"):
+        load_draft(str(tmp_path / "missing"), tok)
+
+
+def test_cli_bad_draft_prints_one_error_line_and_exits_nonzero(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "draftalign.cli", "eval", str(ROOT / "cluster/jobs/local.yaml"),
+                        "--draft", str(tmp_path / "nope")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: draft {tmp_path / 'nope'} does not exist"]
+
+
+def test_from_target_init_copies_embeddings(tiny_target_path, target_tokenizer):
+    from draftalign.models import load_causal_lm
+
+    target = load_causal_lm(tiny_target_path)
+    arch = DraftArch(num_layers=1, hidden_size=64, num_heads=2, intermediate_size=128)
+    draft = build_draft(arch, target_tokenizer, target, init="from_target", copy_layers=[1])
+    assert torch.equal(draft.model.embed_tokens.weight, target.model.embed_tokens.weight)
+    assert torch.equal(draft.model.layers[0].mlp.up_proj.weight, target.model.layers[1].mlp.up_proj.weight)
+    with pytest.raises(ModelError, match="hidden_size"):
+        build_draft(DraftArch(num_layers=1, hidden_size=32, num_heads=2), target_tokenizer, target, "from_target")
