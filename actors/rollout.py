@@ -1,0 +1,399 @@
+"""Rollout actors: the draft samples (or the distillation set is replayed), the target scores,
+and `RolloutBatch` records flow to the learner through a bounded queue.
+
+Data flow (stage 3, see DESIGN.md):
+
+    RolloutActor ×N ── score(seqs, starts, k) ──► TargetActor ×M (round-robin, retried)
+         │ RolloutBatch
+         ▼
+    ray.util.queue.Queue(maxsize=rollout.queue_size)   ── put blocks when full (back-pressure)
+         │
+         ▼
+    learner ranks (each rank pulls its own batches; see learner/distill.py)
+
+Per sequence the actor flips a coin: with probability λ = rollout.on_policy_fraction it samples a
+continuation of the prompt from its current draft copy (on-policy, rollout.temperature,
+rollout.max_new_tokens, stopping at EOS), else it replays the target's response from the
+distillation set. Either way the whole sequence goes to a TargetActor, which returns the target's
+top-k (or full) next-token distribution at every response position.
+
+Alignment: position t of a batch row holds token `input_ids[t]`, and `target_*[t]` is the target's
+distribution *predicting* that token (computed from tokens < t). `loss_mask[t]` is True exactly at
+response positions (t ≥ prompt length, t < sequence length); position 0 is never a response
+position, so the draft's prediction for position t is its output at t − 1.
+
+Weight-sync protocol (the learner's rank 0 is the only sender; one `WeightStore` actor per run):
+
+1. The learner publishes its weights as version v: `store.publish(v, {name: float32 ndarray})`.
+   Versions start at the learner's initial version (0 for a fresh run, the checkpointed version on
+   resume) and increase by one every `learner.sync_every` optimizer steps; the store rejects a
+   version that does not increase. The store `ray.put`s the dict itself, so it owns the object:
+   published weights outlive the learner process that sent them. Only the newest version is kept.
+2. A RolloutActor polls `store.latest(known_version)` between batches (before each batch), and
+   blocks before its first batch until some version exists: it never produces data with weights
+   the learner did not publish. On receipt it checks that the key set equals its own state dict,
+   that every shape matches and that every array is floating point, then casts to its own dtype
+   (fp32 on CPU, bf16 on GPU) and copies in place. A mismatch raises (the actor is then restarted
+   and fails the same way: a config error, not a transient one).
+3. Each batch records the version of the weights that sampled it (`policy_version`). The learner
+   drops batches holding on-policy rows whose version is older than its own minus
+   `rollout.max_policy_lag`, and counts them (replayed target responses do not depend on the
+   policy, so an all-replay batch is never stale).
+
+Fault tolerance: RolloutActors are created with `max_restarts` and `max_task_retries`, so a killed
+actor is restarted by Ray and its `run` loop is resubmitted; the restarted actor registers again
+with the store, which counts restarts. A dead TargetActor makes `score` retry on the next engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+import torch
+
+log = logging.getLogger(__name__)
+
+ROLLOUT_MAX_RESTARTS = 4  # a crash loop (e.g. a bad draft path) must end, not spin forever
+SCORE_RETRY_S = 120.0  # give up scoring when no engine answers for this long
+_ENGINE_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+@dataclass
+class RolloutBatch:
+    """One unit of work for the learner; numpy arrays so Ray ships them zero-copy.
+
+    B = rows, T = longest row (prompt + response), k = target.top_k_logprobs (or V for the full
+    vocabulary, with `target_ids` None).
+    """
+
+    input_ids: np.ndarray  # (B, T) int64, right-padded with pad_id
+    attention_mask: np.ndarray  # (B, T) bool
+    loss_mask: np.ndarray  # (B, T) bool, True at response positions
+    target_logprobs: np.ndarray  # (B, T, k) float32 top-k log-probs, or (B, T, V) full
+    target_ids: np.ndarray | None  # (B, T, k) int64, None when target_logprobs is full
+    draft_logprobs: np.ndarray  # (B, T) float32, behaviour log q(x_t) of sampled tokens; 0 on replayed rows
+    on_policy: np.ndarray  # (B,) bool
+    policy_version: int
+    actor_id: int
+    n_tokens: int  # response tokens = loss_mask.sum()
+    prompt_ids: list[str] = field(default_factory=list)
+    timing: dict = field(default_factory=dict)  # sample_s, score_s, total_s, created_at
+
+    def __post_init__(self):
+        B, T = self.input_ids.shape
+        assert self.loss_mask.shape == (B, T) and self.attention_mask.shape == (B, T)
+        assert self.target_logprobs.shape[:2] == (B, T), self.target_logprobs.shape
+        assert self.target_ids is None or self.target_ids.shape == self.target_logprobs.shape
+        assert self.draft_logprobs.shape == (B, T) and self.on_policy.shape == (B,)
+        assert not self.loss_mask[:, 0].any(), "position 0 has no prediction to train"
+
+    @property
+    def full_vocab(self) -> bool:
+        return self.target_ids is None
+
+
+def build_batch(prompts: list[list[int]], responses: list[list[int]], scores: list[dict], *,
+                pad_id: int, on_policy: list[bool] | None = None,
+                draft_logprobs: list[list[float]] | None = None, policy_version: int = 0,
+                actor_id: int = -1, prompt_ids: list[str] | None = None,
+                timing: dict | None = None) -> RolloutBatch:
+    """Pad rows and place each row's target scores at its response positions.
+
+    `scores[i]` is a TargetEngine.score result for prompts[i] + responses[i] with start =
+    len(prompts[i]): {"ids": (R, k) or None, "logprobs": (R, k) or (R, V)}, R = len(responses[i]).
+    """
+    B = len(prompts)
+    assert B == len(responses) == len(scores) and B > 0
+    lens = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    T = max(lens)
+    full = scores[0]["ids"] is None
+    # Engines may list different counts per row; keeping the first `width` columns everywhere is
+    # exact bucketing still: a dropped entry's mass simply joins the tail bucket.
+    width = min(np.asarray(s["logprobs"]).shape[1] for s in scores)
+    input_ids = np.full((B, T), pad_id, dtype=np.int64)
+    attn = np.zeros((B, T), dtype=bool)
+    loss_mask = np.zeros((B, T), dtype=bool)
+    t_lp = np.zeros((B, T, width), dtype=np.float32)
+    t_ids = None if full else np.zeros((B, T, width), dtype=np.int64)
+    d_lp = np.zeros((B, T), dtype=np.float32)
+    for i, (p, r, s) in enumerate(zip(prompts, responses, scores, strict=True)):
+        assert len(p) > 0 and len(r) > 0, "rows need a non-empty prompt and response"
+        P, L = len(p), lens[i]
+        input_ids[i, :L] = p + r
+        attn[i, :L] = True
+        loss_mask[i, P:L] = True
+        lp = np.asarray(s["logprobs"], dtype=np.float32)
+        assert lp.shape[0] == len(r), f"row {i}: {lp.shape[0]} scored positions for {len(r)} response tokens"
+        t_lp[i, P:L] = lp[:, :width]
+        if not full:
+            t_ids[i, P:L] = np.asarray(s["ids"], dtype=np.int64)[:, :width]
+        if draft_logprobs is not None and draft_logprobs[i] is not None:
+            d_lp[i, P:L] = draft_logprobs[i]
+    flags = np.asarray(on_policy if on_policy is not None else [False] * B, dtype=bool)
+    return RolloutBatch(input_ids=input_ids, attention_mask=attn, loss_mask=loss_mask,
+                        target_logprobs=t_lp, target_ids=t_ids, draft_logprobs=d_lp, on_policy=flags,
+                        policy_version=policy_version, actor_id=actor_id, n_tokens=int(loss_mask.sum()),
+                        prompt_ids=list(prompt_ids or []), timing=dict(timing or {}))
+
+
+class TargetPool:
+    """Round-robin over TargetActor handles; a dead or restarting engine is skipped."""
+
+    def __init__(self, engines: list, start: int = 0):
+        assert engines, "need at least one TargetActor"
+        self.engines = list(engines)
+        self._next = start % len(self.engines)
+        self.failures = 0
+
+    def score(self, seqs: list[list[int]], starts: list[int], k: int) -> list[dict]:
+        deadline = time.monotonic() + SCORE_RETRY_S
+        while True:
+            for _ in range(len(self.engines)):
+                engine = self.engines[self._next]
+                self._next = (self._next + 1) % len(self.engines)
+                try:
+                    return ray.get(engine.score.remote(seqs, starts, k))
+                except _ENGINE_ERRORS as e:
+                    self.failures += 1
+                    log.warning("target engine failed (%s); trying the next one", type(e).__name__)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no TargetActor answered for {SCORE_RETRY_S:.0f} s")
+            time.sleep(1.0)  # every engine is down: give Ray time to restart one
+
+
+@ray.remote(num_cpus=0)
+class WeightStore:
+    """Versioned draft weights from the learner, plus rollout bookkeeping (restarts, tokens)."""
+
+    def __init__(self):
+        self._version = -1
+        self._ref = None
+        self._incarnations: dict[int, int] = defaultdict(int)
+        self._tokens = 0
+        self._batches = 0
+        self._error: str | None = None
+
+    def publish(self, version: int, weights: dict) -> int:
+        """Store `weights` ({name: ndarray}) as `version`; returns the version."""
+        if version <= self._version:
+            raise ValueError(f"weight version {version} does not increase (have {self._version})")
+        self._ref = ray.put(weights)  # owned by this actor: outlives the sending learner
+        self._version = version
+        return version
+
+    def version(self) -> int:
+        return self._version
+
+    def latest(self, known_version: int):
+        """(version, [ref]) when newer than known_version, else None. The ref is wrapped in a
+        list so Ray hands the caller the reference instead of resolving it here."""
+        if self._version > known_version:
+            return self._version, [self._ref]
+        return None
+
+    def register(self, actor_id: int) -> int:
+        """Called from RolloutActor.__init__; returns how many times this actor started before."""
+        n = self._incarnations[actor_id]
+        self._incarnations[actor_id] += 1
+        return n
+
+    def report(self, actor_id: int, n_tokens: int) -> None:
+        self._tokens += n_tokens
+        self._batches += 1
+
+    def set_error(self, message: str) -> None:
+        self._error = message
+
+    def stats(self) -> dict:
+        return {"version": self._version, "rollout_tokens": self._tokens, "rollout_batches": self._batches,
+                "actor_starts": sum(self._incarnations.values()),
+                "restarts": sum(max(0, n - 1) for n in self._incarnations.values()),
+                "error": self._error}
+
+
+def check_and_load_weights(model: torch.nn.Module, weights: dict) -> None:
+    """Copy published weights into `model` after checking names, shapes and dtypes."""
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"published weights do not match the draft: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, arr in weights.items():
+            arr = np.asarray(arr)
+            if tuple(arr.shape) != tuple(own[name].shape):
+                raise ValueError(f"published weight {name} has shape {arr.shape}, draft has "
+                                 f"{tuple(own[name].shape)}")
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise ValueError(f"published weight {name} has dtype {arr.dtype}, expected floating point")
+            own[name].copy_(torch.from_numpy(np.array(arr)))  # copy: plasma buffers are read-only
+
+
+def sample_continuations(model, prompts: list[list[int]], *, temperature: float, max_new_tokens: int,
+                         eos_id: int, pad_id: int, generator_seed: int | None = None):
+    """Sample from the draft, batched with a KV cache (HF `generate`, left padding).
+
+    Returns (responses, logprobs): each response ends at its first EOS (kept) or after
+    max_new_tokens; logprobs[i][j] = log q(response[i][j]) under the sampling distribution
+    (softmax(logits / temperature); the argmax's log-prob for temperature 0).
+    """
+    device = next(model.parameters()).device
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        attn[i, P - len(p):] = 1
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                             do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                             top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=pad_id, eos_token_id=eos_id)
+    new = out.sequences[:, P:].cpu()  # (B, S)
+    logits = torch.stack(out.logits, 1).float().cpu()  # (B, S, V)
+    if temperature > 0:
+        logits = logits / temperature
+    lp = torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # (B, S)
+    responses, logprobs = [], []
+    for i in range(len(prompts)):
+        row = new[i].tolist()
+        n = row.index(eos_id) + 1 if eos_id in row else len(row)
+        responses.append(row[:n])
+        logprobs.append(lp[i, :n].tolist())
+    return responses, logprobs
+
+
+class RolloutWorker:
+    """The rollout logic without Ray's actor wrapper (directly testable)."""
+
+    def __init__(self, actor_id: int, draft_path: str, rows: list[dict], engines: list, queue, store, *,
+                 on_policy_fraction: float, temperature: float, max_new_tokens: int, batch_size: int,
+                 top_k: int, seed: int = 0, device: str = "cpu"):
+        from draftalign.models import load_causal_lm, load_tokenizer
+
+        if not rows:
+            raise ValueError("RolloutActor needs a non-empty distillation set")
+        self.actor_id, self.rows, self.queue, self.store = actor_id, rows, queue, store
+        self.lam, self.temperature, self.max_new_tokens = on_policy_fraction, temperature, max_new_tokens
+        self.batch_size, self.top_k = batch_size, top_k
+        self.incarnation = ray.get(store.register.remote(actor_id)) if store is not None else 0
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        self.model = load_causal_lm(draft_path, dtype, device)
+        tok = load_tokenizer(draft_path)
+        self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id
+        self.version = -1
+        self.pool = TargetPool(engines, start=actor_id)
+        # a restarted actor must not replay its predecessor's random stream
+        self.seed = seed + 7919 * actor_id + 104729 * self.incarnation
+        self.rng = random.Random(self.seed)
+        self._stop = threading.Event()
+        self.counters = {"batches": 0, "tokens": 0, "put_wait_s": 0.0, "weight_loads": 0}
+
+    def sync_weights(self, wait: bool = False) -> bool:
+        """Load the newest published weights; with wait, block until a first version exists."""
+        while True:
+            got = ray.get(self.store.latest.remote(self.version))
+            if got is not None:
+                version, (ref,) = got
+                check_and_load_weights(self.model, ray.get(ref))
+                self.version = version
+                self.counters["weight_loads"] += 1
+                return True
+            if not wait or self._stop.is_set():
+                return False
+            time.sleep(0.2)
+
+    def make_batch(self) -> RolloutBatch:
+        t0 = time.perf_counter()
+        picks = [self.rng.choice(self.rows) for _ in range(self.batch_size)]
+        flags = [self.rng.random() < self.lam for _ in picks]
+        prompts = [list(r["prompt_token_ids"]) for r in picks]
+        responses: list[list[int]] = [list(r["response_token_ids"]) for r in picks]
+        draft_lp: list[list[float] | None] = [None] * len(picks)
+        on_idx = [i for i, f in enumerate(flags) if f]
+        if on_idx:
+            gen, lps = sample_continuations(
+                self.model, [prompts[i] for i in on_idx], temperature=self.temperature,
+                max_new_tokens=self.max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id)
+            for i, g, lp in zip(on_idx, gen, lps, strict=True):
+                responses[i], draft_lp[i] = g, lp
+        t1 = time.perf_counter()
+        seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
+        scores = self.pool.score(seqs, [len(p) for p in prompts], self.top_k)
+        t2 = time.perf_counter()
+        return build_batch(prompts, responses, scores, pad_id=self.pad_id, on_policy=flags,
+                           draft_logprobs=draft_lp, policy_version=self.version, actor_id=self.actor_id,
+                           prompt_ids=[str(r.get("prompt_id", "")) for r in picks],
+                           timing={"sample_s": t1 - t0, "score_s": t2 - t1, "total_s": t2 - t0,
+                                   "created_at": time.time()})
+
+    def put(self, batch: RolloutBatch) -> bool:
+        """Blocking put with a timeout loop, so stop() is honoured while the queue is full."""
+        from ray.util.queue import Full
+
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                self.queue.put(batch, block=True, timeout=1.0)
+                return True
+            except Full:
+                continue
+            finally:  # updated every second, so stats() shows back-pressure while it happens
+                self.counters["put_wait_s"] += time.perf_counter() - t0
+        return False
+
+    def run(self, max_batches: int | None = None) -> dict:
+        """Produce batches until stop() (or max_batches); returns the counters."""
+        self.sync_weights(wait=True)
+        while not self._stop.is_set() and (max_batches is None or self.counters["batches"] < max_batches):
+            self.sync_weights()
+            batch = self.make_batch()
+            if not self.put(batch):
+                break
+            self.counters["batches"] += 1
+            self.counters["tokens"] += batch.n_tokens
+            self.store.report.remote(self.actor_id, batch.n_tokens)
+        return self.stats()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def stats(self) -> dict:
+        return dict(self.counters, actor_id=self.actor_id, incarnation=self.incarnation, version=self.version,
+                    target_failures=self.pool.failures)
+
+
+@ray.remote(max_concurrency=2)  # run() loops in one thread; stop() / stats() use the other
+class RolloutActor(RolloutWorker):
+    """Ray actor around RolloutWorker. Create with `create_rollout_actors`."""
+
+    def ping(self) -> int:
+        return self.incarnation
+
+
+def create_rollout_actors(cfg, draft_path: str, rows_ref, engines: list, queue, store,
+                          name_prefix: str | None = None) -> list:
+    """`cfg.rollout.num_actors` RolloutActors, restartable, with resources from the job config.
+
+    rows_ref: an ObjectRef of the replay rows (a list of dicts with prompt_id, prompt_token_ids,
+    response_token_ids); passing a ref keeps one copy in the object store for every actor.
+    name_prefix: actors are named `<prefix>-rollout-<i>` (found with ray.get_actor), else anonymous.
+    """
+    r = cfg.rollout
+    device = "cuda" if r.gpus_per_actor > 0 else "cpu"
+    return [RolloutActor.options(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor,
+                                 max_restarts=ROLLOUT_MAX_RESTARTS, max_task_retries=-1,
+                                 name=f"{name_prefix}-rollout-{i}" if name_prefix else None).remote(
+        i, draft_path, rows_ref, engines, queue, store, on_policy_fraction=r.on_policy_fraction,
+        temperature=r.temperature, max_new_tokens=r.max_new_tokens, batch_size=r.batch_size,
+        top_k=cfg.target.top_k_logprobs, seed=cfg.seed, device=device)
+        for i in range(r.num_actors)]
