@@ -1,0 +1,291 @@
+"""Stage 2: the target answers training prompts → the distillation set `<run_dir>/distill_set/`.
+
+Layout:
+- `plan.json` — what this set is (target, sampling, prompt ids in order, shard size). Written
+  once before the first shard; a rerun whose plan differs refuses to mix shards.
+- `part-00000.parquet`, … — shard i answers prompts [i·S, (i+1)·S) of the plan (S =
+  `generate.shard_size`), one row per (prompt, response_index). Each shard is written to a
+  temp file in the same directory and renamed: a shard file is either absent or complete.
+- `metadata.json` — counts and parameters, written (atomically) once every shard exists: the
+  set is complete iff it exists.
+
+Resume: the plan is a pure function of the config and the tokenizer (same prompts, same order,
+same shard boundaries), so a rerun answers exactly the shards whose files are missing. No
+prompt is lost or answered twice. Each prompt has its own sampling seed (hashed from job seed
+and prompt id), so its answers do not depend on which engine or batch served it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter, deque
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from draftalign.config import ConfigError, JobConfig
+
+SCHEMA_VERSION = 1
+SCHEMA = pa.schema([
+    ("prompt_id", pa.string()),
+    ("prompt", pa.string()),  # chat-templated text, ending with the assistant cue
+    ("prompt_token_ids", pa.list_(pa.int32())),
+    ("response_token_ids", pa.list_(pa.int32())),  # includes EOS when the answer stopped there
+    ("response_text", pa.string()),
+    ("finish_reason", pa.string()),  # "stop" (EOS) or "length" (max_tokens)
+    ("response_index", pa.int32()),  # 0 … responses_per_prompt - 1
+])
+PROMPT_SOURCE = "draftalign.data.train_messages (train-split chitchat + summarize; no eval prompts)"
+
+
+class PlanMismatch(ConfigError):
+    """The run directory holds a distillation set made with a different plan."""
+
+
+def distill_dir(run_path: str | Path) -> Path:
+    return Path(run_path) / "distill_set"
+
+
+def shard_name(i: int) -> str:
+    return f"part-{i:05d}.parquet"
+
+
+def prompt_seed(job_seed: int, prompt_id: str) -> int:
+    # Far-apart seeds: vLLM seeds answer j of a prompt with seed + j.
+    return int.from_bytes(hashlib.sha256(f"{job_seed}/{prompt_id}".encode()).digest()[:4], "big") >> 1
+
+
+def build_prompts(cfg: JobConfig, tokenizer) -> tuple[list[dict], list[str]]:
+    """The plan's prompts, in order: [{"prompt_id", "prompt", "prompt_token_ids"}], and the ids
+    skipped because prompt + max_tokens would not fit in max_model_len."""
+    from draftalign.data import chat_prompt_ids, train_messages
+
+    limit = cfg.target.max_model_len - cfg.generate.max_tokens
+    prompts, skipped = [], []
+    for m in train_messages(cfg.generate.num_prompts, cfg.seed):
+        ids = chat_prompt_ids(tokenizer, m["messages"])
+        if len(ids) > limit:
+            skipped.append(m["id"])
+            continue
+        text = tokenizer.apply_chat_template(m["messages"], add_generation_prompt=True, tokenize=False)
+        prompts.append({"prompt_id": m["id"], "prompt": text, "prompt_token_ids": ids})
+    ids = [p["prompt_id"] for p in prompts]
+    assert len(set(ids)) == len(ids), "train_messages returned duplicate prompt ids"
+    return prompts, skipped
+
+
+def _sampling(cfg: JobConfig) -> dict:
+    g = cfg.generate
+    return {"temperature": g.temperature, "top_p": g.top_p, "max_tokens": g.max_tokens,
+            "responses_per_prompt": g.responses_per_prompt, "seed": cfg.seed}
+
+
+def make_plan(cfg: JobConfig, prompts: list[dict], skipped: list[str]) -> dict:
+    ids = [p["prompt_id"] for p in prompts]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "target": {"model": cfg.target.model, "dtype": cfg.target.dtype,
+                   "max_model_len": cfg.target.max_model_len},
+        "sampling": _sampling(cfg),
+        "prompt_source": PROMPT_SOURCE,
+        "num_prompts_requested": cfg.generate.num_prompts,
+        "shard_size": cfg.generate.shard_size,
+        "num_shards": -(-len(ids) // cfg.generate.shard_size),
+        "prompt_ids": ids,
+        "skipped_too_long": skipped,
+    }
+
+
+def _write_atomic(path: Path, write) -> None:
+    """write(tmp_path), fsync, rename onto path: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def _check_plan(d: Path, plan: dict) -> None:
+    path = d / "plan.json"
+    if not path.exists():
+        write_json_atomic(path, plan)
+        return
+    old = json.loads(path.read_text())
+    if old != plan:
+        diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+        raise PlanMismatch(f"{d} holds a distillation set made with a different plan (differs in: "
+                           f"{', '.join(diff)}); use another run_dir or delete {d}")
+
+
+def _rows(prompts: list[dict], answers: list[list[dict]]) -> pa.Table:
+    cols: dict[str, list] = {f.name: [] for f in SCHEMA}
+    for p, outs in zip(prompts, answers, strict=True):
+        for j, a in enumerate(outs):
+            cols["prompt_id"].append(p["prompt_id"])
+            cols["prompt"].append(p["prompt"])
+            cols["prompt_token_ids"].append(p["prompt_token_ids"])
+            cols["response_token_ids"].append(a["token_ids"])
+            cols["response_text"].append(a["text"])
+            cols["finish_reason"].append(a["finish_reason"])
+            cols["response_index"].append(j)
+    return pa.table(cols, schema=SCHEMA)
+
+
+def _generate_threads(cfg: JobConfig) -> int:
+    """OpenMP threads per engine: stage 2 owns the cluster, so engines share a node's cores."""
+    import ray
+
+    from actors.target import engine_threads
+
+    t = cfg.target
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+    fair = int(min(max(cpus, default=1), sum(cpus) // t.num_engines))
+    return max(engine_threads(t.cpus_per_engine), fair)
+
+
+def _summarize(d: Path, plan: dict) -> dict:
+    """Counts over every shard; also checks each (prompt, response_index) appears exactly once."""
+    n_resp = plan["sampling"]["responses_per_prompt"]
+    seen: Counter = Counter()
+    finish: Counter = Counter()
+    rows = tokens = 0
+    for i in range(plan["num_shards"]):
+        t = pq.read_table(d / shard_name(i), columns=["prompt_id", "response_index",
+                                                       "response_token_ids", "finish_reason"])
+        rows += t.num_rows
+        tokens += sum(len(x) for x in t.column("response_token_ids").to_pylist())
+        finish.update(t.column("finish_reason").to_pylist())
+        seen.update(zip(t.column("prompt_id").to_pylist(), t.column("response_index").to_pylist(),
+                        strict=True))
+    expected = {(p, j) for p in plan["prompt_ids"] for j in range(n_resp)}
+    dup = [k for k, c in seen.items() if c > 1]
+    if set(seen) != expected or dup:
+        raise RuntimeError(f"{d}: shards do not hold every (prompt, answer) exactly once "
+                           f"({len(expected - set(seen))} missing, {len(set(seen) - expected)} unknown, "
+                           f"{len(dup)} duplicated)")
+    return {"num_rows": rows, "num_response_tokens": tokens, "finish_reasons": dict(finish)}
+
+
+def run_generate(cfg: JobConfig) -> Path:
+    """Build (or finish) the distillation set of this job; return its directory."""
+    import ray
+    from tqdm import tqdm
+
+    from actors.target import create_target_actors, shutdown_target_actors
+    from draftalign.models import load_tokenizer, resolve_target
+    from draftalign.runtime import configure_vllm_env, init_ray, run_dir
+
+    t0 = time.perf_counter()
+    g = cfg.generate
+    model_path = resolve_target(cfg.target.model)
+    tokenizer = load_tokenizer(model_path)
+    prompts, skipped = build_prompts(cfg, tokenizer)
+    if not prompts:
+        raise ConfigError(f"generate: no prompt fits target.max_model_len={cfg.target.max_model_len} "
+                          f"with generate.max_tokens={g.max_tokens}")
+    plan = make_plan(cfg, prompts, skipped)
+    d = distill_dir(run_dir(cfg))
+    d.mkdir(parents=True, exist_ok=True)
+    for stale in d.glob(".*.tmp-*"):  # left by a killed writer; never a finished shard
+        stale.unlink(missing_ok=True)
+    _check_plan(d, plan)
+
+    shards = [prompts[i: i + g.shard_size] for i in range(0, len(prompts), g.shard_size)]
+    pending = deque(i for i in range(len(shards)) if not (d / shard_name(i)).exists())
+    reused = len(shards) - len(pending)
+    new_prompts = new_tokens = 0
+    gen_seconds = 0.0
+    if pending:
+        configure_vllm_env(cfg.target.kv_cache_gib)  # before init_ray: actors inherit the env
+        started_ray = not ray.is_initialized()
+        init_ray(cfg)
+        actors = []
+        try:
+            actors = create_target_actors(cfg, model_path, threads=_generate_threads(cfg))
+            inflight: dict = {}  # ObjectRef -> (shard index, actor)
+
+            def submit(actor) -> None:
+                i = pending.popleft()
+                ref = actor.generate.remote(
+                    [p["prompt_token_ids"] for p in shards[i]], temperature=g.temperature, top_p=g.top_p,
+                    max_tokens=g.max_tokens, n=g.responses_per_prompt,
+                    seed=[prompt_seed(cfg.seed, p["prompt_id"]) for p in shards[i]])
+                inflight[ref] = (i, actor)
+
+            t_gen = time.perf_counter()
+            bar = tqdm(total=len(prompts), initial=sum(len(shards[i]) for i in range(len(shards))
+                                                       if (d / shard_name(i)).exists()),
+                       unit="prompt", desc="generate", file=sys.stderr, dynamic_ncols=True)
+            for a in actors:  # one shard per engine at a time: each keeps busy, none hoards
+                if pending:
+                    submit(a)
+            while inflight:
+                [ref], _ = ray.wait(list(inflight), num_returns=1)
+                i, actor = inflight.pop(ref)
+                answers = ray.get(ref)
+                if pending:
+                    submit(actor)
+                table = _rows(shards[i], answers)
+                _write_atomic(d / shard_name(i), lambda tmp, table=table: pq.write_table(table, tmp))
+                new_prompts += len(shards[i])
+                new_tokens += sum(len(a["token_ids"]) for outs in answers for a in outs)
+                gen_seconds = time.perf_counter() - t_gen
+                bar.update(len(shards[i]))
+                bar.set_postfix_str(f"{new_prompts / gen_seconds:.2f} prompts/s, "
+                                    f"{new_tokens / gen_seconds:.1f} tok/s")
+            bar.close()
+        finally:
+            if actors:
+                shutdown_target_actors(actors)
+            if started_ray:
+                ray.shutdown()
+
+    counts = _summarize(d, plan)
+    if pending or not (d / "metadata.json").exists():
+        meta = {k: v for k, v in plan.items() if k not in ("prompt_ids", "skipped_too_long")}
+        meta["target"] = {**plan["target"], "path": model_path}
+        meta.update(num_prompts=len(prompts), num_skipped_too_long=len(skipped),
+                    shards=[shard_name(i) for i in range(len(shards))], **counts,
+                    columns={f.name: str(f.type) for f in SCHEMA})
+        write_json_atomic(d / "metadata.json", meta)
+    rate = (f"{new_prompts / gen_seconds:.2f} prompts/s, {new_tokens / gen_seconds:.1f} generated tok/s"
+            if gen_seconds else "nothing to generate")
+    print(f"generate: {len(prompts)} prompts ({len(skipped)} too long, skipped) → {counts['num_rows']} "
+          f"answers, {counts['num_response_tokens']} tokens in {len(shards)} shards ({reused} reused) | "
+          f"{rate} | {time.perf_counter() - t0:.1f} s | {d}", flush=True)
+    return d
+
+
+def load_distill_set(run_path: str | Path, allow_partial: bool = False):
+    """The distillation set as a `datasets.Dataset` (in memory, rows in plan order).
+
+    `run_path` is the run directory or its `distill_set/`. Without allow_partial an unfinished
+    set (no metadata.json) is an error.
+    """
+    import datasets
+    from datasets.table import InMemoryTable
+
+    d = Path(run_path)
+    if d.name != "distill_set":
+        d = distill_dir(d)
+    if not d.is_dir():
+        raise FileNotFoundError(f"no distillation set at {d} (run `draftalign generate` first)")
+    if not allow_partial and not (d / "metadata.json").exists():
+        raise FileNotFoundError(f"the distillation set at {d} is incomplete (no metadata.json); "
+                                f"rerun `draftalign generate` to finish it")
+    files = sorted(d.glob("part-*.parquet"))
+    tables = [pq.read_table(f, schema=SCHEMA) for f in files]
+    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    return datasets.Dataset(InMemoryTable(table))
