@@ -1,0 +1,589 @@
+"""Stage 1: pretrain the draft on plain text with Ray Train (DDP), resumable after a kill.
+
+Data. `pretrain.corpus` documents (embedded chitchat, local .txt / .jsonl / .parquet files or
+directories, `datasets` names) are shuffled by seed, tokenized once with the **target's**
+tokenizer with EOS after every document, and cached under the run dir. A few held-out documents
+(or, for tiny corpora, the stream's tail) give the validation loss. The stream is packed into
+blocks of seq_len + 1 tokens (stride seq_len: every token is predicted exactly once per epoch).
+Step s reads global samples [cursor, cursor + batch_size) of an endless sequence of per-epoch
+permutations seeded by (seed, epoch); rank r takes every world-th of them. The data position is
+therefore one integer, `cursor`, saved in every checkpoint.
+
+Loss. Summed token cross-entropy divided by the *global* token count, times world size (DDP
+averages gradients over ranks), so sharding does not change the gradient.
+
+Checkpoints (Ray Train, `<run_dir>/ray_results/pretrain/checkpoint_step_<step>_<session>/`): the
+HF-format draft (`save_pretrained` + tokenizer, loadable unchanged by transformers and vLLM),
+`trainer_state.pt` (optimizer, scheduler, step, cursor, per-rank torch/numpy/python RNG, config
+dump) and `manifest.json` (size + sha256 of every file, written last). Rank 0 writes; every rank
+calls `ray.train.report`.
+
+Resume. The driver lists checkpoint dirs newest first (step, then mtime), verifies each against
+its manifest, says which ones are corrupt or incomplete, and hands the newest good one to the
+workers, which restore model, optimizer, scheduler, RNG and cursor: the resumed run continues at
+the next step with the same batch it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from draftalign.config import JobConfig
+from draftalign.models import (
+    build_draft,
+    load_causal_lm,
+    load_draft,
+    load_tokenizer,
+    pick_dtype,
+    resolve_target,
+    save_pretrained_atomic,
+)
+from draftalign.runtime import init_ray, run_dir
+
+STATE_FILE = "trainer_state.pt"
+MANIFEST = "manifest.json"
+EXPERIMENT = "pretrain"
+VAL_FRACTION = 0.02       # share of documents held out for the validation loss
+VAL_MIN_DOCS = 50         # fewer documents than this: hold out the stream's tail instead
+VAL_MAX_BLOCKS = 32       # cap on validation blocks (a validation pass must stay cheap)
+CKPT_RE = re.compile(r"^checkpoint_step_(\d+)_([0-9a-z]+)$")
+
+
+def _say(msg: str) -> None:
+    # not print(): inside Ray Train workers print is patched to log *and* echo, printing twice
+    sys.stderr.write(f"[pretrain] {msg}\n")
+    sys.stderr.flush()
+
+
+# ----------------------------------------------------------------------------------------- data
+
+def _text_column_docs(ds, src: str) -> list[str]:
+    cols = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+    col = "text" if "text" in ds.column_names else (cols[0] if cols else None)
+    if col is None:
+        raise ValueError(f"pretrain.corpus entry {src!r} has no text column (columns: {ds.column_names})")
+    return [t for t in ds[col] if t]
+
+
+def load_documents(sources: list[str]) -> list[str]:
+    """Documents of every corpus entry: `embedded:chitchat`, .txt / .jsonl / .parquet files or
+    directories of them, or a `datasets` name (`name` or `name:config`, split train)."""
+    from draftalign.data import pretrain_texts
+
+    docs: list[str] = []
+    for src in sources:
+        p = Path(os.path.expanduser(src))
+        if src.startswith("embedded:") or (p.is_file() and p.suffix in (".txt", ".jsonl")):
+            docs += pretrain_texts([src])
+        elif p.is_dir() or (p.is_file() and p.suffix == ".parquet"):
+            parquet = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
+            if p.is_dir():
+                docs += pretrain_texts([src])
+            if parquet:
+                import datasets
+
+                ds = datasets.load_dataset("parquet", data_files=[str(f) for f in parquet], split="train")
+                docs += _text_column_docs(ds, src)
+        elif p.exists():
+            raise ValueError(f"pretrain.corpus entry {src!r}: unsupported file type {p.suffix!r} "
+                             "(use .txt, .jsonl with a 'text' field, or .parquet)")
+        else:
+            import datasets
+
+            name, _, conf = src.partition(":")
+            try:
+                ds = datasets.load_dataset(name, conf or None, split="train")
+            except Exception as e:  # noqa: BLE001 - any loader failure means the same thing here
+                raise ValueError(f"pretrain.corpus entry {src!r} is neither embedded:chitchat, an existing "
+                                 f"path nor a loadable dataset: {str(e).splitlines()[0]}") from None
+            docs += _text_column_docs(ds, src)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ValueError(f"pretrain.corpus {sources} holds no text")
+    return docs
+
+
+def _tokenizer_fingerprint(tok) -> str:
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    return hashlib.sha256(f"{type(tok).__name__}|{len(tok)}|{tok.eos_token_id}|{text}".encode()).hexdigest()
+
+
+def _tokenize(docs: list[str], tok) -> np.ndarray:
+    dtype = np.uint16 if len(tok) < 2**16 else np.uint32
+    eos = tok.eos_token_id
+    assert eos is not None, "the target tokenizer has no EOS token to separate documents"
+    parts = []
+    for i in range(0, len(docs), 1000):
+        for ids in tok(docs[i:i + 1000], add_special_tokens=False)["input_ids"]:
+            parts.append(np.asarray(ids + [eos], dtype=dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def prepare_tokens(cfg: JobConfig, tok, rdir: Path) -> tuple[dict[str, np.ndarray], str]:
+    """Token streams {"train", "val"} of the corpus, cached in `<run_dir>/pretrain_data/` keyed by
+    the documents, the tokenizer and the seed (so a restart skips tokenization)."""
+    docs = load_documents(cfg.pretrain.corpus)
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(hashlib.sha256(d.encode()).digest())
+    key = hashlib.sha256(f"{h.hexdigest()}|{_tokenizer_fingerprint(tok)}|{cfg.seed}|{VAL_FRACTION}|"
+                         f"{VAL_MIN_DOCS}".encode()).hexdigest()[:16]
+    path = rdir / "pretrain_data" / f"tokens-{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                return {"train": z["train"], "val": z["val"]}, key
+        except (OSError, ValueError, KeyError) as e:
+            _say(f"token cache {path} is unreadable ({e}); tokenizing again")
+    t0 = time.time()
+    order = np.random.default_rng(cfg.seed).permutation(len(docs))
+    n_val = int(round(len(docs) * VAL_FRACTION)) if len(docs) >= VAL_MIN_DOCS else 0
+    streams = {"val": _tokenize([docs[i] for i in order[:n_val]], tok),
+               "train": _tokenize([docs[i] for i in order[n_val:]], tok)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **streams)
+        os.replace(tmp, path)  # a killed writer leaves no half cache
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _say(f"tokenized {len(docs)} documents: {len(streams['train']):,} train + {len(streams['val']):,} "
+         f"val tokens in {time.time() - t0:.1f}s -> {path}")
+    return streams, key
+
+
+def pack(stream: np.ndarray, seq_len: int) -> np.ndarray:
+    """(n, seq_len + 1) view of overlapping-by-one blocks: inputs [:-1], targets [1:]."""
+    n = max(0, (len(stream) - 1) // seq_len)
+    if n == 0:
+        return np.zeros((0, seq_len + 1), dtype=stream.dtype)
+    return np.lib.stride_tricks.sliding_window_view(stream, seq_len + 1)[::seq_len][:n]
+
+
+def split_blocks(streams: dict[str, np.ndarray], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train blocks, val blocks). Without held-out documents the stream's tail is held out."""
+    train, val = pack(streams["train"], seq_len), pack(streams["val"], seq_len)
+    if len(val) == 0:
+        k = max(1, min(VAL_MAX_BLOCKS, len(train) // 20))
+        train, val = train[:-k], train[-k:]
+    if len(train) == 0:
+        raise ValueError(f"pretrain.corpus is too small: {len(streams['train'])} tokens give no training "
+                         f"block of pretrain.seq_len={seq_len} (+ a held-out one); add text or lower seq_len")
+    return train, val[:VAL_MAX_BLOCKS]
+
+
+class BatchSampler:
+    """Global sample indices for a cursor: an endless chain of per-epoch permutations."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perms[epoch]
+
+    def indices(self, cursor: int, batch: int) -> np.ndarray:
+        out = []
+        while batch > 0:
+            epoch, off = divmod(cursor, self.n)
+            take = min(batch, self.n - off)
+            out.append(self._perm(epoch)[off:off + take])
+            cursor, batch = cursor + take, batch - take
+        return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint dir whose files do not match its manifest (e.g. a kill during the upload)."""
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(ckpt_dir: Path, step: int) -> None:
+    files = {str(f.relative_to(ckpt_dir)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(ckpt_dir.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    (ckpt_dir / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+
+
+def verify_checkpoint(ckpt_dir: str | Path) -> int:
+    """Return the checkpoint's step, or raise CorruptCheckpoint naming the first problem."""
+    d = Path(ckpt_dir)
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"{d.name}: no {MANIFEST} (write interrupted?)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpoint(f"{d.name}: unreadable {MANIFEST} ({e})") from None
+    for req in (STATE_FILE, "config.json"):
+        if req not in files:
+            raise CorruptCheckpoint(f"{d.name}: manifest lists no {req}")
+    for name, meta in files.items():
+        f = d / name
+        if not f.is_file():
+            raise CorruptCheckpoint(f"{d.name}: {name} is missing")
+        if f.stat().st_size != meta["size"]:
+            raise CorruptCheckpoint(f"{d.name}: {name} has {f.stat().st_size} bytes, "
+                                    f"manifest says {meta['size']} (truncated?)")
+        if _sha256(f) != meta["sha256"]:
+            raise CorruptCheckpoint(f"{d.name}: {name} does not match its sha256")
+    return int(manifest["step"])
+
+
+def list_checkpoints(exp_dir: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every checkpoint dir, newest first."""
+    found = []
+    for d in exp_dir.glob("checkpoint_step_*") if exp_dir.is_dir() else []:
+        m = CKPT_RE.match(d.name)
+        if m and d.is_dir():
+            found.append((int(m.group(1)), d.stat().st_mtime, d))
+    return [(s, d) for s, _, d in sorted(found, key=lambda t: (t[0], t[1]), reverse=True)]
+
+
+def latest_good_checkpoint(exp_dir: Path) -> tuple[int, Path] | None:
+    """The newest checkpoint that verifies; corrupt newer ones are reported and skipped."""
+    for step, d in list_checkpoints(exp_dir):
+        try:
+            verify_checkpoint(d)
+            return step, d
+        except CorruptCheckpoint as e:
+            _say(f"WARNING: skipping corrupt checkpoint {e}; falling back to the previous one")
+    return None
+
+
+# --------------------------------------------------------------------------------- worker loop
+
+def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to min_ratio at max_steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if pick_dtype("auto") == torch.bfloat16 else None
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+@torch.no_grad()
+def _val_loss(core, val: np.ndarray, rank: int, world: int, batch: int, device, amp) -> float:
+    core.eval()
+    tot = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
+    mine = val[rank::world]
+    for i in range(0, len(mine), batch):
+        blk = torch.from_numpy(mine[i:i + batch].astype(np.int64)).to(device)  # (b, T + 1)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = core(input_ids=blk[:, :-1]).logits  # (b, T, V)
+        tot[0] += F.cross_entropy(logits.float().flatten(0, 1), blk[:, 1:].flatten(), reduction="sum")
+        tot[1] += blk[:, 1:].numel()
+    core.train()
+    _all_reduce(tot)
+    return float(tot[0] / tot[1].clamp(min=1))
+
+
+def _quiet_train_worker_logs() -> None:
+    """Ray Train V2 logs every report at INFO ("Reporting training result ..."); the progress bar
+    and our checkpoint lines say the same, so keep only its warnings."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_ctx
+    except ImportError:
+        return
+    logging.getLogger(train_ctx.__file__).setLevel(logging.WARNING)  # that logger is named by file
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: DDP pretraining from `init_dir` or the checkpoint `resume_from`."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+    from ray.experimental.tqdm_ray import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    _quiet_train_worker_logs()
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would interleave with ours
+    cfg = JobConfig.model_validate(config["cfg"])
+    pc = cfg.pretrain
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
+    device = ray.train.torch.get_device()
+    amp = _autocast_dtype(device)
+    B, T = pc.batch_size, pc.seq_len
+    assert B >= world, f"pretrain.batch_size={B} must be ≥ num_workers={world}"
+
+    src = config["resume_from"] or config["init_dir"]
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model.train()
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    opt = torch.optim.AdamW(_param_groups(core, pc.weight_decay), lr=pc.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(
+        lr_factor, warmup=pc.warmup_steps, max_steps=pc.max_steps, min_ratio=pc.min_lr_ratio))
+    step, cursor = 0, 0
+    if config["resume_from"]:
+        state = torch.load(Path(src) / STATE_FILE, map_location="cpu", weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, cursor = state["step"], state["cursor"]
+        rngs = state["rng"]
+        _set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
+    else:
+        torch.manual_seed(cfg.seed + rank)
+        np.random.seed(cfg.seed + rank)
+        random.seed(cfg.seed + rank)
+
+    streams = ray.get(config["tokens_ref"])
+    train, val = split_blocks(streams, T)
+    sampler = BatchSampler(len(train), cfg.seed)
+
+    writer = bar = log = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events a killed run logged after the checkpoint we resume from
+        writer = SummaryWriter(config["tb_dir"], purge_step=step + 1 if step else None)
+        log = open(config["log_path"], "a")
+        bar = tqdm(total=pc.max_steps, desc="pretrain", unit="step")
+        bar.n = step
+        _say(f"rank 0/{world}: {'resuming at step ' + str(step) if step else 'starting'}; "
+             f"{len(train)} train / {len(val)} val blocks of {T}; batch {B}; autocast {amp}")
+
+    win_loss, win_steps, win_time = 0.0, 0, 0.0
+    while step < pc.max_steps:
+        t0 = time.perf_counter()
+        idx = sampler.indices(cursor, B)[rank::world]
+        blk = torch.from_numpy(train[idx].astype(np.int64)).to(device)  # (b, T + 1)
+        lr = opt.param_groups[0]["lr"]
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(input_ids=blk[:, :-1]).logits  # (b, T, V)
+        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), blk[:, 1:].flatten(), reduction="sum")
+        (loss_sum * (world / (B * T))).backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), pc.grad_clip))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step, cursor = step + 1, cursor + B
+        loss = float(_all_reduce(loss_sum.detach().double())) / (B * T)
+        win_loss, win_steps, win_time = win_loss + loss, win_steps + 1, win_time + time.perf_counter() - t0
+
+        is_ckpt = step % pc.checkpoint_every == 0 or step == pc.max_steps
+        if rank == 0:
+            bar.update(1)
+        if not (is_ckpt or step % config["log_every"] == 0):
+            continue
+        mean = win_loss / win_steps
+        metrics = {"step": step, "loss": mean, "perplexity": math.exp(min(mean, 50.0)),
+                   "tokens_per_s": win_steps * B * T / max(win_time, 1e-9), "lr": lr,
+                   "grad_norm": grad_norm, "epoch": cursor / len(train)}
+        win_loss, win_steps, win_time = 0.0, 0, 0.0
+        if is_ckpt:
+            metrics["val_loss"] = _val_loss(core, val, rank, world, B, device, amp)
+            metrics["val_perplexity"] = math.exp(min(metrics["val_loss"], 50.0))
+        rngs = [None] * world
+        if is_ckpt and world > 1:
+            dist.all_gather_object(rngs, _rng_state())
+        elif is_ckpt:
+            rngs = [_rng_state()]
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                for k, v in metrics.items():
+                    if k != "step":
+                        writer.add_scalar(("val/" if k.startswith("val_") else "train/") + k, v, step)
+                log.write(json.dumps({**metrics, "session": config["session"]}) + "\n")
+                log.flush()
+                bar.set_description(f"pretrain loss {mean:.3f} {metrics['tokens_per_s']:,.0f} tok/s")
+                if is_ckpt:
+                    writer.flush()
+                    d = Path(tmp)
+                    core.save_pretrained(d)
+                    tokenizer.save_pretrained(d)
+                    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                                "cursor": cursor, "rng": rngs, "config": config["cfg"],
+                                "data_key": config["data_key"], "metrics": metrics}, d / STATE_FILE)
+                    write_manifest(d, step)  # last: its presence + matching files = a complete checkpoint
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                    _say(f"step {step}: loss {mean:.4f} val_loss {metrics['val_loss']:.4f} "
+                         f"{metrics['tokens_per_s']:,.0f} tok/s -> checkpoint")
+            name = f"checkpoint_step_{step:08d}_{config['session']}" if is_ckpt else None
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    if rank == 0:
+        bar.close()
+        writer.close()
+        log.close()
+
+
+# --------------------------------------------------------------------------------------- driver
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _build_initial_draft(cfg: JobConfig, tok, target_path: str, dest: Path) -> Path:
+    from transformers import AutoConfig
+
+    if cfg.draft.model:
+        vocab = AutoConfig.from_pretrained(target_path).vocab_size
+        draft = load_draft(cfg.draft.model, tok, target_vocab=vocab)
+        _say(f"draft: starting from {cfg.draft.model}")
+    else:
+        target = load_causal_lm(target_path) if cfg.draft.init == "from_target" else None
+        draft = build_draft(cfg.draft.arch, tok, target=target, init=cfg.draft.init,
+                            copy_layers=cfg.draft.copy_layers, seed=cfg.seed)
+        del target
+        n = sum(p.numel() for p in draft.parameters())
+        _say(f"draft: fresh {cfg.draft.arch.num_layers} layers x {cfg.draft.arch.hidden_size}, init "
+             f"{cfg.draft.init}, {n / 1e6:.1f}M parameters")
+    return save_pretrained_atomic(draft, tok, dest)
+
+
+def _export(ckpt: Path, tok, dest: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
+    return save_pretrained_atomic(model, tok, dest)
+
+
+def run_pretrain(cfg: JobConfig, resume: bool = False, *, log_every: int = 10) -> Path:
+    """Pretrain the draft; return `<run_dir>/draft_pretrained/` (HF format).
+
+    resume=True continues from the newest good checkpoint (or returns at once when
+    `pretrain_done.json` already covers `pretrain.max_steps`); resume=False starts over and moves
+    an earlier run's checkpoints to `ray_results/pretrain.prev`.
+    """
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t_start = time.time()
+    pc = cfg.pretrain
+    rdir = run_dir(cfg)
+    final, done_path = rdir / "draft_pretrained", rdir / "pretrain_done.json"
+    storage, log_path = rdir / "ray_results", rdir / "pretrain_log.jsonl"
+    tb_dir = rdir / "tensorboard" / "pretrain"
+    exp = storage / EXPERIMENT
+    target_path = resolve_target(cfg.target.model)
+    tok = load_tokenizer(target_path)
+
+    resume_from, start_step = None, 0
+    if resume:
+        if done_path.is_file() and (final / "config.json").is_file():
+            done = json.loads(done_path.read_text())
+            if done.get("steps", 0) >= pc.max_steps:
+                _say(f"already done ({done['steps']} steps ≥ max_steps {pc.max_steps}): {final}")
+                return final
+        found = latest_good_checkpoint(exp)
+        if found is None:
+            _say(f"WARNING: resume asked but no good checkpoint under {exp}; starting from scratch")
+        else:
+            start_step, resume_from = found
+            _say(f"resuming from {resume_from} (step {start_step})")
+    else:
+        if exp.exists():
+            prev = storage / f"{EXPERIMENT}.prev"
+            shutil.rmtree(prev, ignore_errors=True)
+            exp.rename(prev)
+            _say(f"fresh start: the earlier run's checkpoints moved to {prev}")
+        shutil.rmtree(tb_dir, ignore_errors=True)
+        log_path.unlink(missing_ok=True)
+    done_path.unlink(missing_ok=True)
+
+    if resume_from is not None and start_step >= pc.max_steps:
+        _say(f"checkpoint step {start_step} ≥ max_steps {pc.max_steps}: exporting it")
+        metrics = torch.load(resume_from / STATE_FILE, map_location="cpu", weights_only=False)["metrics"]
+    else:
+        streams, data_key = prepare_tokens(cfg, tok, rdir)
+        split_blocks(streams, pc.seq_len)  # fail here, with the message, not inside a worker
+        init_dir = None
+        if resume_from is None:
+            init_dir = _build_initial_draft(cfg, tok, target_path, rdir / "pretrain_init")
+        init_ray(cfg)
+        need = pc.num_workers * pc.cpus_per_worker
+        have = ray.cluster_resources().get("CPU", 0)
+        if need > have:
+            raise ValueError(f"pretrain needs {need:g} CPUs (num_workers x cpus_per_worker) but the Ray "
+                             f"cluster has {have:g}")
+        tb_dir.mkdir(parents=True, exist_ok=True)
+        config = {"cfg": cfg.model_dump(mode="json"), "tokens_ref": ray.put(streams), "data_key": data_key,
+                  "init_dir": str(init_dir) if init_dir else None,
+                  "resume_from": str(resume_from) if resume_from else None,
+                  "tb_dir": str(tb_dir), "log_path": str(log_path), "log_every": max(1, log_every),
+                  "cpus_per_worker": pc.cpus_per_worker, "session": uuid.uuid4().hex[:8]}
+        trainer = TorchTrainer(
+            train_loop_per_worker, train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=pc.num_workers, use_gpu=pc.use_gpu,
+                                         resources_per_worker={"CPU": pc.cpus_per_worker}),
+            run_config=RunConfig(storage_path=str(storage.resolve()), name=EXPERIMENT,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+        result = trainer.fit()
+        if result.error is not None:
+            raise RuntimeError(f"pretraining failed: {result.error}") from result.error
+        resume_from = Path(result.checkpoint.path)
+        verify_checkpoint(resume_from)
+        metrics = result.metrics
+    _export(resume_from, tok, final)
+    done = {"steps": metrics["step"], "final_loss": metrics["loss"], "val_loss": metrics.get("val_loss"),
+            "tokens_per_s": metrics.get("tokens_per_s"), "wall_time_s": round(time.time() - t_start, 1),
+            "resumed_from_step": start_step, "checkpoint": str(resume_from), "draft": str(final)}
+    _write_json_atomic(done_path, done)
+    _say(f"done: step {done['steps']}, loss {done['final_loss']:.4f}, val_loss "
+         f"{done['val_loss']:.4f}, {done['wall_time_s']}s -> {final}")
+    return final
