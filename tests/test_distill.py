@@ -1,0 +1,328 @@
+"""Stage 3 (distill): rollout actors, weight sync, bounded queue, and end-to-end runs with real Ray,
+a real vLLM TargetActor and a real Ray Train learner on tiny models.
+
+The stand-in target is the tiny random Llama with its final norm scaled up, so that its next-token
+distributions are peaked (a random Llama is near-uniform over 49k tokens, and every draft would
+already be "close" to it). The distillation set is written here: train-split chat prompts with
+chitchat text as responses.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from actors.rollout import RolloutBatch, TargetPool, WeightStore, build_batch, check_and_load_weights
+from draftalign.config import JobConfig
+from learner.distill import ResponseLogits, batch_tensors, distill_loss, split_heldout
+
+TOP_K = 8
+
+
+# ------------------------------------------------------------------------------ pure functions
+
+def _scores(responses, k=TOP_K, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in responses:
+        lp = np.log(rng.dirichlet(np.ones(k + 1), size=len(r))[:, :k]).astype(np.float32)
+        out.append({"ids": np.stack([rng.choice(1000, k, replace=False) for _ in r]), "logprobs": lp})
+    return out
+
+
+def test_build_batch_aligns_target_rows_with_response_positions():
+    prompts, responses = [[1, 5, 6], [1, 7]], [[8, 9, 2], [10, 11, 12, 2]]
+    scores = _scores(responses)
+    b = build_batch(prompts, responses, scores, pad_id=2, on_policy=[True, False],
+                    draft_logprobs=[[-1.0, -2.0, -3.0], None], policy_version=3, actor_id=1)
+    assert b.input_ids.tolist() == [[1, 5, 6, 8, 9, 2], [1, 7, 10, 11, 12, 2]]
+    assert b.loss_mask.tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1]]
+    assert b.n_tokens == 7 and b.policy_version == 3 and b.on_policy.tolist() == [True, False]
+    np.testing.assert_array_equal(b.target_ids[0, 3:], scores[0]["ids"])  # row t predicts token t
+    np.testing.assert_array_equal(b.target_logprobs[1, 2:], scores[1]["logprobs"])
+    assert b.draft_logprobs[0, 3:].tolist() == [-1.0, -2.0, -3.0] and not b.draft_logprobs[1].any()
+    # an engine listing more entries for one row: every row keeps the common top columns
+    wide = [dict(scores[0]), {"ids": np.concatenate([scores[1]["ids"]] * 2, 1),
+                              "logprobs": np.concatenate([scores[1]["logprobs"]] * 2, 1)}]
+    assert build_batch(prompts, responses, wide, pad_id=2).target_ids.shape == (2, 6, TOP_K)
+
+
+def test_response_logits_are_the_shifted_full_logits(tiny_draft_path):
+    from draftalign.models import load_causal_lm
+
+    lm = load_causal_lm(tiny_draft_path)
+    b = build_batch([[1, 5, 6], [1, 7]], [[8, 9, 2], [10, 11, 12, 2]], _scores([[0] * 3, [0] * 4]), pad_id=2)
+    bt = batch_tensors(b, "cpu")
+    with torch.no_grad():
+        got = ResponseLogits(lm)(bt["input_ids"], bt["attention_mask"], bt["loss_mask"])  # (N, V)
+        full = lm(input_ids=bt["input_ids"], attention_mask=bt["attention_mask"]).logits  # (B, T, V)
+    assert got.shape[0] == b.n_tokens
+    torch.testing.assert_close(got, full[:, :-1][bt["loss_mask"][:, 1:]])
+
+
+def test_sampled_form_applies_to_on_policy_rows_only():
+    from draftalign.config import DistillConfig
+    from learner.losses import TargetDist, compute_loss
+
+    torch.manual_seed(0)
+    b = build_batch([[1, 5], [1, 7]], [[8, 9, 2], [10, 11, 2]], _scores([[0] * 3, [0] * 3]), pad_id=2,
+                    on_policy=[True, False])
+    bt = batch_tensors(b, "cpu")
+    logits = torch.randn(b.n_tokens, 1000)
+    dc = DistillConfig(loss="tvd_pp", form="sampled", baseline="position")
+    per_pos, _ = distill_loss(logits, bt, dc, None)
+    on = bt["on_policy"]
+    for sel, form in ((on, "sampled"), (~on, "exact")):
+        target = TargetDist(bt["target_logprobs"][sel], bt["target_ids"][sel])
+        ref, _ = compute_loss("tvd_pp", logits[sel], target, sampled_tokens=bt["tokens"][sel], form=form,
+                              baseline="position")
+        torch.testing.assert_close(per_pos[sel], ref)
+
+
+def test_heldout_split_is_stable_and_disjoint():
+    rows = [{"prompt_id": f"p{i}", "prompt_token_ids": [1], "response_token_ids": [2]} for i in range(50)]
+    rows += [{"prompt_id": f"p{i}", "prompt_token_ids": [1], "response_token_ids": [3]} for i in range(50)]
+    train, held = split_heldout(rows)
+    held_ids = {r["prompt_id"] for r in held}
+    assert len(held_ids) == 5 and len(held) == 10  # 10% of the prompts, every response of each
+    assert held_ids.isdisjoint({r["prompt_id"] for r in train}) and len(train) + len(held) == len(rows)
+    assert {r["prompt_id"] for r in split_heldout(rows[::-1])[1]} == held_ids
+
+
+def test_weights_are_checked_on_receipt(tiny_draft_path):
+    from draftalign.models import load_causal_lm
+
+    lm = load_causal_lm(tiny_draft_path)
+    w = {k: v.detach().numpy() + 1.0 for k, v in lm.state_dict().items()}
+    check_and_load_weights(lm, w)
+    name = next(iter(w))
+    assert torch.equal(lm.state_dict()[name], torch.from_numpy(w[name]))
+    with pytest.raises(ValueError, match="shape"):
+        check_and_load_weights(lm, {**w, name: w[name][:1]})
+    with pytest.raises(ValueError, match="missing"):
+        check_and_load_weights(lm, {k: v for k, v in w.items() if k != name})
+    with pytest.raises(ValueError, match="floating"):
+        check_and_load_weights(lm, {**w, name: w[name].astype(np.int64)})
+
+
+# ---------------------------------------------------------------------------------- Ray fixtures
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from draftalign.runtime import configure_vllm_env, init_ray
+
+    configure_vllm_env(1.0, threads=1)
+    ray = init_ray(None, num_cpus=2)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the stubs below run in workers
+    yield ray
+    ray.shutdown()
+
+
+class _StubTarget:
+    """Stands in for a TargetActor in the mechanics tests: random but well-formed top-k scores."""
+
+    def score(self, seqs, starts, k):
+        return _scores([s[st:] for s, st in zip(seqs, starts, strict=True)], k)
+
+
+def test_target_pool_fails_over_to_a_live_engine(ray_local):
+    ray = ray_local
+    dead, live = (ray.remote(num_cpus=0)(_StubTarget).remote() for _ in range(2))
+    ray.kill(dead)
+    pool = TargetPool([dead, live])
+    out = pool.score([[1, 2, 3]], [1], TOP_K)
+    assert out[0]["logprobs"].shape == (2, TOP_K) and pool.failures >= 1
+    ray.kill(live)
+
+
+def test_queue_is_bounded_and_weights_flow_through_the_store(ray_local, tiny_draft_path):
+    """A producer without a consumer fills the queue to maxsize and then blocks (back-pressure);
+    it waits for the first published weights and picks up every newer version between batches."""
+    from ray.util.queue import Queue
+
+    from actors.rollout import RolloutActor
+    from draftalign.models import load_causal_lm
+
+    ray = ray_local
+    stub = ray.remote(num_cpus=0)(_StubTarget).remote()
+    queue = Queue(maxsize=2, actor_options={"num_cpus": 0})
+    store = WeightStore.remote()
+    rows = [{"prompt_id": f"p{i}", "prompt_token_ids": [1, 5 + i], "response_token_ids": [7, 8, 2]}
+            for i in range(4)]
+    actor = RolloutActor.options(num_cpus=0).remote(
+        0, tiny_draft_path, rows, [stub], queue, store, on_policy_fraction=0.5, temperature=1.0,
+        max_new_tokens=4, batch_size=2, top_k=TOP_K, seed=0)
+    run = actor.run.remote()
+    try:
+        time.sleep(1.0)
+        assert queue.qsize() == 0, "no batch may be produced before the learner publishes weights"
+        lm = load_causal_lm(tiny_draft_path)
+        weights = {k: v.detach().numpy() for k, v in lm.state_dict().items()}
+        ray.get(store.publish.remote(0, weights))
+        with pytest.raises(ray.exceptions.RayTaskError, match="does not increase"):
+            ray.get(store.publish.remote(0, weights))
+        deadline = time.time() + 60
+        while queue.qsize() < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(2.0)
+        assert queue.qsize() == 2, "the queue must never exceed maxsize"
+        stats = ray.get(actor.stats.remote())
+        assert stats["batches"] == 2 and stats["put_wait_s"] > 1.0, stats  # blocked on the full queue
+        batch = queue.get(timeout=10)
+        assert isinstance(batch, RolloutBatch) and batch.policy_version == 0
+        ray.get(store.publish.remote(1, {k: v + 0.01 for k, v in weights.items()}))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            b = queue.get(timeout=30)
+            if b.policy_version == 1:
+                break
+        assert b.policy_version == 1 and ray.get(actor.stats.remote())["version"] == 1
+    finally:
+        ray.get(actor.stop.remote())
+        ray.get(run, timeout=30)
+        for h in (actor, store, stub):
+            ray.kill(h)
+        queue.shutdown(force=True)
+
+
+# ----------------------------------------------------------------------------- end-to-end runs
+
+@pytest.fixture(scope="module")
+def peaked_target(tmp_path_factory, tiny_target_path, target_tokenizer) -> str:
+    from draftalign.models import load_causal_lm, save_pretrained_atomic
+
+    lm = load_causal_lm(tiny_target_path)
+    with torch.no_grad():
+        lm.model.norm.weight.mul_(40.0)  # logits × 40: peaked next-token distributions
+    return str(save_pretrained_atomic(lm, target_tokenizer, tmp_path_factory.mktemp("models") / "peaked"))
+
+
+def _write_distill_set(rdir: Path, tok, n_prompts: int = 40, resp_len: int = 24) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from actors.generate import SCHEMA
+    from draftalign.data import chat_prompt_ids, pretrain_texts, train_messages
+
+    msgs = train_messages(4 * n_prompts, seed=0)
+    prompts = [(m["id"], chat_prompt_ids(tok, m["messages"][-1:])) for m in msgs]
+    prompts = [(i, p) for i, p in prompts if len(p) <= 64][:n_prompts]
+    docs = pretrain_texts(["embedded:chitchat"])[: len(prompts)]
+    cols = {f.name: [] for f in SCHEMA}
+    for (pid, p), doc in zip(prompts, docs, strict=True):
+        resp = tok(doc, add_special_tokens=False).input_ids[:resp_len] + [tok.eos_token_id]
+        for k, v in (("prompt_id", pid), ("prompt", tok.decode(p)), ("prompt_token_ids", p),
+                     ("response_token_ids", resp), ("response_text", doc), ("finish_reason", "stop"),
+                     ("response_index", 0)):
+            cols[k].append(v)
+    d = rdir / "distill_set"
+    d.mkdir(parents=True)
+    pq.write_table(pa.table(cols, schema=SCHEMA), d / "part-00000.parquet")
+    (d / "metadata.json").write_text(json.dumps({"rows": len(prompts), "by": "tests/test_distill.py"}))
+
+
+def _job(tmp_path: Path, name: str, target: str, draft: str, **over) -> JobConfig:
+    data = {
+        "name": name, "run_dir": str(tmp_path / name), "seed": 0,
+        "target": {"model": target, "dtype": "float32", "num_engines": 1, "cpus_per_engine": 0.5,
+                   "kv_cache_gib": 1, "max_model_len": 256, "top_k_logprobs": TOP_K},
+        "draft": {"model": draft},
+        "rollout": {"num_actors": 1, "cpus_per_actor": 0.5, "on_policy_fraction": 0.5, "temperature": 1.0,
+                    "max_new_tokens": 16, "batch_size": 4, "queue_size": 2, "max_policy_lag": 2},
+        "learner": {"num_workers": 1, "cpus_per_worker": 1, "max_steps": 30, "lr": 1e-2, "warmup_steps": 2,
+                    "sync_every": 2, "checkpoint_every": 15},
+        "distill": {"loss": "tvd_pp"},
+    }
+    for key, value in over.items():
+        section, field = key.split("__")
+        data[section][field] = value
+    return JobConfig.model_validate(data)
+
+
+@pytest.fixture
+def job(tmp_path, peaked_target, tiny_draft_path, target_tokenizer):
+    def make(name: str, **over) -> JobConfig:
+        cfg = _job(tmp_path, name, peaked_target, tiny_draft_path, **over)
+        _write_distill_set(cfg.run_path, target_tokenizer)
+        return cfg
+
+    return make
+
+
+def _done(cfg: JobConfig) -> dict:
+    return json.loads((cfg.run_path / "distill_done.json").read_text())
+
+
+@pytest.mark.slow
+def test_distill_run_lowers_heldout_tvd_and_resumes(ray_local, job, target_tokenizer):
+    from draftalign.models import load_draft
+    from learner.distill import run_distill
+
+    cfg = job("e2e")
+    out = run_distill(cfg)
+    done = _done(cfg)
+    assert out == cfg.run_path.resolve() / "draft_distilled"
+    load_draft(str(out), target_tokenizer)  # HF format, same tokenizer
+    assert done["steps"] == 30 and done["consumed_batches"] == 30 and done["heldout_positions"] > 0
+    assert done["heldout_acceptance"] > done["heldout_acceptance_start"] + 0.02, done
+    assert list((cfg.run_path / "tensorboard" / "distill").glob("events.out.tfevents.*"))
+    log = [json.loads(line) for line in (cfg.run_path / "distill_log.jsonl").read_text().splitlines()]
+    assert {"loss", "tvd", "acceptance", "tail_mass", "reward_mean", "reward_std", "policy_lag",
+            "dropped_batches", "queue_depth", "rollout_tokens_per_s", "learner_tokens_per_s",
+            "learner_idle_frac"} <= set(log[-1])
+    assert max(r["queue_depth"] for r in log) <= cfg.rollout.queue_size
+
+    cfg.learner.max_steps = 34  # resume continues from the step-30 checkpoint
+    run_distill(cfg, resume=True)
+    again = _done(cfg)
+    assert again["resumed_from_step"] == 30 and again["steps"] == 34
+    assert again["policy_version"] == 34 // cfg.learner.sync_every
+
+
+@pytest.mark.slow
+def test_killed_rollout_actor_restarts_and_stale_batches_are_dropped(ray_local, job):
+    """One run (each costs ~30 s of engine + trainer start-up) checks three things:
+    - killing a RolloutActor mid-run (Ray restarts it) does not stop training;
+    - max_policy_lag=0 with a publish after every step: batches sampled before an actor saw the
+      newest weights are stale, dropped and counted, and nothing older is trained on;
+    - two learner ranks (DDP), each pulling its own batches, step in lockstep."""
+    from learner.distill import run_distill
+
+    ray = ray_local
+    cfg = job("kill", rollout__num_actors=2, rollout__cpus_per_actor=0.25, rollout__on_policy_fraction=1.0,
+              rollout__max_policy_lag=0, rollout__queue_size=3, learner__num_workers=2,
+              learner__cpus_per_worker=0.5, learner__sync_every=1, learner__max_steps=12,
+              learner__checkpoint_every=100)
+    killed = []
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            try:
+                store = ray.get_actor(f"draftalign-{cfg.name}-weight-store")
+                if ray.get(store.stats.remote())["rollout_batches"] >= 3:
+                    ray.kill(ray.get_actor(f"draftalign-{cfg.name}-rollout-0"), no_restart=False)
+                    killed.append(time.time())
+            except ValueError:  # not created yet
+                pass
+            time.sleep(0.5)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    run_distill(cfg)
+    t.join(timeout=5)
+    done = _done(cfg)
+    assert killed, "the rollout actor was never killed"
+    assert done["steps"] == 12 and done["policy_version"] == 12, done
+    assert done["rollout_restarts"] >= 1 and done["rollout_actor_starts"] >= 3, done
+    assert done["dropped_batches"] > 0, done
+    log = [json.loads(line) for line in (cfg.run_path / "distill_log.jsonl").read_text().splitlines()]
+    assert all(r["policy_lag"] == 0 for r in log)  # nothing older than max_policy_lag was trained on
+    assert log[-1]["trained_tokens"] > 0
