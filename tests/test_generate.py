@@ -81,6 +81,17 @@ def test_plan_change_is_refused(tmp_path, target_tokenizer, tiny_target_path):
         gen._check_plan(tmp_path, make_plan(cfg, prompts, skipped))
 
 
+def test_rows_one_per_answer_in_prompt_order():
+    prompts = [{"prompt_id": f"p{i}", "prompt": f"text {i}", "prompt_token_ids": [1, i]} for i in range(3)]
+    answers = [[{"token_ids": [i, j], "text": f"a{i}{j}", "finish_reason": "length"} for j in range(2)]
+               for i in range(3)]
+    t = gen._rows(prompts, answers)
+    assert t.schema == SCHEMA and t.num_rows == 6
+    assert t.column("prompt_id").to_pylist() == ["p0", "p0", "p1", "p1", "p2", "p2"]
+    assert t.column("response_index").to_pylist() == [0, 1] * 3
+    assert t.column("response_token_ids").to_pylist()[3] == [1, 1]
+
+
 def test_load_distill_set_refuses_incomplete(tmp_path):
     with pytest.raises(FileNotFoundError, match="no distillation set"):
         load_distill_set(tmp_path)
