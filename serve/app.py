@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -792,16 +793,17 @@ def _check_draft(target_path: str, draft_path: str) -> None:
                            AutoConfig.from_pretrained(str(p)).vocab_size)
 
 
-def build_app(cfg: JobConfig, target_path: str, draft_path: str | None):
+def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch_threads: int | None = None):
     """The Serve application: OpenAIIngress → SpecDecodeReplica ×serve.num_replicas.
 
-    draft_path None serves the target alone (the baseline endpoint).
+    draft_path None serves the target alone (the baseline endpoint). torch_threads defaults to
+    ceil(serve.cpus_per_replica), capped by this machine's cores.
     """
     sc = cfg.serve
     if draft_path is not None:
         _check_draft(target_path, draft_path)
     context = context_window(target_path, draft_path, cfg.target.max_model_len)
-    threads = max(1, min(os.cpu_count() or 1, math.ceil(sc.cpus_per_replica)))
+    threads = torch_threads or max(1, min(os.cpu_count() or 1, math.ceil(sc.cpus_per_replica)))
     settings = ReplicaSettings(engine=sc.engine, gamma=sc.gamma, dtype=cfg.target.dtype,
                                max_model_len=cfg.target.max_model_len, max_batch_size=sc.max_batch_size,
                                batch_wait_timeout_s=sc.batch_wait_timeout_s, torch_threads=threads,
@@ -872,12 +874,18 @@ def run_serve(cfg: JobConfig, draft: str | None = None, blocking: bool = True) -
           flush=True)
     if not blocking:
         return url
+
+    def _interrupt(signum, frame):  # `kill PID` and job managers: shut down like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         print("shutting down", flush=True)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         serve.shutdown()
         ray.shutdown()
     return url

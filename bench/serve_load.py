@@ -1,0 +1,213 @@
+"""Serving load benchmark: the speculative endpoint against a target-only endpoint, same load.
+
+Both endpoints are the same Ray Serve application (`serve.app.build_app`), one with the draft and
+one with `draft_path=None`, deployed side by side on one Serve instance (`/spec`, `/base`). Each
+round loads one endpoint, then the other (the order alternates), so machine noise hits both arms:
+N concurrent clients (the async openai client over loopback) each send M chat completions of
+held-out chat prompts, greedy, fixed max_tokens. Reported per arm: p50 / p99 request latency,
+completion tokens/s over the wall time of the load, requests/s, errors, the mean acceptance rate
+and tokens per target pass, the largest engine batch, and greedy mismatches between the arms
+(speculative decoding must not change the text).
+
+With an untrained draft the speculative endpoint can be slower than the baseline: the harness is
+the point; train a draft (`draftalign distill`) to see a speedup.
+
+    .venv/bin/python bench/serve_load.py [--quick] [--job J.yaml] [--target T] [--draft D] --out F.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from draftalign.config import load_config  # noqa: E402
+from draftalign.data import chat_messages  # noqa: E402
+
+ARMS = ("spec", "base")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+async def _load(base_url: str, model: str, prompts: list[list[dict]], clients: int, per_client: int,
+                max_tokens: int) -> dict:
+    """N clients × M sequential requests each; returns per-request records and the wall time."""
+    from openai import AsyncOpenAI
+
+    async def one(i: int) -> list[dict]:
+        c = AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+        out = []
+        try:
+            for j in range(per_client):
+                k = (i * per_client + j) % len(prompts)
+                t0 = time.perf_counter()
+                try:
+                    r = await c.chat.completions.create(model=model, messages=prompts[k], max_tokens=max_tokens,
+                                                        temperature=0)
+                except Exception as e:  # counted, not fatal: the table reports errors
+                    out.append({"prompt": k, "error": f"{type(e).__name__}: {e}"})
+                    continue
+                out.append({"prompt": k, "latency_s": time.perf_counter() - t0, "text": r.choices[0].message.content,
+                            "completion_tokens": r.usage.completion_tokens, **r.model_extra["spec_decoding"]})
+        finally:
+            await c.close()
+        return out
+
+    t0 = time.perf_counter()
+    per = await asyncio.gather(*(one(i) for i in range(clients)))
+    return {"wall_s": time.perf_counter() - t0, "records": [r for rs in per for r in rs]}
+
+
+def _summary(runs: list[dict]) -> dict:
+    recs = [r for run in runs for r in run["records"]]
+    ok = [r for r in recs if "error" not in r]
+    lat = [r["latency_s"] for r in ok]
+    tokens = sum(r["completion_tokens"] for r in ok)
+    wall = sum(run["wall_s"] for run in runs)
+    proposed, accepted = sum(r["proposed"] for r in ok), sum(r["accepted"] for r in ok)
+    rounds = sum(r["rounds"] for r in ok)
+    return {"requests": len(recs), "errors": len(recs) - len(ok),
+            "error_examples": [r["error"] for r in recs if "error" in r][:3],
+            "p50_latency_s": _pct(lat, 0.5), "p99_latency_s": _pct(lat, 0.99),
+            "mean_latency_s": statistics.fmean(lat) if lat else float("nan"),
+            "completion_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall else 0.0,
+            "requests_per_s": len(ok) / wall if wall else 0.0,
+            "acceptance_rate": accepted / proposed if proposed else 0.0,
+            "tokens_per_target_pass": tokens / rounds if rounds else 0.0,
+            "max_batch_size": max((r["batch_size"] for r in ok), default=0)}
+
+
+def _draft_path(cfg, draft: str | None, tmp: str) -> tuple[str, str]:
+    """(path, label): --draft, else the job's newest trained draft, else a fresh untrained one."""
+    from draftalign.models import ModelError, build_draft, load_tokenizer, resolve_target, save_pretrained_atomic
+    from serve.app import default_draft
+
+    if draft:
+        return str(Path(draft).expanduser().resolve()), draft
+    try:
+        path = default_draft(cfg)
+        return path, path
+    except ModelError:
+        tok = load_tokenizer(resolve_target(cfg.target.model))
+        dest = Path(tmp) / "untrained-draft"
+        save_pretrained_atomic(build_draft(cfg.draft.arch, tok, seed=cfg.seed), tok, dest)
+        return str(dest), "untrained (fresh draft.arch; no trained draft in the run dir)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--job", default="cluster/jobs/local.yaml")
+    ap.add_argument("--target", default=None, help="target model (overrides target.model)")
+    ap.add_argument("--draft", default=None, help="draft path (default: the job's newest trained draft, else "
+                                                   "a fresh untrained one)")
+    ap.add_argument("--clients", type=int, default=None, help="concurrent clients (quick 8, else 16)")
+    ap.add_argument("--requests", type=int, default=None, help="requests per client (quick 2, else 4)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="completion tokens (quick 32, else 64)")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds per arm (quick 1, else 2)")
+    ap.add_argument("--gamma", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="small load: a few minutes on 2 cores")
+    ap.add_argument("--out", default="bench/results/serve_load.json")
+    args = ap.parse_args()
+
+    quick = {"clients": 8, "requests": 2, "max_tokens": 32, "rounds": 1}
+    full = {"clients": 16, "requests": 4, "max_tokens": 64, "rounds": 2}
+    knobs = {k: getattr(args, k) if getattr(args, k) is not None else (quick if args.quick else full)[k]
+             for k in quick}
+    overrides = [f"serve.max_tokens_cap={max(knobs['max_tokens'], 1)}"]
+    if args.target:
+        overrides.append(f"target.model={args.target}")
+    if args.gamma:
+        overrides.append(f"serve.gamma={args.gamma}")
+    cfg = load_config(args.job if Path(args.job).exists() else None, overrides)
+    # Both replicas exist at once but only one is loaded at a time: each may use every core.
+    cfg.serve.cpus_per_replica = 1
+    cores = os.cpu_count() or 1
+
+    import ray
+    from ray import serve
+
+    from draftalign.models import resolve_target
+    from draftalign.runtime import init_ray
+    from serve.app import build_app
+
+    prompts = [m["messages"] for m in chat_messages("eval", max(8, knobs["clients"] * knobs["requests"]), seed=1)]
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+        target = resolve_target(cfg.target.model)
+        draft, draft_label = _draft_path(cfg, args.draft, tmp)
+        print(f"bench: target={cfg.target.model} draft={draft_label} gamma={cfg.serve.gamma} "
+              f"dtype={cfg.target.dtype} clients={knobs['clients']} requests/client={knobs['requests']} "
+              f"max_tokens={knobs['max_tokens']} rounds={knobs['rounds']} torch_threads={cores}", flush=True)
+        port = _free_port()
+        init_ray(cfg, num_cpus=max(2, cores))
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            t0 = time.perf_counter()
+            serve.run(build_app(cfg, target, draft, torch_threads=cores), name="spec", route_prefix="/spec")
+            serve.run(build_app(cfg, target, None, torch_threads=cores), name="base", route_prefix="/base")
+            print(f"deployed both endpoints in {time.perf_counter() - t0:.1f} s", flush=True)
+            urls = {arm: f"http://127.0.0.1:{port}/{arm}/v1" for arm in ARMS}
+            model = cfg.serve.model_name
+            for arm in ARMS:  # warm-up: first-call costs stay out of the numbers
+                asyncio.run(_load(urls[arm], model, prompts[:1], 1, 1, 4))
+            runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+            for r in range(knobs["rounds"]):
+                for arm in (ARMS if r % 2 == 0 else ARMS[::-1]):
+                    run = asyncio.run(_load(urls[arm], model, prompts, knobs["clients"], knobs["requests"],
+                                            knobs["max_tokens"]))
+                    runs[arm].append(run)
+                    print(f"round {r} {arm}: {len(run['records'])} requests in {run['wall_s']:.1f} s", flush=True)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+    arms = {arm: _summary(runs[arm]) for arm in ARMS}
+    texts = {arm: {(i, rec["prompt"]): rec["text"] for i, run in enumerate(runs[arm]) for rec in run["records"]
+                   if "error" not in rec} for arm in ARMS}
+    shared = texts["spec"].keys() & texts["base"].keys()
+    mismatches = sum(texts["spec"][k] != texts["base"][k] for k in shared)
+    speedup = arms["spec"]["tokens_per_s"] / arms["base"]["tokens_per_s"] if arms["base"]["tokens_per_s"] else None
+    result = {"target": cfg.target.model, "draft": draft_label, "gamma": cfg.serve.gamma, "dtype": cfg.target.dtype,
+              "engine": cfg.serve.engine, "max_batch_size": cfg.serve.max_batch_size, **knobs,
+              "arms": arms, "greedy_mismatches": mismatches, "greedy_compared": len(shared),
+              "speedup_tokens_per_s": speedup}
+
+    print("\n| endpoint | requests | errors | p50 latency s | p99 latency s | tokens/s | req/s | "
+          "acceptance | tokens/target pass | max batch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for arm, name in (("spec", f"speculative (γ={cfg.serve.gamma})"), ("base", "target only")):
+        a = arms[arm]
+        print(f"| {name} | {a['requests']} | {a['errors']} | {a['p50_latency_s']:.2f} | {a['p99_latency_s']:.2f} | "
+              f"{a['tokens_per_s']:.1f} | {a['requests_per_s']:.2f} | {a['acceptance_rate']:.3f} | "
+              f"{a['tokens_per_target_pass']:.2f} | {a['max_batch_size']} |")
+    print(f"\nspeedup (tokens/s, speculative / target only): {speedup:.2f}x" if speedup else "")
+    print(f"greedy mismatches between the arms: {mismatches} of {len(shared)}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp_out.write_text(json.dumps(result, indent=2))
+    os.replace(tmp_out, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
