@@ -93,15 +93,21 @@ def _sums(gens: list[Generation], spec_s: float, timing, base: dict) -> dict:
             "spec_s": spec_s, "draft_s": timing.draft_s, "draft_steps": timing.draft_steps, **base}
 
 
+def eval_prompts(tok, cfg: JobConfig, max_positions: int) -> dict[str, list[list[int]]]:
+    """Held-out prompt token ids per task, dropping prompts that leave no room to generate."""
+    ev = cfg.eval
+    limit = min(cfg.target.max_model_len, max_positions) - ev.max_new_tokens - max(ev.gamma) - 1
+    return {task: [ids for m in eval_messages(task, ev.prompts_per_task, cfg.seed)
+                   if len(ids := chat_prompt_ids(tok, m["messages"])) <= limit]
+            for task in ev.tasks}
+
+
 def evaluate_pair(target, draft, tok, cfg: JobConfig, progress: bool = True) -> dict:
     """Both arms, every task and γ, batch 1. Returns {"by_gamma": {γ: {"tasks", "overall"}}, "lossless_greedy"}."""
     ev = cfg.eval
     params = SamplingParams(temperature=ev.temperature, top_p=ev.top_p, top_k=ev.top_k,
                             max_new_tokens=ev.max_new_tokens, seed=cfg.seed)
-    limit = min(cfg.target.max_model_len, target.config.max_position_embeddings) - ev.max_new_tokens - max(ev.gamma) - 1
-    prompts = {task: [ids for m in eval_messages(task, ev.prompts_per_task, cfg.seed)
-                      if len(ids := chat_prompt_ids(tok, m["messages"])) <= limit]
-               for task in ev.tasks}
+    prompts = eval_prompts(tok, cfg, target.config.max_position_embeddings)
     engine = SpecDecoder(target, draft, tok, gamma=ev.gamma[0])
     warm = next(iter(prompts.values()))[:1]
     engine.generate(warm, SamplingParams(max_new_tokens=4))  # first-call overheads stay out of the timings

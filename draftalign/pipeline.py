@@ -1,0 +1,65 @@
+"""`draftalign run`: every stage in order, skipping stages whose outputs are complete.
+
+    pretrain → eval (pretrained) → generate → distill → eval (distilled) → report
+
+Each stage writes a completion marker only after its outputs are in place (atomically), so a rerun
+after a kill continues at the first incomplete stage; stages that were cut mid-way resume from
+their own checkpoints (pretrain, distill) or finished shards (generate).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from draftalign.config import JobConfig, check_fits_cluster
+from draftalign.runtime import run_dir
+
+
+def _done(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _has_checkpoint(root: Path) -> bool:
+    return root.exists() and any(root.rglob("checkpoint_*"))
+
+
+def _stage(name: str, marker: Path, fn) -> None:
+    if _done(marker):
+        print(f"[run] {name}: complete ({marker.name}), skipped", flush=True)
+        return
+    print(f"[run] {name}: starting", flush=True)
+    t0 = time.time()
+    fn()
+    print(f"[run] {name}: done in {time.time() - t0:.0f} s", flush=True)
+
+
+def run_pipeline(cfg: JobConfig) -> Path:
+    """Run the whole job; returns the run directory."""
+    from actors.generate import run_generate
+    from draftalign.evaluate import run_eval
+    from draftalign.report import write_report
+    from learner.distill import run_distill
+    from learner.pretrain import run_pretrain
+
+    check_fits_cluster(cfg)
+    out = run_dir(cfg)
+    (out / "job.json").write_text(cfg.model_dump_json(indent=2))
+    t0 = time.time()
+    _stage("pretrain", out / "pretrain_done.json",
+           lambda: run_pretrain(cfg, resume=_has_checkpoint(out / "ray_results" / "pretrain")))
+    _stage("eval pretrained", out / "eval_pretrained.json",
+           lambda: run_eval(cfg, draft=str(out / "draft_pretrained"), out=out / "eval_pretrained.json"))
+    _stage("generate", out / "distill_set" / "metadata.json", lambda: run_generate(cfg))
+    _stage("distill", out / "distill_done.json",
+           lambda: run_distill(cfg, resume=_has_checkpoint(out / "ray_results" / "distill")))
+    _stage("eval distilled", out / "eval_distilled.json",
+           lambda: run_eval(cfg, draft=str(out / "draft_distilled"), out=out / "eval_distilled.json"))
+    report = write_report(out)
+    print(f"[run] finished in {time.time() - t0:.0f} s; report: {report}", flush=True)
+    return out

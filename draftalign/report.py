@@ -1,0 +1,111 @@
+"""`report.md` + `report.png` of a run: block efficiency by task and γ (pretrained vs distilled),
+acceptance by draft position, and the training curves logged to TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CURVES = [("pretrain", "loss"), ("distill", "loss"), ("distill", "heldout_acceptance"), ("distill", "acceptance")]
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _scalars(run: Path, stage: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series under <run>/tensorboard/<stage> (event files, any depth)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    root = run / "tensorboard" / stage
+    for ev in sorted(root.rglob("events.out.tfevents.*")) if root.exists() else []:
+        acc = EventAccumulator(str(ev), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            series.setdefault(tag.split("/")[-1], []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return {k: sorted(v) for k, v in series.items()}
+
+
+def _table(evals: dict[str, dict]) -> list[str]:
+    lines = ["| draft | γ | task | n | acceptance α | block efficiency τ | E[τ] | c | speedup |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, ev in evals.items():
+        for g, block in ev.get("by_gamma", {str(ev["gamma"]): ev}).items():
+            for task, r in [*block["tasks"].items(), ("overall", block["overall"])]:
+                lines.append(f"| {name} | {g} | {task} | {r['n_prompts']} | {r['acceptance_rate']:.3f} | "
+                             f"{r['block_efficiency']:.2f} | {r['expected_block_efficiency']:.2f} | "
+                             f"{r['cost_ratio_c']:.3f} | {r['speedup']:.2f}x |")
+    return lines
+
+
+def write_report(run: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = {name: ev for name in ("pretrained", "distilled") if (ev := _load(run / f"eval_{name}.json"))}
+    distill = _load(run / "distill_done.json") or {}
+    curves = {stage: _scalars(run, stage) for stage in ("pretrain", "distill")}
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    ax = axes[0, 0]
+    tasks = sorted({t for ev in evals.values() for t in ev["tasks"]})
+    for i, (name, ev) in enumerate(evals.items()):
+        ax.bar([j + 0.4 * i for j in range(len(tasks))], [ev["tasks"][t]["block_efficiency"] for t in tasks],
+               width=0.4, label=f"{name} (γ={ev['gamma']})")
+    ax.set_xticks([j + 0.2 for j in range(len(tasks))], tasks)
+    ax.set_ylabel("block efficiency τ")
+    ax.set_title("Block efficiency by task")
+    ax.legend()
+    ax = axes[0, 1]
+    for name, ev in evals.items():
+        pos = ev["overall"].get("acceptance_per_position") or next(iter(ev["tasks"].values()))["acceptance_per_position"]
+        ax.plot(range(1, len(pos) + 1), pos, marker="o", label=name)
+    ax.set_xlabel("draft position i")
+    ax.set_ylabel("P(accepted at i)")
+    ax.set_title("Acceptance by draft position")
+    ax.legend()
+    for ax, (stage, key) in zip(axes[1], [("pretrain", "loss"), ("distill", "loss")]):
+        s = curves[stage].get(key, [])
+        if s:
+            ax.plot(*zip(*s), label=f"{stage} {key}")
+        if stage == "distill":
+            for extra in ("heldout_acceptance", "acceptance"):
+                if extra in curves[stage]:
+                    ax2 = ax.twinx()
+                    ax2.plot(*zip(*curves[stage][extra]), color="tab:green", label=extra)
+                    ax2.set_ylabel(extra)
+                    break
+        ax.set_xlabel("step")
+        ax.set_title(f"{stage} curves")
+        ax.legend(loc="upper right")
+    fig.tight_layout()
+    png = run / "report.png"
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+    lines = [f"# draftalign report: {run.name}", ""]
+    if len(evals) == 2:
+        a, b = evals["pretrained"], evals["distilled"]
+        for task in ("chat", "overall"):
+            ra = a["tasks"].get(task) if task != "overall" else a["overall"]
+            rb = b["tasks"].get(task) if task != "overall" else b["overall"]
+            if ra and rb:
+                lines.append(f"- **{task}**: block efficiency {ra['block_efficiency']:.3f} (pretrained) → "
+                             f"{rb['block_efficiency']:.3f} (distilled), "
+                             f"{(rb['block_efficiency'] / ra['block_efficiency'] - 1) * 100:+.1f}%; "
+                             f"acceptance {ra['acceptance_rate']:.3f} → {rb['acceptance_rate']:.3f}")
+    if distill:
+        est = distill.get("heldout_acceptance")
+        measured = evals.get("distilled", {}).get("overall", {}).get("acceptance_rate")
+        if est is not None and measured is not None:
+            lines.append(f"- acceptance estimated in training (held-out, 1 − TVD): {est:.3f}; measured by the "
+                         f"engine: {measured:.3f}; gap {est - measured:+.3f}")
+    lines += ["", *_table(evals), "", "![report](report.png)", ""]
+    if distill:
+        lines += ["## Distillation counters", "", "```json", json.dumps(distill, indent=2), "```", ""]
+    md = run / "report.md"
+    md.write_text("\n".join(lines))
+    return md
