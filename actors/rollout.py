@@ -295,6 +295,7 @@ class RolloutWorker:
         # a restarted actor must not replay its predecessor's random stream
         self.seed = seed + 7919 * actor_id + 104729 * self.incarnation
         self.rng = random.Random(self.seed)
+        torch.manual_seed(self.seed)  # the draft's sampling stream
         self._stop = threading.Event()
         self.counters = {"batches": 0, "tokens": 0, "put_wait_s": 0.0, "weight_loads": 0}
 

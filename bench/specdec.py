@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from scipy.stats import ks_2samp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from draftalign.config import load_config  # noqa: E402
-from draftalign.evaluate import _write_json, evaluate_pair, eval_prompts, format_table, load_pair  # noqa: E402
+from draftalign.evaluate import _write_json, eval_prompts, evaluate_pair, format_table, load_pair  # noqa: E402
 from draftalign.models import save_pretrained_atomic  # noqa: E402
 from draftalign.runtime import configure_vllm_env  # noqa: E402
 from serve.sampling import SamplingParams  # noqa: E402

@@ -61,7 +61,7 @@ def write_report(run: Path) -> Path:
     ax.legend()
     ax = axes[0, 1]
     for name, ev in evals.items():
-        pos = ev["overall"].get("acceptance_per_position") or next(iter(ev["tasks"].values()))["acceptance_per_position"]
+        pos = ev["overall"]["acceptance_per_position"]
         ax.plot(range(1, len(pos) + 1), pos, marker="o", label=name)
     ax.set_xlabel("draft position i")
     ax.set_ylabel("P(accepted at i)")

@@ -21,7 +21,11 @@ only on response positions), target = the batch's top-k (or full) distribution a
 `distill.form = sampled` and TVD++ the on-policy positions use the sampled policy-gradient form
 (the tokens were drawn from the draft), while replayed target responses use the exact form: the
 sampled estimator needs x ~ q, and replayed tokens come from p. The other losses are exact
-expectations over the k + 1 buckets everywhere. Both groups share one normalisation (global count).
+expectations over the k + 1 buckets everywhere. Both groups share one normalisation (global count);
+TVD++ baseline statistics (batch / EMA scopes) are taken per group. Tokens sampled by a policy up to
+max_policy_lag versions old are used without importance weights (a small bias at lag > 0);
+`policy_drift` (mean |log q_now − log q_behaviour| of the sampled tokens, at temperature 1) shows
+how far the learner has moved from the sampling policy.
 
 Held-out estimate. A few distillation-set prompts (chosen by a hash of prompt_id, the same on
 every run and resume) are withheld from the rollout actors; their target responses are scored once
@@ -308,7 +312,7 @@ def train_loop_per_worker(config: dict) -> None:
         _set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
     else:
         torch.manual_seed(cfg.seed + rank)
-    hb = ray.get(config["heldout_ref"][0]) if config["heldout_ref"] else None
+    hb = ray.get(config["heldout_ref"][0]) if config["heldout_ref"] and rank == 0 else None
 
     writer = jlog = None
     if rank == 0:
