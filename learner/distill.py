@@ -327,7 +327,7 @@ def train_loop_per_worker(config: dict) -> None:
         if hb is not None and heldout_start is None:
             heldout_start = evaluate_heldout(core, hb, device, amp)
             for k, v in heldout_start.items():
-                writer.add_scalar(f"heldout/{k.removeprefix('heldout_')}", v, step)
+                writer.add_scalar(f"heldout/{k}", v, step)
             _say(f"step {step}: held-out acceptance {heldout_start['heldout_acceptance']:.4f}")
 
     prev_store = ray.get(store.stats.remote()) if rank == 0 else None
@@ -409,7 +409,7 @@ def train_loop_per_worker(config: dict) -> None:
                     continue
                 group = ("heldout/" if k.startswith("heldout_") else
                          "system/" if k in _SYSTEM_METRICS else "train/")
-                writer.add_scalar(group + k.removeprefix("heldout_"), v, step)
+                writer.add_scalar(group + k, v, step)  # tag leaf = metric name (report.py keys on it)
             jlog.write(json.dumps(metrics) + "\n")
             jlog.flush()
             if step % PRINT_EVERY == 0 or is_ckpt:

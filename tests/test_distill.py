@@ -272,7 +272,13 @@ def test_distill_run_lowers_heldout_tvd_and_resumes(ray_local, job, target_token
     load_draft(str(out), target_tokenizer)  # HF format, same tokenizer
     assert done["steps"] == 30 and done["consumed_batches"] == 30 and done["heldout_positions"] > 0
     assert done["heldout_acceptance"] > done["heldout_acceptance_start"] + 0.02, done
-    assert list((cfg.run_path / "tensorboard" / "distill").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(cfg.run_path / "tensorboard" / "distill"))
+    acc.Reload()
+    assert {"train/loss", "train/acceptance", "heldout/heldout_acceptance", "system/learner_idle_frac",
+            "system/queue_depth", "system/rollout_tokens_per_s", "system/dropped_batches"} <= set(
+        acc.Tags()["scalars"])
     log = [json.loads(line) for line in (cfg.run_path / "distill_log.jsonl").read_text().splitlines()]
     assert {"loss", "tvd", "acceptance", "tail_mass", "reward_mean", "reward_std", "policy_lag",
             "dropped_batches", "queue_depth", "rollout_tokens_per_s", "learner_tokens_per_s",
