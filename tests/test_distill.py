@@ -171,7 +171,7 @@ def test_queue_is_bounded_and_weights_flow_through_the_store(ray_local, tiny_dra
         deadline = time.time() + 60
         while queue.qsize() < 2 and time.time() < deadline:
             time.sleep(0.2)
-        time.sleep(2.0)
+        time.sleep(3.0)
         assert queue.qsize() == 2, "the queue must never exceed maxsize"
         stats = ray.get(actor.stats.remote())
         assert stats["batches"] == 2 and stats["put_wait_s"] > 1.0, stats  # blocked on the full queue
