@@ -51,10 +51,9 @@ class TargetEngine:
         kw = {}
         if tensor_parallel_size > 1:
             kw["distributed_executor_backend"] = "ray"  # TP workers as Ray actors (GPU clusters)
-        self.llm = LLM(model_path, dtype={"auto": "auto", "float32": "float32",
-                                          "bfloat16": "bfloat16"}.get(dtype, dtype),
-                       enforce_eager=True, max_model_len=max_model_len, max_logprobs=self.max_logprobs,
-                       seed=seed, tensor_parallel_size=tensor_parallel_size,
+        # dtype "auto" = vLLM's choice for the checkpoint and device; `info()` reports it.
+        self.llm = LLM(model_path, dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
+                       max_logprobs=self.max_logprobs, seed=seed, tensor_parallel_size=tensor_parallel_size,
                        gpu_memory_utilization=gpu_memory_utilization, **kw)
         mc = self.llm.llm_engine.model_config
         self.vocab_size = mc.get_vocab_size()
