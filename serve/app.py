@@ -569,11 +569,17 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return APIError(exc.status_code, str(exc.detail), None, code).response()
 
 
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("request %s %s failed", request.method, request.url.path)
+    return APIError(500, f"internal error: {type(exc).__name__}", None, None, "server_error").response()
+
+
 api = FastAPI(title="draftalign speculative decoding", version="1")
 api.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
 api.add_exception_handler(RequestValidationError, _validation_error)
 api.add_exception_handler(APIError, _api_error)
 api.add_exception_handler(StarletteHTTPException, _http_error)
+api.add_exception_handler(Exception, _internal_error)
 
 
 def _sse(obj: dict | str) -> str:

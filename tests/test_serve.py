@@ -165,6 +165,16 @@ def test_streaming_reassembles_to_the_non_streamed_text(client):
     assert stream[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
+def test_client_leaving_mid_stream(http, client):
+    body = {"model": MODEL, "prompt": PROMPTS[3], "max_tokens": CAP, "temperature": 0, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        first = next(line for line in r.iter_lines() if line)
+        assert first.startswith("data: ") and json.loads(first[6:])["object"] == "text_completion"
+    # The abandoned stream must not wedge the replica's engine thread.
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, temperature=0).choices
+
+
 def test_stop_strings_stream_and_not(client, reference, target_tokenizer):
     prompt = PROMPTS[2]
     ref = reference(_ids(target_tokenizer, prompt), max_new_tokens=30)
@@ -465,8 +475,8 @@ def test_generate_stream_equals_generate(tiny_target_path, tiny_draft_path, targ
     prompt = _ids(target_tokenizer, PROMPTS[1])
     for d in (draft, None):
         dec = SpecDecoder(target, d, target_tokenizer, gamma=GAMMA)
-        for params in (SamplingParams(max_new_tokens=20), SamplingParams(temperature=1.0, top_p=0.9, seed=3,
-                                                                         max_new_tokens=20)):
+        for params in (SamplingParams(max_new_tokens=12), SamplingParams(temperature=1.0, top_p=0.9, seed=3,
+                                                                         max_new_tokens=12)):
             want = dec.generate([prompt], params)[0]
             rounds = list(dec.generate_stream(prompt, params))
             g = rounds[-1][1]
