@@ -90,6 +90,13 @@ def _forward(model, cache: DynamicCache, batch: _Batch, start: int, extra: torch
     return out.logits
 
 
+def _crop(cache: DynamicCache, length: int) -> None:
+    """Drop cached positions beyond `length` (negative crop: the non-deprecated form)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -158,39 +165,68 @@ class SpecDecoder:
         return out
 
     # ------------------------------------------------------------------ decoding
-    @torch.inference_mode()
     def generate_target_only(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
         """Plain autoregressive decoding of the target: one forward pass per token."""
-        gen = torch.Generator(self.device)
-        gen.manual_seed(params.seed if params.seed is not None else torch.seed())
-        batch = _Batch(prompts, self.pad_id, self.device)
+        return self._drain(self.stream(prompts, params, use_draft=False))
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 gamma: int | None = None) -> list[Generation]:
+        """Speculative decoding of a batch of token-id prompts (target-only when there is no draft)."""
+        return self._drain(self.stream(prompts, params, gamma))
+
+    def generate_stream(self, prompt: list[int], params: SamplingParams,
+                        gamma: int | None = None) -> Iterator[tuple[list[int], Generation]]:
+        """One prompt, round by round: yield (tokens committed this round, the generation so far); the last
+        yield is ([], generation) with `text` and `finish_reason` set. Stop iterating early to cancel.
+        Same loop and random stream as `generate([prompt])`, so a seeded stream equals it token for token."""
+        for new, gens in self.stream([prompt], params, gamma):
+            yield new[0], gens[0]
+
+    @staticmethod
+    def _drain(rounds) -> list[Generation]:
+        for _, gens in rounds:  # noqa: B007 - the last yield carries the finished generations
+            pass
+        return gens
+
+    def stream(self, prompts: list[list[int]], params: SamplingParams, gamma: int | None = None,
+               use_draft: bool = True) -> Iterator[tuple[list[list[int]], list[Generation]]]:
+        """The decoding loop. Yields after every target pass: (tokens each sequence committed, generations);
+        a last ([] per sequence, finished generations) yield sets `text` and `finish_reason`."""
+        with torch.inference_mode():
+            gen = torch.Generator(self.device)
+            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+            batch = _Batch(prompts, self.pad_id, self.device)
+            if self.draft is None or not use_draft:
+                yield from self._target_rounds(batch, params, gen)
+            else:
+                yield from self._spec_rounds(batch, params, gamma or self.gamma, gen)
+
+    def _emit(self, gens, active, emitted: torch.Tensor, params) -> list[list[int]]:
+        before = [len(g.token_ids) for g in gens]
+        self._commit(gens, active, emitted, params)
+        return [g.token_ids[b:] for g, b in zip(gens, before)]
+
+    def _target_rounds(self, batch: _Batch, params: SamplingParams, gen: torch.Generator):
         cache, cached = DynamicCache(), 0
-        gens = [Generation([]) for _ in prompts]
-        active = [True] * len(prompts)
+        B = batch.ids.shape[0]
+        gens = [Generation([]) for _ in range(B)]
+        active = [True] * B
         while any(active) and batch.length < self.max_len:
             logits = self._timed("target", _forward, self.target, cache, batch, cached)[:, -1]
             cached = batch.length
             tok = sample(logits_to_probs(logits, params), gen)  # (B,)
             for g, a in zip(gens, active):
                 g.rounds += a
-            self._commit(gens, active, tok[:, None], params)
+            new = self._emit(gens, active, tok[:, None], params)
             batch.append(tok[:, None])
-        return self._finish(gens)
+            yield new, gens
+        yield [[] for _ in gens], self._finish(gens)
 
-    @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 gamma: int | None = None) -> list[Generation]:
-        """Speculative decoding of a batch of token-id prompts."""
-        if self.draft is None:
-            return self.generate_target_only(prompts, params)
-        gamma = gamma or self.gamma
-        gen = torch.Generator(self.device)
-        gen.manual_seed(params.seed if params.seed is not None else torch.seed())
-        batch = _Batch(prompts, self.pad_id, self.device)
+    def _spec_rounds(self, batch: _Batch, params: SamplingParams, gamma: int, gen: torch.Generator):
         t_cache, d_cache = DynamicCache(), DynamicCache()
         t_len = d_len = 0
-        B = len(prompts)
-        gens = [Generation([], accepted_per_position=[0] * gamma) for _ in prompts]
+        B = batch.ids.shape[0]
+        gens = [Generation([], accepted_per_position=[0] * gamma) for _ in range(B)]
         active = [True] * B
         while any(active) and batch.length + gamma + 1 <= self.max_len:
             # 1. Draft proposes γ tokens: x_i ~ q(· | seq, x_<i).
@@ -200,9 +236,8 @@ class SpecDecoder:
                 logits = self._timed("draft", _forward, self.draft, d_cache, batch, d_len, extra)[:, -1]
                 d_len = batch.length + i
                 q = logits_to_probs(logits, params)  # (B, V)
-                x = sample(q, gen)  # (B,)
                 draft_probs.append(q)
-                draft_tokens.append(x)
+                draft_tokens.append(sample(q, gen))
                 extra = torch.stack(draft_tokens, 1)
             x = torch.stack(draft_tokens, 1)  # (B, γ)
             q = torch.stack(draft_probs, 1)  # (B, γ, V)
@@ -226,78 +261,12 @@ class SpecDecoder:
                     for i in range(ks):
                         g.accepted_per_position[i] += 1
             emitted = out[:, :n]
-            self._commit(gens, active, emitted, params)
+            new = self._emit(gens, active, emitted, params)
             batch.append(emitted)
             # 4. Roll both caches back to the committed prefix minus its last token.
             t_len = batch.length - 1
-            t_cache.crop(t_len)
+            _crop(t_cache, t_len)
             d_len = min(d_len, t_len)
-            d_cache.crop(d_len)
-        return self._finish(gens)
-
-    # ------------------------------------------------------------------ streaming
-    @torch.inference_mode()
-    def generate_stream(self, prompt: list[int], params: SamplingParams,
-                        gamma: int | None = None) -> Iterator[tuple[list[int], Generation]]:
-        """Decode one prompt round by round: yield (tokens committed this round, the generation so far).
-
-        The same loop as `generate` (speculative) or `generate_target_only` (no draft) at batch 1,
-        consuming the random stream in the same order, so a seeded stream equals the seeded
-        `generate([prompt])` token for token. The last yield is `([], generation)` once the
-        generation is finished (`text` and `finish_reason` set); stop iterating early to cancel.
-        """
-        gen = torch.Generator(self.device)
-        gen.manual_seed(params.seed if params.seed is not None else torch.seed())
-        batch = _Batch([prompt], self.pad_id, self.device)
-        g = Generation([])
-        active = [True]
-        if self.draft is None:
-            cache, cached = DynamicCache(), 0
-            while active[0] and batch.length < self.max_len:
-                logits = self._timed("target", _forward, self.target, cache, batch, cached)[:, -1]
-                cached = batch.length
-                tok = sample(logits_to_probs(logits, params), gen)  # (1,)
-                g.rounds += 1
-                before = len(g.token_ids)
-                self._commit([g], active, tok[:, None], params)
-                batch.append(tok[:, None])
-                yield g.token_ids[before:], g
-            self._finish([g])
-            yield [], g
-            return
-        gamma = gamma or self.gamma
-        g.accepted_per_position = [0] * gamma
-        t_cache, d_cache = DynamicCache(), DynamicCache()
-        t_len = d_len = 0
-        while active[0] and batch.length + gamma + 1 <= self.max_len:
-            draft_tokens, draft_probs = [], []
-            extra = None
-            for i in range(gamma):
-                logits = self._timed("draft", _forward, self.draft, d_cache, batch, d_len, extra)[:, -1]
-                d_len = batch.length + i
-                q = logits_to_probs(logits, params)  # (1, V)
-                draft_probs.append(q)
-                draft_tokens.append(sample(q, gen))
-                extra = torch.stack(draft_tokens, 1)
-            x = torch.stack(draft_tokens, 1)  # (1, γ)
-            q = torch.stack(draft_probs, 1)  # (1, γ, V)
-            logits = self._timed("target", _forward, self.target, t_cache, batch, t_len, x)
-            p = logits_to_probs(logits[:, -(gamma + 1):], params)  # (1, γ+1, V)
-            k, nxt = self.verifier(x, q, p, gen)  # (1,), (1,)
-            ks = int(k[0])
-            emitted = torch.cat([x[:, :ks], nxt[:, None]], 1)  # (1, k+1)
-            g.rounds += 1
-            g.proposed += gamma
-            g.accepted += ks
-            for i in range(ks):
-                g.accepted_per_position[i] += 1
-            before = len(g.token_ids)
-            self._commit([g], active, emitted, params)
-            batch.append(emitted)
-            t_len = batch.length - 1
-            t_cache.crop(t_len)
-            d_len = min(d_len, t_len)
-            d_cache.crop(d_len)
-            yield g.token_ids[before:], g
-        self._finish([g])
-        yield [], g
+            _crop(d_cache, d_len)
+            yield new, gens
+        yield [[] for _ in gens], self._finish(gens)
