@@ -55,6 +55,7 @@ class TargetConfig(_Strict):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     max_model_len: int = Field(1024, ge=32)
     top_k_logprobs: int = Field(20, ge=-1, description="k target log-probs per position; -1 = full vocab")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per engine")
 
 
 class DraftConfig(_Strict):
@@ -102,6 +103,7 @@ class RolloutConfig(_Strict):
     batch_size: int = Field(8, ge=1, description="sequences per RolloutBatch")
     queue_size: int = Field(8, ge=1, description="bounded queue between actors and learner")
     max_policy_lag: int = Field(2, ge=0, description="drop batches older than this many versions")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
 
 
 class LearnerConfig(_Strict):
@@ -116,6 +118,8 @@ class LearnerConfig(_Strict):
     grad_clip: float = Field(1.0, gt=0)
     sync_every: int = Field(4, ge=1, description="publish weights every K steps")
     checkpoint_every: int = Field(50, ge=1)
+    max_failures: int = Field(2, ge=0, description="Ray Train FailureConfig: worker failures to recover from")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker")
 
 
 class DistillConfig(_Strict):
@@ -162,6 +166,7 @@ class NodeSpec(_Strict):
     cpus: float = Field(ge=0)
     gpus: float = Field(0, ge=0)
     count: int = Field(1, ge=1)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources of the node")
 
 
 class ClusterConfig(_Strict):
@@ -249,13 +254,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def requested_resources(cfg: JobConfig) -> dict[str, float]:
-    """Peak CPUs/GPUs the distill stage asks for (actors + engines + learner workers)."""
+    """Peak resources the distill stage asks for (actors + engines + learner workers), custom ones included."""
     t, r, lrn = cfg.target, cfg.rollout, cfg.learner
-    cpus = (t.num_engines * t.cpus_per_engine + r.num_actors * r.cpus_per_actor
-            + lrn.num_workers * lrn.cpus_per_worker)
-    gpus = (t.num_engines * t.gpus_per_engine * t.tensor_parallel_size + r.num_actors * r.gpus_per_actor
-            + (lrn.num_workers if lrn.use_gpu else 0))
-    return {"CPU": cpus, "GPU": gpus}
+    need = {"CPU": (t.num_engines * t.cpus_per_engine + r.num_actors * r.cpus_per_actor
+                    + lrn.num_workers * lrn.cpus_per_worker),
+            "GPU": (t.num_engines * t.gpus_per_engine * t.tensor_parallel_size + r.num_actors * r.gpus_per_actor
+                    + (lrn.num_workers if lrn.use_gpu else 0))}
+    for count, res in [(t.num_engines, t.resources), (r.num_actors, r.resources), (lrn.num_workers, lrn.resources)]:
+        for k, v in res.items():
+            need[k] = need.get(k, 0.0) + count * v
+    return need
 
 
 def check_fits_cluster(cfg: JobConfig) -> None:
@@ -263,10 +271,13 @@ def check_fits_cluster(cfg: JobConfig) -> None:
     need = requested_resources(cfg)
     have = {"CPU": sum(n.cpus * n.count for n in cfg.cluster.nodes),
             "GPU": sum(n.gpus * n.count for n in cfg.cluster.nodes)}
+    for n in cfg.cluster.nodes:
+        for k, v in n.resources.items():
+            have[k] = have.get(k, 0.0) + v * n.count
     for k in need:
-        if need[k] > have[k] + 1e-9:
+        if need[k] > have.get(k, 0.0) + 1e-9:
             raise ConfigError(f"job {cfg.name} requests {need[k]:g} {k} but cluster.nodes declares "
-                              f"only {have[k]:g}")
+                              f"only {have.get(k, 0.0):g}")
     max_gpus_node = max((n.gpus for n in cfg.cluster.nodes), default=0)
     if cfg.target.tensor_parallel_size > 1 and cfg.target.tensor_parallel_size > max_gpus_node:
         raise ConfigError(f"target.tensor_parallel_size={cfg.target.tensor_parallel_size} exceeds "
