@@ -218,7 +218,7 @@ class _TextStream:
         ids = [t for t in token_ids if t not in self.eos_ids]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         text = text.rstrip("\ufffd")
-        text = text[: len(text) - self.hold]
+        text = text[: max(0, len(text) - self.hold)]
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
             return ""
         delta, self.sent = text[len(self.sent):], text

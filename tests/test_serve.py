@@ -511,3 +511,6 @@ def test_text_stream_holds_back_partial_characters(target_tokenizer):
     out = "".join(ts.update(ids[:k]) for k in range(1, len(ids) + 1))
     assert text.startswith(out) and "\ufffd" not in out
     assert out + ts.finish(text) == text
+    # A stop string longer than the text so far: nothing may leave before it is ruled out.
+    ts = _TextStream(target_tokenizer, set(), ("a much longer stop string",))
+    assert ts.update(_ids(target_tokenizer, "Hi there")) == ""
