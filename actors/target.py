@@ -69,10 +69,12 @@ class TargetEngine:
                    gpu_memory_utilization=cfg.gpu_memory_utilization, threads=threads)
 
     def info(self) -> dict:
-        """What this engine serves; also a cheap readiness probe for actors."""
+        """What this engine serves; also a cheap readiness probe for actors. `resources` = what
+        Ray granted this actor ({} outside an actor)."""
         return {"pid": os.getpid(), "model": self.model_path, "vocab_size": self.vocab_size,
                 "dtype": self.dtype, "max_model_len": self.max_model_len,
-                "max_logprobs": self.max_logprobs, "threads": os.environ.get("OMP_NUM_THREADS")}
+                "max_logprobs": self.max_logprobs, "threads": os.environ.get("OMP_NUM_THREADS"),
+                "resources": _assigned_resources()}
 
     def generate(self, prompts: list[list[int]], temperature: float = 1.0, top_p: float = 1.0,
                  max_tokens: int = 128, n: int = 1,
@@ -175,35 +177,55 @@ class TargetEngine:
             self.llm.llm_engine.engine_core.shutdown()
 
 
+def _assigned_resources() -> dict[str, float]:
+    ctx = ray.get_runtime_context() if ray.is_initialized() else None
+    if ctx is None or ctx.get_actor_id() is None:
+        return {}
+    return {k: float(v) for k, v in ctx.get_assigned_resources().items()}
+
+
 def engine_threads(num_cpus: float) -> int:
     """OpenMP threads for an engine granted `num_cpus` Ray CPUs (fractions round up, ≥ 1)."""
     return max(1, math.ceil(num_cpus - 1e-9))
 
 
 TargetActor = ray.remote(TargetEngine)  # options (resources, restarts) are set by the creator
+TARGET_MAX_RESTARTS = 8  # per engine: survives kills and preemptions, but a crash loop must end
 
 
 def create_target_actors(cfg: JobConfig, model_path: str, threads: int | None = None,
-                         max_restarts: int = -1, max_task_retries: int = -1) -> list:
+                         max_restarts: int = TARGET_MAX_RESTARTS, max_task_retries: int = -1,
+                         name_prefix: str | None = None) -> list:
     """Start `cfg.target.num_engines` TargetActors and wait until each engine is up.
 
-    Each actor asks Ray for `cpus_per_engine` CPUs and `gpus_per_engine` GPUs (with tensor
-    parallelism > 1, vLLM places its own GPU workers through Ray instead). `threads` = OpenMP
-    threads per engine (default: the granted CPUs rounded up). A crashed actor is restarted and
-    its in-flight call retried (generate and score are pure), unless the caller says otherwise.
+    Each actor asks Ray for `cpus_per_engine` CPUs, `gpus_per_engine` GPUs (with tensor
+    parallelism > 1, vLLM places its own GPU workers through Ray instead) and the custom Ray
+    resources `target.resources`. `threads` = OpenMP threads per engine (default: the granted CPUs
+    rounded up). A crashed actor is restarted (up to max_restarts times; -1 = forever) and a call
+    in flight on it is retried on the restarted engine (generate and score are pure), unless the
+    caller says otherwise; an engine out of restarts raises RayActorError, on which
+    `actors.rollout.TargetPool` moves to the next engine. name_prefix: actors are named
+    `<prefix>-target-<i>` (found with ray.get_actor), else anonymous.
     """
     t = cfg.target
     threads = threads or engine_threads(t.cpus_per_engine)
     opts = {"num_cpus": t.cpus_per_engine, "max_restarts": max_restarts,
             "max_task_retries": max_task_retries}
+    if t.resources:
+        opts["resources"] = dict(t.resources)
     if t.tensor_parallel_size == 1:
         opts["num_gpus"] = t.gpus_per_engine
-    actors = [TargetActor.options(**opts).remote(
+    actors = [TargetActor.options(**opts, name=f"{name_prefix}-target-{i}" if name_prefix else None).remote(
         model_path, dtype=t.dtype, max_model_len=t.max_model_len, top_k_logprobs=t.top_k_logprobs,
         seed=cfg.seed, tensor_parallel_size=t.tensor_parallel_size, kv_cache_gib=t.kv_cache_gib,
         gpu_memory_utilization=t.gpu_memory_utilization, threads=threads)
-        for _ in range(t.num_engines)]
-    ray.get([a.info.remote() for a in actors])
+        for i in range(t.num_engines)]
+    try:
+        ray.get([a.info.remote() for a in actors])  # an error in __init__ ends the actor: no restart loop
+    except Exception:
+        for a in actors:
+            ray.kill(a)
+        raise
     return actors
 
 
