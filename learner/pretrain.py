@@ -22,10 +22,18 @@ Resume. The driver lists checkpoint dirs newest first (step, then mtime), verifi
 its manifest, says which ones are corrupt or incomplete, and hands the newest good one to the
 workers, which restore model, optimizer, scheduler, RNG and cursor: the resumed run continues at
 the next step with the same batch it would have seen.
+
+Failures inside a run. `FailureConfig(max_failures=learner.max_failures)`: when a worker dies,
+Ray Train restarts the whole worker group, and each worker loads Ray Train's latest reported
+checkpoint (`checkpoint_to_restore`, verified like the driver's choice): the step goes back to that
+checkpoint, never further. The workers' resources are `pretrain.cpus_per_worker` (+ a GPU) plus the
+custom Ray resources of `learner.resources` (the same learner nodes as stage 3).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -103,6 +111,8 @@ def load_documents(sources: list[str]) -> list[str]:
         elif p.exists():
             raise ValueError(f"pretrain.corpus entry {src!r}: unsupported file type {p.suffix!r} "
                              "(use .txt, .jsonl with a 'text' field, or .parquet)")
+        elif src.startswith(("/", ".", "~")) or p.suffix in (".txt", ".jsonl", ".parquet"):
+            raise ValueError(f"pretrain.corpus entry {src!r} does not exist")
         else:
             import datasets
 
@@ -265,15 +275,52 @@ def list_checkpoints(exp_dir: Path) -> list[tuple[int, Path]]:
     return [(s, d) for s, _, d in sorted(found, key=lambda t: (t[0], t[1]), reverse=True)]
 
 
-def latest_good_checkpoint(exp_dir: Path) -> tuple[int, Path] | None:
-    """The newest checkpoint that verifies; corrupt newer ones are reported and skipped."""
+def latest_good_checkpoint(exp_dir: Path, skipped: list[str] | None = None,
+                           say=None) -> tuple[int, Path] | None:
+    """The newest checkpoint that verifies; corrupt newer ones are reported (through `say`, and
+    appended to `skipped` when given) and skipped."""
     for step, d in list_checkpoints(exp_dir):
         try:
             verify_checkpoint(d)
             return step, d
         except CorruptCheckpoint as e:
-            _say(f"WARNING: skipping corrupt checkpoint {e}; falling back to the previous one")
+            (say or _say)(f"WARNING: skipping corrupt checkpoint {e}; falling back to the previous one")
+            if skipped is not None:
+                skipped.append(str(e))
     return None
+
+
+@contextlib.contextmanager
+def checkpoint_to_restore(resume_from: str | None, say=None):
+    """The checkpoint dir a starting Ray Train worker loads (a context: a checkpoint on remote
+    storage is downloaded for its duration), or None for a fresh start.
+
+    Ray Train's latest reported checkpoint (`ray.train.get_checkpoint()`) comes first: it is set
+    when Ray Train restarted the worker group after a failure in this run (FailureConfig), and on a
+    resumed run (from the run snapshot in the experiment dir). It is verified like any other: when
+    corrupt, the newest good checkpoint next to it is used. Without one, `resume_from` (the
+    driver's verified choice). Every rank makes the same choice: they see the same files.
+    """
+    import ray.train
+
+    say = say or _say
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            try:
+                verify_checkpoint(d)
+                ok = True
+            except CorruptCheckpoint as e:
+                say(f"WARNING: Ray Train's latest checkpoint is corrupt: {e}")
+                ok = False
+            if ok:
+                yield Path(d)
+                return
+        found = latest_good_checkpoint(Path(ckpt.path).parent, say=say) if Path(ckpt.path).is_dir() else None
+        if found is not None:
+            yield found[1]
+            return
+    yield Path(resume_from) if resume_from else None
 
 
 # --------------------------------------------------------------------------------- worker loop
@@ -366,9 +413,11 @@ def train_loop_per_worker(config: dict) -> None:
     B, T = pc.batch_size, pc.seq_len
     assert B >= world, f"pretrain.batch_size={B} must be ≥ num_workers={world}"
 
-    src = config["resume_from"] or config["init_dir"]
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with checkpoint_to_restore(config["resume_from"]) as ckpt_dir:  # None: fresh start
+        src = str(ckpt_dir or config["init_dir"])
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False) if ckpt_dir else None
     model.train()
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
@@ -376,8 +425,7 @@ def train_loop_per_worker(config: dict) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(
         lr_factor, warmup=pc.warmup_steps, max_steps=pc.max_steps, min_ratio=pc.min_lr_ratio))
     step, cursor = 0, 0
-    if config["resume_from"]:
-        state = torch.load(Path(src) / STATE_FILE, map_location="cpu", weights_only=False)
+    if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, cursor = state["step"], state["cursor"]
@@ -471,6 +519,12 @@ def train_loop_per_worker(config: dict) -> None:
 
 # --------------------------------------------------------------------------------------- driver
 
+def worker_resources(cpus: float, use_gpu: bool, custom: dict[str, float]) -> dict[str, float]:
+    """Ray Train `resources_per_worker`: the custom resources of `learner.resources` plus CPUs and,
+    with use_gpu, one GPU (the dedicated fields win over same-named custom keys)."""
+    return {**custom, "CPU": cpus, **({"GPU": 1} if use_gpu else {})}
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2))
@@ -489,6 +543,7 @@ def _build_initial_draft(cfg: JobConfig, tok, target_path: str, dest: Path) -> P
         draft = build_draft(cfg.draft.arch, tok, target=target, init=cfg.draft.init,
                             copy_layers=cfg.draft.copy_layers, seed=cfg.seed)
         del target
+        gc.collect()  # the 135M+ target must not sit in the driver for the whole run
         n = sum(p.numel() for p in draft.parameters())
         _say(f"draft: fresh {cfg.draft.arch.num_layers} layers x {cfg.draft.arch.hidden_size}, init "
              f"{cfg.draft.init}, {n / 1e6:.1f}M parameters")
@@ -510,7 +565,7 @@ def run_pretrain(cfg: JobConfig, resume: bool = False, *, log_every: int = 10) -
     an earlier run's checkpoints to `ray_results/pretrain.prev`.
     """
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t_start = time.time()
@@ -570,9 +625,11 @@ def run_pretrain(cfg: JobConfig, resume: bool = False, *, log_every: int = 10) -
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=pc.num_workers, use_gpu=pc.use_gpu,
-                                         resources_per_worker={"CPU": pc.cpus_per_worker}),
+                                         resources_per_worker=worker_resources(
+                                             pc.cpus_per_worker, pc.use_gpu, cfg.learner.resources)),
             run_config=RunConfig(storage_path=str(storage.resolve()), name=EXPERIMENT,
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 failure_config=FailureConfig(max_failures=cfg.learner.max_failures)))
         result = trainer.fit()
         if result.error is not None:
             raise RuntimeError(f"pretraining failed: {result.error}") from result.error
