@@ -305,19 +305,21 @@ def checkpoint_to_restore(resume_from: str | None, say=None):
 
     say = say or _say
     ckpt = ray.train.get_checkpoint()
+    driver_step = verify_checkpoint(resume_from) if resume_from else -1
     if ckpt is not None:
         with ckpt.as_directory() as d:
             try:
-                verify_checkpoint(d)
-                ok = True
+                step = verify_checkpoint(d)
             except CorruptCheckpoint as e:
                 say(f"WARNING: Ray Train's latest checkpoint is corrupt: {e}")
-                ok = False
-            if ok:
+                step = None
+            # a complete checkpoint whose registration a kill cut off is newer than Ray's latest:
+            # the driver found it, so the higher step wins
+            if step is not None and step >= driver_step:
                 yield Path(d)
                 return
         found = latest_good_checkpoint(Path(ckpt.path).parent, say=say) if Path(ckpt.path).is_dir() else None
-        if found is not None:
+        if found is not None and found[0] >= driver_step:
             yield found[1]
             return
     yield Path(resume_from) if resume_from else None
