@@ -27,8 +27,12 @@ Weight-sync protocol (the learner's rank 0 is the only sender; one `WeightStore`
 1. The learner publishes its weights as version v: `store.publish(v, {name: float32 ndarray})`.
    Versions start at the learner's initial version (0 for a fresh run, the checkpointed version on
    resume) and increase by one every `learner.sync_every` optimizer steps; the store rejects a
-   version that does not increase. The store `ray.put`s the dict itself, so it owns the object:
-   published weights outlive the learner process that sent them. Only the newest version is kept.
+   version that does not increase. When Ray Train restarts the learner inside a run (a worker
+   died), the learner goes back to its last checkpoint but continues at the store's version + 1,
+   so versions keep increasing and a batch sampled with the lost steps' weights is at least one
+   version old to the restarted learner (dropped or not by `rollout.max_policy_lag` as usual).
+   The store `ray.put`s the dict itself, so it owns the object: published weights outlive the
+   learner process that sent them. Only the newest version is kept.
 2. A RolloutActor polls `store.latest(known_version)` between batches (before each batch), and
    blocks before its first batch until some version exists: it never produces data with weights
    the learner did not publish. On receipt it checks that the key set equals its own state dict,
@@ -42,7 +46,9 @@ Weight-sync protocol (the learner's rank 0 is the only sender; one `WeightStore`
 
 Fault tolerance: RolloutActors are created with `max_restarts` and `max_task_retries`, so a killed
 actor is restarted by Ray and its `run` loop is resubmitted; the restarted actor registers again
-with the store, which counts restarts. A dead TargetActor makes `score` retry on the next engine.
+with the store, which counts restarts. TargetActors are restartable too (actors/target.py): a call
+in flight on a killed engine is retried once Ray has restarted it; an engine out of restarts makes
+`score` fail over to the next engine. The learner's restarts are Ray Train's (learner/distill.py).
 """
 
 from __future__ import annotations
@@ -170,14 +176,21 @@ class TargetPool:
 
 @ray.remote(num_cpus=0)
 class WeightStore:
-    """Versioned draft weights from the learner, plus rollout bookkeeping (restarts, tokens)."""
+    """Versioned draft weights from the learner, plus run bookkeeping: rollout actor (re)starts and
+    tokens per actor, learner (re)starts, and what the learner reports about itself."""
 
     def __init__(self):
         self._version = -1
         self._ref = None
         self._incarnations: dict[int, int] = defaultdict(int)
+        self._actor_tokens: dict[int, int] = defaultdict(int)
+        self._actor_batches: dict[int, int] = defaultdict(int)
+        self._actor_first: dict[int, float] = {}  # first registration (model load + wait count)
+        self._actor_last: dict[int, float] = {}  # last report
         self._tokens = 0
         self._batches = 0
+        self._learner_starts = 0
+        self._learner_info: dict = {}
         self._error: str | None = None
 
     def publish(self, version: int, weights: dict) -> int:
@@ -202,19 +215,40 @@ class WeightStore:
         """Called from RolloutActor.__init__; returns how many times this actor started before."""
         n = self._incarnations[actor_id]
         self._incarnations[actor_id] += 1
+        self._actor_first.setdefault(actor_id, time.time())
         return n
 
     def report(self, actor_id: int, n_tokens: int) -> None:
         self._tokens += n_tokens
         self._batches += 1
+        self._actor_tokens[actor_id] += n_tokens
+        self._actor_batches[actor_id] += 1
+        self._actor_last[actor_id] = time.time()
+
+    def learner_started(self, info: dict) -> int:
+        """Called by learner rank 0 at every (re)start of the worker group; returns the number of
+        earlier starts in this run (> 0 = Ray Train restarted the learner after a failure)."""
+        n = self._learner_starts
+        self._learner_starts += 1
+        self._learner_info = dict(info)
+        return n
 
     def set_error(self, message: str) -> None:
         self._error = message
 
     def stats(self) -> dict:
+        per_actor = {i: {"tokens": self._actor_tokens[i], "batches": self._actor_batches[i],
+                         "starts": self._incarnations[i],
+                         "tokens_per_s": self._actor_tokens[i] / max(
+                             self._actor_last.get(i, 0.0) - self._actor_first.get(i, 0.0), 1e-9)
+                         if i in self._actor_last else 0.0}
+                     for i in sorted(self._incarnations)}
         return {"version": self._version, "rollout_tokens": self._tokens, "rollout_batches": self._batches,
                 "actor_starts": sum(self._incarnations.values()),
                 "restarts": sum(max(0, n - 1) for n in self._incarnations.values()),
+                "actor_tokens": {i: self._actor_tokens[i] for i in sorted(self._incarnations)},
+                "per_actor": per_actor, "learner_starts": self._learner_starts,
+                "learner_restarts": max(0, self._learner_starts - 1), "learner_info": self._learner_info,
                 "error": self._error}
 
 
@@ -383,7 +417,8 @@ class RolloutActor(RolloutWorker):
 
 def create_rollout_actors(cfg, draft_path: str, rows_ref, engines: list, queue, store,
                           name_prefix: str | None = None) -> list:
-    """`cfg.rollout.num_actors` RolloutActors, restartable, with resources from the job config.
+    """`cfg.rollout.num_actors` RolloutActors, restartable, with resources from the job config
+    (CPUs, GPUs and the custom Ray resources `rollout.resources`, e.g. to pin them to some nodes).
 
     rows_ref: an ObjectRef of the replay rows (a list of dicts with prompt_id, prompt_token_ids,
     response_token_ids); passing a ref keeps one copy in the object store for every actor.
@@ -392,6 +427,7 @@ def create_rollout_actors(cfg, draft_path: str, rows_ref, engines: list, queue, 
     r = cfg.rollout
     device = "cuda" if r.gpus_per_actor > 0 else "cpu"
     return [RolloutActor.options(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor,
+                                 resources=dict(r.resources) or None,
                                  max_restarts=ROLLOUT_MAX_RESTARTS, max_task_retries=-1,
                                  name=f"{name_prefix}-rollout-{i}" if name_prefix else None).remote(
         i, draft_path, rows_ref, engines, queue, store, on_policy_fraction=r.on_policy_fraction,
