@@ -37,6 +37,21 @@ checkpoint and at the end: `heldout_tvd` (bucketed, a lower bound of the true TV
 Checkpoints follow learner/pretrain.py: `<run_dir>/ray_results/distill/checkpoint_step_<step>_<session>/`
 holding the HF-format draft, `trainer_state.pt` (optimizer, scheduler, step, policy version,
 counters, TVD++ EMA baseline, RNG) and `manifest.json`; rank 0 writes, every rank reports.
+
+Failures. Rollout actors and target engines are restarted by Ray (actors/rollout.py,
+actors/target.py). A dead learner worker: Ray Train (`FailureConfig(max_failures=
+learner.max_failures)`) restarts the whole worker group, whose workers load Ray Train's latest
+reported checkpoint (`checkpoint_to_restore`, verified against its manifest): the step goes back
+to that checkpoint and never below it, and the restarted learner publishes at the store's version
++ 1 (weight versions only increase). distill_log.jsonl then holds the steps since that checkpoint
+twice (`learner_attempt` tells them apart; TensorBoard drops the stale ones through purge_step).
+`learner_restarts`, `rollout_restarts` and `target_restarts` count the recoveries.
+
+Scaling. Target engines, rollout actors and learner workers are sized independently (CPUs, GPUs
+and custom Ray resources each: `target.resources`, `rollout.resources`, `learner.resources`).
+`rollout_tokens_per_s/actor_<i>` (per logged step) and `rollout_tokens_per_s_per_actor`
+(distill_done.json) give each actor's throughput; distill_done.json's `scaling` records what each
+role asked for and what the learner workers were granted.
 """
 
 from __future__ import annotations
@@ -44,6 +59,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -83,9 +99,11 @@ from learner.pretrain import (
     _rng_state,
     _set_rng_state,
     _write_json_atomic,
+    checkpoint_to_restore,
     latest_good_checkpoint,
     lr_factor,
     verify_checkpoint,
+    worker_resources,
     write_manifest,
 )
 
@@ -285,9 +303,12 @@ def train_loop_per_worker(config: dict) -> None:
     amp = _autocast_dtype(device)
     queue, store = config["queue"], config["store"]
 
-    src = config["resume_from"] or config["init_dir"]
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    lm = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    # Ray Train's latest checkpoint after a restart inside this run, else the driver's resume_from
+    with checkpoint_to_restore(config["resume_from"], say=_say) as ckpt_dir:  # None: fresh start
+        src = str(ckpt_dir or config["init_dir"])
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        lm = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False) if ckpt_dir else None
     lm.train()
     model = ray.train.torch.prepare_model(ResponseLogits(lm))
     core = model.module if hasattr(model, "module") else model
@@ -300,8 +321,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "on_policy_rows": 0, "rows": 0, "wait_s": 0.0, "wall_s": 0.0}
     step, version = 0, 0
     heldout_start = None
-    if config["resume_from"]:
-        state = torch.load(Path(src) / STATE_FILE, map_location="cpu", weights_only=False)
+    if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, version = state["step"], state["policy_version"]
@@ -312,15 +332,31 @@ def train_loop_per_worker(config: dict) -> None:
         _set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
     else:
         torch.manual_seed(cfg.seed + rank)
+    # Restarted inside a run (a learner worker died): the store holds weights of the lost steps.
+    # Continue above them so versions keep increasing (the store's rule, actors/rollout.py). Every
+    # rank reads before the collective and rank 0 publishes after it, so all ranks agree.
+    seen = torch.tensor(float(ray.get(store.version.remote())), dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    if int(seen) >= version:
+        _say(f"rank {rank}: restarted at step {step}; weight version {version} -> {int(seen) + 1}")
+        version = int(seen) + 1
     hb = ray.get(config["heldout_ref"][0]) if config["heldout_ref"] and rank == 0 else None
 
     writer = jlog = None
+    attempt = 0  # rank 0: how many times the learner started before in this run
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(config["tb_dir"], purge_step=step + 1 if step else None)
         jlog = open(config["log_path"], "a")
         publish_weights(store, core.lm, version)  # rollout actors wait for this first version
+        attempt = ray.get(store.learner_started.remote({
+            "num_workers": world, "pid": os.getpid(), "granted_resources": {
+                k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()},
+            "start_step": step, "policy_version": version, "restored_from": str(ckpt_dir) if ckpt_dir else None}))
+        if attempt:
+            _say(f"learner restart {attempt}: continuing from step {step} ({ckpt_dir})")
         _say(f"rank 0/{world}: {'resuming at step ' + str(step) if step else 'starting'}; loss {dc.loss} "
              f"({dc.form}), policy version {version}, autocast {amp}, held-out "
              f"{0 if hb is None else hb.n_tokens} positions")
@@ -399,8 +435,12 @@ def train_loop_per_worker(config: dict) -> None:
             now = time.perf_counter()
             new_tokens = st["rollout_tokens"] - prev_store["rollout_tokens"]
             metrics["rollout_tokens_per_s"] = new_tokens / max(now - prev_t, 1e-9)
+            for i, tokens in st["actor_tokens"].items():  # per actor: scaling shows up here
+                metrics[f"rollout_tokens_per_s/actor_{i}"] = (
+                    (tokens - prev_store["actor_tokens"].get(i, 0)) / max(now - prev_t, 1e-9))
             metrics["queue_depth"] = queue.qsize()
             metrics["rollout_restarts"] = st["restarts"]
+            metrics["learner_restarts"] = st["learner_restarts"]
             metrics["learner_idle_frac_total"] = counters["wait_s"] / max(counters["wall_s"], 1e-9)
             prev_store, prev_t = st, now
             metrics.update(heldout)
@@ -408,9 +448,11 @@ def train_loop_per_worker(config: dict) -> None:
                 if k == "step":
                     continue
                 group = ("heldout/" if k.startswith("heldout_") else
-                         "system/" if k in _SYSTEM_METRICS else "train/")
+                         "system/" if k in _SYSTEM_METRICS or k.startswith("rollout_tokens_per_s/")
+                         else "train/")
                 writer.add_scalar(group + k, v, step)  # tag leaf = metric name (report.py keys on it)
-            jlog.write(json.dumps(metrics) + "\n")
+            # learner_attempt > 0: steps after a restart repeat those since the restored checkpoint
+            jlog.write(json.dumps({**metrics, "learner_attempt": attempt}) + "\n")
             jlog.flush()
             if step % PRINT_EVERY == 0 or is_ckpt:
                 _say(f"step {step}: loss {metrics['loss']:.4f} acceptance {metrics['acceptance']:.4f} "
@@ -438,7 +480,9 @@ def train_loop_per_worker(config: dict) -> None:
                             "rng": rngs, "config": config["cfg"], "metrics": metrics}, d / STATE_FILE)
                 write_manifest(d, step)  # last: its presence + matching files = a complete checkpoint
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            name = f"checkpoint_step_{step:08d}_{config['session']}"
+            # rank 0's name is the one used; after a restart it differs from the name of any
+            # checkpoint the dead attempt wrote but Ray Train never registered
+            name = f"checkpoint_step_{step:08d}_{config['session']}" + (f"r{attempt}" if attempt else "")
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
     if rank == 0:
         writer.close()
@@ -447,7 +491,8 @@ def train_loop_per_worker(config: dict) -> None:
 
 _SYSTEM_METRICS = {"dropped_batches", "consumed_batches", "learner_idle_frac", "learner_idle_frac_total",
                    "learner_tokens_per_s", "learner_compute_tokens_per_s", "rollout_tokens_per_s",
-                   "queue_depth", "rollout_restarts", "policy_version", "lr", "grad_norm", "trained_tokens"}
+                   "queue_depth", "rollout_restarts", "learner_restarts", "policy_version", "lr", "grad_norm",
+                   "trained_tokens"}
 
 
 # ---------------------------------------------------------------------------------- driver
@@ -503,6 +548,16 @@ class _RolloutSupervisor(threading.Thread):
             ray.kill(a, no_restart=True)
 
 
+def actor_restarts(handles: list) -> int:
+    """How many times Ray restarted these actors (the GCS actor table's count), summed."""
+    from ray._private.state import actors as actor_table  # no dashboard needed, unlike ray.util.state
+
+    total = 0
+    for h in handles:
+        total += int(actor_table(actor_id=h._actor_id.hex()).get("NumRestarts", 0))
+    return total
+
+
 def _starting_draft(cfg: JobConfig, rdir: Path, tok, target_path: str) -> tuple[Path, str]:
     """(HF dir the learner and actors load, what it is): the pretrained draft of this run, else
     draft.model, else a fresh draft.arch draft (saved under the run dir)."""
@@ -545,14 +600,14 @@ def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | Non
     tok = load_tokenizer(target_path)
     init_dir, source = _starting_draft(cfg, rdir, tok, target_path)
 
-    resume_from, start_step = None, 0
+    resume_from, start_step, skipped = None, 0, []
     if resume:
         if done_path.is_file() and (final / "config.json").is_file():
             done = json.loads(done_path.read_text())
             if done.get("steps", 0) >= lc.max_steps:
                 _say(f"already done ({done['steps']} steps ≥ max_steps {lc.max_steps}): {final}")
                 return final
-        found = latest_good_checkpoint(exp)
+        found = latest_good_checkpoint(exp, skipped=skipped, say=_say)
         if found is None:
             _say(f"WARNING: resume asked but no good checkpoint under {exp}; starting from {source}")
         else:
@@ -582,10 +637,10 @@ def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | Non
     if state is not None and (state["step"] >= lc.max_steps
                               or (token_budget and state["counters"]["global_tokens"] >= token_budget)):
         _say(f"checkpoint step {start_step} already covers the run: exporting it")
-        ckpt, metrics, rollout_stats, lost = resume_from, state["metrics"], {}, []
+        ckpt, metrics, rollout_stats, lost, system = resume_from, state["metrics"], {}, [], {}
     else:
-        result, rollout_stats, lost = _train(cfg, init_dir, resume_from, train_rows, held_rows, target_path,
-                                             tok, token_budget, storage, tb_dir, log_path)
+        result, rollout_stats, lost, system = _train(cfg, init_dir, resume_from, train_rows, held_rows,
+                                                     target_path, tok, token_budget, storage, tb_dir, log_path)
         if result.checkpoint is not None:
             ckpt, metrics = Path(result.checkpoint.path), result.metrics
         else:  # nothing left to train (e.g. the token budget was already spent)
@@ -604,6 +659,13 @@ def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | Non
             "rollout_batches": rollout_stats.get("rollout_batches"),
             "rollout_restarts": rollout_stats.get("restarts"),
             "rollout_actor_starts": rollout_stats.get("actor_starts"), "rollout_losses": lost,
+            "rollout_tokens_per_s_per_actor": {f"actor_{i}": round(a["tokens_per_s"], 2)
+                                               for i, a in rollout_stats.get("per_actor", {}).items()},
+            "rollout_tokens_per_actor": {f"actor_{i}": a["tokens"]
+                                         for i, a in rollout_stats.get("per_actor", {}).items()},
+            "learner_restarts": rollout_stats.get("learner_restarts"),
+            "target_restarts": system.get("target_restarts"), "skipped_checkpoints": skipped,
+            "scaling": system.get("scaling"),
             "loss_name": cfg.distill.loss, "form": cfg.distill.form, "baseline": cfg.distill.baseline,
             "wall_time_s": round(time.time() - t_start, 1), "resumed_from_step": start_step,
             "started_from": source, "init_dir": str(init_dir), "checkpoint": str(ckpt), "draft": str(final)}
@@ -619,9 +681,10 @@ def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows:
            held_rows: list[dict], target_path: str, tok, token_budget: int | None, storage: Path,
            tb_dir: Path, log_path: Path):
     """Start engines, rollout actors, queue and store; run the TorchTrainer; always clean up.
-    Returns (ray.train.Result, final rollout stats, messages about rollout loops that ended)."""
+    Returns (ray.train.Result, final store stats, messages about rollout loops that ended, system
+    facts: target restarts and the resources every role asked for and got)."""
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
@@ -629,14 +692,16 @@ def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows:
 
     lc = cfg.learner
     init_ray(cfg)
-    need = requested_resources(cfg)["CPU"]
-    have = ray.cluster_resources().get("CPU", 0)
-    if need > have + 1e-9:
-        raise ValueError(f"distill needs {need:g} CPUs (target engines + rollout actors + learner workers) "
-                         f"but the Ray cluster has {have:g}")
+    have = ray.cluster_resources()
+    for key, need in requested_resources(cfg).items():
+        if need > have.get(key, 0.0) + 1e-9:
+            raise ValueError(f"distill needs {need:g} {key} (target engines + rollout actors + learner "
+                             f"workers) but the Ray cluster has {have.get(key, 0.0):g}")
+    per_worker = worker_resources(lc.cpus_per_worker, lc.use_gpu, lc.resources)
     engines, supervisor, queue, store = [], None, None, None
     try:
-        engines = create_target_actors(cfg, target_path)
+        engines = create_target_actors(cfg, target_path, name_prefix=f"draftalign-{cfg.name}")
+        engine_info = ray.get([e.info.remote() for e in engines])
         hb = heldout_batch(held_rows, TargetPool(engines), cfg.target.top_k_logprobs, tok.pad_token_id)
         queue = Queue(maxsize=cfg.rollout.queue_size, actor_options={"num_cpus": 0})
         store = WeightStore.options(name=f"draftalign-{cfg.name}-weight-store").remote()
@@ -656,13 +721,25 @@ def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows:
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=lc.use_gpu,
-                                         resources_per_worker={"CPU": lc.cpus_per_worker}),
+                                         resources_per_worker=per_worker),
+            # a dead learner worker: Ray Train restarts the group from the latest checkpoint
             run_config=RunConfig(storage_path=str(storage.resolve()), name=EXPERIMENT,
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 failure_config=FailureConfig(max_failures=lc.max_failures)))
         result = trainer.fit()
         if result.error is not None:
             raise RuntimeError(f"distillation failed: {result.error}") from result.error
-        return result, ray.get(store.stats.remote()), list(supervisor.lost)
+        stats = ray.get(store.stats.remote())
+        system = {"target_restarts": actor_restarts(engines),
+                  "scaling": {"learner": {"num_workers": lc.num_workers, "resources_per_worker": per_worker,
+                                          "max_failures": lc.max_failures, **stats["learner_info"]},
+                              "rollout": {"num_actors": cfg.rollout.num_actors,
+                                          "cpus_per_actor": cfg.rollout.cpus_per_actor,
+                                          "gpus_per_actor": cfg.rollout.gpus_per_actor,
+                                          "resources": dict(cfg.rollout.resources)},
+                              "target": {"num_engines": len(engines),
+                                         "resources": [i["resources"] for i in engine_info]}}}
+        return result, stats, list(supervisor.lost), system
     finally:
         if supervisor is not None:
             supervisor.stop()
