@@ -1,10 +1,8 @@
 """Stage 3 (distill): rollout actors, weight sync, bounded queue, and end-to-end runs with real Ray,
 a real vLLM TargetActor and a real Ray Train learner on tiny models.
 
-The stand-in target is the tiny random Llama with its final norm scaled up, so that its next-token
-distributions are peaked (a random Llama is near-uniform over 49k tokens, and every draft would
-already be "close" to it). The distillation set is written here: train-split chat prompts with
-chitchat text as responses.
+The stand-in target (a peaked tiny Llama), the distillation set and the job config come from
+tests/distill_helpers.py, shared with tests/test_faults.py.
 """
 
 from __future__ import annotations
@@ -13,18 +11,15 @@ import json
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from distill_helpers import TOP_K, job_fixture, peaked_target_fixture  # noqa: F401 - fixtures
+from distill_helpers import done as _done
 
 from actors.rollout import RolloutBatch, TargetPool, WeightStore, build_batch, check_and_load_weights
-from draftalign.config import JobConfig
 from learner.distill import ResponseLogits, batch_tensors, distill_loss, split_heldout
-
-TOP_K = 8
-
 
 # ------------------------------------------------------------------------------ pure functions
 
@@ -193,72 +188,6 @@ def test_queue_is_bounded_and_weights_flow_through_the_store(ray_local, tiny_dra
 
 
 # ----------------------------------------------------------------------------- end-to-end runs
-
-@pytest.fixture(scope="module")
-def peaked_target(tmp_path_factory, tiny_target_path, target_tokenizer) -> str:
-    from draftalign.models import load_causal_lm, save_pretrained_atomic
-
-    lm = load_causal_lm(tiny_target_path)
-    with torch.no_grad():
-        lm.model.norm.weight.mul_(40.0)  # logits × 40: peaked next-token distributions
-    return str(save_pretrained_atomic(lm, target_tokenizer, tmp_path_factory.mktemp("models") / "peaked"))
-
-
-def _write_distill_set(rdir: Path, tok, n_prompts: int = 40, resp_len: int = 24) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from actors.generate import SCHEMA
-    from draftalign.data import chat_prompt_ids, pretrain_texts, train_messages
-
-    msgs = train_messages(4 * n_prompts, seed=0)
-    prompts = [(m["id"], chat_prompt_ids(tok, m["messages"][-1:])) for m in msgs]
-    prompts = [(i, p) for i, p in prompts if len(p) <= 64][:n_prompts]
-    docs = pretrain_texts(["embedded:chitchat"])[: len(prompts)]
-    cols = {f.name: [] for f in SCHEMA}
-    for (pid, p), doc in zip(prompts, docs, strict=True):
-        resp = tok(doc, add_special_tokens=False).input_ids[:resp_len] + [tok.eos_token_id]
-        for k, v in (("prompt_id", pid), ("prompt", tok.decode(p)), ("prompt_token_ids", p),
-                     ("response_token_ids", resp), ("response_text", doc), ("finish_reason", "stop"),
-                     ("response_index", 0)):
-            cols[k].append(v)
-    d = rdir / "distill_set"
-    d.mkdir(parents=True)
-    pq.write_table(pa.table(cols, schema=SCHEMA), d / "part-00000.parquet")
-    (d / "metadata.json").write_text(json.dumps({"rows": len(prompts), "by": "tests/test_distill.py"}))
-
-
-def _job(tmp_path: Path, name: str, target: str, draft: str, **over) -> JobConfig:
-    data = {
-        "name": name, "run_dir": str(tmp_path / name), "seed": 0,
-        "target": {"model": target, "dtype": "float32", "num_engines": 1, "cpus_per_engine": 0.5,
-                   "kv_cache_gib": 1, "max_model_len": 256, "top_k_logprobs": TOP_K},
-        "draft": {"model": draft},
-        "rollout": {"num_actors": 1, "cpus_per_actor": 0.5, "on_policy_fraction": 0.5, "temperature": 1.0,
-                    "max_new_tokens": 16, "batch_size": 4, "queue_size": 2, "max_policy_lag": 2},
-        "learner": {"num_workers": 1, "cpus_per_worker": 1, "max_steps": 30, "lr": 1e-2, "warmup_steps": 2,
-                    "sync_every": 2, "checkpoint_every": 15},
-        "distill": {"loss": "tvd_pp"},
-    }
-    for key, value in over.items():
-        section, field = key.split("__")
-        data[section][field] = value
-    return JobConfig.model_validate(data)
-
-
-@pytest.fixture
-def job(tmp_path, peaked_target, tiny_draft_path, target_tokenizer):
-    def make(name: str, **over) -> JobConfig:
-        cfg = _job(tmp_path, name, peaked_target, tiny_draft_path, **over)
-        _write_distill_set(cfg.run_path, target_tokenizer)
-        return cfg
-
-    return make
-
-
-def _done(cfg: JobConfig) -> dict:
-    return json.loads((cfg.run_path / "distill_done.json").read_text())
-
 
 @pytest.mark.slow
 def test_distill_run_lowers_heldout_tvd_and_resumes(ray_local, job, target_tokenizer):
