@@ -2,7 +2,9 @@
 
 Both endpoints are the same Ray Serve application (`serve.app.build_app`), one with the draft and
 one with `draft_path=None`, deployed side by side on one Serve instance (`/spec`, `/base`). Each
-round loads one endpoint, then the other (the order alternates), so machine noise hits both arms:
+round loads one endpoint, then the other (order A B, B A, ...), so slow drifts in machine load hit
+both arms; the 1-minute load average around every run is recorded and a warning printed when it
+exceeded the core count. The load:
 N concurrent clients (the async openai client over loopback) each send M chat completions of
 held-out chat prompts, greedy, fixed max_tokens. Reported per arm: p50 / p99 request latency,
 completion tokens/s over the wall time of the load, requests/s, errors, the mean acceptance rate
@@ -94,7 +96,8 @@ def _summary(runs: list[dict]) -> dict:
             "requests_per_s": len(ok) / wall if wall else 0.0,
             "acceptance_rate": accepted / proposed if proposed else 0.0,
             "tokens_per_target_pass": tokens / rounds if rounds else 0.0,
-            "max_batch_size": max((r["batch_size"] for r in ok), default=0)}
+            "max_batch_size": max((r["batch_size"] for r in ok), default=0),
+            "loadavg_1m": [x for run in runs for x in run["loadavg_1m"]]}
 
 
 def _draft_path(cfg, draft: str | None, tmp: str) -> tuple[str, str]:
@@ -123,13 +126,13 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=None, help="concurrent clients (quick 8, else 16)")
     ap.add_argument("--requests", type=int, default=None, help="requests per client (quick 2, else 4)")
     ap.add_argument("--max-tokens", type=int, default=None, help="completion tokens (quick 32, else 64)")
-    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds per arm (quick 1, else 2)")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds per arm, order alternating (default 2)")
     ap.add_argument("--gamma", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="small load: a few minutes on 2 cores")
     ap.add_argument("--out", default="bench/results/serve_load.json")
     args = ap.parse_args()
 
-    quick = {"clients": 8, "requests": 2, "max_tokens": 32, "rounds": 1}
+    quick = {"clients": 8, "requests": 2, "max_tokens": 32, "rounds": 2}
     full = {"clients": 16, "requests": 4, "max_tokens": 64, "rounds": 2}
     knobs = {k: getattr(args, k) if getattr(args, k) is not None else (quick if args.quick else full)[k]
              for k in quick}
@@ -172,10 +175,13 @@ def main() -> None:
             runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
             for r in range(knobs["rounds"]):
                 for arm in (ARMS if r % 2 == 0 else ARMS[::-1]):
+                    load_before = os.getloadavg()[0]
                     run = asyncio.run(_load(urls[arm], model, prompts, knobs["clients"], knobs["requests"],
                                             knobs["max_tokens"]))
+                    run["loadavg_1m"] = [load_before, os.getloadavg()[0]]
                     runs[arm].append(run)
-                    print(f"round {r} {arm}: {len(run['records'])} requests in {run['wall_s']:.1f} s", flush=True)
+                    print(f"round {r} {arm}: {len(run['records'])} requests in {run['wall_s']:.1f} s "
+                          f"(1-min load average {load_before:.1f} -> {run['loadavg_1m'][1]:.1f})", flush=True)
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -201,6 +207,11 @@ def main() -> None:
               f"{a['tokens_per_target_pass']:.2f} | {a['max_batch_size']} |")
     print(f"\nspeedup (tokens/s, speculative / target only): {speedup:.2f}x" if speedup else "")
     print(f"greedy mismatches between the arms: {mismatches} of {len(shared)}")
+    busiest = max(x for a in arms.values() for x in a["loadavg_1m"])
+    if busiest > cores:
+        print(f"WARNING: the 1-min load average reached {busiest:.1f} on {cores} cores during the load: "
+              f"other processes shared the CPU, so the timings are noisy")
+    result["max_loadavg_1m"] = busiest
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}")
