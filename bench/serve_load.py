@@ -4,7 +4,7 @@ Both endpoints are the same Ray Serve application (`serve.app.build_app`), one w
 one with `draft_path=None`, deployed side by side on one Serve instance (`/spec`, `/base`). Each
 round loads one endpoint, then the other (order A B, B A, ...), so slow drifts in machine load hit
 both arms; the 1-minute load average around every run is recorded and a warning printed when it
-exceeded the core count. The load:
+exceeded the core count + 1 (the loaded replica itself keeps every core busy). The load:
 N concurrent clients (the async openai client over loopback) each send M chat completions of
 held-out chat prompts, greedy, fixed max_tokens. Reported per arm: p50 / p99 request latency,
 completion tokens/s over the wall time of the load, requests/s, errors, the mean acceptance rate
@@ -208,7 +208,7 @@ def main() -> None:
     print(f"\nspeedup (tokens/s, speculative / target only): {speedup:.2f}x" if speedup else "")
     print(f"greedy mismatches between the arms: {mismatches} of {len(shared)}")
     busiest = max(x for a in arms.values() for x in a["loadavg_1m"])
-    if busiest > cores:
+    if busiest > cores + 1:  # the loaded replica alone accounts for ≈ `cores` (its torch threads)
         print(f"WARNING: the 1-min load average reached {busiest:.1f} on {cores} cores during the load: "
               f"other processes shared the CPU, so the timings are noisy")
     result["max_loadavg_1m"] = busiest
