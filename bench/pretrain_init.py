@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -107,11 +108,13 @@ def run_arm(name: str, args, root: Path, cache_src: Path | None) -> dict:
 
     run_dir = root / name
     shutil.rmtree(run_dir, ignore_errors=True)
+    load_before = os.getloadavg()[0]
     seed_token_cache(pilot_dir, run_dir)
     cfg = arm_cfg(name, run_dir, args, steps, max(1, steps // 4))
     t0 = time.time()
     final = run_pretrain(cfg, log_every=10)
     wall = time.time() - t0
+    load_after = os.getloadavg()[0]
     done = json.loads((run_dir / "pretrain_done.json").read_text())
     log = read_log(run_dir)
     run_tok_s, _ = train_throughput(log, args.batch_size * args.seq_len)
@@ -126,17 +129,20 @@ def run_arm(name: str, args, root: Path, cache_src: Path | None) -> dict:
         "val_loss_curve": [(r["step"], round(r["val_loss"], 4)) for r in log if "val_loss" in r],
         "val_loss": round(done["val_loss"], 4), "val_ppl": round(math.exp(done["val_loss"]), 2),
         "final_train_loss": round(done["final_loss"], 4), "draft": str(final),
+        # other processes on the 2 cores change tokens/s (not the loss at a given step): say so
+        "loadavg_1min_before_after": [round(load_before, 2), round(load_after, 2)],
     }
 
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'arm':<12} {'params':>7} {'steps':>6} {'tokens':>9} {'tok/s':>7} {'wall s':>7} "
-            f"{'val0':>7} {'val loss':>9} {'val ppl':>8}")
+            f"{'val0':>7} {'val loss':>9} {'val ppl':>8} {'load':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['arm']:<12} {r['params_m']:>6.1f}M {r['steps']:>6} {r['tokens']:>9,} "
                      f"{r['tokens_per_s']:>7,.0f} {r['wall_time_s']:>7.0f} {r['val_loss_init']:>7.3f} "
-                     f"{r['val_loss']:>9.3f} {r['val_ppl']:>8.1f}")
+                     f"{r['val_loss']:>9.3f} {r['val_ppl']:>8.1f} "
+                     f"{'/'.join(f'{x:.1f}' for x in r['loadavg_1min_before_after']):>9}")
     return "\n".join(lines)
 
 
