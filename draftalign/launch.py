@@ -33,11 +33,18 @@ def submit(job: Path, address: str, verb: str = "run", overrides: list[str] | No
     sets = " ".join(f"--set {shlex.quote(o)}" for o in ["cluster.address=auto", *(overrides or [])])
     entrypoint = f"python -m draftalign.cli {verb} {shlex.quote(_relative_job(job, root))} {sets}"
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=entrypoint,
-                               runtime_env={"working_dir": str(root), "excludes": EXCLUDES,
-                                            "env_vars": env_vars or {}},
-                               metadata={"draftalign_job": str(job), "verb": verb})
-    return client, job_id
+    deadline = time.time() + 120
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint,
+                                       runtime_env={"working_dir": str(root), "excludes": EXCLUDES,
+                                                    "env_vars": env_vars or {}},
+                                       metadata={"draftalign_job": str(job), "verb": verb})
+            return client, job_id
+        except RuntimeError as e:  # a freshly started head has no job agent for a few seconds
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
 
 
 async def _tail(client, job_id: str) -> None:
