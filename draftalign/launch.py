@@ -59,7 +59,7 @@ def launch(job: Path, address: str, verb: str = "run", overrides: list[str] | No
     print(f"submitted {job_id} to {address}", flush=True)
     try:
         asyncio.run(asyncio.wait_for(_tail(client, job_id), timeout_s))
-    except (asyncio.TimeoutError, RuntimeError):
+    except (TimeoutError, RuntimeError):
         pass
     deadline = time.time() + 30
     status = str(client.get_job_status(job_id))
