@@ -26,6 +26,7 @@ from draftalign.models import (
     load_causal_lm,
     load_draft,
     load_tokenizer,
+    newest_trained_draft,
     pick_dtype,
     resolve_target,
 )
@@ -42,13 +43,9 @@ def expected_block_efficiency(alpha: float, gamma: int) -> float:
 
 
 def default_draft(cfg: JobConfig) -> str:
-    """The newest trained draft of the job's run directory, else 'new' (a fresh draft.arch draft)."""
-    if cfg.draft.model:
-        return cfg.draft.model
-    for name in ("draft_distilled", "draft_pretrained"):
-        if (cfg.run_path / name / "config.json").is_file():
-            return str(cfg.run_path / name)
-    return "new"
+    """cfg.draft.model, else the newest trained draft of the job's run directory, else 'new'."""
+    found = newest_trained_draft(cfg.run_path)
+    return cfg.draft.model or (str(found) if found else "new")
 
 
 def load_pair(cfg: JobConfig, draft: str | None):

@@ -228,3 +228,25 @@ def load_draft(path: str, target_tok, dtype: torch.dtype = torch.float32, device
     draft = load_causal_lm(str(p), dtype, device)
     check_tokenizers_match(target_tok, draft_tok, target_vocab, draft.config.vocab_size)
     return draft
+
+
+DRAFT_DIRS = ("draft_distilled", "draft_pretrained")  # searched in this order under a run dir
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    """`root` itself when it is an HF checkpoint, else its newest sub-checkpoint (by config.json mtime)."""
+    if (root / "config.json").is_file():
+        return root
+    if not root.is_dir():
+        return None
+    found = [c.parent for pattern in ("*/config.json", "*/*/config.json") for c in root.glob(pattern)]
+    return max(found, key=lambda p: (p / "config.json").stat().st_mtime, default=None)
+
+
+def newest_trained_draft(run_path: Path) -> Path | None:
+    """The newest distilled draft of a run directory, else its newest pretrained one, else None."""
+    for sub in DRAFT_DIRS:
+        found = newest_checkpoint(Path(run_path).resolve() / sub)
+        if found is not None:
+            return found
+    return None

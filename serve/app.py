@@ -59,7 +59,6 @@ from serve.sampling import SamplingParams
 logger = logging.getLogger("ray.serve")
 
 MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413 before any parsing
-DRAFT_DIRS = ("draft_distilled", "draft_pretrained")  # searched in this order under the run dir
 _TEMPERATURE_EPS = 1e-5  # below this a request is greedy (as in vLLM)
 
 
@@ -826,28 +825,16 @@ def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch
     return OpenAIIngress.bind(replica, ingress)
 
 
-def newest_checkpoint(root: Path) -> Path | None:
-    """`root` itself when it is an HF checkpoint, else its newest sub-checkpoint (by config.json mtime)."""
-    if (root / "config.json").is_file():
-        return root
-    if not root.is_dir():
-        return None
-    found = [c.parent for pattern in ("*/config.json", "*/*/config.json") for c in root.glob(pattern)]
-    return max(found, key=lambda p: (p / "config.json").stat().st_mtime, default=None)
-
-
 def default_draft(cfg: JobConfig) -> str:
     """The newest distilled draft of the job, else its newest pretrained one."""
-    from draftalign.models import ModelError
+    from draftalign.models import DRAFT_DIRS, ModelError, newest_trained_draft
 
-    root = cfg.run_path.resolve()
-    for sub in DRAFT_DIRS:
-        found = newest_checkpoint(root / sub)
-        if found is not None:
-            return str(found)
-    raise ModelError(f"no trained draft under {root}/{{{','.join(DRAFT_DIRS)}}}: run `draftalign distill` "
-                     f"(or `draftalign pretrain`) for this job first, pass --draft PATH, or --draft none to "
-                     f"serve the target alone")
+    found = newest_trained_draft(cfg.run_path)
+    if found is None:
+        raise ModelError(f"no trained draft under {cfg.run_path.resolve()}/{{{','.join(DRAFT_DIRS)}}}: run "
+                         f"`draftalign distill` (or `draftalign pretrain`) for this job first, pass --draft PATH, "
+                         f"or --draft none to serve the target alone")
+    return str(found)
 
 
 def resolve_paths(cfg: JobConfig, draft: str | None) -> tuple[str, str | None]:
