@@ -107,9 +107,10 @@ def _session_pids(sid: int) -> list[int]:
     import psutil
 
     out = []
-    for p in psutil.process_iter(["pid"]):
+    for p in psutil.process_iter(["pid", "status"]):
         with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
-            if os.getsid(p.pid) == sid and p.pid != os.getpid():
+            # zombies are dead already (their parent may never reap them here)
+            if os.getsid(p.pid) == sid and p.pid != os.getpid() and p.info["status"] != psutil.STATUS_ZOMBIE:
                 out.append(p.pid)
     return out
 
@@ -172,9 +173,12 @@ def resumed_run(tmp_path_factory, tiny_target_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
-        deadline = time.monotonic() + 30  # Ray's processes share the driver's fate; wait, then make sure
-        while _session_pids(sid) and time.monotonic() < deadline:
-            time.sleep(0.5)
+        # Ray's engine, raylet and GCS share the driver's fate; its dashboard and runtime-env
+        # agents linger for minutes: give the engine a moment to go, then end what is left.
+        deadline = time.monotonic() + 15
+        while _target_actor_pid(sid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        phases["cleanup"] = time.monotonic() - t_start
         for pid in _session_pids(sid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
