@@ -3,7 +3,7 @@
 Arms (embedded SmolLM2-135M-Instruct target, chitchat train text, same held-out validation blocks):
   random       4 layers x 256, fresh weights
   from_target  2 layers x 576 (the target's width and heads), embeddings + target layers 0 and 29
-Each arm first runs a short pilot to measure its training throughput, then gets
+Both arms first run short pilots back to back to measure their training throughput; each then gets
 max_steps = budget x measured steps/s, so both arms train for about the same time and both finish
 their cosine schedule. Reported: parameters, steps, tokens seen, tokens/s, validation loss before
 training and at the end.
@@ -96,16 +96,20 @@ def train_throughput(log: list[dict], tokens_per_step: int) -> tuple[float, floa
     return tokens / secs, secs
 
 
-def run_arm(name: str, args, root: Path, cache_src: Path | None) -> dict:
-    # pilot: measure this arm's steps/s (first window dropped: it holds start-up and warm-up)
+def pilot(name: str, args, root: Path, cache_src: Path | None) -> float:
+    """This arm's training tokens/s over a short run (first window dropped: start-up, warm-up)."""
     pilot_dir = root / f"{name}-pilot"
     shutil.rmtree(pilot_dir, ignore_errors=True)
     seed_token_cache(cache_src, pilot_dir)
     run_pretrain(arm_cfg(name, pilot_dir, args, args.pilot_steps, args.pilot_steps), log_every=4)
     tok_s, _ = train_throughput(read_log(pilot_dir), args.batch_size * args.seq_len)
+    return tok_s
+
+
+def run_arm(name: str, args, root: Path, tok_s: float) -> dict:
     steps = max(10, int(args.minutes * 60 * tok_s / (args.batch_size * args.seq_len)))
     print(f"[bench] {name}: pilot {tok_s:,.0f} tok/s -> {steps} steps for {args.minutes} min", flush=True)
-
+    pilot_dir = root / f"{name}-pilot"
     run_dir = root / name
     shutil.rmtree(run_dir, ignore_errors=True)
     load_before = os.getloadavg()[0]
@@ -168,10 +172,14 @@ def main() -> None:
     root = args.root.resolve()
     rows: list[dict] = []
     try:
-        cache_src = None
-        for name in args.arms:  # one arm at a time: two runs sharing 2 cores distort both
-            rows.append(run_arm(name, args, root, cache_src))
-            cache_src = root / name
+        # pilots back to back, so both throughputs see the same machine; then one arm at a time
+        # (two runs sharing 2 cores distort both)
+        tok_s, cache_src = {}, None
+        for name in args.arms:
+            tok_s[name] = pilot(name, args, root, cache_src)
+            cache_src = root / f"{name}-pilot"
+        for name in args.arms:
+            rows.append(run_arm(name, args, root, tok_s[name]))
     finally:
         ray.shutdown()
     result = {"target": EMBEDDED_TARGET, "corpus": "embedded:chitchat", "batch_size": args.batch_size,
