@@ -82,6 +82,9 @@ class PretrainConfig(_Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    autocast: Literal["auto", "bfloat16", "off"] = Field(
+        "auto", description="bf16 autocast: auto = on for bf16-capable GPUs, off on CPU "
+                            "(measured slower than fp32 here: bench note in README)")
 
 
 class GenerateConfig(_Strict):
@@ -119,6 +122,9 @@ class LearnerConfig(_Strict):
     sync_every: int = Field(4, ge=1, description="publish weights every K steps")
     checkpoint_every: int = Field(50, ge=1)
     max_failures: int = Field(2, ge=0, description="Ray Train FailureConfig: worker failures to recover from")
+    autocast: Literal["auto", "bfloat16", "off"] = Field(
+        "auto", description="bf16 autocast: auto = on for bf16-capable GPUs, off on CPU "
+                            "(measured slower than fp32 here: bench note in README)")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker")
 
 

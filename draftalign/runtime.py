@@ -18,6 +18,7 @@ def configure_vllm_env(kv_cache_gib: float = 1.0, threads: int | None = None) ->
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve co-located processes
     os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(os.environ.get(
         "DRAFTALIGN_CACHE", Path.home() / ".cache" / "draftalign")) / "vllm"))
     if threads:

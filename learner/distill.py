@@ -60,7 +60,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -100,8 +99,8 @@ from learner.pretrain import (
     _set_rng_state,
     _write_json_atomic,
     checkpoint_to_restore,
-    latest_good_checkpoint,
     lr_factor,
+    prepare_resume,
     verify_checkpoint,
     worker_resources,
     write_manifest,
@@ -300,7 +299,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(lc.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    amp = _autocast_dtype(device)
+    amp = _autocast_dtype(device, lc.autocast)
     queue, store = config["queue"], config["store"]
 
     # Ray Train's latest checkpoint after a restart inside this run, else the driver's resume_from
@@ -600,28 +599,12 @@ def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | Non
     tok = load_tokenizer(target_path)
     init_dir, source = _starting_draft(cfg, rdir, tok, target_path)
 
-    resume_from, start_step, skipped = None, 0, []
-    if resume:
-        if done_path.is_file() and (final / "config.json").is_file():
-            done = json.loads(done_path.read_text())
-            if done.get("steps", 0) >= lc.max_steps:
-                _say(f"already done ({done['steps']} steps ≥ max_steps {lc.max_steps}): {final}")
-                return final
-        found = latest_good_checkpoint(exp, skipped=skipped, say=_say)
-        if found is None:
-            _say(f"WARNING: resume asked but no good checkpoint under {exp}; starting from {source}")
-        else:
-            start_step, resume_from = found
-            _say(f"resuming from {resume_from} (step {start_step})")
-    else:
-        if exp.exists():
-            prev = storage / f"{EXPERIMENT}.prev"
-            shutil.rmtree(prev, ignore_errors=True)
-            exp.rename(prev)
-            _say(f"fresh start: the earlier run's checkpoints moved to {prev}")
-        shutil.rmtree(tb_dir, ignore_errors=True)
-        log_path.unlink(missing_ok=True)
-    done_path.unlink(missing_ok=True)
+    skipped: list = []
+    start, start_step, resume_from = prepare_resume(
+        resume, exp=exp, done_path=done_path, final=final, max_steps=lc.max_steps,
+        tb_dir=tb_dir, log_path=log_path, skipped=skipped, fallback=source, say=_say)
+    if start == "done":
+        return final
 
     rows = filter_rows(load_rows(rdir), cfg.target.max_model_len, cfg.rollout.max_new_tokens)
     train_rows, held_rows = split_heldout(rows)
