@@ -9,6 +9,12 @@ Layout:
 - `metadata.json` — counts and parameters, written (atomically) once every shard exists: the
   set is complete iff it exists.
 
+Each answer also stores the target's top-k next-token distribution at every answer position
+(`target_topk_ids` / `target_topk_logprobs`, flattened (T, k) with k = `target.top_k_logprobs`),
+which vLLM returns with the sampled tokens at no extra forward pass. Stage 3 replays these rows
+without scoring them again (prompt + answer would cost a full target prefill per row); with
+top_k_logprobs = -1 (full vocabulary) nothing is cached and replayed rows are scored.
+
 Resume: the plan is a pure function of the config and the tokenizer (same prompts, same order,
 same shard boundaries), so a rerun answers exactly the shards whose files are missing. No
 prompt is lost or answered twice. Each prompt has its own sampling seed (hashed from job seed
@@ -39,6 +45,9 @@ SCHEMA = pa.schema([
     ("response_text", pa.string()),
     ("finish_reason", pa.string()),  # "stop" (EOS) or "length" (max_tokens)
     ("response_index", pa.int32()),  # 0 … responses_per_prompt - 1
+    # the target's top-k at each answer position, row-major (T, k); null when not cached
+    ("target_topk_ids", pa.list_(pa.int32())),
+    ("target_topk_logprobs", pa.list_(pa.float32())),
 ])
 PROMPT_SOURCE = "draftalign.data.train_messages (train-split chitchat + summarize; no eval prompts)"
 
@@ -140,6 +149,9 @@ def _rows(prompts: list[dict], answers: list[list[dict]]) -> pa.Table:
             cols["response_text"].append(a["text"])
             cols["finish_reason"].append(a["finish_reason"])
             cols["response_index"].append(j)
+            cached = "target_ids" in a
+            cols["target_topk_ids"].append(a["target_ids"].reshape(-1) if cached else None)
+            cols["target_topk_logprobs"].append(a["target_logprobs"].reshape(-1) if cached else None)
     return pa.table(cols, schema=SCHEMA)
 
 
@@ -221,7 +233,8 @@ def run_generate(cfg: JobConfig) -> Path:
                 ref = actor.generate.remote(
                     [p["prompt_token_ids"] for p in shards[i]], temperature=g.temperature, top_p=g.top_p,
                     max_tokens=g.max_tokens, n=g.responses_per_prompt,
-                    seed=[prompt_seed(cfg.seed, p["prompt_id"]) for p in shards[i]])
+                    seed=[prompt_seed(cfg.seed, p["prompt_id"]) for p in shards[i]],
+                    logprobs=max(0, cfg.target.top_k_logprobs))
                 inflight[ref] = (i, actor)
 
             t_gen = time.perf_counter()
@@ -257,6 +270,7 @@ def run_generate(cfg: JobConfig) -> Path:
         meta = {k: v for k, v in plan.items() if k not in ("prompt_ids", "skipped_too_long")}
         meta["target"] = {**plan["target"], "path": model_path}
         meta.update(num_prompts=len(prompts), num_skipped_too_long=len(skipped),
+                    target_top_k_cached=max(0, cfg.target.top_k_logprobs),
                     shards=[shard_name(i) for i in range(len(shards))], **counts,
                     columns={f.name: str(f.type) for f in SCHEMA})
         write_json_atomic(d / "metadata.json", meta)

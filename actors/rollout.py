@@ -14,8 +14,10 @@ Data flow (stage 3, see DESIGN.md):
 Per sequence the actor flips a coin: with probability λ = rollout.on_policy_fraction it samples a
 continuation of the prompt from its current draft copy (on-policy, rollout.temperature,
 rollout.max_new_tokens, stopping at EOS), else it replays the target's response from the
-distillation set. Either way the whole sequence goes to a TargetActor, which returns the target's
-top-k (or full) next-token distribution at every response position.
+distillation set. An on-policy sequence goes to a TargetActor, which returns the target's top-k (or
+full) next-token distribution at every response position; a replayed response carries the
+distribution vLLM recorded while generating it (`cached_score`), so only rows without one (older
+sets, full-vocabulary runs) are scored again.
 
 Alignment: position t of a batch row holds token `input_ids[t]`, and `target_*[t]` is the target's
 distribution *predicting* that token (computed from tokens < t). `loss_mask[t]` is True exactly at
@@ -147,6 +149,28 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]], scores: li
                         target_logprobs=t_lp, target_ids=t_ids, draft_logprobs=d_lp, on_policy=flags,
                         policy_version=policy_version, actor_id=actor_id, n_tokens=int(loss_mask.sum()),
                         prompt_ids=list(prompt_ids or []), timing=dict(timing or {}))
+
+
+def cached_score(row: dict, k: int) -> dict | None:
+    """A replayed row's target scores from the distillation set (recorded by vLLM while it
+    generated the answer), in `TargetEngine.score`'s format; None when not cached for this k."""
+    ids, lps = row.get("target_ids"), row.get("target_logprobs")
+    if k == -1 or ids is None or lps is None or ids.shape[1] < k:
+        return None
+    return {"ids": ids[:, :k], "logprobs": lps[:, :k]}
+
+
+def score_rows(pool: "TargetPool", prompts: list[list[int]], responses: list[list[int]],
+               cached: list[dict | None], k: int) -> tuple[list[dict], int]:
+    """Target scores for every row: cached ones as they are, the rest from the pool in one call.
+    Returns (scores, number of rows scored by the pool)."""
+    todo = [i for i, c in enumerate(cached) if c is None]
+    scores = list(cached)
+    if todo:
+        fresh = pool.score([prompts[i] + responses[i] for i in todo], [len(prompts[i]) for i in todo], k)
+        for i, sc in zip(todo, fresh, strict=True):
+            scores[i] = sc
+    return scores, len(todo)
 
 
 class TargetPool:
@@ -331,7 +355,8 @@ class RolloutWorker:
         self.rng = random.Random(self.seed)
         torch.manual_seed(self.seed)  # the draft's sampling stream
         self._stop = threading.Event()
-        self.counters = {"batches": 0, "tokens": 0, "put_wait_s": 0.0, "weight_loads": 0}
+        self.counters = {"batches": 0, "tokens": 0, "put_wait_s": 0.0, "weight_loads": 0,
+                         "scored_rows": 0, "cached_rows": 0}
 
     def sync_weights(self, wait: bool = False) -> bool:
         """Load the newest published weights; with wait, block until a first version exists."""
@@ -362,8 +387,10 @@ class RolloutWorker:
             for i, g, lp in zip(on_idx, gen, lps, strict=True):
                 responses[i], draft_lp[i] = g, lp
         t1 = time.perf_counter()
-        seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
-        scores = self.pool.score(seqs, [len(p) for p in prompts], self.top_k)
+        cached = [None if f else cached_score(r, self.top_k) for r, f in zip(picks, flags, strict=True)]
+        scores, n_scored = score_rows(self.pool, prompts, responses, cached, self.top_k)
+        self.counters["scored_rows"] += n_scored
+        self.counters["cached_rows"] += len(picks) - n_scored
         t2 = time.perf_counter()
         return build_batch(prompts, responses, scores, pad_id=self.pad_id, on_policy=flags,
                            draft_logprobs=draft_lp, policy_version=self.version, actor_id=self.actor_id,

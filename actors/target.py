@@ -85,7 +85,7 @@ class TargetEngine:
 
     def generate(self, prompts: list[list[int]], temperature: float = 1.0, top_p: float = 1.0,
                  max_tokens: int = 128, n: int = 1,
-                 seed: int | list[int] | None = None) -> list[list[dict]]:
+                 seed: int | list[int] | None = None, logprobs: int = 0) -> list[list[dict]]:
         """Sample `n` continuations of each prompt (token ids).
 
         Returns, per prompt, n dicts {"token_ids", "text", "finish_reason"} ("stop" = EOS or a
@@ -94,6 +94,11 @@ class TargetEngine:
         per-prompt seed makes a prompt's answers independent of how prompts are batched across
         calls and engines (up to floating-point batch effects). vLLM seeds answer j of a prompt
         with seed + j, so per-prompt seeds must be far apart (e.g. hashed), not consecutive.
+
+        logprobs = k > 0 also returns the target's top-k next-token distribution at every answer
+        position — "target_ids" int64 (T, k) and "target_logprobs" float32 (T, k), the raw model
+        log-probs (before temperature / top-p), exactly what `score` returns for the same tokens —
+        at almost no cost, so replayed answers never need scoring again.
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -110,12 +115,38 @@ class TargetEngine:
             if len(p) >= self.max_model_len:  # longer answers than the room left stop with "length"
                 raise ValueError(f"generate: prompt {i} has {len(p)} tokens; max_model_len="
                                  f"{self.max_model_len} leaves no room for an answer")
+        if logprobs and self.max_logprobs != -1 and logprobs > self.max_logprobs:
+            raise ValueError(f"generate: logprobs={logprobs} exceeds this engine's max_logprobs="
+                             f"{self.max_logprobs} (set target.top_k_logprobs)")
+        lp = {"logprobs": logprobs, "flat_logprobs": True} if logprobs else {}
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                 seed=s) for s in seeds]
+                                 seed=s, **lp) for s in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                  use_tqdm=False)
-        return [[{"token_ids": list(c.token_ids), "text": c.text, "finish_reason": str(c.finish_reason)}
-                 for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+        answers = []
+        for o in outs:
+            answers.append([])
+            for c in sorted(o.outputs, key=lambda c: c.index):
+                a = {"token_ids": list(c.token_ids), "text": c.text, "finish_reason": str(c.finish_reason)}
+                if logprobs:
+                    a["target_ids"], a["target_logprobs"] = self._unpack_sampled(c.logprobs, len(c.token_ids),
+                                                                               logprobs)
+                answers[-1].append(a)
+        return answers
+
+    @staticmethod
+    def _unpack_sampled(flat, length: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # Sampled-token FlatLogprobs: one entry per generated token, each [sampled token, rank 1,
+        # …, rank k] (like prompt log-probs, without the empty position 0).
+        assert len(flat.start_indices) == length, (len(flat.start_indices), length)
+        width = k + 1
+        if length == 0:
+            return np.empty((0, k), np.int64), np.empty((0, k), np.float32)
+        first, last = flat.start_indices[0], flat.end_indices[-1]
+        assert last - first == length * width, (last - first, length, width)
+        ids = np.asarray(flat.token_ids[first:last], dtype=np.int64).reshape(length, width)[:, 1:]
+        lps = np.asarray(flat.logprobs[first:last], dtype=np.float32).reshape(length, width)[:, 1:]
+        return ids, lps
 
     def score(self, seqs: list[list[int]], starts: list[int], k: int) -> list[dict]:
         """The target's next-token distribution at every position i in [start, len(seq)).

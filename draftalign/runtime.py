@@ -25,6 +25,26 @@ def configure_vllm_env(kv_cache_gib: float = 1.0, threads: int | None = None) ->
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
+class _DropMessage:
+    """logging filter: drop records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_ray_worker() -> None:
+    """`worker_process_setup_hook`: Ray Train's PlacementGroupCleaner polls the State API every
+    second, which needs the dashboard; local Ray runs without one (include_dashboard=False), so
+    every poll logged "Failed to query Ray Train Controller actor state" to the driver."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(
+        _DropMessage("Failed to query Ray Train Controller actor state"))
+
+
 def init_ray(cfg: JobConfig | None = None, **kw):
     """Connect to cfg.cluster.address, or start a local Ray instance sized to this machine."""
     import ray
@@ -33,7 +53,8 @@ def init_ray(cfg: JobConfig | None = None, **kw):
         return ray
     address = cfg.cluster.address if cfg is not None else None
     env = {"env_vars": {k: v for k, v in os.environ.items()
-                        if k.startswith(("VLLM_", "DRAFTALIGN_", "OMP_", "HF_"))}}
+                        if k.startswith(("VLLM_", "DRAFTALIGN_", "OMP_", "HF_"))},
+           "worker_process_setup_hook": "draftalign.runtime.quiet_ray_worker"}
     if address:
         ray.init(address=address, runtime_env=env, **kw)
     else:

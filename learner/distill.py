@@ -76,7 +76,9 @@ from actors.rollout import (
     TargetPool,
     WeightStore,
     build_batch,
+    cached_score,
     create_rollout_actors,
+    score_rows,
 )
 from draftalign.config import JobConfig, requested_resources
 from draftalign.models import (
@@ -124,14 +126,24 @@ def _say(msg: str) -> None:
 
 def load_rows(rdir: Path) -> list[dict]:
     """Rows of the distillation set (`actors.generate.load_distill_set`) as dicts with prompt_id,
-    prompt_token_ids and response_token_ids."""
+    prompt_token_ids, response_token_ids and, when the set recorded them, the target's top-k
+    at each answer position: target_ids int64 (R, k), target_logprobs float32 (R, k) (else None)."""
     from actors.generate import load_distill_set
 
     data = load_distill_set(rdir)
-    cols = ("prompt_id", "prompt_token_ids", "response_token_ids")
-    return [{"prompt_id": str(r["prompt_id"]), "prompt_token_ids": [int(t) for t in r["prompt_token_ids"]],
-             "response_token_ids": [int(t) for t in r["response_token_ids"]]}
-            for r in data.select_columns(list(cols)).to_list()]
+    cols = ("prompt_id", "prompt_token_ids", "response_token_ids", "target_topk_ids", "target_topk_logprobs")
+    rows = []
+    for r in data.select_columns(list(cols)).to_list():
+        resp = [int(t) for t in r["response_token_ids"]]
+        ids, lps = r["target_topk_ids"], r["target_topk_logprobs"]
+        if ids is not None and lps is not None and resp and len(ids) == len(lps) and len(ids) % len(resp) == 0:
+            ids = np.asarray(ids, dtype=np.int64).reshape(len(resp), -1)
+            lps = np.asarray(lps, dtype=np.float32).reshape(len(resp), -1)
+        else:
+            ids = lps = None
+        rows.append({"prompt_id": str(r["prompt_id"]), "prompt_token_ids": [int(t) for t in r["prompt_token_ids"]],
+                     "response_token_ids": resp, "target_ids": ids, "target_logprobs": lps})
+    return rows
 
 
 def filter_rows(rows: list[dict], max_model_len: int, max_new_tokens: int) -> list[dict]:
@@ -161,8 +173,7 @@ def heldout_batch(rows: list[dict], pool: TargetPool, k: int, pad_id: int) -> Ro
         return None
     prompts = [r["prompt_token_ids"] for r in rows]
     responses = [r["response_token_ids"] for r in rows]
-    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
-    scores = pool.score(seqs, [len(p) for p in prompts], k)
+    scores, _ = score_rows(pool, prompts, responses, [cached_score(r, k) for r in rows], k)
     return build_batch(prompts, responses, scores, pad_id=pad_id, prompt_ids=[r["prompt_id"] for r in rows])
 
 

@@ -520,6 +520,7 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
     if rank == 0:
         bar.close()
+        sys.stdout.flush()  # the "closed" state must reach the driver before Ray Train kills this worker
         writer.close()
         log.close()
 

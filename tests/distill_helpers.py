@@ -49,8 +49,8 @@ def write_distill_set(rdir: Path, tok, n_prompts: int = 40, resp_len: int = 24) 
         resp = tok(doc, add_special_tokens=False).input_ids[:resp_len] + [tok.eos_token_id]
         for k, v in (("prompt_id", pid), ("prompt", tok.decode(p)), ("prompt_token_ids", p),
                      ("response_token_ids", resp), ("response_text", doc), ("finish_reason", "stop"),
-                     ("response_index", 0)):
-            cols[k].append(v)
+                     ("response_index", 0), ("target_topk_ids", None), ("target_topk_logprobs", None)):
+            cols[k].append(v)  # no cached target top-k: the text is not the target's, it is scored
     d = rdir / "distill_set"
     d.mkdir(parents=True)
     pq.write_table(pa.table(cols, schema=SCHEMA), d / "part-00000.parquet")

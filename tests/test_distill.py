@@ -81,6 +81,35 @@ def test_sampled_form_applies_to_on_policy_rows_only():
         torch.testing.assert_close(per_pos[sel], ref)
 
 
+def test_replayed_rows_use_the_cached_target_distribution():
+    """Rows whose distillation-set entry carries the target's top-k are not scored again; rows
+    without one (or with fewer than k columns, or in full-vocabulary mode) are, in one call."""
+    from actors.rollout import cached_score, score_rows
+
+    class CountingPool:
+        calls: list = []
+
+        def score(self, seqs, starts, k):
+            self.calls.append(len(seqs))
+            return _scores([s[st:] for s, st in zip(seqs, starts, strict=True)], k)
+
+    responses = [[7, 8, 2], [9, 2], [4, 5, 6, 2]]
+    prompts = [[1, 3], [1, 4], [1, 5]]
+    cache = _scores(responses, k=TOP_K + 2, seed=1)
+    rows = [{"target_ids": cache[0]["ids"], "target_logprobs": cache[0]["logprobs"]},
+            {"target_ids": None, "target_logprobs": None},
+            {"target_ids": cache[2]["ids"][:, :2], "target_logprobs": cache[2]["logprobs"][:, :2]}]
+    assert cached_score(rows[0], -1) is None and cached_score(rows[1], TOP_K) is None
+    assert cached_score(rows[2], TOP_K) is None  # only 2 columns cached
+    pool = CountingPool()
+    scores, n = score_rows(pool, prompts, responses, [cached_score(r, TOP_K) for r in rows], TOP_K)
+    assert n == 2 and pool.calls == [2]
+    np.testing.assert_array_equal(scores[0]["ids"], cache[0]["ids"][:, :TOP_K])
+    np.testing.assert_array_equal(scores[0]["logprobs"], cache[0]["logprobs"][:, :TOP_K])
+    assert [s["logprobs"].shape for s in scores] == [(3, TOP_K), (2, TOP_K), (4, TOP_K)]
+    build_batch(prompts, responses, scores, pad_id=0)  # well-formed for the learner
+
+
 def test_heldout_split_is_stable_and_disjoint():
     rows = [{"prompt_id": f"p{i}", "prompt_token_ids": [1], "response_token_ids": [2]} for i in range(50)]
     rows += [{"prompt_id": f"p{i}", "prompt_token_ids": [1], "response_token_ids": [3]} for i in range(50)]

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -246,6 +247,15 @@ def test_distill_set_rows_and_metadata(resumed_run, target_tokenizer):
         assert row["response_text"] == target_tokenizer.decode(row["response_token_ids"],
                                                               skip_special_tokens=True)
         assert target_tokenizer(row["prompt"], add_special_tokens=False).input_ids == row["prompt_token_ids"]
+    from learner.distill import load_rows
+
+    k = meta_k = json.loads((d / "metadata.json").read_text())["target_top_k_cached"]
+    assert k == 20
+    for row in load_rows(d.parent):  # the target's top-k at every answer position, ranked
+        R = len(row["response_token_ids"])
+        assert row["target_ids"].shape == row["target_logprobs"].shape == (R, meta_k)
+        assert np.all(np.diff(row["target_logprobs"], axis=1) <= 1e-6)
+        assert np.all(row["target_logprobs"] <= 0)
     meta = json.loads((d / "metadata.json").read_text())
     assert meta["schema_version"] == 1 and meta["num_prompts"] == meta["num_rows"] == NUM_PROMPTS
     assert meta["num_response_tokens"] == sum(len(r) for r in ds["response_token_ids"])

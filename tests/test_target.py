@@ -126,6 +126,21 @@ def test_generate_per_prompt_seeds_ignore_batch(engine):
     assert a == b and a[3:5] == c
 
 
+def test_generate_logprobs_equal_score(engine, prompts):
+    """The top-k vLLM records while sampling an answer is the distribution `score` computes for
+    the same tokens: stage 3 replays the cached one instead of scoring again."""
+    k = 8
+    outs = engine.generate(prompts, temperature=0.9, max_tokens=12, seed=[11, 22_000, 333_000, 4_444_000],
+                           logprobs=k)
+    for p, [a] in zip(prompts, outs, strict=True):
+        T = len(a["token_ids"])
+        assert a["target_ids"].shape == a["target_logprobs"].shape == (T, k)
+        [sc] = engine.score([p + a["token_ids"]], [len(p)], k)
+        np.testing.assert_array_equal(a["target_ids"], sc["ids"])
+        np.testing.assert_allclose(a["target_logprobs"], sc["logprobs"], atol=ATOL)
+        assert np.all(np.diff(a["target_logprobs"], axis=1) <= 1e-6)  # ranked, most likely first
+
+
 def test_generate_greedy_matches_hf(engine, hf, prompts):
     """Temperature 0 = HF greedy: every vLLM token is HF's argmax given the same prefix, so the
     two sequences are equal. The random tiny model's distribution is flat, so a divergence is
