@@ -225,7 +225,7 @@ def run_generate(cfg: JobConfig) -> Path:
         init_ray(cfg)
         actors = []
         try:
-            actors = create_target_actors(cfg, model_path, threads=_generate_threads(cfg))
+            actors = create_target_actors(cfg, model_path, threads=_generate_threads(cfg), exclusive=True)
             inflight: dict = {}  # ObjectRef -> (shard index, actor)
 
             def submit(actor) -> None:
