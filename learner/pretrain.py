@@ -565,6 +565,21 @@ def _export(ckpt: Path, tok, dest: Path) -> Path:
     return save_pretrained_atomic(model, tok, dest)
 
 
+def _close_worker_bars() -> None:
+    """Drop the driver's copies of the workers' tqdm_ray bars once training has returned. The
+    workers close theirs, but the "closed" update can be lost when Ray Train tears the worker
+    down, and the stale bar was then redrawn under every later log line of `draftalign run`."""
+    try:
+        from ray.experimental import tqdm_ray
+
+        mgr = tqdm_ray.instance()
+        for group in list(mgr.bar_groups.values()):
+            for bar in list(group.bars_by_uuid.values()):
+                group.close_bar(bar.state)
+    except Exception:  # noqa: BLE001 - cosmetic: never fail a finished run over a progress bar
+        pass
+
+
 def prepare_resume(resume: bool, *, exp: Path, done_path: Path, final: Path, max_steps: int,
                    tb_dir: Path, log_path: Path, skipped: list | None = None,
                    fallback: str = "scratch", say=_say) -> tuple[str, int, Path | None]:
@@ -658,6 +673,7 @@ def run_pretrain(cfg: JobConfig, resume: bool = False, *, log_every: int = 10) -
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=cfg.learner.max_failures)))
         result = trainer.fit()
+        _close_worker_bars()
         if result.error is not None:
             raise RuntimeError(f"pretraining failed: {result.error}") from result.error
         resume_from = Path(result.checkpoint.path)
