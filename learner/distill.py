@@ -100,6 +100,7 @@ from learner.pretrain import (
     _rng_state,
     _set_rng_state,
     _write_json_atomic,
+    adamw,
     checkpoint_to_restore,
     lr_factor,
     prepare_resume,
@@ -322,7 +323,7 @@ def train_loop_per_worker(config: dict) -> None:
     lm.train()
     model = ray.train.torch.prepare_model(ResponseLogits(lm))
     core = model.module if hasattr(model, "module") else model
-    opt = torch.optim.AdamW(_param_groups(core, lc.weight_decay), lr=lc.lr, betas=(0.9, 0.95))
+    opt = adamw(_param_groups(core, lc.weight_decay), lr=lc.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(
         lr_factor, warmup=lc.warmup_steps, max_steps=lc.max_steps, min_ratio=lc.min_lr_ratio))
     baseline_state = BaselineState(decay=dc.ema_decay)
