@@ -45,6 +45,26 @@ def quiet_ray_worker() -> None:
         _DropMessage("Failed to query Ray Train Controller actor state"))
 
 
+def allocator_env() -> dict[str, str]:
+    """LD_PRELOAD Ray's bundled jemalloc, never returning freed pages to the OS, for Ray workers.
+
+    A training step allocates and frees logits-sized tensors (8 × 256 × 49152 fp32 ≈ 400 MB)
+    that glibc serves with fresh mmaps, so every step page-faults them in again: measured 62k
+    faults/s and ≈50% system time in the pretraining worker. With this allocator the same step
+    ran at 780 vs 595 tokens/s (2 threads); vLLM scoring / generation were unchanged (310 vs 295,
+    81 vs 84 tokens/s). `DRAFTALIGN_JEMALLOC=0` turns it off; it is skipped if the library is absent.
+    """
+    if os.environ.get("DRAFTALIGN_JEMALLOC", "1") == "0" or "LD_PRELOAD" in os.environ:
+        return {}
+    import ray
+
+    lib = Path(ray.__file__).parent / "core" / "libjemalloc.so"
+    if not lib.is_file():
+        return {}
+    return {"LD_PRELOAD": str(lib), "MALLOC_CONF": os.environ.get(
+        "MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1")}
+
+
 def init_ray(cfg: JobConfig | None = None, **kw):
     """Connect to cfg.cluster.address, or start a local Ray instance sized to this machine."""
     import ray
@@ -53,7 +73,7 @@ def init_ray(cfg: JobConfig | None = None, **kw):
         return ray
     address = cfg.cluster.address if cfg is not None else None
     env = {"env_vars": {k: v for k, v in os.environ.items()
-                        if k.startswith(("VLLM_", "DRAFTALIGN_", "OMP_", "HF_"))},
+                        if k.startswith(("VLLM_", "DRAFTALIGN_", "OMP_", "HF_"))} | allocator_env(),
            "worker_process_setup_hook": "draftalign.runtime.quiet_ray_worker"}
     if address:
         ray.init(address=address, runtime_env=env, **kw)
