@@ -168,7 +168,9 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, address="local")
+    from draftalign.runtime import init_ray
+
+    init_ray(num_cpus=args.cpus)  # the same worker environment (allocator) as `draftalign pretrain`
     root = args.root.resolve()
     rows: list[dict] = []
     try:
