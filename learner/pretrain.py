@@ -566,8 +566,8 @@ def _export(ckpt: Path, tok, dest: Path) -> Path:
 
 
 def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
-    """AdamW(β = 0.9, 0.95), fused into one kernel per step (CPU and CUDA; ≈10% faster learner step
-    measured here, 924 vs 1019 ms for the 4×256 draft)."""
+    """AdamW(β = 0.9, 0.95), fused into one kernel per step (CPU and CUDA). Measured on the 4 × 256
+    draft, 2 threads: distill step 924 vs 1019 ms, pretraining step (8 × 256) 3441 vs 3522 ms."""
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
 
 
