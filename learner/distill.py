@@ -60,6 +60,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -120,7 +121,9 @@ PRINT_EVERY = 10
 
 
 def _say(msg: str) -> None:
-    print(f"[distill] {msg}", flush=True)
+    # not print(): inside Ray Train workers print is patched to log *and* echo, printing twice
+    sys.stderr.write(f"[distill] {msg}\n")
+    sys.stderr.flush()
 
 
 # ------------------------------------------------------------------------------------ data
