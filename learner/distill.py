@@ -60,7 +60,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -105,6 +104,7 @@ from learner.pretrain import (
     checkpoint_to_restore,
     lr_factor,
     prepare_resume,
+    say_as,
     verify_checkpoint,
     worker_resources,
     write_manifest,
@@ -120,10 +120,7 @@ STALL_S = 600.0  # no fresh batch for this long = the rollout side is stuck: fai
 PRINT_EVERY = 10
 
 
-def _say(msg: str) -> None:
-    # not print(): inside Ray Train workers print is patched to log *and* echo, printing twice
-    sys.stderr.write(f"[distill] {msg}\n")
-    sys.stderr.flush()
+_say = partial(say_as, "distill")
 
 
 # ------------------------------------------------------------------------------------ data

@@ -72,10 +72,13 @@ VAL_MAX_BLOCKS = 32       # cap on validation blocks (a validation pass must sta
 CKPT_RE = re.compile(r"^checkpoint_step_(\d+)_([0-9a-z]+)$")
 
 
-def _say(msg: str) -> None:
+def say_as(tag: str, msg: str) -> None:
     # not print(): inside Ray Train workers print is patched to log *and* echo, printing twice
-    sys.stderr.write(f"[pretrain] {msg}\n")
+    sys.stderr.write(f"[{tag}] {msg}\n")
     sys.stderr.flush()
+
+
+_say = partial(say_as, "pretrain")
 
 
 # ----------------------------------------------------------------------------------------- data
