@@ -12,6 +12,7 @@ speculative decoding), tokens/s over the whole prompt set. Definitions (REFERENC
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -99,12 +100,25 @@ def eval_prompts(tok, cfg: JobConfig, max_positions: int) -> dict[str, list[list
             for task in ev.tasks}
 
 
-def evaluate_pair(target, draft, tok, cfg: JobConfig, progress: bool = True) -> dict:
-    """Both arms, every task and γ, batch 1. Returns {"by_gamma": {γ: {"tasks", "overall"}}, "lossless_greedy"}."""
+def baseline_key(cfg: JobConfig, prompts: dict[str, list[list[int]]], dtype) -> str:
+    """Fingerprint of the target-only arm: target, dtype, sampling settings and the exact prompt ids."""
+    ev = cfg.eval
+    blob = json.dumps([cfg.target.model, str(dtype), cfg.seed, ev.temperature, ev.top_p, ev.top_k,
+                       ev.max_new_tokens, prompts], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def evaluate_pair(target, draft, tok, cfg: JobConfig, progress: bool = True, baseline: dict | None = None) -> dict:
+    """Both arms, every task and γ, batch 1. Returns {"by_gamma": {γ: {"tasks", "overall"}}, "lossless_greedy",
+    "baseline"}. `baseline` (a previous result's "baseline" with the same `baseline_key`) skips re-timing
+    the target-only arm: its token ids and timings are reused, so two drafts share one denominator."""
     ev = cfg.eval
     params = SamplingParams(temperature=ev.temperature, top_p=ev.top_p, top_k=ev.top_k,
                             max_new_tokens=ev.max_new_tokens, seed=cfg.seed)
     prompts = eval_prompts(tok, cfg, target.config.max_position_embeddings)
+    key = baseline_key(cfg, prompts, next(target.parameters()).dtype)
+    if baseline is not None and baseline.get("key") != key:
+        baseline = None
     engine = SpecDecoder(target, draft, tok, gamma=ev.gamma[0])
     # warm-up: first-call overheads (allocator, thread pool, KV-cache growth) stay out of the
     # timings; a 4-token warm-up was too short (the first timed task ran at a third of its speed)
@@ -116,13 +130,18 @@ def evaluate_pair(target, draft, tok, cfg: JobConfig, progress: bool = True) -> 
     checked = mismatches = 0
     by_gamma: dict[int, dict] = {g: {"tasks": {}} for g in ev.gamma}
     sums: dict[int, dict[str, dict]] = {g: {} for g in ev.gamma}
+    measured = {"key": key, "measured_at": time.time(), "tasks": {}}
     for task, ids in prompts.items():
-        engine.timing.__init__()
-        t0 = time.perf_counter()
-        base = [engine.generate_target_only([p], params)[0] for p in ids]
-        base_s = time.perf_counter() - t0
-        base_stats = {"base_tokens": sum(len(g.token_ids) for g in base), "base_s": base_s,
-                      "target_s": engine.timing.target_s, "target_steps": engine.timing.target_steps}
+        if baseline is not None:
+            base_ids, base_stats = baseline["tasks"][task]["token_ids"], baseline["tasks"][task]["stats"]
+        else:
+            engine.timing.__init__()
+            t0 = time.perf_counter()
+            base_ids = [g.token_ids for g in (engine.generate_target_only([p], params)[0] for p in ids)]
+            base_s = time.perf_counter() - t0
+            base_stats = {"base_tokens": sum(map(len, base_ids)), "base_s": base_s,
+                          "target_s": engine.timing.target_s, "target_steps": engine.timing.target_steps}
+        measured["tasks"][task] = {"token_ids": base_ids, "stats": base_stats}
         for gamma in ev.gamma:
             engine.timing.__init__()
             t0 = time.perf_counter()
@@ -132,7 +151,7 @@ def evaluate_pair(target, draft, tok, cfg: JobConfig, progress: bool = True) -> 
             row = by_gamma[gamma]["tasks"][task] = _row(sums[gamma][task], gamma)
             if params.greedy:
                 checked += len(ids)
-                mismatches += sum(a.token_ids != b.token_ids for a, b in zip(base, spec))
+                mismatches += sum(a != b.token_ids for a, b in zip(base_ids, spec))
             if progress:
                 print(f"  {task:<10} γ={gamma}  τ={row['block_efficiency']:.2f}  α={row['acceptance_rate']:.3f}  "
                       f"speedup={row['speedup']:.2f}x", flush=True)
@@ -141,7 +160,8 @@ def evaluate_pair(target, draft, tok, cfg: JobConfig, progress: bool = True) -> 
         total = {k: (sum(c[k] for c in cells) if k != "per_position"
                      else [sum(x) for x in zip(*(c[k] for c in cells))]) for k in cells[0]}
         block["overall"] = _row(total, g)
-    return {"by_gamma": by_gamma, "lossless_greedy": {"checked": checked, "mismatches": mismatches}}
+    return {"by_gamma": by_gamma, "lossless_greedy": {"checked": checked, "mismatches": mismatches},
+            "baseline": baseline or measured, "baseline_reused": baseline is not None}
 
 
 def format_table(result: dict) -> str:
@@ -168,20 +188,39 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_eval(cfg: JobConfig, draft: str | None = None, out: Path | str | None = None) -> dict:
-    """Evaluate `draft` (path, 'new', or the job's newest trained draft) against the job's target."""
+def _read_json(path: Path | None) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return None  # absent or torn: measure again
+
+
+def run_eval(cfg: JobConfig, draft: str | None = None, out: Path | str | None = None,
+             baseline: Path | str | None = None) -> dict:
+    """Evaluate `draft` (path, 'new', or the job's newest trained draft) against the job's target.
+
+    `baseline`: a file holding the target-only arm. Reused when it matches this target, dtype, sampling
+    settings and prompts (`baseline_key`); otherwise the arm is measured and the file (re)written.
+    """
     torch.manual_seed(cfg.seed)
     target, draft_model, tok, target_path, draft_name = load_pair(cfg, draft)
     print(f"eval: target={cfg.target.model} draft={draft_name} γ={cfg.eval.gamma} "
           f"T={cfg.eval.temperature} dtype={next(target.parameters()).dtype}", flush=True)
-    res = evaluate_pair(target, draft_model, tok, cfg)
+    baseline = Path(baseline) if baseline is not None else None
+    res = evaluate_pair(target, draft_model, tok, cfg, baseline=_read_json(baseline))
+    if baseline is not None and not res["baseline_reused"]:
+        _write_json(baseline, res["baseline"])
+    elif res["baseline_reused"]:
+        print(f"eval: target-only arm reused from {baseline}", flush=True)
     first = cfg.eval.gamma[0]
     result = {"target": cfg.target.model, "draft": draft_name, "gamma": first,
               "temperature": cfg.eval.temperature, "tasks": res["by_gamma"][first]["tasks"],
               "overall": res["by_gamma"][first]["overall"],
               "by_gamma": {str(g): b for g, b in res["by_gamma"].items()},
               "lossless_greedy": res["lossless_greedy"], "max_new_tokens": cfg.eval.max_new_tokens,
-              "dtype": str(next(target.parameters()).dtype).removeprefix("torch.")}
+              "dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
+              "target_only": {"key": res["baseline"]["key"], "reused": res["baseline_reused"],
+                              "measured_at": res["baseline"]["measured_at"]}}
     print(format_table({"by_gamma": res["by_gamma"], "lossless_greedy": res["lossless_greedy"]}), flush=True)
     if out is not None:
         _write_json(Path(out), result)

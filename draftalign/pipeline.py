@@ -2,6 +2,9 @@
 
     pretrain → eval (pretrained) → generate → distill → eval (distilled) → report
 
+Both evals share one target-only arm (`eval_target_only.json`, measured once): the two drafts are
+compared against the same denominator, and the second eval costs only its speculative arm.
+
 Each stage writes a completion marker only after its outputs are in place (atomically), so a rerun
 after a kill continues at the first incomplete stage; stages that were cut mid-way resume from
 their own checkpoints (pretrain, distill) or finished shards (generate).
@@ -54,12 +57,14 @@ def run_pipeline(cfg: JobConfig) -> Path:
     _stage("pretrain", out / "pretrain_done.json",
            lambda: run_pretrain(cfg, resume=_has_checkpoint(out / "ray_results" / "pretrain")))
     _stage("eval pretrained", out / "eval_pretrained.json",
-           lambda: run_eval(cfg, draft=str(out / "draft_pretrained"), out=out / "eval_pretrained.json"))
+           lambda: run_eval(cfg, draft=str(out / "draft_pretrained"), out=out / "eval_pretrained.json",
+                            baseline=out / "eval_target_only.json"))
     _stage("generate", out / "distill_set" / "metadata.json", lambda: run_generate(cfg))
     _stage("distill", out / "distill_done.json",
            lambda: run_distill(cfg, resume=_has_checkpoint(out / "ray_results" / "distill")))
     _stage("eval distilled", out / "eval_distilled.json",
-           lambda: run_eval(cfg, draft=str(out / "draft_distilled"), out=out / "eval_distilled.json"))
+           lambda: run_eval(cfg, draft=str(out / "draft_distilled"), out=out / "eval_distilled.json",
+                            baseline=out / "eval_target_only.json"))
     report = write_report(out)
     print(f"[run] finished in {time.time() - t0:.0f} s; report: {report}", flush=True)
     return out
