@@ -123,8 +123,8 @@ def evaluate_pair(target, draft, tok, cfg: JobConfig, progress: bool = True, bas
     # warm-up: first-call overheads (allocator, thread pool, KV-cache growth) stay out of the
     # timings; a 4-token warm-up was too short (the first timed task ran at a third of its speed)
     warm, warm_params = next(iter(prompts.values()))[:1], SamplingParams(max_new_tokens=min(32, ev.max_new_tokens))
-    for _ in range(2):
-        engine.generate(warm, warm_params)
+    engine.generate(warm, warm_params)
+    if baseline is None:
         engine.generate_target_only(warm, warm_params)
 
     checked = mismatches = 0

@@ -81,6 +81,8 @@ def test_run_killed_during_generation_then_rerun_completes(tmp_path, tiny_target
         ev = json.loads((run / name).read_text())
         assert set(ev["tasks"]) == {"chat", "code", "summarize"}
         assert EVAL_KEYS <= set(ev["overall"]) and ev["lossless_greedy"]["mismatches"] == 0
+    pre, post = (json.loads((run / n).read_text()) for n in ("eval_pretrained.json", "eval_distilled.json"))
+    assert post["target_only"] == {**pre["target_only"], "reused": True}  # one target-only arm for both
     assert (run / "report.md").is_file() and (run / "report.png").stat().st_size > 0
     assert (run / "draft_distilled" / "config.json").is_file()
 
