@@ -106,6 +106,10 @@ def write_report(run: Path) -> Path:
             lines.append(f"- acceptance estimated in training on held-out target answers ({key}): "
                          f"{distill[key]:.3f}; measured by the engine on the eval prompts: "
                          f"{measured['acceptance_rate']:.3f}; gap {distill[key] - measured['acceptance_rate']:+.3f}")
+    shared = [ev["target_only"] for ev in evals.values() if ev.get("target_only")]
+    if len(shared) == len(evals) == 2 and shared[0]["key"] == shared[1]["key"]:
+        lines.append("- speedups share one denominator: the target-only arm was measured once "
+                     "(eval_target_only.json) and reused by the second eval")
     lines += ["", *_table(evals), "", "![report](report.png)", ""]
     if distill:
         lines += ["## Distillation counters", "", "```json", json.dumps(distill, indent=2), "```", ""]
