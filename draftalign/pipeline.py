@@ -13,10 +13,11 @@ their own checkpoints (pretrain, distill) or finished shards (generate).
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
-from draftalign.config import JobConfig, check_fits_cluster
+from draftalign.config import ConfigError, JobConfig, check_fits_cluster
 from draftalign.runtime import run_dir
 
 
@@ -30,6 +31,29 @@ def _done(path: Path) -> bool:
 
 def _has_checkpoint(root: Path) -> bool:
     return root.exists() and any(root.rglob("checkpoint_*"))
+
+
+def config_changes(old, new, path: str = "") -> list[str]:
+    """Dotted paths whose values differ between two job configs (as dicts), "path: old -> new"."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(old.keys() | new.keys())
+                for c in config_changes(old.get(k), new.get(k), f"{path}.{k}" if path else k)]
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
+
+
+def _check_same_job(out: Path, cfg: JobConfig) -> None:
+    """A run dir is resumed only by the job that made it: its finished stages would otherwise be
+    reused under a config that did not produce them."""
+    try:
+        prev = json.loads((out / "job.json").read_text())
+    except (OSError, ValueError):
+        return  # a fresh run dir (or a torn job.json: nothing was trusted from it)
+    changes = config_changes(prev, json.loads(cfg.model_dump_json()))
+    if changes:
+        more = f" (+{len(changes) - 5} more)" if len(changes) > 5 else ""
+        raise ConfigError(f"{out} holds a run of a different job config ({'; '.join(changes[:5])}{more}); "
+                          f"its finished stages would be reused. Use another run dir "
+                          f"(--set name=... or --set run_dir=...) or remove {out}.")
 
 
 def _stage(name: str, marker: Path, fn) -> None:
@@ -52,7 +76,10 @@ def run_pipeline(cfg: JobConfig) -> Path:
 
     check_fits_cluster(cfg)
     out = run_dir(cfg)
-    (out / "job.json").write_text(cfg.model_dump_json(indent=2))
+    _check_same_job(out, cfg)
+    tmp = out / f".job.json.tmp-{os.getpid()}"
+    tmp.write_text(cfg.model_dump_json(indent=2))
+    os.replace(tmp, out / "job.json")
     t0 = time.time()
     _stage("pretrain", out / "pretrain_done.json",
            lambda: run_pretrain(cfg, resume=_has_checkpoint(out / "ray_results" / "pretrain")))

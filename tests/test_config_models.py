@@ -107,3 +107,25 @@ def test_from_target_init_copies_embeddings(tiny_target_path, target_tokenizer):
     assert torch.equal(draft.model.layers[0].mlp.up_proj.weight, target.model.layers[1].mlp.up_proj.weight)
     with pytest.raises(ModelError, match="hidden_size"):
         build_draft(DraftArch(num_layers=1, hidden_size=32, num_heads=2), target_tokenizer, target, "from_target")
+
+
+def test_run_refuses_a_run_dir_made_by_a_different_job(tmp_path):
+    """Rerunning with changed settings into the same run dir would skip stages finished under the
+    old ones; `draftalign run` names the changes and stops before touching the dir."""
+    from draftalign.pipeline import config_changes
+
+    run = tmp_path / "run"
+    old = load_config(ROOT / "cluster/jobs/local.yaml", [f"run_dir={run}"])
+    run.mkdir()
+    (run / "job.json").write_text(old.model_dump_json(indent=2))
+    (run / "pretrain_done.json").write_text("{}")
+    r = subprocess.run([sys.executable, "-m", "draftalign.cli", "run", str(ROOT / "cluster/jobs/local.yaml"),
+                        "--set", f"run_dir={run}", "--set", "pretrain.max_steps=7"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--set name=" in errors[0]
+    assert f"pretrain.max_steps: {old.pretrain.max_steps} -> 7" in errors[0]
+    assert (run / "job.json").read_text() == old.model_dump_json(indent=2)  # untouched
+    assert sorted(p.name for p in run.iterdir()) == ["job.json", "pretrain_done.json"]
+    assert config_changes(old.model_dump(), old.model_dump()) == []
