@@ -33,10 +33,18 @@ def _has_checkpoint(root: Path) -> bool:
     return root.exists() and any(root.rglob("checkpoint_*"))
 
 
+# Where and how wide a job runs, not what it computes: a rerun may change these (scale the rollout
+# actors, move to a cluster with `draftalign launch`) and still continue the same run.
+PLACEMENT_KEYS = {"cluster", "serve", "num_actors", "num_engines", "num_workers", "cpus_per_actor",
+                  "cpus_per_engine", "cpus_per_worker", "gpus_per_actor", "gpus_per_engine", "use_gpu",
+                  "resources", "kv_cache_gib", "queue_size", "tensor_parallel_size"}
+
+
 def config_changes(old, new, path: str = "") -> list[str]:
-    """Dotted paths whose values differ between two job configs (as dicts), "path: old -> new"."""
+    """Dotted paths whose values differ between two job configs (as dicts), "path: old -> new",
+    placement fields (`PLACEMENT_KEYS`) aside."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [c for k in sorted(old.keys() | new.keys())
+        return [c for k in sorted(old.keys() | new.keys()) if k not in PLACEMENT_KEYS
                 for c in config_changes(old.get(k), new.get(k), f"{path}.{k}" if path else k)]
     return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
