@@ -13,7 +13,6 @@ their own checkpoints (pretrain, distill) or finished shards (generate).
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -76,7 +75,7 @@ def _stage(name: str, marker: Path, fn) -> None:
 
 def run_pipeline(cfg: JobConfig) -> Path:
     """Run the whole job; returns the run directory."""
-    from actors.generate import run_generate
+    from actors.generate import run_generate, write_json_atomic
     from draftalign.evaluate import run_eval
     from draftalign.report import write_report
     from learner.distill import run_distill
@@ -85,9 +84,7 @@ def run_pipeline(cfg: JobConfig) -> Path:
     check_fits_cluster(cfg)
     out = run_dir(cfg)
     _check_same_job(out, cfg)
-    tmp = out / f".job.json.tmp-{os.getpid()}"
-    tmp.write_text(cfg.model_dump_json(indent=2))
-    os.replace(tmp, out / "job.json")
+    write_json_atomic(out / "job.json", json.loads(cfg.model_dump_json()))
     t0 = time.time()
     _stage("pretrain", out / "pretrain_done.json",
            lambda: run_pretrain(cfg, resume=_has_checkpoint(out / "ray_results" / "pretrain")))
