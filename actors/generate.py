@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from collections import Counter, deque
@@ -35,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from draftalign.config import ConfigError, JobConfig
+from draftalign.io import write_atomic, write_json_atomic
 
 SCHEMA_VERSION = 1
 SCHEMA = pa.schema([
@@ -98,7 +98,7 @@ def make_plan(cfg: JobConfig, prompts: list[dict], skipped: list[str]) -> dict:
     ids = [p["prompt_id"] for p in prompts]
     return {
         "schema_version": SCHEMA_VERSION,
-        "target": {"model": cfg.target.model, "dtype": cfg.target.dtype,
+        "target": {"model": cfg.target.model, "dtype": cfg.generate.dtype,
                    "max_model_len": cfg.target.max_model_len},
         "sampling": _sampling(cfg),
         "prompt_source": PROMPT_SOURCE,
@@ -108,22 +108,6 @@ def make_plan(cfg: JobConfig, prompts: list[dict], skipped: list[str]) -> dict:
         "prompt_ids": ids,
         "skipped_too_long": skipped,
     }
-
-
-def _write_atomic(path: Path, write) -> None:
-    """write(tmp_path), fsync, rename onto path: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
 
 
 def _check_plan(d: Path, plan: dict) -> None:
@@ -196,7 +180,7 @@ def run_generate(cfg: JobConfig) -> Path:
     from tqdm import tqdm
 
     from actors.target import create_target_actors, shutdown_target_actors
-    from draftalign.models import load_tokenizer, resolve_target
+    from draftalign.models import load_tokenizer, pick_dtype, resolve_target
     from draftalign.runtime import configure_vllm_env, init_ray, run_dir
 
     t0 = time.perf_counter()
@@ -225,7 +209,9 @@ def run_generate(cfg: JobConfig) -> Path:
         init_ray(cfg)
         actors = []
         try:
-            actors = create_target_actors(cfg, model_path, threads=_generate_threads(cfg), exclusive=True)
+            dtype = str(pick_dtype(g.dtype, "cuda" if cfg.target.gpus_per_engine else "cpu")).removeprefix("torch.")
+            actors = create_target_actors(cfg, model_path, threads=_generate_threads(cfg), exclusive=True,
+                                          dtype=dtype)
             inflight: dict = {}  # ObjectRef -> (shard index, actor)
 
             def submit(actor) -> None:
@@ -251,7 +237,7 @@ def run_generate(cfg: JobConfig) -> Path:
                 if pending:
                     submit(actor)
                 table = _rows(shards[i], answers)
-                _write_atomic(d / shard_name(i), lambda tmp, table=table: pq.write_table(table, tmp))
+                write_atomic(d / shard_name(i), lambda tmp, table=table: pq.write_table(table, tmp))
                 new_prompts += len(shards[i])
                 new_tokens += sum(len(a["token_ids"]) for outs in answers for a in outs)
                 gen_seconds = time.perf_counter() - t_gen

@@ -294,14 +294,28 @@ def check_and_load_weights(model: torch.nn.Module, weights: dict) -> None:
             own[name].copy_(torch.from_numpy(np.array(arr)))  # copy: plasma buffers are read-only
 
 
+class _DraftVocab:
+    """HF logits processor: −inf outside the draft's vocabulary (the engine's q is 0 there)."""
+
+    def __init__(self, outside: torch.Tensor):
+        self.outside = outside  # (V,) bool
+
+    def __call__(self, input_ids, scores):
+        return scores.masked_fill(self.outside.to(scores.device), float("-inf"))
+
+
 def sample_continuations(model, prompts: list[list[int]], *, temperature: float, max_new_tokens: int,
-                         eos_id: int, pad_id: int, generator_seed: int | None = None):
-    """Sample from the draft, batched with a KV cache (HF `generate`, left padding).
+                         eos_id: int, pad_id: int, generator_seed: int | None = None,
+                         draft_vocab: list[int] | None = None):
+    """Sample from the draft, batched with a KV cache (HF `generate`, left padding), on its vocabulary
+    (`draft_vocab`, None = full) as the engine decodes it.
 
     Returns (responses, logprobs): each response ends at its first EOS (kept) or after
     max_new_tokens; logprobs[i][j] = log q(response[i][j]) under the sampling distribution
-    (softmax(logits / temperature); the argmax's log-prob for temperature 0).
+    (softmax(logits / temperature) on the vocabulary; the argmax's log-prob for temperature 0).
     """
+    from transformers import LogitsProcessorList
+
     device = next(model.parameters()).device
     P = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
@@ -311,13 +325,21 @@ def sample_continuations(model, prompts: list[list[int]], *, temperature: float,
         attn[i, P - len(p):] = 1
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
+    outside = None
+    if draft_vocab is not None:
+        outside = torch.ones(model.config.vocab_size, dtype=torch.bool)
+        outside[torch.tensor(draft_vocab)] = False
     with torch.no_grad():
         out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                              do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
                              top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=pad_id, eos_token_id=eos_id)
+                             return_dict_in_generate=True, pad_token_id=pad_id, eos_token_id=eos_id,
+                             logits_processor=LogitsProcessorList([_DraftVocab(outside)] if outside is not None
+                                                                  else []))
     new = out.sequences[:, P:].cpu()  # (B, S)
-    logits = torch.stack(out.logits, 1).float().cpu()  # (B, S, V)
+    logits = torch.stack(out.logits, 1).float().cpu()  # (B, S, V) raw
+    if outside is not None:
+        logits = logits.masked_fill(outside, float("-inf"))
     if temperature > 0:
         logits = logits / temperature
     lp = torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # (B, S)
@@ -335,14 +357,14 @@ class RolloutWorker:
 
     def __init__(self, actor_id: int, draft_path: str, rows: list[dict], engines: list, queue, store, *,
                  on_policy_fraction: float, temperature: float, max_new_tokens: int, batch_size: int,
-                 top_k: int, seed: int = 0, device: str = "cpu"):
+                 top_k: int, seed: int = 0, device: str = "cpu", draft_vocab: list[int] | None = None):
         from draftalign.models import load_causal_lm, load_tokenizer
 
         if not rows:
             raise ValueError("RolloutActor needs a non-empty distillation set")
         self.actor_id, self.rows, self.queue, self.store = actor_id, rows, queue, store
         self.lam, self.temperature, self.max_new_tokens = on_policy_fraction, temperature, max_new_tokens
-        self.batch_size, self.top_k = batch_size, top_k
+        self.batch_size, self.top_k, self.draft_vocab = batch_size, top_k, draft_vocab
         self.incarnation = ray.get(store.register.remote(actor_id)) if store is not None else 0
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         self.model = load_causal_lm(draft_path, dtype, device)
@@ -383,7 +405,8 @@ class RolloutWorker:
         if on_idx:
             gen, lps = sample_continuations(
                 self.model, [prompts[i] for i in on_idx], temperature=self.temperature,
-                max_new_tokens=self.max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id)
+                max_new_tokens=self.max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id,
+                draft_vocab=self.draft_vocab)
             for i, g, lp in zip(on_idx, gen, lps, strict=True):
                 responses[i], draft_lp[i] = g, lp
         t1 = time.perf_counter()
@@ -443,7 +466,7 @@ class RolloutActor(RolloutWorker):
 
 
 def create_rollout_actors(cfg, draft_path: str, rows_ref, engines: list, queue, store,
-                          name_prefix: str | None = None) -> list:
+                          name_prefix: str | None = None, draft_vocab: list[int] | None = None) -> list:
     """`cfg.rollout.num_actors` RolloutActors, restartable, with resources from the job config
     (CPUs, GPUs and the custom Ray resources `rollout.resources`, e.g. to pin them to some nodes).
 
@@ -459,5 +482,5 @@ def create_rollout_actors(cfg, draft_path: str, rows_ref, engines: list, queue, 
                                  name=f"{name_prefix}-rollout-{i}" if name_prefix else None).remote(
         i, draft_path, rows_ref, engines, queue, store, on_policy_fraction=r.on_policy_fraction,
         temperature=r.temperature, max_new_tokens=r.max_new_tokens, batch_size=r.batch_size,
-        top_k=cfg.target.top_k_logprobs, seed=cfg.seed, device=device)
+        top_k=cfg.target.top_k_logprobs, seed=cfg.seed, device=device, draft_vocab=draft_vocab)
         for i in range(r.num_actors)]

@@ -233,7 +233,7 @@ TARGET_MAX_RESTARTS = 8  # per engine: survives kills and preemptions, but a cra
 
 def create_target_actors(cfg: JobConfig, model_path: str, threads: int | None = None,
                          max_restarts: int = TARGET_MAX_RESTARTS, max_task_retries: int = -1,
-                         name_prefix: str | None = None, exclusive: bool = False) -> list:
+                         name_prefix: str | None = None, exclusive: bool = False, dtype: str | None = None) -> list:
     """Start `cfg.target.num_engines` TargetActors and wait until each engine is up.
 
     Each actor asks Ray for `cpus_per_engine` CPUs, `gpus_per_engine` GPUs (with tensor
@@ -261,7 +261,7 @@ def create_target_actors(cfg: JobConfig, model_path: str, threads: int | None = 
     policy = "ACTIVE" if exclusive else os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     opts["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": policy}}
     actors = [TargetActor.options(**opts, name=f"{name_prefix}-target-{i}" if name_prefix else None).remote(
-        model_path, dtype=t.dtype, max_model_len=t.max_model_len, top_k_logprobs=t.top_k_logprobs,
+        model_path, dtype=dtype or t.dtype, max_model_len=t.max_model_len, top_k_logprobs=t.top_k_logprobs,
         seed=cfg.seed, tensor_parallel_size=t.tensor_parallel_size, kv_cache_gib=t.kv_cache_gib,
         gpu_memory_utilization=t.gpu_memory_utilization, threads=threads)
         for i in range(t.num_engines)]

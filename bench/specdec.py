@@ -26,7 +26,8 @@ from scipy.stats import ks_2samp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from draftalign.config import load_config  # noqa: E402
-from draftalign.evaluate import _write_json, eval_prompts, evaluate_pair, format_table, load_pair  # noqa: E402
+from draftalign.evaluate import eval_prompts, evaluate_pair, format_table, load_pair  # noqa: E402
+from draftalign.io import write_json_atomic  # noqa: E402
 from draftalign.models import save_pretrained_atomic  # noqa: E402
 from draftalign.runtime import configure_vllm_env  # noqa: E402
 from serve.sampling import SamplingParams  # noqa: E402
@@ -184,7 +185,7 @@ def main() -> None:
               f"{'n/a' if lp is None else f'{lp:.2f}'} |")
     for k, v in notes.items():
         print(f"note {k}: {v}")
-    _write_json(Path(args.out), result)
+    write_json_atomic(Path(args.out), result)
     print(f"wrote {args.out}")
 
 

@@ -47,12 +47,15 @@ def _guard(fn):
 
 @app.command()
 def eval(job: Path = JobArg, target: str = typer.Option(None, help="target model (overrides target.model)"),
-         draft: str = typer.Option(None, help="draft checkpoint path, or 'new' for a fresh draft.arch draft"),
+         draft: list[str] = typer.Option(None, help="draft checkpoint path, 'new' for a fresh draft.arch draft, "
+                                                  "or NAME=PATH; repeat to compare drafts in one interleaved run"),
          gamma: list[int] = typer.Option(None, help="γ (repeatable)"),
          temperature: float = typer.Option(None), prompts_per_task: int = typer.Option(None),
          max_new_tokens: int = typer.Option(None),
-         out: Path = typer.Option(None, help="write the eval JSON here"), overrides: list[str] = SetOpt):
-    """Acceptance rate, block efficiency and speedup of a draft against its target, per task and γ."""
+         out: Path = typer.Option(None, help="write the eval JSON here (one draft) or eval_<NAME>.json into "
+                                             "this directory (several)"), overrides: list[str] = SetOpt):
+    """Acceptance rate, block efficiency and speedup of drafts against their target, per task and γ,
+    every arm interleaved per prompt in one run."""
     from draftalign.evaluate import run_eval
 
     def go():
@@ -61,7 +64,14 @@ def eval(job: Path = JobArg, target: str = typer.Option(None, help="target model
                                      "eval.max_new_tokens": max_new_tokens})
         if gamma:
             cfg.eval.gamma = list(gamma)
-        run_eval(cfg, draft=draft, out=out)
+        specs = list(draft or [None])
+        drafts = {}
+        for i, spec in enumerate(specs):
+            name, _, path = spec.partition("=") if spec and "=" in spec else (f"draft{i}" if len(specs) > 1
+                                                                              else "draft", "", spec)
+            drafts[name] = path
+        dest = out if len(drafts) == 1 or out is None else {n: Path(out) / f"eval_{n}.json" for n in drafts}
+        run_eval(cfg, drafts, out=dest)
 
     _guard(go)
 

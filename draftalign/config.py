@@ -65,11 +65,15 @@ class DraftConfig(_Strict):
         "random", description="from_target copies the target's embeddings (hidden sizes must match)")
     copy_layers: list[int] = Field(default_factory=list,
                                    description="target layers copied into the draft with from_target")
+    draft_vocab_size: int = Field(
+        8192, ge=0, description="FR-Spec: the draft's LM head is restricted (in training and decoding) to the "
+                                "N most frequent tokens of the target's answers; 0 = the full vocabulary")
 
 
 class PretrainConfig(_Strict):
     corpus: list[str] = Field(default_factory=lambda: ["embedded:chitchat"],
-                              description="embedded:chitchat, embedded:humaneval, local files, dataset names")
+                              description="embedded:chitchat, run:distill_set (the target's answers: "
+                                          "sequence-level KD), local files, dataset names")
     max_steps: int = Field(300, ge=1)
     batch_size: int = Field(8, ge=1, description="sequences per step (global)")
     seq_len: int = Field(256, ge=8)
@@ -89,6 +93,9 @@ class PretrainConfig(_Strict):
 
 class GenerateConfig(_Strict):
     num_prompts: int = Field(512, ge=1)
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="the target's dtype while it writes the set: auto = bf16 where the device computes "
+                            "it natively, else fp32 (the set needs no fp32; the lossless eval uses target.dtype)")
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(0.9, gt=0, le=1)
     max_tokens: int = Field(128, ge=1)
@@ -135,12 +142,15 @@ class DistillConfig(_Strict):
     baseline: Literal["position", "batch", "ema"] = Field("position", description="TVD++ baseline scope")
     std_normalize: bool = True
     ema_decay: float = Field(0.9, ge=0, lt=1)
+    temperature: float = Field(1.0, gt=0, description="both distributions tempered in the loss, p^(1/T) and "
+                                                      "softmax(logits/T); T < 1 leans toward greedy serving")
 
 
 class EvalConfig(_Strict):
     tasks: list[Literal["chat", "code", "summarize"]] = Field(
         default_factory=lambda: ["chat", "code", "summarize"])
-    prompts_per_task: int = Field(16, ge=1)
+    prompts_per_task: int | dict[str, int] = Field(
+        16, description="held-out prompts per task: one number for every task, or {task: number}")
     gamma: list[int] = Field(default_factory=lambda: [3], description="γ values to evaluate")
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -151,7 +161,19 @@ class EvalConfig(_Strict):
     def _gammas(self) -> "EvalConfig":
         if not self.gamma or any(g < 1 for g in self.gamma):
             raise ValueError(f"eval.gamma must be a non-empty list of integers ≥ 1, got {self.gamma}")
+        counts = self.prompts_per_task if isinstance(self.prompts_per_task, dict) else {}
+        for task, n in counts.items():
+            if task not in self.tasks or n < 1:
+                raise ValueError(f"eval.prompts_per_task: {task}={n} must name a task of eval.tasks "
+                                 f"({', '.join(self.tasks)}) with a count ≥ 1")
+        if isinstance(self.prompts_per_task, int) and self.prompts_per_task < 1:
+            raise ValueError(f"eval.prompts_per_task must be ≥ 1, got {self.prompts_per_task}")
         return self
+
+    def count(self, task: str) -> int:
+        """Prompts of `task` (a task missing from a prompts_per_task mapping gets 4)."""
+        n = self.prompts_per_task
+        return n.get(task, 4) if isinstance(n, dict) else n
 
 
 class ServeConfig(_Strict):

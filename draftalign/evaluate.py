@@ -1,27 +1,36 @@
-"""`draftalign eval`: acceptance rate, block efficiency and wall-clock speedup per task and γ.
+"""`draftalign eval`: acceptance, block efficiency and wall-clock speedup per task and γ, for one or
+more drafts against their target, measured in one interleaved run.
 
-Spec-Bench practice: batch 1, the same engine and prompts for both arms (target-only decoding and
-speculative decoding), tokens/s over the whole prompt set. Definitions (REFERENCES.md):
+Spec-Bench practice: batch 1, the same engine and prompts for every arm. The arms — target-only
+decoding and speculative decoding with each (draft, γ) — run **interleaved per prompt** (their order
+rotating from one prompt to the next) in one process with a fixed thread count and no Ray workers
+alive, so machine drift and background load fall on every arm alike; every speedup's numerator and
+denominator come from the same prompts, minutes apart at most. Definitions (serve.acceptance):
 
-* acceptance_rate α̂ = accepted draft tokens / proposed draft tokens;
-* block_efficiency τ = emitted tokens / target forward passes;
-* expected_block_efficiency = (1 − α̂^(γ+1)) / (1 − α̂), the i.i.d.-acceptance prediction;
-* cost_ratio_c = time of one draft step / time of one target decoding step (measured);
-* speedup = speculative tokens/s ÷ target-only tokens/s (bound: τ / (γ·c + 1)).
+* acceptance_rate α̂ = accepted / (accepted + rejected rounds), per-token (the α of E[τ]);
+* draft_acceptance_rate = accepted / proposed (vLLM's counters);
+* block_efficiency τ = emitted tokens / target passes; expected_block_efficiency E[τ] from α̂;
+* step costs, in ms, measured in this run (prefill passes excluded): target step t₁ (target-only),
+  verification pass t_v over γ + 1 tokens, draft step t_d; c = t_d / t₁, v = t_v / t₁;
+* speedup = speculative tokens/s ÷ target-only tokens/s, next to its bound τ / (γc + v);
+* intervals: 95% percentile bootstrap over prompts (ratios of sums recomputed on every resample).
+
+Greedy arms are checked token for token against the target-only arm on every prompt.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from draftalign.config import JobConfig
 from draftalign.data import chat_prompt_ids, eval_messages
+from draftalign.io import write_json_atomic
 from draftalign.models import (
     build_draft,
     load_causal_lm,
@@ -31,16 +40,16 @@ from draftalign.models import (
     pick_dtype,
     resolve_target,
 )
+from draftalign.vocab import load_draft_vocab
+from serve.acceptance import draft_acceptance, expected_block_efficiency, per_token_acceptance
 from serve.sampling import SamplingParams
 from serve.specdec import Generation, SpecDecoder
 
-METRICS = ("n_prompts", "acceptance_rate", "block_efficiency", "expected_block_efficiency", "cost_ratio_c",
-           "target_tokens_per_s", "spec_tokens_per_s", "speedup")
-
-
-def expected_block_efficiency(alpha: float, gamma: int) -> float:
-    """E[τ] = (1 − α^(γ+1)) / (1 − α) under i.i.d. acceptance α (γ + 1 when α = 1)."""
-    return float(gamma + 1) if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+METRICS = ("n_prompts", "acceptance_rate", "draft_acceptance_rate", "block_efficiency",
+           "expected_block_efficiency", "cost_ratio_c", "verify_cost_v", "target_tokens_per_s",
+           "spec_tokens_per_s", "speedup", "speedup_bound")
+BOOTSTRAP = 1000
+WARMUP_ROUNDS = 2
 
 
 def default_draft(cfg: JobConfig) -> str:
@@ -49,181 +58,233 @@ def default_draft(cfg: JobConfig) -> str:
     return cfg.draft.model or (str(found) if found else "new")
 
 
-def load_pair(cfg: JobConfig, draft: str | None):
-    """(target, draft, tokenizer, target_path, draft_name) in the job's dtype, tokenizers checked."""
+def load_target(cfg: JobConfig):
+    """(target model, tokenizer) in the job's dtype."""
     target_path = resolve_target(cfg.target.model)
     tok = load_tokenizer(target_path)
-    dtype = pick_dtype(cfg.target.dtype)
-    target = load_causal_lm(target_path, dtype)
+    return load_causal_lm(target_path, pick_dtype(cfg.target.dtype)), tok
+
+
+def load_draft_for(cfg: JobConfig, target, tok, draft: str | None):
+    """(draft model, its vocabulary or None, name) for a path, 'new', or None (the job's default)."""
     draft = draft or default_draft(cfg)
+    dtype = next(target.parameters()).dtype
     if draft == "new":
         model = build_draft(cfg.draft.arch, tok, target, cfg.draft.init, cfg.draft.copy_layers, cfg.seed).to(dtype)
-    else:
-        model = load_draft(draft, tok, dtype, target_vocab=target.config.vocab_size)
-    return target, model, tok, target_path, draft
+        return model, None, draft
+    model = load_draft(draft, tok, dtype, target_vocab=target.config.vocab_size)
+    return model, load_draft_vocab(draft, target.config.vocab_size), draft
 
 
-def _row(sums: dict, gamma: int) -> dict:
-    """Metrics of one (task, γ) cell from raw sums, so aggregates are ratios of sums, not means of ratios."""
-    alpha = sums["accepted"] / sums["proposed"] if sums["proposed"] else 0.0
-    spec_tps = sums["tokens"] / sums["spec_s"] if sums["spec_s"] else 0.0
-    base_tps = sums["base_tokens"] / sums["base_s"] if sums["base_s"] else 0.0
-    draft_step = sums["draft_s"] / sums["draft_steps"] if sums["draft_steps"] else 0.0
-    target_step = sums["target_s"] / sums["target_steps"] if sums["target_steps"] else 0.0
-    return {
-        "n_prompts": sums["n"],
-        "acceptance_rate": alpha,
-        "block_efficiency": sums["tokens"] / sums["rounds"] if sums["rounds"] else 0.0,
-        "expected_block_efficiency": expected_block_efficiency(alpha, gamma),
-        "cost_ratio_c": draft_step / target_step if target_step else 0.0,
-        "target_tokens_per_s": base_tps,
-        "spec_tokens_per_s": spec_tps,
-        "speedup": spec_tps / base_tps if base_tps else 0.0,
-        "acceptance_per_position": [a / sums["rounds"] if sums["rounds"] else 0.0 for a in sums["per_position"]],
-        "generated_tokens": sums["tokens"],
-    }
-
-
-def _sums(gens: list[Generation], spec_s: float, timing, base: dict) -> dict:
-    return {"n": len(gens), "tokens": sum(len(g.token_ids) for g in gens), "rounds": sum(g.rounds for g in gens),
-            "proposed": sum(g.proposed for g in gens), "accepted": sum(g.accepted for g in gens),
-            "per_position": [sum(x) for x in zip(*(g.accepted_per_position for g in gens))],
-            "spec_s": spec_s, "draft_s": timing.draft_s, "draft_steps": timing.draft_steps, **base}
+def load_pair(cfg: JobConfig, draft: str | None):
+    """(target, draft, tokenizer, draft vocabulary, draft name), tokenizers checked."""
+    target, tok = load_target(cfg)
+    model, vocab, name = load_draft_for(cfg, target, tok, draft)
+    return target, model, tok, vocab, name
 
 
 def eval_prompts(tok, cfg: JobConfig, max_positions: int) -> dict[str, list[list[int]]]:
     """Held-out prompt token ids per task, dropping prompts that leave no room to generate."""
     ev = cfg.eval
     limit = min(cfg.target.max_model_len, max_positions) - ev.max_new_tokens - max(ev.gamma) - 1
-    return {task: [ids for m in eval_messages(task, ev.prompts_per_task, cfg.seed)
+    return {task: [ids for m in eval_messages(task, ev.count(task), cfg.seed)
                    if len(ids := chat_prompt_ids(tok, m["messages"])) <= limit]
             for task in ev.tasks}
 
 
-def baseline_key(cfg: JobConfig, prompts: dict[str, list[list[int]]], dtype) -> str:
-    """Fingerprint of the target-only arm: target, dtype, sampling settings and the exact prompt ids."""
-    ev = cfg.eval
-    blob = json.dumps([cfg.target.model, str(dtype), cfg.seed, ev.temperature, ev.top_p, ev.top_k,
-                       ev.max_new_tokens, prompts], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def machine() -> dict:
+    """What the timings were measured on."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+                 platform.processor())
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    return {"cpu": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "bf16_native": any(f in flags for f in ("amx_bf16", "avx512_bf16")), "torch": torch.__version__}
 
 
-def evaluate_pair(target, draft, tok, cfg: JobConfig, progress: bool = True, baseline: dict | None = None) -> dict:
-    """Both arms, every task and γ, batch 1. Returns {"by_gamma": {γ: {"tasks", "overall"}}, "lossless_greedy",
-    "baseline"}. `baseline` (a previous result's "baseline" with the same `baseline_key`) skips re-timing
-    the target-only arm: its token ids and timings are reused, so two drafts share one denominator."""
+# ------------------------------------------------------------------------------ measuring
+
+def _record(g: Generation, seconds: float, engine: SpecDecoder) -> dict:
+    t = engine.timing
+    return {"tokens": len(g.token_ids), "seconds": seconds, "rounds": g.rounds, "accepted": g.accepted,
+            "rejected": g.rejected, "proposed": g.proposed, "per_position": list(g.accepted_per_position),
+            "histogram": list(g.accepted_histogram), "draft_s": t.draft_s, "draft_steps": t.draft_steps,
+            "target_s": t.target_s, "target_steps": t.target_steps, "token_ids": list(g.token_ids)}
+
+
+def _run(engine: SpecDecoder, prompt: list[int], params: SamplingParams, gamma: int | None) -> dict:
+    engine.timing.__init__()
+    t0 = time.perf_counter()
+    g = (engine.generate_target_only([prompt], params) if gamma is None
+         else engine.generate([prompt], params, gamma=gamma))[0]
+    return _record(g, time.perf_counter() - t0, engine)
+
+
+def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: bool = True) -> dict:
+    """Every arm on every prompt, interleaved. drafts: {name: (model, vocabulary or None)}.
+    Returns {"prompts": {task: [ids]}, "records": {arm: {task: [record per prompt]}}} with arm
+    "target" for target-only decoding and "<name>@<γ>" for speculative decoding."""
     ev = cfg.eval
     params = SamplingParams(temperature=ev.temperature, top_p=ev.top_p, top_k=ev.top_k,
                             max_new_tokens=ev.max_new_tokens, seed=cfg.seed)
     prompts = eval_prompts(tok, cfg, target.config.max_position_embeddings)
-    key = baseline_key(cfg, prompts, next(target.parameters()).dtype)
-    if baseline is not None and baseline.get("key") != key:
-        baseline = None
-    engine = SpecDecoder(target, draft, tok, gamma=ev.gamma[0])
-    # warm-up: first-call overheads (allocator, thread pool, KV-cache growth) stay out of the
-    # timings; a 4-token warm-up was too short (the first timed task ran at a third of its speed)
-    warm, warm_params = next(iter(prompts.values()))[:1], SamplingParams(max_new_tokens=min(32, ev.max_new_tokens))
-    for _ in range(2):  # one round left the first timed task (chat) ≈ 8% slower than the others
-        engine.generate(warm, warm_params)
-        if baseline is None:
-            engine.generate_target_only(warm, warm_params)
-
-    checked = mismatches = 0
-    by_gamma: dict[int, dict] = {g: {"tasks": {}} for g in ev.gamma}
-    sums: dict[int, dict[str, dict]] = {g: {} for g in ev.gamma}
-    measured = {"key": key, "measured_at": time.time(), "tasks": {}}
+    base = SpecDecoder(target, None, tok)
+    engines = {name: SpecDecoder(target, model, tok, gamma=ev.gamma[0], draft_vocab=vocab)
+               for name, (model, vocab) in drafts.items()}
+    arms = [("target", base, None)] + [(f"{name}@{g}", engines[name], g) for name in drafts for g in ev.gamma]
+    # warm-up: every arm, so the first timed prompt runs like the last (allocator, thread pool, caches)
+    warm = next(iter(prompts.values()))[0]
+    for _ in range(WARMUP_ROUNDS):
+        for _, engine, g in arms:
+            _run(engine, warm, params, g)
+    records = {arm: {task: [] for task in prompts} for arm, _, _ in arms}
     for task, ids in prompts.items():
-        if baseline is not None:
-            base_ids, base_stats = baseline["tasks"][task]["token_ids"], baseline["tasks"][task]["stats"]
-        else:
-            engine.timing.__init__()
-            t0 = time.perf_counter()
-            base_ids = [g.token_ids for g in (engine.generate_target_only([p], params)[0] for p in ids)]
-            base_s = time.perf_counter() - t0
-            base_stats = {"base_tokens": sum(map(len, base_ids)), "base_s": base_s,
-                          "target_s": engine.timing.target_s, "target_steps": engine.timing.target_steps}
-        measured["tasks"][task] = {"token_ids": base_ids, "stats": base_stats}
-        for gamma in ev.gamma:
-            engine.timing.__init__()
-            t0 = time.perf_counter()
-            spec = [engine.generate([p], params, gamma=gamma)[0] for p in ids]
-            spec_s = time.perf_counter() - t0
-            sums[gamma][task] = _sums(spec, spec_s, engine.timing, base_stats)
-            row = by_gamma[gamma]["tasks"][task] = _row(sums[gamma][task], gamma)
-            if params.greedy:
-                checked += len(ids)
-                mismatches += sum(a != b.token_ids for a, b in zip(base_ids, spec))
-            if progress:
-                print(f"  {task:<10} γ={gamma}  τ={row['block_efficiency']:.2f}  α={row['acceptance_rate']:.3f}  "
-                      f"speedup={row['speedup']:.2f}x", flush=True)
-    for g, block in by_gamma.items():
-        cells = list(sums[g].values())
-        total = {k: (sum(c[k] for c in cells) if k != "per_position"
-                     else [sum(x) for x in zip(*(c[k] for c in cells))]) for k in cells[0]}
-        block["overall"] = _row(total, g)
-    return {"by_gamma": by_gamma, "lossless_greedy": {"checked": checked, "mismatches": mismatches},
-            "baseline": baseline or measured, "baseline_reused": baseline is not None}
+        for i, prompt in enumerate(ids):
+            order = arms[i % len(arms):] + arms[:i % len(arms)]  # rotate: no arm always runs first
+            for arm, engine, g in order:
+                records[arm][task].append(_run(engine, prompt, params, g))
+        if progress:
+            rows = {arm: _row(records["target"][task], records[arm][task], g) for arm, _, g in arms[1:]}
+            print(f"  {task:<10} n={len(ids):<3} " + "  ".join(
+                f"{arm}: τ={r['block_efficiency']:.2f} α={r['acceptance_rate']:.3f} "
+                f"speedup={r['speedup']:.2f}x" for arm, r in rows.items()), flush=True)
+    return {"prompts": prompts, "records": records}
 
 
-def format_table(result: dict) -> str:
-    cols = ("task", "γ", "n", "α", "τ", "E[τ]", "c", "target tok/s", "spec tok/s", "speedup")
+# ------------------------------------------------------------------------------ statistics
+
+def _sums(recs: list[dict]) -> dict:
+    keys = ("tokens", "seconds", "rounds", "accepted", "rejected", "proposed", "draft_s", "draft_steps",
+            "target_s", "target_steps")
+    return {k: sum(r[k] for r in recs) for k in keys}
+
+
+def _point(base: dict, spec: dict, gamma: int) -> dict:
+    """Metrics from summed records of the target-only arm and a speculative arm."""
+    t1 = base["target_s"] / base["target_steps"] if base["target_steps"] else 0.0
+    tv = spec["target_s"] / spec["target_steps"] if spec["target_steps"] else 0.0
+    td = spec["draft_s"] / spec["draft_steps"] if spec["draft_steps"] else 0.0
+    c, v = (td / t1, tv / t1) if t1 else (0.0, 0.0)
+    alpha = per_token_acceptance(spec["accepted"], spec["rejected"])
+    tau = spec["tokens"] / spec["rounds"] if spec["rounds"] else 0.0
+    base_tps = base["tokens"] / base["seconds"] if base["seconds"] else 0.0
+    spec_tps = spec["tokens"] / spec["seconds"] if spec["seconds"] else 0.0
+    return {"acceptance_rate": alpha, "draft_acceptance_rate": draft_acceptance(spec["accepted"], spec["proposed"]),
+            "block_efficiency": tau, "expected_block_efficiency": expected_block_efficiency(alpha, gamma),
+            "cost_ratio_c": c, "verify_cost_v": v, "target_step_ms": 1e3 * t1, "verify_step_ms": 1e3 * tv,
+            "draft_step_ms": 1e3 * td, "target_tokens_per_s": base_tps, "spec_tokens_per_s": spec_tps,
+            "speedup": spec_tps / base_tps if base_tps else 0.0,
+            "speedup_bound": tau / (gamma * c + v) if (gamma * c + v) else 0.0}
+
+
+def _row(base_recs: list[dict], spec_recs: list[dict], gamma: int | None, strata: list[int] | None = None,
+         seed: int = 0) -> dict:
+    """One (task, arm) cell: point estimates, per-position acceptance, accepted-count histogram, and 95%
+    bootstrap intervals over prompts (resampled within `strata`, e.g. tasks, when given)."""
+    n = len(spec_recs)
+    if gamma is None:  # the target-only arm itself
+        s = _sums(base_recs)
+        return {"n_prompts": n, "tokens_per_s": s["tokens"] / s["seconds"] if s["seconds"] else 0.0,
+                "target_step_ms": 1e3 * s["target_s"] / max(1, s["target_steps"]), "generated_tokens": s["tokens"]}
+    row = {"n_prompts": n, **_point(_sums(base_recs), _sums(spec_recs), gamma)}
+    rounds = sum(r["rounds"] for r in spec_recs)
+    row["acceptance_per_position"] = [sum(x) / rounds if rounds else 0.0
+                                      for x in zip(*(r["per_position"] for r in spec_recs))]
+    row["accepted_histogram"] = [sum(x) for x in zip(*(r["histogram"] for r in spec_recs))]
+    row["generated_tokens"] = sum(r["tokens"] for r in spec_recs)
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(n)] if strata is None else [np.flatnonzero(np.asarray(strata) == s) for s in set(strata)]
+    draws = {k: [] for k in ("block_efficiency", "acceptance_rate", "speedup")}
+    for _ in range(BOOTSTRAP if n > 1 else 0):
+        idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
+        pt = _point(_sums([base_recs[i] for i in idx]), _sums([spec_recs[i] for i in idx]), gamma)
+        for k in draws:
+            draws[k].append(pt[k])
+    row["ci95"] = {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in draws.items() if v}
+    return row
+
+
+def summarize(measured: dict, cfg: JobConfig) -> dict:
+    """{"arms": {arm: {"gamma", "tasks": {task: row}, "overall": row, "lossless_greedy"}}, "target_only"}."""
+    rec, greedy = measured["records"], cfg.eval.temperature == 0
+    base = rec["target"]
+    tasks = list(base)
+    out = {"target_only": {task: _row(base[task], base[task], None) for task in tasks}}
+    out["target_only"]["overall"] = _row([r for t in tasks for r in base[t]], [r for t in tasks for r in base[t]], None)
+    out["arms"] = {}
+    for arm, by_task in rec.items():
+        if arm == "target":
+            continue
+        gamma = int(arm.rsplit("@", 1)[1])
+        cell = {"gamma": gamma, "tasks": {t: _row(base[t], by_task[t], gamma, seed=cfg.seed) for t in tasks}}
+        flat_b = [r for t in tasks for r in base[t]]
+        flat_s = [r for t in tasks for r in by_task[t]]
+        strata = [i for i, t in enumerate(tasks) for _ in base[t]]
+        cell["overall"] = _row(flat_b, flat_s, gamma, strata=strata, seed=cfg.seed)
+        mismatches = sum(a["token_ids"] != b["token_ids"] for a, b in zip(flat_b, flat_s)) if greedy else None
+        cell["lossless_greedy"] = {"checked": len(flat_s) if greedy else 0, "mismatches": mismatches or 0}
+        out["arms"][arm] = cell
+    return out
+
+
+def format_table(summary: dict) -> str:
+    cols = ("arm", "task", "n", "α", "τ [95% CI]", "E[τ]", "c", "v", "target tok/s", "spec tok/s",
+            "speedup [95% CI]", "bound")
     rows = []
-    for g, block in result["by_gamma"].items():
-        for task, r in [*block["tasks"].items(), ("overall", block["overall"])]:
-            rows.append((task, str(g), str(r["n_prompts"]), f"{r['acceptance_rate']:.3f}",
-                         f"{r['block_efficiency']:.2f}", f"{r['expected_block_efficiency']:.2f}",
-                         f"{r['cost_ratio_c']:.3f}", f"{r['target_tokens_per_s']:.1f}",
-                         f"{r['spec_tokens_per_s']:.1f}", f"{r['speedup']:.2f}x"))
+    for arm, cell in summary["arms"].items():
+        for task, r in [*cell["tasks"].items(), ("overall", cell["overall"])]:
+            ci = r.get("ci95", {})
+            tau_ci = "[{:.2f}, {:.2f}]".format(*ci["block_efficiency"]) if "block_efficiency" in ci else ""
+            sp_ci = "[{:.2f}, {:.2f}]".format(*ci["speedup"]) if "speedup" in ci else ""
+            rows.append((arm, task, str(r["n_prompts"]), f"{r['acceptance_rate']:.3f}",
+                         f"{r['block_efficiency']:.2f} {tau_ci}", f"{r['expected_block_efficiency']:.2f}",
+                         f"{r['cost_ratio_c']:.3f}", f"{r['verify_cost_v']:.2f}", f"{r['target_tokens_per_s']:.1f}",
+                         f"{r['spec_tokens_per_s']:.1f}", f"{r['speedup']:.2f}x {sp_ci}", f"{r['speedup_bound']:.2f}x"))
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |"
     out = [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
-    lg = result["lossless_greedy"]
-    out.append(f"lossless greedy: {lg['checked']} prompts checked, {lg['mismatches']} mismatches")
+    for arm, cell in summary["arms"].items():
+        lg = cell["lossless_greedy"]
+        if lg["checked"]:
+            out.append(f"{arm}: lossless greedy, {lg['checked']} prompts checked, {lg['mismatches']} mismatches")
     return "\n".join(out)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+def _eval_json(cfg: JobConfig, name: str, draft: str, summary: dict, dtype, info: dict) -> dict:
+    """One draft's results in the eval schema (first γ at the top level, every γ under by_gamma)."""
+    cells = {g: summary["arms"][f"{name}@{g}"] for g in cfg.eval.gamma}
+    first = cells[cfg.eval.gamma[0]]
+    return {"target": cfg.target.model, "draft": draft, "gamma": cfg.eval.gamma[0],
+            "temperature": cfg.eval.temperature, "tasks": first["tasks"], "overall": first["overall"],
+            "by_gamma": {str(g): {"tasks": c["tasks"], "overall": c["overall"]} for g, c in cells.items()},
+            "lossless_greedy": {"checked": sum(c["lossless_greedy"]["checked"] for c in cells.values()),
+                                "mismatches": sum(c["lossless_greedy"]["mismatches"] for c in cells.values())},
+            "max_new_tokens": cfg.eval.max_new_tokens, "dtype": str(dtype).removeprefix("torch."),
+            "target_only": summary["target_only"], "machine": info, "interleaved_with": list(summary["arms"])}
 
 
-def _read_json(path: Path | None) -> dict | None:
-    try:
-        return json.loads(path.read_text()) if path is not None else None
-    except (OSError, ValueError):
-        return None  # absent or torn: measure again
-
-
-def run_eval(cfg: JobConfig, draft: str | None = None, out: Path | str | None = None,
-             baseline: Path | str | None = None) -> dict:
-    """Evaluate `draft` (path, 'new', or the job's newest trained draft) against the job's target.
-
-    `baseline`: a file holding the target-only arm. Reused when it matches this target, dtype, sampling
-    settings and prompts (`baseline_key`); otherwise the arm is measured and the file (re)written.
-    """
+def run_eval(cfg: JobConfig, drafts: dict[str, str | None] | str | None = None,
+             out: Path | str | dict[str, Path | str] | None = None, threads: int | None = None) -> dict:
+    """Evaluate drafts (name → path, 'new', or None for the job's newest trained draft) against the job's
+    target in one interleaved run. Writes one eval JSON per draft: `out` is a path (one draft) or
+    {name: path}. Returns {name: eval JSON}."""
     torch.manual_seed(cfg.seed)
-    target, draft_model, tok, target_path, draft_name = load_pair(cfg, draft)
-    print(f"eval: target={cfg.target.model} draft={draft_name} γ={cfg.eval.gamma} "
-          f"T={cfg.eval.temperature} dtype={next(target.parameters()).dtype}", flush=True)
-    baseline = Path(baseline) if baseline is not None else None
-    res = evaluate_pair(target, draft_model, tok, cfg, baseline=_read_json(baseline))
-    if baseline is not None and not res["baseline_reused"]:
-        _write_json(baseline, res["baseline"])
-    elif res["baseline_reused"]:
-        print(f"eval: target-only arm reused from {baseline}", flush=True)
-    first = cfg.eval.gamma[0]
-    result = {"target": cfg.target.model, "draft": draft_name, "gamma": first,
-              "temperature": cfg.eval.temperature, "tasks": res["by_gamma"][first]["tasks"],
-              "overall": res["by_gamma"][first]["overall"],
-              "by_gamma": {str(g): b for g, b in res["by_gamma"].items()},
-              "lossless_greedy": res["lossless_greedy"], "max_new_tokens": cfg.eval.max_new_tokens,
-              "dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
-              "target_only": {"key": res["baseline"]["key"], "reused": res["baseline_reused"],
-                              "measured_at": res["baseline"]["measured_at"]}}
-    print(format_table({"by_gamma": res["by_gamma"], "lossless_greedy": res["lossless_greedy"]}), flush=True)
-    if out is not None:
-        _write_json(Path(out), result)
-        print(f"wrote {out}")
-    return result
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    if not isinstance(drafts, dict):
+        drafts = {"draft": drafts}
+    target, tok = load_target(cfg)
+    loaded = {name: load_draft_for(cfg, target, tok, d) for name, d in drafts.items()}
+    dtype = next(target.parameters()).dtype
+    info = machine()
+    print(f"eval: target={cfg.target.model} drafts={', '.join(f'{n}={d[2]}' for n, d in loaded.items())} "
+          f"γ={cfg.eval.gamma} T={cfg.eval.temperature} dtype={dtype} threads={info['threads']} ({info['cpu']})",
+          flush=True)
+    measured = measure(target, {n: (m, v) for n, (m, v, _) in loaded.items()}, tok, cfg)
+    summary = summarize(measured, cfg)
+    print(format_table(summary), flush=True)
+    results = {name: _eval_json(cfg, name, d[2], summary, dtype, info) for name, d in loaded.items()}
+    paths = out if isinstance(out, dict) else ({next(iter(results)): out} if out is not None else {})
+    for name, path in paths.items():
+        write_json_atomic(Path(path), results[name])
+        print(f"wrote {path}")
+    return results

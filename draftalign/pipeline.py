@@ -1,9 +1,12 @@
 """`draftalign run`: every stage in order, skipping stages whose outputs are complete.
 
-    pretrain → eval (pretrained) → generate → distill → eval (distilled) → report
+    generate → pretrain → distill → eval (target-only, pretrained, distilled) → report
 
-Both evals share one target-only arm (`eval_target_only.json`, measured once): the two drafts are
-compared against the same denominator, and the second eval costs only its speculative arm.
+Generation comes first: the target's answers need nothing from the draft, and the draft's vocabulary
+(`draftalign.vocab`) and, optionally, stage 1's text (`pretrain.corpus: [run:distill_set]`) come
+from them. One eval measures both drafts against target-only decoding, interleaved per prompt, after
+Ray has been shut down (no idle workers on the cores being timed); it writes `eval_pretrained.json`
+and `eval_distilled.json`.
 
 Each stage writes a completion marker only after its outputs are in place (atomically), so a rerun
 after a kill continues at the first incomplete stage; stages that were cut mid-way resume from
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 from draftalign.config import ConfigError, JobConfig, check_fits_cluster
+from draftalign.io import write_json_atomic
 from draftalign.runtime import run_dir
 
 
@@ -73,10 +77,20 @@ def _stage(name: str, marker: Path, fn) -> None:
     print(f"[run] {name}: done in {time.time() - t0:.0f} s", flush=True)
 
 
+def _eval_both(cfg: JobConfig, out: Path) -> None:
+    import ray
+
+    from draftalign.evaluate import run_eval
+
+    if ray.is_initialized():
+        ray.shutdown()  # idle Ray workers and agents must not share the cores being timed
+    names = ("pretrained", "distilled")
+    run_eval(cfg, {n: str(out / f"draft_{n}") for n in names}, out={n: out / f"eval_{n}.json" for n in names})
+
+
 def run_pipeline(cfg: JobConfig) -> Path:
     """Run the whole job; returns the run directory."""
-    from actors.generate import run_generate, write_json_atomic
-    from draftalign.evaluate import run_eval
+    from actors.generate import run_generate
     from draftalign.report import write_report
     from learner.distill import run_distill
     from learner.pretrain import run_pretrain
@@ -86,17 +100,12 @@ def run_pipeline(cfg: JobConfig) -> Path:
     _check_same_job(out, cfg)
     write_json_atomic(out / "job.json", json.loads(cfg.model_dump_json()))
     t0 = time.time()
+    _stage("generate", out / "distill_set" / "metadata.json", lambda: run_generate(cfg))
     _stage("pretrain", out / "pretrain_done.json",
            lambda: run_pretrain(cfg, resume=_has_checkpoint(out / "ray_results" / "pretrain")))
-    _stage("eval pretrained", out / "eval_pretrained.json",
-           lambda: run_eval(cfg, draft=str(out / "draft_pretrained"), out=out / "eval_pretrained.json",
-                            baseline=out / "eval_target_only.json"))
-    _stage("generate", out / "distill_set" / "metadata.json", lambda: run_generate(cfg))
     _stage("distill", out / "distill_done.json",
            lambda: run_distill(cfg, resume=_has_checkpoint(out / "ray_results" / "distill")))
-    _stage("eval distilled", out / "eval_distilled.json",
-           lambda: run_eval(cfg, draft=str(out / "draft_distilled"), out=out / "eval_distilled.json",
-                            baseline=out / "eval_target_only.json"))
+    _stage("eval", out / "eval_distilled.json", lambda: _eval_both(cfg, out))
     report = write_report(out)
     print(f"[run] finished in {time.time() - t0:.0f} s; report: {report}", flush=True)
     return out

@@ -27,15 +27,22 @@ def _scalars(run: Path, stage: str) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(v) for k, v in series.items()}
 
 
+def _ci(r: dict, key: str, fmt: str = "{:.2f}") -> str:
+    lo_hi = r.get("ci95", {}).get(key)
+    return f" [{fmt.format(lo_hi[0])}, {fmt.format(lo_hi[1])}]" if lo_hi else ""
+
+
 def _table(evals: dict[str, dict]) -> list[str]:
-    lines = ["| draft | γ | task | n | acceptance α | block efficiency τ | E[τ] | c | speedup |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| draft | γ | task | n | α (per token) | τ [95% CI] | E[τ] | c | v | speedup [95% CI] | bound τ/(γc+v) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, ev in evals.items():
         for g, block in ev.get("by_gamma", {str(ev["gamma"]): ev}).items():
             for task, r in [*block["tasks"].items(), ("overall", block["overall"])]:
-                lines.append(f"| {name} | {g} | {task} | {r['n_prompts']} | {r['acceptance_rate']:.3f} | "
-                             f"{r['block_efficiency']:.2f} | {r['expected_block_efficiency']:.2f} | "
-                             f"{r['cost_ratio_c']:.3f} | {r['speedup']:.2f}x |")
+                lines.append(f"| {name} | {g} | {task} | {r['n_prompts']} | {r['acceptance_rate']:.3f}"
+                             f"{_ci(r, 'acceptance_rate', '{:.3f}')} | {r['block_efficiency']:.2f}"
+                             f"{_ci(r, 'block_efficiency')} | {r['expected_block_efficiency']:.2f} | "
+                             f"{r['cost_ratio_c']:.3f} | {r.get('verify_cost_v', 0):.2f} | {r['speedup']:.2f}x"
+                             f"{_ci(r, 'speedup')} | {r.get('speedup_bound', 0):.2f}x |")
     return lines
 
 
@@ -93,10 +100,11 @@ def write_report(run: Path) -> Path:
             ra = a["tasks"].get(task) if task != "overall" else a["overall"]
             rb = b["tasks"].get(task) if task != "overall" else b["overall"]
             if ra and rb:
-                lines.append(f"- **{task}**: block efficiency {ra['block_efficiency']:.3f} (pretrained) → "
-                             f"{rb['block_efficiency']:.3f} (distilled), "
-                             f"{(rb['block_efficiency'] / ra['block_efficiency'] - 1) * 100:+.1f}%; "
-                             f"acceptance {ra['acceptance_rate']:.3f} → {rb['acceptance_rate']:.3f}")
+                lines.append(f"- **{task}**: block efficiency τ {ra['block_efficiency']:.2f}"
+                             f"{_ci(ra, 'block_efficiency')} after stage 1 (pretrained) → "
+                             f"{rb['block_efficiency']:.2f}{_ci(rb, 'block_efficiency')} after stage 3 (distilled); "
+                             f"α {ra['acceptance_rate']:.3f} → {rb['acceptance_rate']:.3f}; speedup over target-only "
+                             f"{ra['speedup']:.2f}x → {rb['speedup']:.2f}x{_ci(rb, 'speedup')}")
     measured = evals.get("distilled", {}).get("overall", {})
     if distill and measured:
         # Same definition on both sides: greedy eval ↔ argmax agreement, sampled eval ↔ 1 − TVD.
@@ -106,10 +114,13 @@ def write_report(run: Path) -> Path:
             lines.append(f"- acceptance estimated in training on held-out target answers ({key}): "
                          f"{distill[key]:.3f}; measured by the engine on the eval prompts: "
                          f"{measured['acceptance_rate']:.3f}; gap {distill[key] - measured['acceptance_rate']:+.3f}")
-    shared = [ev["target_only"] for ev in evals.values() if ev.get("target_only")]
-    if len(shared) == len(evals) == 2 and shared[0]["key"] == shared[1]["key"]:
-        lines.append("- speedups share one denominator: the target-only arm was measured once "
-                     "(eval_target_only.json) and reused by the second eval")
+    if any(ev.get("interleaved_with") for ev in evals.values()):
+        ev = next(iter(evals.values()))
+        m = ev.get("machine", {})
+        lines.append(f"- one interleaved measurement: target-only and every draft arm ran prompt by prompt in "
+                     f"turn ({', '.join(ev['interleaved_with'])}), batch 1, {ev['dtype']}, "
+                     f"{m.get('threads')} threads on {m.get('cores')} cores ({m.get('cpu')}); intervals are "
+                     f"95% bootstrap over prompts")
     lines += ["", *_table(evals), "", "![report](report.png)", ""]
     if distill:
         lines += ["## Distillation counters", "", "```json", json.dumps(distill, indent=2), "```", ""]

@@ -81,6 +81,7 @@ from actors.rollout import (
     score_rows,
 )
 from draftalign.config import JobConfig, requested_resources
+from draftalign.io import write_json_atomic
 from draftalign.models import (
     build_draft,
     load_causal_lm,
@@ -90,7 +91,9 @@ from draftalign.models import (
     save_pretrained_atomic,
 )
 from draftalign.runtime import init_ray, run_dir
-from learner.losses import BaselineState, TargetDist, compute_loss, masked_mean, tvd
+from draftalign.vocab import job_draft_vocab
+from learner.draft_head import DraftHead
+from learner.losses import BaselineState, TargetDist, compute_loss, masked_mean, temper, tvd
 from learner.pretrain import (
     STATE_FILE,
     _all_reduce,
@@ -99,7 +102,6 @@ from learner.pretrain import (
     _param_groups,
     _rng_state,
     _set_rng_state,
-    _write_json_atomic,
     adamw,
     checkpoint_to_restore,
     lr_factor,
@@ -181,21 +183,23 @@ def heldout_batch(rows: list[dict], pool: TargetPool, k: int, pad_id: int) -> Ro
 # ----------------------------------------------------------------------------------- model
 
 class ResponseLogits(torch.nn.Module):
-    """Wraps a causal LM so the LM head runs only where there is a loss.
+    """Wraps a causal LM so the LM head runs only where there is a loss, on the draft's vocabulary.
 
-    forward(input_ids (B,T), attention_mask (B,T), loss_mask (B,T)) -> logits (N, V) for the N
-    response positions t (row-major), each computed from the hidden state at t − 1. DDP wraps this
-    module, so its forward (and the gradient hooks) go through DDP.
+    forward(input_ids (B,T), attention_mask (B,T), loss_mask (B,T)) -> logits (N, n) for the N
+    response positions t (row-major), each computed from the hidden state at t − 1, over the n rows
+    of `head` (learner.draft_head; the full vocabulary without a subset). DDP wraps this module, so
+    its forward (and the gradient hooks) go through DDP.
     """
 
-    def __init__(self, lm):
+    def __init__(self, lm, head: DraftHead | None = None):
         super().__init__()
         self.lm = lm
+        self.head = head or DraftHead(None, lm.config.vocab_size)
 
     def forward(self, input_ids, attention_mask, loss_mask):
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         h = hidden[:, :-1][loss_mask[:, 1:]]  # (N, H)
-        return self.lm.get_output_embeddings()(h)  # (N, V)
+        return self.head.logits(self.lm, h)  # (N, n)
 
 
 def batch_tensors(batch: RolloutBatch, device) -> dict:
@@ -211,8 +215,11 @@ def batch_tensors(batch: RolloutBatch, device) -> dict:
     return out
 
 
-def distill_loss(logits: torch.Tensor, bt: dict, dc, baseline_state: BaselineState | None):
-    """Per-position loss (N,) and count-weighted stats (see the module docstring for the form rule)."""
+def distill_loss(logits: torch.Tensor, bt: dict, dc, baseline_state: BaselineState | None,
+                 head: DraftHead | None = None):
+    """Per-position loss (N,) and count-weighted stats (see the module docstring for the form rule).
+    logits (N, n) over the draft head's vocabulary; targets are restricted to it (`DraftHead.restrict`)
+    and both sides tempered by distill.temperature."""
     n = logits.shape[0]
     on = bt["on_policy"]
     if dc.loss == "tvd_pp" and dc.form == "sampled":
@@ -221,15 +228,19 @@ def distill_loss(logits: torch.Tensor, bt: dict, dc, baseline_state: BaselineSta
         groups = [(torch.ones_like(on), "exact")]
     per_pos = logits.new_zeros(n, dtype=torch.float32)
     stats: dict[str, float] = {}
+    temperature = getattr(dc, "temperature", 1.0)
     for sel, form in groups:
         cnt = int(sel.sum())
         if cnt == 0:
             continue
         ids = bt["target_ids"]
         target = TargetDist(bt["target_logprobs"][sel], None if ids is None else ids[sel])
-        loss, st = compute_loss(dc.loss, logits[sel], target, sampled_tokens=bt["tokens"][sel], form=form,
-                                beta=dc.jsd_beta, baseline=dc.baseline, std_normalize=dc.std_normalize,
-                                baseline_state=baseline_state)
+        sub_logits, target = head.restrict(logits[sel], target) if head is not None else (logits[sel], target)
+        tokens = bt["tokens"][sel] if head is None else head.labels(bt["tokens"][sel])
+        tokens = torch.where(tokens < 0, sub_logits.shape[-1] - 1, tokens)  # outside the subset: the extra column
+        loss, st = compute_loss(dc.loss, sub_logits / temperature, temper(target, temperature),
+                                sampled_tokens=tokens, form=form, beta=dc.jsd_beta, baseline=dc.baseline,
+                                std_normalize=dc.std_normalize, baseline_state=baseline_state)
         per_pos = per_pos.index_put((sel.nonzero().squeeze(-1),), loss.float())
         for key, v in st.items():
             stats[key] = stats.get(key, 0.0) + v * cnt / n
@@ -238,7 +249,9 @@ def distill_loss(logits: torch.Tensor, bt: dict, dc, baseline_state: BaselineSta
 
 @torch.no_grad()
 def evaluate_heldout(core: ResponseLogits, hb: RolloutBatch, device, amp, rows_per_chunk: int = 8) -> dict:
-    """Teacher-forced TVD / acceptance of the draft on the held-out target responses."""
+    """Teacher-forced per-token acceptance of the draft on the held-out target responses — the α of
+    serve.acceptance, position by position: 1 − TVD(p, q) for sampled decoding, 1{argmax q = argmax p}
+    for greedy, q restricted to the draft's vocabulary as the engine decodes it."""
     was_training = core.training
     core.eval()
     tot = {"tvd": 0.0, "greedy": 0.0, "n": 0}
@@ -249,12 +262,13 @@ def evaluate_heldout(core: ResponseLogits, hb: RolloutBatch, device, amp, rows_p
                             hb.on_policy[sl], hb.policy_version, hb.actor_id, int(hb.loss_mask[sl].sum()))
         bt = batch_tensors(part, device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = core(bt["input_ids"], bt["attention_mask"], bt["loss_mask"])  # (N, V)
+            logits = core(bt["input_ids"], bt["attention_mask"], bt["loss_mask"])  # (N, n)
         target = TargetDist(bt["target_logprobs"], bt["target_ids"])
-        tot["tvd"] += float(tvd(logits.float(), target).sum())
+        sub_logits, sub_target = core.head.restrict(logits.float(), target)
+        tot["tvd"] += float(tvd(sub_logits, sub_target).sum())
         top = bt["target_logprobs"].argmax(-1)  # (N,)
         p_arg = top if bt["target_ids"] is None else bt["target_ids"].gather(-1, top[:, None]).squeeze(-1)
-        tot["greedy"] += float((logits.argmax(-1) == p_arg).sum())
+        tot["greedy"] += float((core.head.full_ids(logits.argmax(-1)) == p_arg).sum())
         tot["n"] += logits.shape[0]
     core.train(was_training)
     n = max(1, tot["n"])
@@ -321,7 +335,8 @@ def train_loop_per_worker(config: dict) -> None:
         lm = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
         state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False) if ckpt_dir else None
     lm.train()
-    model = ray.train.torch.prepare_model(ResponseLogits(lm))
+    head = DraftHead(config.get("draft_vocab"), lm.config.vocab_size)
+    model = ray.train.torch.prepare_model(ResponseLogits(lm, head))
     core = model.module if hasattr(model, "module") else model
     opt = adamw(_param_groups(core, lc.weight_decay), lr=lc.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(
@@ -389,7 +404,7 @@ def train_loop_per_worker(config: dict) -> None:
         counters["global_tokens"] += int(n_global)  # identical on every rank: they stop together
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(bt["input_ids"], bt["attention_mask"], bt["loss_mask"])  # (N, V)
-        per_pos, stats = distill_loss(logits.float(), bt, dc, baseline_state)
+        per_pos, stats = distill_loss(logits.float(), bt, dc, baseline_state, head)
         (masked_mean(per_pos, None, global_count=n_global) * world).backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), lc.grad_clip))
         lr = opt.param_groups[0]["lr"]
@@ -401,8 +416,8 @@ def train_loop_per_worker(config: dict) -> None:
             on = bt["on_policy"]
             drift = 0.0
             if on.any() and rc.temperature == 1.0:
-                now_lp = torch.log_softmax(logits.detach()[on].float(), -1).gather(
-                    -1, bt["tokens"][on][:, None]).squeeze(-1)
+                pos = head.labels(bt["tokens"][on]).clamp_min(0)  # sampled tokens lie in the subset
+                now_lp = torch.log_softmax(logits.detach()[on].float(), -1).gather(-1, pos[:, None]).squeeze(-1)
                 drift = float((now_lp - bt["draft_logprobs"][on]).abs().mean())
         if step % lc.sync_every == 0:
             version += 1
@@ -641,7 +656,7 @@ def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | Non
         else:  # nothing left to train (e.g. the token budget was already spent)
             ckpt, metrics = resume_from, state["metrics"]
     verify_checkpoint(ckpt)
-    _export(ckpt, tok, final)
+    _export(ckpt, tok, final, job_draft_vocab(cfg, rdir))
     done = {"steps": metrics["step"], "policy_version": metrics["policy_version"], "loss": metrics["loss"],
             "train_acceptance": metrics["acceptance"], "tail_mass": metrics["tail_mass"],
             "heldout_acceptance": metrics.get("heldout_acceptance"),
@@ -664,7 +679,7 @@ def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | Non
             "loss_name": cfg.distill.loss, "form": cfg.distill.form, "baseline": cfg.distill.baseline,
             "wall_time_s": round(time.time() - t_start, 1), "resumed_from_step": start_step,
             "started_from": source, "init_dir": str(init_dir), "checkpoint": str(ckpt), "draft": str(final)}
-    _write_json_atomic(done_path, done)
+    write_json_atomic(done_path, done)
     ha = done["heldout_acceptance"]
     _say(f"done: step {done['steps']}, loss {done['loss']:.4f}, held-out acceptance "
          f"{'n/a' if ha is None else f'{ha:.4f}'}, dropped {done['dropped_batches']}, restarts "
@@ -704,6 +719,7 @@ def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows:
         # arguments, so the object must outlive every restart (ray-project/ray#53727).
         rows_ref = ray.put(train_rows)
         actors = create_rollout_actors(cfg, str(init_dir), rows_ref, engines, queue, store,
+                                       draft_vocab=job_draft_vocab(cfg, storage.parent),
                                        name_prefix=f"draftalign-{cfg.name}")
         supervisor = _RolloutSupervisor(actors, store)
         supervisor.start()
@@ -712,7 +728,7 @@ def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows:
                   "resume_from": str(resume_from) if resume_from else None,
                   "queue": queue, "store": store, "heldout_ref": [ray.put(hb)] if hb is not None else [],
                   "tb_dir": str(tb_dir), "log_path": str(log_path), "session": uuid.uuid4().hex[:8],
-                  "token_budget": token_budget}
+                  "token_budget": token_budget, "draft_vocab": job_draft_vocab(cfg, storage.parent)}
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=lc.use_gpu,

@@ -295,3 +295,16 @@ def compute_loss(name: str, draft_logits, target: TargetDist, *, sampled_tokens=
         stats = {"tvd": float(masked_mean(tvd_n, m))}
     stats["tail_mass"] = float(masked_mean(_tail_mass(target, n, log_q.device), m))
     return loss, stats
+
+
+def temper(target: TargetDist, temperature: float) -> TargetDist:
+    """p_T ∝ p^(1/T) on the buckets. A top-k target's tail bucket is tempered as one token, so for T < 1
+    its tempered mass is an upper bound of the true one (the listed tokens' share a lower bound)."""
+    if temperature == 1.0:
+        return target
+    lp = target.logprobs.float() if target.logprobs.dtype != torch.float64 else target.logprobs
+    if target.is_full:
+        return TargetDist(torch.log_softmax(lp / temperature, -1))
+    tail = _log1mexp(lp.logsumexp(-1, keepdim=True)).clamp_min(LOG_FLOOR)  # (N, 1)
+    z = torch.cat([lp, tail], -1) / temperature  # (N, k+1)
+    return TargetDist(lp / temperature - z.logsumexp(-1, keepdim=True), target.ids)

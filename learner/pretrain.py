@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from draftalign.config import JobConfig
+from draftalign.io import atomic_dir, write_json_atomic
 from draftalign.models import (
     build_draft,
     load_causal_lm,
@@ -62,6 +63,8 @@ from draftalign.models import (
     save_pretrained_atomic,
 )
 from draftalign.runtime import init_ray, run_dir
+from draftalign.vocab import job_draft_vocab
+from learner.draft_head import DraftHead, DraftLM
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
@@ -91,15 +94,23 @@ def _text_column_docs(ds, src: str) -> list[str]:
     return [t for t in ds[col] if t]
 
 
-def load_documents(sources: list[str]) -> list[str]:
-    """Documents of every corpus entry: `embedded:chitchat`, .txt / .jsonl / .parquet files or
+def load_documents(sources: list[str], run_path: Path | None = None) -> list[str]:
+    """Documents of every corpus entry: `embedded:chitchat`, `run:distill_set` (this run's target
+    answers, each with its chat-templated prompt: sequence-level KD), .txt / .jsonl / .parquet files or
     directories of them, or a `datasets` name (`name` or `name:config`, split train)."""
     from draftalign.data import pretrain_texts
 
     docs: list[str] = []
     for src in sources:
         p = Path(os.path.expanduser(src))
-        if src.startswith("embedded:") or (p.is_file() and p.suffix in (".txt", ".jsonl")):
+        if src == "run:distill_set":
+            from actors.generate import load_distill_set
+
+            if run_path is None:
+                raise ValueError("pretrain.corpus entry run:distill_set needs the run directory")
+            data = load_distill_set(run_path).select_columns(["prompt", "response_text"])
+            docs += [r["prompt"] + r["response_text"] for r in data.to_list()]
+        elif src.startswith("embedded:") or (p.is_file() and p.suffix in (".txt", ".jsonl")):
             docs += pretrain_texts([src])
         elif p.is_dir() or (p.is_file() and p.suffix == ".parquet"):
             parquet = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
@@ -151,7 +162,7 @@ def _tokenize(docs: list[str], tok) -> np.ndarray:
 def prepare_tokens(cfg: JobConfig, tok, rdir: Path) -> tuple[dict[str, np.ndarray], str]:
     """Token streams {"train", "val"} of the corpus, cached in `<run_dir>/pretrain_data/` keyed by
     the documents, the tokenizer and the seed (so a restart skips tokenization)."""
-    docs = load_documents(cfg.pretrain.corpus)
+    docs = load_documents(cfg.pretrain.corpus, rdir)
     h = hashlib.sha256()
     for d in docs:
         h.update(hashlib.sha256(d.encode()).digest())
@@ -381,9 +392,10 @@ def _val_loss(core, val: np.ndarray, rank: int, world: int, batch: int, device, 
     for i in range(0, len(mine), batch):
         blk = torch.from_numpy(mine[i:i + batch].astype(np.int64)).to(device)  # (b, T + 1)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = core(input_ids=blk[:, :-1]).logits  # (b, T, V)
-        tot[0] += F.cross_entropy(logits.float().flatten(0, 1), blk[:, 1:].flatten(), reduction="sum")
-        tot[1] += blk[:, 1:].numel()
+            logits = core(blk[:, :-1])  # (b, T, n)
+        labels = core.head.labels(blk[:, 1:].flatten())
+        tot[0] += F.cross_entropy(logits.float().flatten(0, 1), labels, reduction="sum", ignore_index=-1)
+        tot[1] += int((labels >= 0).sum())
     core.train()
     _all_reduce(tot)
     return float(tot[0] / tot[1].clamp(min=1))
@@ -429,7 +441,8 @@ def train_loop_per_worker(config: dict) -> None:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
         state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False) if ckpt_dir else None
     model.train()
-    model = ray.train.torch.prepare_model(model)
+    head = DraftHead(config.get("draft_vocab"), model.config.vocab_size)
+    model = ray.train.torch.prepare_model(DraftLM(model, head))
     core = model.module if hasattr(model, "module") else model
     opt = adamw(_param_groups(core, pc.weight_decay), lr=pc.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(
@@ -469,9 +482,11 @@ def train_loop_per_worker(config: dict) -> None:
         blk = torch.from_numpy(train[idx].astype(np.int64)).to(device)  # (b, T + 1)
         lr = opt.param_groups[0]["lr"]
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(input_ids=blk[:, :-1]).logits  # (b, T, V)
-        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), blk[:, 1:].flatten(), reduction="sum")
-        (loss_sum * (world / (B * T))).backward()
+            logits = model(blk[:, :-1])  # (b, T, n)
+        # targets outside the draft's vocabulary carry no loss (the draft can never propose them)
+        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), head.labels(blk[:, 1:].flatten()),
+                                   reduction="sum", ignore_index=-1)
+        (loss_sum * (world / (B * T))).backward()  # out-of-vocabulary targets count as zero-loss tokens
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), pc.grad_clip))
         opt.step()
         sched.step()
@@ -510,7 +525,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if is_ckpt:
                     writer.flush()
                     d = Path(tmp)
-                    core.save_pretrained(d)
+                    core.lm.save_pretrained(d)
                     tokenizer.save_pretrained(d)
                     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
                                 "cursor": cursor, "rng": rngs, "config": config["cfg"],
@@ -536,12 +551,6 @@ def worker_resources(cpus: float, use_gpu: bool, custom: dict[str, float]) -> di
     return {**custom, "CPU": cpus, **({"GPU": 1} if use_gpu else {})}
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def _build_initial_draft(cfg: JobConfig, tok, target_path: str, dest: Path) -> Path:
     from transformers import AutoConfig
 
@@ -561,11 +570,21 @@ def _build_initial_draft(cfg: JobConfig, tok, target_path: str, dest: Path) -> P
     return save_pretrained_atomic(draft, tok, dest)
 
 
-def _export(ckpt: Path, tok, dest: Path) -> Path:
+def _export(ckpt: Path, tok, dest: Path, draft_vocab: list[int] | None = None) -> Path:
+    """The checkpoint's draft as a plain HF dir at `dest` (atomically), with its draft vocabulary file."""
     from transformers import AutoModelForCausalLM
 
+    from draftalign.vocab import save_draft_vocab
+
     model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
-    return save_pretrained_atomic(model, tok, dest)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if draft_vocab is not None:
+            save_draft_vocab(tmp, draft_vocab)
+
+    return atomic_dir(dest, write)
 
 
 def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
@@ -652,12 +671,14 @@ def run_pretrain(cfg: JobConfig, resume: bool = False, *, log_every: int = 10) -
     if start == "done":
         return final
 
+    draft_vocab = None
     if resume_from is not None and start_step >= pc.max_steps:
         _say(f"checkpoint step {start_step} ≥ max_steps {pc.max_steps}: exporting it")
         metrics = torch.load(resume_from / STATE_FILE, map_location="cpu", weights_only=False)["metrics"]
     else:
         streams, data_key = prepare_tokens(cfg, tok, rdir)
         split_blocks(streams, pc.seq_len)  # fail here, with the message, not inside a worker
+        draft_vocab = job_draft_vocab(cfg, rdir, fallback=[streams["train"].tolist()])
         init_dir = None
         if resume_from is None:
             init_dir = _build_initial_draft(cfg, tok, target_path, rdir / "pretrain_init")
@@ -669,6 +690,7 @@ def run_pretrain(cfg: JobConfig, resume: bool = False, *, log_every: int = 10) -
                              f"cluster has {have:g}")
         tb_dir.mkdir(parents=True, exist_ok=True)
         config = {"cfg": cfg.model_dump(mode="json"), "tokens_ref": ray.put(streams), "data_key": data_key,
+                  "draft_vocab": draft_vocab,
                   "init_dir": str(init_dir) if init_dir else None,
                   "resume_from": str(resume_from) if resume_from else None,
                   "tb_dir": str(tb_dir), "log_path": str(log_path), "log_every": max(1, log_every),
@@ -688,11 +710,11 @@ def run_pretrain(cfg: JobConfig, resume: bool = False, *, log_every: int = 10) -
         resume_from = Path(result.checkpoint.path)
         verify_checkpoint(resume_from)
         metrics = result.metrics
-    _export(resume_from, tok, final)
+    _export(resume_from, tok, final, draft_vocab or job_draft_vocab(cfg, rdir))
     done = {"steps": metrics["step"], "final_loss": metrics["loss"], "val_loss": metrics.get("val_loss"),
             "tokens_per_s": metrics.get("tokens_per_s"), "wall_time_s": round(time.time() - t_start, 1),
             "resumed_from_step": start_step, "checkpoint": str(resume_from), "draft": str(final)}
-    _write_json_atomic(done_path, done)
+    write_json_atomic(done_path, done)
     _say(f"done: step {done['steps']}, loss {done['final_loss']:.4f}, val_loss "
          f"{done['val_loss']:.4f}, {done['wall_time_s']}s -> {final}")
     return final

@@ -2,13 +2,23 @@
 
 One round (Leviathan et al. 2023): the draft proposes γ tokens autoregressively, the target scores
 all γ + 1 positions in one forward pass, `serve.sampling.rejection_sample` keeps a prefix and adds a
-recovered or bonus token. A batch of requests advances in lock-step: every active sequence emits
-n = min_s(k_s + 1) tokens per round, where k_s is its accepted count. Stopping early at any
-position is a stopping time of each sequence's own accept/reject chain, so this stays lossless;
-at batch 1 it is the textbook algorithm.
+recovered or bonus token. At batch 1 it is the textbook algorithm.
 
-Cache invariant between rounds: the sequence holds L committed tokens; the target cache covers the
-first L − 1 of them; the draft cache covers at most L − 1. Each model is fed its uncached suffix.
+Batches are ragged: every sequence advances by its own k + 1 tokens per round. The batch is one
+grid of columns; a round appends max_s(k_s + 1) columns, sequence s filling the first k_s + 1 and
+masking the rest (attention mask 0, positions from the mask's cumulative sum). So a sequence's last
+real token is not always the grid's last column: `_Batch.last` records it, and the next round reads
+the first prediction of each sequence at its own last column. Masked columns are never attended.
+
+Cache invariant between rounds: the target cache covers columns [0, t_len), the draft cache
+[0, d_len), each holding correct keys and values for every sequence there; each model is fed the
+columns from its cached length on. After a round, t_len = (old length) + min_s k_s: the column of
+the recovered token (k_s + 1-th) held a rejected draft token's keys.
+
+Cost (see `serve.kernels` and `draftalign.vocab`): both models run their linear layers through
+`use_decode_matmul` on CPU, the LM heads only at the positions whose distribution is used (one per
+sequence per draft step, γ + 1 per verification), and the draft's head only on its frequency-ranked
+vocabulary when it has one (q = 0 outside it: lossless).
 """
 
 from __future__ import annotations
@@ -20,24 +30,34 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from serve.acceptance import draft_acceptance, per_token_acceptance, round_outcome
+from serve.kernels import decode_linear, use_decode_matmul
 from serve.sampling import SamplingParams, logits_to_probs, rejection_sample, sample
 
 
 @dataclass
 class Generation:
-    """One finished request: tokens, why it stopped, and its speculative statistics."""
+    """One finished request: tokens, why it stopped, and its speculative statistics (emitted tokens only)."""
 
     token_ids: list[int]
     finish_reason: str = "length"  # "stop" (EOS or stop string) or "length"
     text: str | None = None
     rounds: int = 0  # target forward passes
     proposed: int = 0  # draft tokens proposed
-    accepted: int = 0  # draft tokens the verifier accepted
+    accepted: int = 0  # draft tokens accepted and emitted
+    rejected: int = 0  # rounds that ended in a rejection (their recovered token emitted)
     accepted_per_position: list[int] = field(default_factory=list)  # accepted at draft position i
+    accepted_histogram: list[int] = field(default_factory=list)  # rounds that accepted k = 0 … γ
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted / self.proposed if self.proposed else 0.0
+        """α̂ = accepted / (accepted + rejected): per-token acceptance (serve.acceptance)."""
+        return per_token_acceptance(self.accepted, self.rejected)
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        """accepted / proposed (vLLM's counters)."""
+        return draft_acceptance(self.accepted, self.proposed)
 
     @property
     def block_efficiency(self) -> float:
@@ -47,14 +67,23 @@ class Generation:
 
 @dataclass
 class Timing:
+    """Seconds and counts of forward passes; the first pass of each model per call (the prompt's
+    prefill) is kept apart, so target_s / target_steps is a decoding step (or a verification)."""
+
     draft_s: float = 0.0
     draft_steps: int = 0
     target_s: float = 0.0
     target_steps: int = 0
+    prefill_s: float = 0.0
+    prefills: int = 0
+
+    def add(self, other: "Timing") -> None:
+        for k in self.__dataclass_fields__:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
 
 
 class _Batch:
-    """Left-padded token ids, attention mask and positions of a batch of sequences."""
+    """The column grid of a batch: token ids, attention mask, and each sequence's last real column."""
 
     def __init__(self, prompts: list[list[int]], pad_id: int, device):
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -62,32 +91,61 @@ class _Batch:
         width = max(len(p) for p in prompts)
         self.ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
         self.mask = torch.zeros_like(self.ids)
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(prompts):  # left padding
             self.ids[i, width - len(p):] = torch.tensor(p, device=device)
             self.mask[i, width - len(p):] = 1
+        self.last = torch.full((len(prompts),), width - 1, dtype=torch.long, device=device)  # (B,)
 
     @property
     def length(self) -> int:
         return self.ids.shape[1]
 
-    def append(self, tokens: torch.Tensor) -> None:  # tokens (B, n)
+    def append(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """tokens (B, n); sequence s keeps its first valid[s] of them (default all), the rest masked."""
+        n = tokens.shape[1]
+        cols = torch.ones_like(tokens) if valid is None else (
+            torch.arange(n, device=tokens.device)[None] < valid[:, None]).long()
+        if valid is not None:
+            self.last = torch.where(valid > 0, self.length + valid - 1, self.last)
+        else:
+            self.last = torch.full_like(self.last, self.length + n - 1)
         self.ids = torch.cat([self.ids, tokens], 1)
-        self.mask = torch.cat([self.mask, torch.ones_like(tokens)], 1)
+        self.mask = torch.cat([self.mask, cols], 1)
 
 
-def _forward(model, cache: DynamicCache, batch: _Batch, start: int, extra: torch.Tensor | None = None):
-    """Feed (batch.ids ++ extra)[:, start:] to `model` on top of `cache` → logits (B, n, V).
+class _Head:
+    """A model's body and LM head, the head restricted to `vocab` (sorted token ids) when given."""
 
-    `cache` must hold exactly the first `start` positions.
-    """
-    ids, mask = batch.ids, batch.mask
-    if extra is not None:
-        ids = torch.cat([ids, extra], 1)
-        mask = torch.cat([mask, torch.ones_like(extra)], 1)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions[:, start:],
-                past_key_values=cache, use_cache=True)
-    return out.logits
+    def __init__(self, model, vocab: list[int] | None = None):
+        if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
+            raise ValueError(f"{type(model).__name__}: logit soft-capping / scaling is not supported by the engine")
+        self.model, self.body = model, model.get_decoder()
+        weight = model.get_output_embeddings().weight  # (V, H)
+        self.vocab_size = weight.shape[0]
+        self.ids = None if vocab is None else torch.tensor(vocab, dtype=torch.long, device=weight.device)
+        self.weight = weight if self.ids is None else weight.detach()[self.ids].contiguous()  # (N, H)
+
+    def hidden(self, cache: DynamicCache, batch: _Batch, start: int, extra: torch.Tensor | None = None):
+        """Feed (batch.ids ++ extra)[:, start:] on top of `cache` (which holds `start` columns) → (B, n, H)."""
+        ids, mask = batch.ids, batch.mask
+        if extra is not None:
+            ids = torch.cat([ids, extra], 1)
+            mask = torch.cat([mask, torch.ones_like(extra)], 1)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = self.body(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions[:, start:],
+                        past_key_values=cache, use_cache=True)
+        return out.last_hidden_state
+
+    def probs(self, h: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (..., H) → (probabilities over the full vocabulary (..., V), over the head's own rows)."""
+        sub = logits_to_probs(decode_linear(h, self.weight), params)  # (..., N)
+        if self.ids is None:
+            return sub, sub
+        full = sub.new_zeros(*sub.shape[:-1], self.vocab_size)
+        return full.index_copy_(-1, self.ids, sub), sub
+
+    def token(self, sub_idx: torch.Tensor) -> torch.Tensor:
+        return sub_idx if self.ids is None else self.ids[sub_idx]
 
 
 def _crop(cache: DynamicCache, length: int) -> None:
@@ -103,17 +161,29 @@ def _sync(device) -> None:
 
 
 class SpecDecoder:
-    """Target + draft speculative decoding; `generate_target_only` is the same loop without a draft."""
+    """Target + draft speculative decoding; `generate_target_only` is the same loop without a draft.
 
-    def __init__(self, target, draft=None, tokenizer=None, gamma: int = 3, verifier=rejection_sample):
+    draft_vocab: the draft's frequency-ranked vocabulary (sorted ids; `draftalign.vocab`), None = full.
+    decode_matmul: route small matrix products through `serve.kernels` (CPU; measured faster).
+    """
+
+    def __init__(self, target, draft=None, tokenizer=None, gamma: int = 3, verifier=rejection_sample,
+                 draft_vocab: list[int] | None = None, decode_matmul: bool = True):
         if gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
         if draft is not None and draft.config.vocab_size != target.config.vocab_size:
             raise ValueError(f"draft vocab size {draft.config.vocab_size} != target vocab size "
                              f"{target.config.vocab_size}")
+        if decode_matmul:
+            use_decode_matmul(target)
+            if draft is not None:
+                use_decode_matmul(draft)
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.gamma, self.verifier = gamma, verifier
         self.device = next(target.parameters()).device
+        self._t = _Head(target)
+        self._d = _Head(draft, draft_vocab) if draft is not None else None
+        self.draft_vocab_size = None if draft_vocab is None else len(draft_vocab)
         eos = target.generation_config.eos_token_id if target.generation_config else None
         eos = eos if eos is not None else target.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -122,14 +192,18 @@ class SpecDecoder:
         self.timing = Timing()
 
     # ------------------------------------------------------------------ bookkeeping
-    def _commit(self, gens: list[Generation], active: list[bool], emitted: torch.Tensor,
-                params: SamplingParams) -> None:
-        """Append emitted (B, n) tokens to each active generation; mark finished ones inactive."""
+    def _commit(self, gens: list[Generation], active: list[bool], emitted: list[list[int]],
+                params: SamplingParams) -> list[list[int]]:
+        """Append each active sequence's emitted tokens up to its stop; mark finished ones inactive.
+        Returns the tokens each sequence committed."""
+        new: list[list[int]] = []
         for s, gen in enumerate(gens):
+            new.append([])
             if not active[s]:
                 continue
-            for tok in emitted[s].tolist():
+            for tok in emitted[s]:
                 gen.token_ids.append(tok)
+                new[s].append(tok)
                 if tok in self.eos_ids:
                     gen.finish_reason, active[s] = "stop", False
                     break
@@ -142,6 +216,7 @@ class SpecDecoder:
                 if len(gen.token_ids) >= params.max_new_tokens:
                     gen.finish_reason, active[s] = "length", False
                     break
+        return new
 
     def _finish(self, gens: list[Generation]) -> list[Generation]:
         if self.tokenizer is not None:
@@ -151,17 +226,21 @@ class SpecDecoder:
                     g.text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return gens
 
-    def _timed(self, kind: str, fn, *args, **kw):
+    def _timed(self, kind: str, first: bool, fn, *args):
         t0 = time.perf_counter()
-        out = fn(*args, **kw)
+        out = fn(*args)
         _sync(self.device)
         dt = time.perf_counter() - t0
-        if kind == "draft":
-            self.timing.draft_s += dt
-            self.timing.draft_steps += 1
+        t = self.timing
+        if first:
+            t.prefill_s += dt
+            t.prefills += 1
+        elif kind == "draft":
+            t.draft_s += dt
+            t.draft_steps += 1
         else:
-            self.timing.target_s += dt
-            self.timing.target_steps += 1
+            t.target_s += dt
+            t.target_steps += 1
         return out
 
     # ------------------------------------------------------------------ decoding
@@ -201,23 +280,19 @@ class SpecDecoder:
             else:
                 yield from self._spec_rounds(batch, params, gamma or self.gamma, gen)
 
-    def _emit(self, gens, active, emitted: torch.Tensor, params) -> list[list[int]]:
-        before = [len(g.token_ids) for g in gens]
-        self._commit(gens, active, emitted, params)
-        return [g.token_ids[b:] for g, b in zip(gens, before)]
-
     def _target_rounds(self, batch: _Batch, params: SamplingParams, gen: torch.Generator):
         cache, cached = DynamicCache(), 0
         B = batch.ids.shape[0]
         gens = [Generation([]) for _ in range(B)]
         active = [True] * B
         while any(active) and batch.length < self.max_len:
-            logits = self._timed("target", _forward, self.target, cache, batch, cached)[:, -1]
+            h = self._timed("target", cached == 0, self._t.hidden, cache, batch, cached)[:, -1]  # (B, H)
             cached = batch.length
-            tok = sample(logits_to_probs(logits, params), gen)  # (B,)
+            p, p_sub = self._t.probs(h, params)  # (B, V)
+            tok = sample(p_sub, gen)  # (B,)
             for g, a in zip(gens, active):
                 g.rounds += a
-            new = self._emit(gens, active, tok[:, None], params)
+            new = self._commit(gens, active, tok[:, None].tolist(), params)
             batch.append(tok[:, None])
             yield new, gens
         yield [[] for _ in gens], self._finish(gens)
@@ -226,45 +301,58 @@ class SpecDecoder:
         t_cache, d_cache = DynamicCache(), DynamicCache()
         t_len = d_len = 0
         B = batch.ids.shape[0]
-        gens = [Generation([], accepted_per_position=[0] * gamma) for _ in range(B)]
+        rows = torch.arange(B, device=self.device)
+        gens = [Generation([], accepted_per_position=[0] * gamma, accepted_histogram=[0] * (gamma + 1))
+                for _ in range(B)]
         active = [True] * B
         while any(active) and batch.length + gamma + 1 <= self.max_len:
-            # 1. Draft proposes γ tokens: x_i ~ q(· | seq, x_<i).
-            draft_tokens, draft_probs = [], []
-            extra = None
+            L = batch.length
+            # 1. Draft proposes γ tokens: x_i ~ q(· | seq, x_<i). Its first prediction is read at each
+            #    sequence's own last column, the later ones at the grid's last column.
+            draft_tokens, draft_probs, extra = [], [], None
             for i in range(gamma):
-                logits = self._timed("draft", _forward, self.draft, d_cache, batch, d_len, extra)[:, -1]
-                d_len = batch.length + i
-                q = logits_to_probs(logits, params)  # (B, V)
+                h = self._timed("draft", d_len == 0, self._d.hidden, d_cache, batch, d_len, extra)
+                h = h[rows, (batch.last - d_len).clamp_min(0)] if i == 0 else h[:, -1]  # (B, H)
+                d_len = L + i
+                q, q_sub = self._d.probs(h, params)  # (B, V), (B, N)
                 draft_probs.append(q)
-                draft_tokens.append(sample(q, gen))
+                draft_tokens.append(self._d.token(sample(q_sub, gen)))
                 extra = torch.stack(draft_tokens, 1)
             x = torch.stack(draft_tokens, 1)  # (B, γ)
             q = torch.stack(draft_probs, 1)  # (B, γ, V)
-            # The draft cache now covers seq ++ x_<γ: x_γ itself was never fed.
+            # The draft cache now covers the grid ++ x_<γ: x_γ itself was never fed.
 
-            # 2. Target scores all γ + 1 positions in one pass.
-            logits = self._timed("target", _forward, self.target, t_cache, batch, t_len, x)
-            p = logits_to_probs(logits[:, -(gamma + 1):], params)  # (B, γ+1, V)
+            # 2. Target scores all γ + 1 positions in one pass: after each sequence's last real token,
+            #    and after each draft token.
+            h = self._timed("target", t_len == 0, self._t.hidden, t_cache, batch, t_len, x)  # (B, n, H)
+            at = torch.cat([(batch.last - t_len).clamp_min(0)[:, None],  # finished rows: any column
+                            L - t_len + torch.arange(gamma, device=self.device)[None].expand(B, -1)], 1)
+            p, _ = self._t.probs(h[rows[:, None], at], params)  # (B, γ+1, V)
 
-            # 3. Verify: accept a prefix, then a recovered or bonus token.
+            # 3. Verify: accept a prefix, then a recovered or bonus token; sequence s emits k_s + 1 tokens.
             k, nxt = self.verifier(x, q, p, gen)  # (B,), (B,)
             out = torch.cat([x, torch.zeros_like(x[:, :1])], 1)  # (B, γ+1)
-            out[torch.arange(B), k] = nxt
-            n = min(int(k[s]) + 1 for s in range(B) if active[s])
+            out[rows, k] = nxt
+            ks = k.tolist()
+            was_active = list(active)
+            new = self._commit(gens, active, [out[s, :ks[s] + 1].tolist() for s in range(B)], params)
             for s in range(B):
-                if active[s]:
-                    g, ks = gens[s], int(k[s])
+                if was_active[s]:
+                    g = gens[s]
+                    acc, rej = round_outcome(ks[s], gamma, len(new[s]))
                     g.rounds += 1
                     g.proposed += gamma
-                    g.accepted += ks
-                    for i in range(ks):
+                    g.accepted += acc
+                    g.rejected += rej
+                    g.accepted_histogram[ks[s]] += 1
+                    for i in range(acc):
                         g.accepted_per_position[i] += 1
-            emitted = out[:, :n]
-            new = self._emit(gens, active, emitted, params)
-            batch.append(emitted)
-            # 4. Roll both caches back to the committed prefix minus its last token.
-            t_len = batch.length - 1
+            live = [s for s in range(B) if was_active[s]]
+            n = max(ks[s] + 1 for s in live)
+            valid = torch.tensor([ks[s] + 1 if was_active[s] else 0 for s in range(B)], device=self.device)
+            batch.append(out[:, :n], valid)
+            # 4. Roll both caches back to the columns every sequence still agrees with.
+            t_len = L + min(ks[s] for s in live)
             _crop(t_cache, t_len)
             d_len = min(d_len, t_len)
             _crop(d_cache, d_len)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from draftalign.config import ConfigError, DraftArch, check_fits_cluster, load_config
+from draftalign.io import atomic_dir
 from draftalign.models import (
     ModelError,
     TokenizerMismatch,
-    _atomic_dir,
     build_draft,
     load_draft,
     save_pretrained_atomic,
@@ -72,7 +72,7 @@ def test_atomic_dir_leaves_nothing_when_the_writer_dies(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _atomic_dir(tmp_path / "model", dies)
+        atomic_dir(tmp_path / "model", dies)
     assert list(tmp_path.iterdir()) == []
 
 

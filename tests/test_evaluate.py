@@ -1,34 +1,55 @@
-"""`draftalign eval` on tiny models: the target-only arm is measured once and shared by later evals."""
+"""`draftalign eval` on tiny models: several drafts against one interleaved target-only arm, and the
+acceptance metrics on a hand-worked round history."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from draftalign.config import load_config
 from draftalign.evaluate import run_eval
+from serve.acceptance import expected_block_efficiency, round_outcome, summarize_rounds
 
 
-def _cfg(tmp_path, target: str, draft: str, max_new_tokens: int = 6):
-    return load_config(None, [f"target.model={target}", f"draft.model={draft}", f"run_dir={tmp_path / 'run'}",
-                              "eval.tasks=[chat,code]", "eval.prompts_per_task=2",
+def _cfg(tmp_path, target: str, max_new_tokens: int = 6):
+    return load_config(None, [f"target.model={target}", f"run_dir={tmp_path / 'run'}",
+                              "eval.tasks=[chat,code]", "eval.prompts_per_task={chat: 3, code: 2}",
                               f"eval.max_new_tokens={max_new_tokens}", "target.max_model_len=512"])
 
 
-def test_target_only_arm_is_reused_only_when_it_matches(tmp_path, tiny_target_path, tiny_draft_path):
-    base = tmp_path / "target_only.json"
-    cfg = _cfg(tmp_path, tiny_target_path, tiny_draft_path)
-    first = run_eval(cfg, out=tmp_path / "a.json", baseline=base)
-    assert not first["target_only"]["reused"] and base.is_file()
+def test_drafts_share_one_interleaved_target_only_arm(tmp_path, tiny_target_path, tiny_draft_path):
+    cfg = _cfg(tmp_path, tiny_target_path)
+    out = {"small": tmp_path / "small.json", "self": tmp_path / "self.json"}
+    res = run_eval(cfg, {"small": tiny_draft_path, "self": tiny_target_path}, out=out)
+    small, same = (json.loads(p.read_text()) for p in out.values())
+    assert small == json.loads(json.dumps(res["small"]))
+    assert small["interleaved_with"] == ["small@3", "self@3"]
+    for task, n in (("chat", 3), ("code", 2)):  # one denominator for both drafts
+        assert small["tasks"][task]["n_prompts"] == n
+        assert small["tasks"][task]["target_tokens_per_s"] == same["tasks"][task]["target_tokens_per_s"] > 0
+    # draft = target accepts every token and stays lossless
+    assert same["lossless_greedy"] == {"checked": 5, "mismatches": 0}
+    assert small["lossless_greedy"] == {"checked": 5, "mismatches": 0}
+    assert same["overall"]["acceptance_rate"] == 1.0 and same["overall"]["block_efficiency"] > 1
+    for r in (small["overall"], same["overall"]):
+        lo, hi = r["ci95"]["block_efficiency"]
+        assert lo <= r["block_efficiency"] <= hi
+        assert r["target_step_ms"] > 0 and r["verify_step_ms"] > 0 and r["draft_step_ms"] > 0
+        assert sum(r["accepted_histogram"]) > 0
 
-    again = run_eval(cfg, draft=tiny_target_path, out=tmp_path / "b.json", baseline=base)  # another draft
-    assert again["target_only"] == {**first["target_only"], "reused": True}
-    for task in ("chat", "code"):  # same denominator: target-only tokens/s copied, not re-timed
-        assert again["tasks"][task]["target_tokens_per_s"] == first["tasks"][task]["target_tokens_per_s"]
-    # the greedy losslessness check still compares against the stored target tokens: draft = target
-    # accepts everything, and still matches token for token
-    assert again["lossless_greedy"] == {"checked": 4, "mismatches": 0}
-    assert again["overall"]["acceptance_rate"] == 1.0
 
-    longer = run_eval(_cfg(tmp_path, tiny_target_path, tiny_draft_path, max_new_tokens=8), baseline=base)
-    assert not longer["target_only"]["reused"]  # different sampling settings: measured afresh, file replaced
-    assert json.loads(base.read_text())["key"] == longer["target_only"]["key"] != first["target_only"]["key"]
+def test_acceptance_metrics_on_a_hand_worked_history():
+    # γ = 3; rounds accept k = 3, 0, 2, 1, 3: 9 accepted, 3 rounds ended in a rejection, 15 proposed,
+    # 9 + 5 = 14 tokens emitted in 5 target passes
+    s = summarize_rounds([3, 0, 2, 1, 3], gamma=3)
+    assert (s["accepted"], s["rejected"], s["proposed"]) == (9, 3, 15)
+    assert s["acceptance_rate"] == pytest.approx(9 / 12)  # per-token α: accepted / (accepted + rejections)
+    assert s["draft_acceptance_rate"] == pytest.approx(9 / 15)  # vLLM's accepted / proposed
+    assert s["block_efficiency"] == pytest.approx(14 / 5)
+    # E[τ] uses the per-token α; with α = 0.75, γ = 3: 1 + .75 + .5625 + .421875
+    assert expected_block_efficiency(s["acceptance_rate"], 3) == pytest.approx(2.734375)
+    # a round cut short by max_tokens after 2 of its tokens: 2 accepted, no rejection observed
+    assert round_outcome(k=2, gamma=3, emitted=2) == (2, 0)
+    assert round_outcome(k=1, gamma=3, emitted=2) == (1, 1)  # recovered token emitted
+    assert round_outcome(k=3, gamma=3, emitted=4) == (3, 0)  # bonus: no rejection

@@ -2,7 +2,7 @@
 
 One scenario (it is the expensive one): the CLI runs the whole job in a subprocess; as soon as the
 first distillation shard is on disk the whole process group is SIGKILLed; the rerun skips the
-finished stages, finishes the set and the remaining stages. Then: every prompt id exactly once,
+finished shards, finishes the set and the remaining stages. Then: every prompt id exactly once,
 both eval files in the foundation's schema, the report, and a third run that skips everything.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,12 +63,13 @@ def test_run_killed_during_generation_then_rerun_completes(tmp_path, tiny_target
     assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (run / "pretrain_done.json").is_file() and not (run / "distill_set" / "metadata.json").exists()
+    assert not (run / "pretrain_done.json").exists() and not (run / "distill_set" / "metadata.json").exists()
 
     second = _cli(job, tmp_path / "second.log")
     assert second.wait(timeout=800) == 0, (tmp_path / "second.log").read_text()[-4000:]
     log = (tmp_path / "second.log").read_text()
-    assert "pretrain: complete" in log
+    reused = re.search(r"\((\d+) reused\)", log)
+    assert reused and int(reused.group(1)) >= 1, log[-3000:]  # generation continued from the finished shards
 
     from actors.generate import load_distill_set
 
@@ -82,12 +84,13 @@ def test_run_killed_during_generation_then_rerun_completes(tmp_path, tiny_target
         assert set(ev["tasks"]) == {"chat", "code", "summarize"}
         assert EVAL_KEYS <= set(ev["overall"]) and ev["lossless_greedy"]["mismatches"] == 0
     pre, post = (json.loads((run / n).read_text()) for n in ("eval_pretrained.json", "eval_distilled.json"))
-    assert post["target_only"] == {**pre["target_only"], "reused": True}  # one target-only arm for both
+    assert post["target_only"] == pre["target_only"]  # one interleaved target-only arm for both drafts
+    assert pre["interleaved_with"] == post["interleaved_with"] == ["pretrained@3", "distilled@3"]
     assert (run / "report.md").is_file() and (run / "report.png").stat().st_size > 0
     assert (run / "draft_distilled" / "config.json").is_file()
 
     third = subprocess.run([sys.executable, "-m", "draftalign.cli", "run", str(job)], cwd=ROOT, capture_output=True,
                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
-    for stage in ("pretrain", "eval pretrained", "generate", "distill", "eval distilled"):
+    for stage in ("generate", "pretrain", "distill", "eval"):
         assert f"[run] {stage}: complete" in third.stdout
