@@ -174,15 +174,17 @@ def score_rows(pool: "TargetPool", prompts: list[list[int]], responses: list[lis
 
 
 class TargetPool:
-    """Round-robin over TargetActor handles; a dead or restarting engine is skipped."""
+    """Round-robin over TargetActor handles; a dead or restarting engine is skipped. Empty when no
+    row needs scoring (replay-only rollouts of a set that carries the target's top-k)."""
 
     def __init__(self, engines: list, start: int = 0):
-        assert engines, "need at least one TargetActor"
         self.engines = list(engines)
-        self._next = start % len(self.engines)
+        self._next = start % max(1, len(self.engines))
         self.failures = 0
 
     def score(self, seqs: list[list[int]], starts: list[int], k: int) -> list[dict]:
+        if not self.engines:
+            raise RuntimeError("a row needs the target's scores but no TargetActor was started")
         deadline = time.monotonic() + SCORE_RETRY_S
         while True:
             for _ in range(len(self.engines)):

@@ -61,8 +61,10 @@ class TargetConfig(_Strict):
 class DraftConfig(_Strict):
     model: str | None = Field(None, description="path to an HF-format draft; None = build `arch`")
     arch: DraftArch = Field(default_factory=DraftArch)
-    init: Literal["random", "from_target"] = Field(
-        "random", description="from_target copies the target's embeddings (hidden sizes must match)")
+    init: Literal["random", "from_target", "target_projection"] = Field(
+        "random", description="from_target copies the target's embeddings (hidden sizes must match); "
+                              "target_projection initialises the (tied) embedding with the target's embeddings "
+                              "projected on their top principal directions (any draft width)")
     copy_layers: list[int] = Field(default_factory=list,
                                    description="target layers copied into the draft with from_target")
     draft_vocab_size: int = Field(

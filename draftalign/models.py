@@ -116,6 +116,19 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, device: str = 
     return model.to(device).eval()
 
 
+def project_embeddings(weight: torch.Tensor, width: int) -> torch.Tensor:
+    """(V, H) target embeddings → (V, width): coordinates on their top `width` principal directions
+    (centred, SVD), rescaled to the target's per-element standard deviation. Token similarities the
+    target learned survive the projection; a random draft has to learn them from its small data."""
+    w = weight.detach().float()
+    w = w - w.mean(0, keepdim=True)
+    if width >= w.shape[1]:
+        return torch.nn.functional.pad(w, (0, width - w.shape[1]))
+    _, _, v = torch.linalg.svd(w, full_matrices=False)  # v: (H, H), rows = principal directions
+    z = w @ v[:width].T  # (V, width)
+    return z * (weight.float().std() / z.std())
+
+
 def build_draft(arch: DraftArch, tokenizer, target=None, init: str = "random",
                 copy_layers: list[int] | None = None, seed: int = 0) -> LlamaForCausalLM:
     """A fresh `LlamaForCausalLM` sized by `arch`, vocabulary and special ids from `tokenizer`.
@@ -143,6 +156,15 @@ def build_draft(arch: DraftArch, tokenizer, target=None, init: str = "random",
     )
     torch.manual_seed(seed)
     draft = LlamaForCausalLM(config)
+    if init == "target_projection":
+        if target is None:
+            raise ModelError("draft.init=target_projection needs the target model")
+        with torch.no_grad():
+            draft.model.embed_tokens.weight.copy_(project_embeddings(target.get_input_embeddings().weight,
+                                                                     arch.hidden_size))
+            if not arch.tie_embeddings:
+                draft.lm_head.weight.copy_(project_embeddings(target.get_output_embeddings().weight,
+                                                              arch.hidden_size))
     if init == "from_target":
         if target is None:
             raise ModelError("draft.init=from_target needs the target model")

@@ -19,6 +19,10 @@ def configure_vllm_env(kv_cache_gib: float = 1.0, threads: int | None = None) ->
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve co-located processes
+    # vLLM's start-up INFO/WARNING lines (a dozen per engine, forwarded by Ray) bury the stage summaries;
+    # DRAFTALIGN_VERBOSE=1 shows them
+    if os.environ.get("DRAFTALIGN_VERBOSE", "0") == "0":
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(os.environ.get(
         "DRAFTALIGN_CACHE", Path.home() / ".cache" / "draftalign")) / "vllm"))
     if threads:

@@ -59,6 +59,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -323,7 +324,7 @@ def train_loop_per_worker(config: dict) -> None:
     lc, dc, rc = cfg.learner, cfg.distill, cfg.rollout
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(lc.cpus_per_worker)))
+    torch.set_num_threads(max(1, math.ceil(lc.cpus_per_worker - 1e-9)))
     device = ray.train.torch.get_device()
     amp = _autocast_dtype(device, lc.autocast)
     queue, store = config["queue"], config["store"]
@@ -710,7 +711,11 @@ def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows:
     per_worker = worker_resources(lc.cpus_per_worker, lc.use_gpu, lc.resources)
     engines, supervisor, queue, store = [], None, None, None
     try:
-        engines = create_target_actors(cfg, target_path, name_prefix=f"draftalign-{cfg.name}")
+        k = cfg.target.top_k_logprobs
+        if cfg.rollout.on_policy_fraction > 0 or any(cached_score(r, k) is None for r in train_rows + held_rows):
+            engines = create_target_actors(cfg, target_path, name_prefix=f"draftalign-{cfg.name}")
+        else:
+            _say("no target engine started: rollouts replay the set, whose rows carry the target's top-k")
         engine_info = ray.get([e.info.remote() for e in engines])
         hb = heldout_batch(held_rows, TargetPool(engines), cfg.target.top_k_logprobs, tok.pad_token_id)
         queue = Queue(maxsize=cfg.rollout.queue_size, actor_options={"num_cpus": 0})

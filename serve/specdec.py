@@ -15,10 +15,11 @@ Cache invariant between rounds: the target cache covers columns [0, t_len), the 
 columns from its cached length on. After a round, t_len = (old length) + min_s k_s: the column of
 the recovered token (k_s + 1-th) held a rejected draft token's keys.
 
-Cost (see `serve.kernels` and `draftalign.vocab`): both models run their linear layers through
-`use_decode_matmul` on CPU, the LM heads only at the positions whose distribution is used (one per
-sequence per draft step, γ + 1 per verification), and the draft's head only on its frequency-ranked
-vocabulary when it has one (q = 0 outside it: lossless).
+Cost (see `serve.kernels`, `serve.lean_llama` and `draftalign.vocab`): both models run their bodies
+through the lean Llama forward (fused weights, preallocated KV cache) and their linear layers through
+the decode-sized matmul on CPU, the LM heads only at the positions whose distribution is used (one
+per sequence per draft step, γ + 1 per verification), and the draft's head only on its
+frequency-ranked vocabulary when it has one (q = 0 outside it: lossless).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from transformers import DynamicCache
 
 from serve.acceptance import draft_acceptance, per_token_acceptance, round_outcome
 from serve.kernels import decode_linear, use_decode_matmul
+from serve.lean_llama import LeanLlama
 from serve.sampling import SamplingParams, logits_to_probs, rejection_sample, sample
 
 
@@ -114,12 +116,14 @@ class _Batch:
 
 
 class _Head:
-    """A model's body and LM head, the head restricted to `vocab` (sorted token ids) when given."""
+    """A model's body and LM head, the head restricted to `vocab` (sorted token ids) when given. The body
+    runs through `serve.lean_llama` where it supports the model (lean=True), else HF's own forward."""
 
-    def __init__(self, model, vocab: list[int] | None = None):
+    def __init__(self, model, vocab: list[int] | None = None, lean: bool = True):
         if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
             raise ValueError(f"{type(model).__name__}: logit soft-capping / scaling is not supported by the engine")
         self.model, self.body = model, model.get_decoder()
+        self.lean = LeanLlama(model) if lean and LeanLlama.supports(model) else None
         weight = model.get_output_embeddings().weight  # (V, H)
         self.vocab_size = weight.shape[0]
         self.ids = None if vocab is None else torch.tensor(vocab, dtype=torch.long, device=weight.device)
@@ -132,9 +136,17 @@ class _Head:
             ids = torch.cat([ids, extra], 1)
             mask = torch.cat([mask, torch.ones_like(extra)], 1)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        if self.lean is not None:
+            return self.lean.hidden(cache, ids, mask, positions, start)
         out = self.body(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions[:, start:],
                         past_key_values=cache, use_cache=True)
         return out.last_hidden_state
+
+    def new_cache(self, batch: _Batch):
+        """An empty KV cache for `batch` (the lean body's preallocated one, else HF's DynamicCache)."""
+        if self.lean is not None:
+            return self.lean.new_cache(batch.ids.shape[0], capacity=batch.length + 128)
+        return DynamicCache()
 
     def probs(self, h: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
         """h (..., H) → (probabilities over the full vocabulary (..., V), over the head's own rows)."""
@@ -165,10 +177,12 @@ class SpecDecoder:
 
     draft_vocab: the draft's frequency-ranked vocabulary (sorted ids; `draftalign.vocab`), None = full.
     decode_matmul: route small matrix products through `serve.kernels` (CPU; measured faster).
+    lean: run Llama bodies through `serve.lean_llama` (fused weights, preallocated cache): a decoding
+    step of the embedded target 30 vs 42 ms, a 4-token verification 34 vs 48 ms (2 cores, fp32).
     """
 
     def __init__(self, target, draft=None, tokenizer=None, gamma: int = 3, verifier=rejection_sample,
-                 draft_vocab: list[int] | None = None, decode_matmul: bool = True):
+                 draft_vocab: list[int] | None = None, decode_matmul: bool = True, lean: bool = True):
         if gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
         if draft is not None and draft.config.vocab_size != target.config.vocab_size:
@@ -181,8 +195,8 @@ class SpecDecoder:
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.gamma, self.verifier = gamma, verifier
         self.device = next(target.parameters()).device
-        self._t = _Head(target)
-        self._d = _Head(draft, draft_vocab) if draft is not None else None
+        self._t = _Head(target, lean=lean)
+        self._d = _Head(draft, draft_vocab, lean=lean) if draft is not None else None
         self.draft_vocab_size = None if draft_vocab is None else len(draft_vocab)
         eos = target.generation_config.eos_token_id if target.generation_config else None
         eos = eos if eos is not None else target.config.eos_token_id
@@ -281,7 +295,7 @@ class SpecDecoder:
                 yield from self._spec_rounds(batch, params, gamma or self.gamma, gen)
 
     def _target_rounds(self, batch: _Batch, params: SamplingParams, gen: torch.Generator):
-        cache, cached = DynamicCache(), 0
+        cache, cached = self._t.new_cache(batch), 0
         B = batch.ids.shape[0]
         gens = [Generation([]) for _ in range(B)]
         active = [True] * B
@@ -298,7 +312,7 @@ class SpecDecoder:
         yield [[] for _ in gens], self._finish(gens)
 
     def _spec_rounds(self, batch: _Batch, params: SamplingParams, gamma: int, gen: torch.Generator):
-        t_cache, d_cache = DynamicCache(), DynamicCache()
+        t_cache, d_cache = self._t.new_cache(batch), self._d.new_cache(batch)
         t_len = d_len = 0
         B = batch.ids.shape[0]
         rows = torch.arange(B, device=self.device)
