@@ -7,8 +7,10 @@ both arms; the 1-minute load average around every run is recorded and a warning 
 exceeded the core count + 1 (the loaded replica itself keeps every core busy). The load:
 N concurrent clients (the async openai client over loopback) each send M chat completions of
 held-out chat prompts, greedy, fixed max_tokens. Reported per arm: p50 / p99 request latency,
-completion tokens/s over the wall time of the load, requests/s, errors, the mean acceptance rate
-and tokens per target pass, the largest engine batch, and greedy mismatches between the arms
+completion tokens/s over the wall time of the load, requests/s, errors, the acceptance rates over
+all requests (per-token α = accepted / (accepted + rejected) and draft acceptance = accepted /
+proposed, as in `serve.acceptance`; α is None when the engine does not count rejections, as with
+vLLM) and tokens per target pass, the largest engine batch, and greedy mismatches between the arms
 (speculative decoding must not change the text).
 
 With an untrained draft the speculative endpoint can be slower than the baseline: the harness is
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from draftalign.config import load_config  # noqa: E402
 from draftalign.data import chat_messages  # noqa: E402
+from serve.acceptance import draft_acceptance, per_token_acceptance  # noqa: E402
 
 ARMS = ("spec", "base")
 
@@ -87,6 +90,7 @@ def _summary(runs: list[dict]) -> dict:
     tokens = sum(r["completion_tokens"] for r in ok)
     wall = sum(run["wall_s"] for run in runs)
     proposed, accepted = sum(r["proposed"] for r in ok), sum(r["accepted"] for r in ok)
+    rejected = None if any(r["rejected"] is None for r in ok) else sum(r["rejected"] for r in ok)
     rounds = sum(r["rounds"] for r in ok)
     return {"requests": len(recs), "errors": len(recs) - len(ok),
             "error_examples": [r["error"] for r in recs if "error" in r][:3],
@@ -94,7 +98,9 @@ def _summary(runs: list[dict]) -> dict:
             "mean_latency_s": statistics.fmean(lat) if lat else float("nan"),
             "completion_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall else 0.0,
             "requests_per_s": len(ok) / wall if wall else 0.0,
-            "acceptance_rate": accepted / proposed if proposed else 0.0,
+            "accepted": accepted, "rejected": rejected, "proposed": proposed,
+            "acceptance_rate": None if rejected is None else per_token_acceptance(accepted, rejected),
+            "draft_acceptance_rate": draft_acceptance(accepted, proposed),
             "tokens_per_target_pass": tokens / rounds if rounds else 0.0,
             "max_batch_size": max((r["batch_size"] for r in ok), default=0),
             "loadavg_1m": [x for run in runs for x in run["loadavg_1m"]]}
@@ -198,12 +204,13 @@ def main() -> None:
               "speedup_tokens_per_s": speedup}
 
     print("\n| endpoint | requests | errors | p50 latency s | p99 latency s | tokens/s | req/s | "
-          "acceptance | tokens/target pass | max batch |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "α (per token) | accepted/proposed | tokens/target pass | max batch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for arm, name in (("spec", f"speculative (γ={cfg.serve.gamma})"), ("base", "target only")):
         a = arms[arm]
+        alpha = "n/a" if a["acceptance_rate"] is None else f"{a['acceptance_rate']:.3f}"
         print(f"| {name} | {a['requests']} | {a['errors']} | {a['p50_latency_s']:.2f} | {a['p99_latency_s']:.2f} | "
-              f"{a['tokens_per_s']:.1f} | {a['requests_per_s']:.2f} | {a['acceptance_rate']:.3f} | "
+              f"{a['tokens_per_s']:.1f} | {a['requests_per_s']:.2f} | {alpha} | {a['draft_acceptance_rate']:.3f} | "
               f"{a['tokens_per_target_pass']:.2f} | {a['max_batch_size']} |")
     print(f"\nspeedup (tokens/s, speculative / target only): {speedup:.2f}x" if speedup else "")
     print(f"greedy mismatches between the arms: {mismatches} of {len(shared)}")

@@ -3,13 +3,17 @@
 The same numbers go two ways. `ray.serve.metrics` Counters/Histograms (tagged with deployment,
 replica and application by Serve) reach Prometheus through Ray's metrics agent; `snapshot()`
 returns this replica's running totals for the `/debug/stats` route and tests, where scraping
-Prometheus would be overkill. Names follow vLLM's `spec_decode` metrics: acceptance rate =
-accepted / proposed, tokens per target pass = block efficiency τ.
+Prometheus would be overkill. Rates follow `serve.acceptance`: acceptance rate = per-token α =
+accepted / (accepted + rejected rounds), the α of E[τ]; draft acceptance rate = accepted / proposed
+(vLLM's `spec_decode` counters); tokens per target pass = block efficiency τ. An engine that does not
+count rejected rounds (vLLM) reports `rejected` and the per-token α as None, never a made-up 0.
 """
 
 from __future__ import annotations
 
 import threading
+
+from serve.acceptance import draft_acceptance, per_token_acceptance
 
 # Histogram boundaries must be positive (Ray rejects 0).
 _RATE_BUCKETS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
@@ -21,12 +25,13 @@ _LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 class SpecDecodeMetrics:
     """Counters and histograms for one replica. Safe to call from the engine thread."""
 
-    def __init__(self, engine: str, speculative: bool):
+    def __init__(self, engine: str, speculative: bool, counts_rejections: bool = True):
+        self.counts_rejections = counts_rejections
         self._tags = {"engine": engine, "mode": "speculative" if speculative else "target_only"}
         self._lock = threading.Lock()
         self._totals = {"requests": 0, "streams": 0, "batches": 0, "max_batch_size_seen": 0,
                         "max_engine_batch_seen": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                        "proposed": 0, "accepted": 0, "rounds": 0}
+                        "proposed": 0, "accepted": 0, "rejected": 0, "rounds": 0}
         try:
             from ray.serve.metrics import Counter, Histogram
         except ImportError:  # outside Ray (unit use of the engine): keep the local snapshot only
@@ -40,9 +45,14 @@ class SpecDecodeMetrics:
             "proposed": Counter("draftalign_spec_proposed_tokens", "draft tokens proposed", keys),
             "accepted": Counter("draftalign_spec_accepted_tokens", "draft tokens accepted by the target",
                                 keys),
+            "rejected": Counter("draftalign_spec_rejected_rounds",
+                                "speculative rounds that ended in a rejection (not counted by engine=vllm)", keys),
             "rounds": Counter("draftalign_target_passes", "target forward passes (speculative rounds)", keys),
             "acceptance_rate": Histogram("draftalign_spec_acceptance_rate",
-                                         "per-request accepted / proposed", _RATE_BUCKETS, keys),
+                                         "per-request per-token acceptance: accepted / (accepted + rejected)",
+                                         _RATE_BUCKETS, keys),
+            "draft_acceptance_rate": Histogram("draftalign_spec_draft_acceptance_rate",
+                                               "per-request accepted / proposed", _RATE_BUCKETS, keys),
             "tokens_per_target_pass": Histogram("draftalign_spec_tokens_per_target_pass",
                                                 "per-request block efficiency (tau)", _TAU_BUCKETS, keys),
             "batch_size": Histogram("draftalign_batch_size", "requests per @serve.batch call",
@@ -75,9 +85,9 @@ class SpecDecodeMetrics:
         self._observe("engine_batch_size", prompts)
         self._observe("engine_latency_s", seconds)
 
-    def record_request(self, prompt_tokens: int, completion_tokens: int, proposed: int, accepted: int,
-                       rounds: int, stream: bool = False) -> None:
-        """One finished request (streamed or not) and its speculative statistics."""
+    def record_request(self, prompt_tokens: int, completion_tokens: int, *, proposed: int, accepted: int,
+                       rejected: int | None, rounds: int, stream: bool = False) -> None:
+        """One finished request (streamed or not) and its speculative statistics (rejected None: not counted)."""
         with self._lock:
             t = self._totals
             t["requests"] += 1
@@ -86,15 +96,20 @@ class SpecDecodeMetrics:
             t["completion_tokens"] += completion_tokens
             t["proposed"] += proposed
             t["accepted"] += accepted
+            t["rejected"] += rejected or 0
             t["rounds"] += rounds
         self._inc("requests", 1)
         self._inc("prompt_tokens", prompt_tokens)
         self._inc("completion_tokens", completion_tokens)
         self._inc("proposed", proposed)
         self._inc("accepted", accepted)
+        if rejected is not None:
+            self._inc("rejected", rejected)
         self._inc("rounds", rounds)
+        if rejected is not None and accepted + rejected:
+            self._observe("acceptance_rate", per_token_acceptance(accepted, rejected))
         if proposed:
-            self._observe("acceptance_rate", accepted / proposed)
+            self._observe("draft_acceptance_rate", draft_acceptance(accepted, proposed))
         if rounds:
             self._observe("tokens_per_target_pass", completion_tokens / rounds)
 
@@ -102,6 +117,10 @@ class SpecDecodeMetrics:
         """Running totals of this replica, with the derived rates."""
         with self._lock:
             t = dict(self._totals)
-        t["acceptance_rate"] = t["accepted"] / t["proposed"] if t["proposed"] else 0.0
+        if not self.counts_rejections:
+            t["rejected"] = None
+        t["acceptance_rate"] = (per_token_acceptance(t["accepted"], t["rejected"])
+                                if t["rejected"] is not None else None)
+        t["draft_acceptance_rate"] = draft_acceptance(t["accepted"], t["proposed"])
         t["tokens_per_target_pass"] = t["completion_tokens"] / t["rounds"] if t["rounds"] else 0.0
         return {**self._tags, **t}

@@ -115,8 +115,12 @@ def test_completion_greedy_equals_target_only(client, reference, target_tokenize
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
     spec = _spec(resp)
     assert spec["gamma"] == GAMMA and spec["proposed"] == GAMMA * spec["rounds"]
-    assert 0 <= spec["accepted"] <= spec["proposed"]
-    assert spec["acceptance_rate"] == pytest.approx(spec["accepted"] / spec["proposed"])
+    assert 0 <= spec["accepted"] <= spec["proposed"] and 0 <= spec["rejected"] <= spec["rounds"]
+    # serve.acceptance: per-token α over the tests made; accepted / proposed also counts untested tokens.
+    assert spec["accepted"] + spec["rejected"] > 0
+    assert spec["acceptance_rate"] == pytest.approx(spec["accepted"] / (spec["accepted"] + spec["rejected"]))
+    assert spec["draft_acceptance_rate"] == pytest.approx(spec["accepted"] / spec["proposed"])
+    assert spec["acceptance_rate"] >= spec["draft_acceptance_rate"] - 1e-12
     assert spec["tokens_per_target_pass"] == pytest.approx(resp.usage.completion_tokens / spec["rounds"])
 
 
@@ -151,7 +155,8 @@ def test_streaming_reassembles_to_the_non_streamed_text(client):
         assert text == whole.choices[0].text
         finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
         assert len(finals) == 1 and finals[0].choices[0].finish_reason == whole.choices[0].finish_reason
-        assert _spec(finals[0])["rounds"] == _spec(whole)["rounds"]
+        keys = ("rounds", "accepted", "rejected", "acceptance_rate", "draft_acceptance_rate")
+        assert [_spec(finals[0])[k] for k in keys] == [_spec(whole)[k] for k in keys]
         assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     # A round emits up to γ + 1 tokens: a 30-token answer needs several rounds, so several chunks.
     assert sum(1 for c in chunks if c.choices and c.choices[0].text) >= 2
@@ -431,6 +436,9 @@ def test_load_50_concurrent_clients(server, reference, target_tokenizer):
     stats = httpx.get(f"{server.root}/debug/stats", timeout=30).json()
     assert stats["max_batch_size_seen"] > 1 and stats["max_engine_batch_seen"] > 1
     assert stats["batches"] < stats["requests"]
+    assert 0 <= stats["rejected"] <= stats["rounds"]
+    assert stats["acceptance_rate"] == pytest.approx(stats["accepted"] / (stats["accepted"] + stats["rejected"]))
+    assert stats["draft_acceptance_rate"] == pytest.approx(stats["accepted"] / stats["proposed"])
 
 
 # ---------------------------------------------------------------------- vLLM engine (opt-in: heavy)
@@ -452,7 +460,11 @@ def test_vllm_engine_greedy_equals_target_only(server, tiny_target_path, referen
         for prompt in PROMPTS[:3]:
             r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
             assert r.choices[0].text == reference(_ids(target_tokenizer, prompt), max_new_tokens=16).text
-            assert _spec(r)["proposed"] > 0 and _spec(r)["gamma"] == GAMMA
+            spec = _spec(r)
+            assert spec["proposed"] > 0 and spec["gamma"] == GAMMA
+            # vLLM does not count rejected rounds: unknown, not 0, and so is the per-token α.
+            assert spec["rejected"] is None and spec["acceptance_rate"] is None
+            assert spec["draft_acceptance_rate"] == pytest.approx(spec["accepted"] / spec["proposed"])
         streamed = "".join(ch.choices[0].text for ch in c.completions.create(
             model=MODEL, prompt=PROMPTS[0], max_tokens=16, temperature=0, stream=True) if ch.choices)
         assert streamed == reference(_ids(target_tokenizer, PROMPTS[0]), max_new_tokens=16).text
@@ -503,14 +515,36 @@ def test_default_draft_prefers_distilled(tmp_path):
 
 
 def test_text_stream_holds_back_partial_characters(target_tokenizer):
-    from serve.app import _TextStream
+    from serve.detokenize import TextStream
 
     text = "naïve café ☕ résumé — done" + string.ascii_letters
     ids = _ids(target_tokenizer, text)
-    ts = _TextStream(target_tokenizer, set(), ("é —",))
+    ts = TextStream(target_tokenizer, set(), ("é —",))
     out = "".join(ts.update(ids[:k]) for k in range(1, len(ids) + 1))
     assert text.startswith(out) and "\ufffd" not in out
     assert out + ts.finish(text) == text
     # A stop string longer than the text so far: nothing may leave before it is ruled out.
-    ts = _TextStream(target_tokenizer, set(), ("a much longer stop string",))
+    ts = TextStream(target_tokenizer, set(), ("a much longer stop string",))
     assert ts.update(_ids(target_tokenizer, "Hi there")) == ""
+
+
+def test_aggregate_uses_the_acceptance_definitions():
+    from serve.app import _aggregate
+
+    def result(accepted, rejected, proposed, rounds, completion, batch):
+        return {"prompt_tokens": 5, "completion_tokens": completion, "rounds": rounds, "proposed": proposed,
+                "accepted": accepted, "rejected": rejected, "gamma": GAMMA, "batch_size": batch}
+
+    usage, spec = _aggregate([result(4, 2, 12, 4, 10, 2), result(2, 3, 9, 3, 5, 3)])
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (10, 15, 25)
+    assert (spec.accepted, spec.rejected, spec.proposed, spec.rounds, spec.batch_size) == (6, 5, 21, 7, 3)
+    assert spec.acceptance_rate == pytest.approx(6 / 11)
+    assert spec.draft_acceptance_rate == pytest.approx(6 / 21)
+    assert spec.tokens_per_target_pass == pytest.approx(15 / 7)
+    # Nothing tested (target only): 0, as serve.acceptance defines it.
+    _, spec = _aggregate([result(0, 0, 0, 8, 8, 1)])
+    assert (spec.acceptance_rate, spec.draft_acceptance_rate) == (0.0, 0.0)
+    # One prompt's rejections unknown (engine=vllm): the sum and the per-token α are unknown too.
+    _, spec = _aggregate([result(4, None, 12, 4, 10, 1), result(2, 3, 9, 3, 5, 1)])
+    assert spec.rejected is None and spec.acceptance_rate is None
+    assert spec.draft_acceptance_rate == pytest.approx(6 / 21)
