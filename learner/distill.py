@@ -600,7 +600,7 @@ def _starting_draft(cfg: JobConfig, rdir: Path, tok, target_path: str) -> tuple[
         return Path(cfg.draft.model).expanduser().resolve(), "draft.model"
     _say(f"WARNING: no {pre} and no draft.model: distilling a FRESH draft.arch draft "
          "(run `draftalign pretrain` first for a useful drafter)")
-    target = load_causal_lm(target_path) if cfg.draft.init == "from_target" else None
+    target = load_causal_lm(target_path) if cfg.draft.init != "random" else None
     draft = build_draft(cfg.draft.arch, tok, target=target, init=cfg.draft.init,
                         copy_layers=cfg.draft.copy_layers, seed=cfg.seed)
     return save_pretrained_atomic(draft, tok, rdir / "distill_init"), "fresh"

@@ -559,7 +559,7 @@ def _build_initial_draft(cfg: JobConfig, tok, target_path: str, dest: Path) -> P
         draft = load_draft(cfg.draft.model, tok, target_vocab=vocab)
         _say(f"draft: starting from {cfg.draft.model}")
     else:
-        target = load_causal_lm(target_path) if cfg.draft.init == "from_target" else None
+        target = load_causal_lm(target_path) if cfg.draft.init != "random" else None
         draft = build_draft(cfg.draft.arch, tok, target=target, init=cfg.draft.init,
                             copy_layers=cfg.draft.copy_layers, seed=cfg.seed)
         del target
