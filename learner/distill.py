@@ -236,7 +236,10 @@ def distill_loss(logits: torch.Tensor, bt: dict, dc, baseline_state: BaselineSta
             continue
         ids = bt["target_ids"]
         target = TargetDist(bt["target_logprobs"][sel], None if ids is None else ids[sel])
-        sub_logits, target = head.restrict(logits[sel], target) if head is not None else (logits[sel], target)
+        # FKL is infinite on a bucket the draft cannot cover: that mass joins the tail (a constant there)
+        outside = "tail" if dc.loss == "fkl" or (dc.loss == "jsd" and dc.jsd_beta == 0) else "bucket"
+        sub_logits, target = (head.restrict(logits[sel], target, outside) if head is not None
+                              else (logits[sel], target))
         tokens = bt["tokens"][sel] if head is None else head.labels(bt["tokens"][sel])
         tokens = torch.where(tokens < 0, sub_logits.shape[-1] - 1, tokens)  # outside the subset: the extra column
         loss, st = compute_loss(dc.loss, sub_logits / temperature, temper(target, temperature),

@@ -44,33 +44,29 @@ class DraftHead:
         """Subset positions → full-vocabulary ids."""
         return positions if self.ids is None else self.ids.to(positions.device)[positions]
 
-    def restrict(self, logits: torch.Tensor, target: TargetDist) -> tuple[torch.Tensor, TargetDist]:
-        """(logits (N, n) → (N, n + 1), target in subset coordinates). Listed target tokens outside the
-        subset move to the tail bucket (log-prob floored, index → an extra column whose logit is
-        LOG_FLOOR, so q there is 0)."""
+    def restrict(self, logits: torch.Tensor, target: TargetDist,
+                 outside: str = "bucket") -> tuple[torch.Tensor, TargetDist]:
+        """(logits (N, n) → (N, n + 1), target in subset coordinates). A listed target token outside the
+        subset points at an extra column whose logit is LOG_FLOOR (q = 0 there: the draft never proposes it).
+        outside="bucket" keeps its own bucket (p_b, 0): TVD stays exact, but FKL is infinite there;
+        outside="tail" moves its probability into the tail bucket instead (finite for every divergence, a
+        coarser partition: a lower bound)."""
         if self.index is None:
             return logits, target
         n = logits.shape[-1]
         logits = torch.cat([logits, logits.new_full((*logits.shape[:-1], 1), LOG_FLOOR)], -1)  # (N, n+1)
         index = self.index.to(logits.device)
-        if target.is_full:  # the subset's columns, listed; everything else is the tail
+        if target.is_full:  # the subset's columns listed, the rest in the tail (or in the extra column)
             ids = self.ids.to(logits.device)
             lp = target.logprobs[:, ids]  # (N, n)
             pos = torch.arange(n, device=logits.device).expand_as(lp)
+            if outside == "bucket":
+                rest = torch.log1p(-lp.exp().sum(-1, keepdim=True).clamp(max=1.0 - 1e-7))  # (N, 1)
+                lp, pos = torch.cat([lp, rest], -1), torch.cat([pos, pos.new_full(rest.shape, n)], -1)
             return logits, TargetDist(lp, pos)
         pos = index[target.ids.to(logits.device)]  # (N, k)
-        outside = pos < 0
-        lp = torch.where(outside, torch.full_like(target.logprobs, LOG_FLOOR), target.logprobs)
-        return logits, TargetDist(lp, torch.where(outside, n, pos))
-
-
-class DraftLM(torch.nn.Module):
-    """A causal LM whose forward returns logits over the draft's vocabulary only: (B, T) ids → (B, T, n)."""
-
-    def __init__(self, lm, head: DraftHead):
-        super().__init__()
-        self.lm, self.head = lm, head
-
-    def forward(self, input_ids, attention_mask=None):
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head.logits(self.lm, hidden)  # (B, T, n)
+        out = pos < 0
+        lp = target.logprobs
+        if outside == "tail":
+            lp = torch.where(out, torch.full_like(lp, LOG_FLOOR), lp)
+        return logits, TargetDist(lp, torch.where(out, n, pos))

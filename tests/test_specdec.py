@@ -1,8 +1,11 @@
 """Losslessness of the speculative decoding engine.
 
-Greedy: token-for-token equality with the target's own greedy decoding. Sampling: a χ² test of the
-empirical distribution of the first two generated tokens against the target's exact distribution,
-on a small-vocabulary model pair, with a broken acceptance rule as the negative control.
+Greedy: token-for-token equality with Hugging Face `generate` of the target alone (an implementation
+other than ours: unpatched HF modules, its own cache), with a draft that agrees partially so that
+rounds accept every k in [0, γ] and roll their caches back; ragged batches equal single requests.
+Sampling: a χ² test of the empirical distribution of the first two — and three — generated tokens
+against the target's exact distribution, on a small-vocabulary model pair (plain, ragged batches,
+a restricted draft vocabulary), with broken acceptance rules as the negative control.
 """
 
 from __future__ import annotations
@@ -40,6 +43,67 @@ def test_greedy_equals_target_on_50_prompts(tiny_pair, gamma):
         ref = engine.generate_target_only([p], params)[0]
         got = engine.generate([p], params)[0]
         assert got.token_ids == ref.token_ids
+
+
+@pytest.fixture(scope="module")
+def partial_pair(tiny_target_path):
+    """(engine target, HF reference target, draft): the draft is the target with its last layer removed and
+    its final norm perturbed (same embeddings and head), so it agrees with the target often but not always
+    (measured: rounds accepting every k of 0 … γ at γ = 3 and 5)."""
+    target, ref = load_causal_lm(tiny_target_path), load_causal_lm(tiny_target_path)
+    draft = load_causal_lm(tiny_target_path)
+    draft.model.layers = draft.model.layers[:1]
+    draft.config.num_hidden_layers = 1
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        draft.model.norm.weight.mul_(1 + torch.randn(draft.model.norm.weight.shape, generator=g))
+    return target, ref, draft
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+def test_greedy_equals_hf_generate_with_partial_acceptance(partial_pair, target_tokenizer, gamma):
+    target, ref, draft = partial_pair
+    engine = SpecDecoder(target, draft, target_tokenizer, gamma=gamma)
+    params = SamplingParams(max_new_tokens=24)
+    eos = target_tokenizer.eos_token_id
+    hist = [0] * (gamma + 1)
+    for p in _prompts(50, target.config.vocab_size, seed=10 + gamma):
+        ids = torch.tensor([p])
+        want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                            pad_token_id=eos)[0, len(p):].tolist()
+        want = want[: want.index(eos) + 1] if eos in want else want
+        got = engine.generate([p], params)[0]
+        assert got.token_ids == want
+        hist = [a + b for a, b in zip(hist, got.accepted_histogram)]
+    # every partial acceptance 0 < k < γ (and its cache rollback) happened
+    assert all(h > 0 for h in hist[1:gamma]), hist
+
+
+def test_ragged_batch_equals_single_with_partial_acceptance(partial_pair, target_tokenizer):
+    target, _, draft = partial_pair
+    engine = SpecDecoder(target, draft, target_tokenizer, gamma=3)
+    params = SamplingParams(max_new_tokens=20)
+    prompts = _prompts(12, target.config.vocab_size, seed=21)
+    batched = engine.generate(prompts, params)
+    assert len({tuple(g.accepted_histogram) for g in batched}) > 1  # sequences advanced by different k
+    for p, b in zip(prompts, batched):
+        single = engine.generate([p], params)[0]
+        assert b.token_ids == single.token_ids
+        assert (b.rounds, b.accepted, b.rejected) == (single.rounds, single.accepted, single.rejected)
+
+
+def test_restricted_draft_vocabulary_stays_lossless(partial_pair, target_tokenizer):
+    target, ref, draft = partial_pair
+    vocab = sorted(set(range(0, target.config.vocab_size, 3)) | {target_tokenizer.eos_token_id})
+    engine = SpecDecoder(target, draft, target_tokenizer, gamma=3, draft_vocab=vocab)
+    base = SpecDecoder(target, None, target_tokenizer)
+    params = SamplingParams(max_new_tokens=16)
+    proposed_inside = 0
+    for p in _prompts(20, target.config.vocab_size, seed=31):
+        got = engine.generate([p], params)[0]
+        assert got.token_ids == base.generate_target_only([p], params)[0].token_ids
+        proposed_inside += got.accepted
+    assert proposed_inside > 0
 
 
 def test_greedy_batch_equals_single(tiny_pair):
@@ -104,13 +168,26 @@ def _exact_two_token_dist(target, prompt: list[int], params: SamplingParams) -> 
     return (p1[:, None] * p2).reshape(-1).double()
 
 
-def _empirical(engine, prompt, params, n: int, batch: int, gamma: int) -> torch.Tensor:
-    counts = torch.zeros(V * V, dtype=torch.float64)
+@torch.no_grad()
+def _exact_three_token_dist(target, prompt: list[int], params: SamplingParams) -> torch.Tensor:
+    """P(a, b, c) under the processed target distribution → (V³,)."""
+    two = _exact_two_token_dist(target, prompt, params).float().reshape(V, V)
+    ab = torch.cartesian_prod(torch.arange(V), torch.arange(V))  # (V², 2)
+    xs = torch.cat([torch.tensor([prompt]).repeat(V * V, 1), ab], 1)  # (V², T+2)
+    p3 = logits_to_probs(target(xs).logits[:, -1], params).reshape(V, V, V)
+    return (two[:, :, None] * p3).reshape(-1).double()
+
+
+def _empirical(engine, prompt, params, n: int, batch: int, gamma: int, tokens: int = 2) -> torch.Tensor:
+    counts = torch.zeros(V ** tokens, dtype=torch.float64)
     for i in range(n // batch):
         p = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                           max_new_tokens=2, seed=1000 * gamma + i)
+                           max_new_tokens=tokens, seed=1000 * gamma + i)
         for g in engine.generate([prompt] * batch, p, gamma=gamma):
-            counts[g.token_ids[0] * V + g.token_ids[1]] += 1
+            cell = 0
+            for t in g.token_ids[:tokens]:
+                cell = cell * V + t
+            counts[cell] += 1
     return counts
 
 
@@ -150,6 +227,19 @@ def test_sampling_matches_target_distribution(params, gamma):
     exact = _exact_two_token_dist(target, prompt, params)
     engine = SpecDecoder(target, draft, None, gamma=gamma)
     counts = _empirical(engine, prompt, params, n=6000, batch=500, gamma=gamma)
+    assert _chi2_p(counts, exact) > P_MIN
+
+
+@pytest.mark.parametrize("vocab", [None, [0, 1, 2, 4, 6]], ids=["full-vocab", "draft-vocab-5-of-8"])
+@pytest.mark.parametrize("gamma", [1, 3])
+def test_three_token_sampling_matches_target_distribution(gamma, vocab):
+    """Three tokens: rounds after a rejection and cache rollback are sampled too (batches of 500 identical
+    prompts advance raggedly); with a restricted draft vocabulary q is 0 outside it."""
+    target, draft = _small_lm(0, 60.0), _small_lm(1, 60.0)
+    prompt, params = [1, 5, 2], SamplingParams(temperature=1.0)
+    exact = _exact_three_token_dist(target, prompt, params)
+    engine = SpecDecoder(target, draft, None, gamma=gamma, draft_vocab=vocab)
+    counts = _empirical(engine, prompt, params, n=8000, batch=500, gamma=gamma, tokens=3)
     assert _chi2_p(counts, exact) > P_MIN
 
 
