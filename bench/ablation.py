@@ -1,8 +1,10 @@
 """Ablation: which distillation loss makes the best drafter?
 
 Every arm distills the *same* starting draft (a job's `<run_dir>/draft_pretrained/`, or --draft)
-on the same distillation set with the same learner settings and the same token budget, then is
-evaluated with `draftalign.evaluate.run_eval` (speculative decoding against the target). Arms:
+on the same distillation set with the same learner settings and the same token budget; then all arms
+are evaluated in ONE interleaved `draftalign.evaluate.run_eval` per decoding temperature (--temperatures,
+default greedy and T = 1: greedy acceptance is argmax agreement, sampled acceptance is 1 − TVD, and the
+best loss can differ between them). Arms:
 FKL, RKL, JSD, TVD, TVD++ with its three baseline scopes (position / batch / EMA), plus `start`,
 the undistilled draft, as the reference row.
 
@@ -73,16 +75,18 @@ def _eval_rows(ev: dict) -> dict[str, dict[str, dict]]:
 
 
 def format_table(arms: dict) -> str:
-    cols = sorted({(t, g) for a in arms.values() for t, gs in a["eval"].items() for g in gs})
-    head = ["arm", *[f"{t} γ={g}" for t, g in cols], "held-out α", "tokens"]
+    cols = sorted({(m, t, g) for a in arms.values() for m, ts in a["eval"].items() for t, gs in ts.items()
+                   for g in gs})
+    head = ["arm", *[f"{m} {t} τ (γ={g})" for m, t, g in cols], "held-out greedy α", "held-out 1 − TVD", "tokens"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for name, a in arms.items():
         cells = [name]
-        for t, g in cols:
-            v = a["eval"].get(t, {}).get(g, {}).get("block_efficiency")
+        for m, t, g in cols:
+            v = a["eval"].get(m, {}).get(t, {}).get(g, {}).get("block_efficiency")
             cells.append("-" if v is None else f"{v:.3f}")
-        ha = a.get("distill", {}).get("heldout_acceptance")
-        cells.append("-" if ha is None else f"{ha:.3f}")
+        for key in ("heldout_greedy_acceptance", "heldout_acceptance"):
+            ha = a.get("distill", {}).get(key)
+            cells.append("-" if ha is None else f"{ha:.3f}")
         cells.append(str(a.get("distill", {}).get("trained_tokens", "-")))
         lines.append(" | ".join(cells))
     return "\n".join(lines)
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token-budget", type=int, default=None,
                     help="stop each arm after this many trained response tokens (default: learner.max_steps "
                          "× rollout.batch_size × rollout.max_new_tokens / 2)")
-    ap.add_argument("--resume", action="store_true", help="reuse arms whose eval JSON already exists")
+    ap.add_argument("--resume", action="store_true", help="reuse arms whose distilled draft already exists")
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="eval temperatures")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value")
     ap.add_argument("--out", type=Path, required=True, help="write the ablation JSON here")
     args = ap.parse_args(argv)
@@ -119,30 +124,37 @@ def main(argv: list[str] | None = None) -> int:
                                    * base.rollout.max_new_tokens // 2)
     root = src_run / "ablation"
     results: dict[str, dict] = {}
+    paths: dict[str, str] = {}
     t0 = time.time()
     for arm in arms:
         cfg = _arm_cfg(base, arm, ARMS[arm], draft, root)
         arm_dir = Path(cfg.run_dir)
-        ev_path = arm_dir / "eval.json"
         entry: dict = {"distill_config": cfg.distill.model_dump()}
-        if args.resume and ev_path.is_file():
-            print(f"[ablation] {arm}: reusing {ev_path}", flush=True)
-            ev = json.loads(ev_path.read_text())
-        else:
-            t_arm = time.time()
-            path = draft
-            if arm != "start":
-                _link_distill_set(src_run, arm_dir)
+        path = draft
+        if arm != "start":
+            _link_distill_set(src_run, arm_dir)
+            done = arm_dir / "distill_done.json"
+            if args.resume and done.is_file():
+                print(f"[ablation] {arm}: reusing {arm_dir / 'draft_distilled'}", flush=True)
+                path = arm_dir / "draft_distilled"
+            else:
+                t_arm = time.time()
                 path = run_distill(cfg, token_budget=budget)
-            arm_dir.mkdir(parents=True, exist_ok=True)
-            ev = run_eval(cfg, draft=str(path), out=ev_path)
-            entry["wall_s"] = round(time.time() - t_arm, 1)
-        done = arm_dir / "distill_done.json"
-        if arm != "start" and done.is_file():
+                entry["wall_s"] = round(time.time() - t_arm, 1)
             entry["distill"] = json.loads(done.read_text())
-        entry["eval"] = _eval_rows(ev)
-        entry["eval_overall"] = ev.get("overall")
+        paths[arm] = str(path)
         results[arm] = entry
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # no idle Ray workers on the cores the eval times
+    for temp in args.temperatures:
+        cfg = base.model_copy(deep=True)
+        cfg.eval.temperature = temp
+        evals = run_eval(cfg, paths, out={a: root / a / f"eval_T{temp:g}.json" for a in arms})
+        for arm, ev in evals.items():
+            results[arm].setdefault("eval", {})[f"T={temp:g}"] = _eval_rows(ev)
+            results[arm].setdefault("eval_overall", {})[f"T={temp:g}"] = ev.get("overall")
     out = {"job": str(args.job), "draft": str(draft), "quick": args.quick, "token_budget": budget,
            "learner_max_steps": base.learner.max_steps, "on_policy_fraction": base.rollout.on_policy_fraction,
            "form": base.distill.form, "eval": base.eval.model_dump(), "wall_s": round(time.time() - t0, 1),

@@ -70,3 +70,15 @@ class DraftHead:
         if outside == "tail":
             lp = torch.where(out, torch.full_like(lp, LOG_FLOOR), lp)
         return logits, TargetDist(lp, torch.where(out, n, pos))
+
+
+class DraftLM(torch.nn.Module):
+    """A causal LM whose forward returns logits over the draft's vocabulary only: (B, T) ids → (B, T, n)."""
+
+    def __init__(self, lm, head: DraftHead):
+        super().__init__()
+        self.lm, self.head = lm, head
+
+    def forward(self, input_ids, attention_mask=None):
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head.logits(self.lm, hidden)  # (B, T, n)
