@@ -108,8 +108,14 @@ def _summary(runs: list[dict]) -> dict:
 
 def _draft_path(cfg, draft: str | None, tmp: str) -> tuple[str, str]:
     """(path, label): --draft, else the job's newest trained draft, else a fresh untrained one."""
-    from draftalign.models import ModelError, build_draft, load_tokenizer, resolve_target, save_pretrained_atomic
-    from serve.app import default_draft
+    from draftalign.models import (
+        ModelError,
+        build_draft,
+        default_draft,
+        load_tokenizer,
+        resolve_target,
+        save_pretrained_atomic,
+    )
 
     if draft:
         return str(Path(draft).expanduser().resolve()), draft

@@ -187,8 +187,7 @@ def main() -> None:
                 "draft_s": tm.draft_s, "draft_steps": tm.draft_steps}
 
     out: list = []
-    arms = ["target_only", "hf_generate", "hf_assisted", *engines.keys() - {"target_only"}]
-    arms = list(dict.fromkeys(arms))
+    arms = ["target_only", "hf_generate", "hf_assisted", *(a for a in engines if a != "target_only")]
     print(f"bench: {len(prompts)} prompts × {max_new} tokens, γ={g}, arms {arms}, {machine()}", flush=True)
     for _ in range(2):  # warm-up, every arm
         for arm in arms:

@@ -32,11 +32,12 @@ from draftalign.config import JobConfig
 from draftalign.data import chat_prompt_ids, eval_messages
 from draftalign.io import write_json_atomic
 from draftalign.models import (
+    ModelError,
     build_draft,
+    default_draft,
     load_causal_lm,
     load_draft,
     load_tokenizer,
-    newest_trained_draft,
     pick_dtype,
     resolve_target,
 )
@@ -52,12 +53,6 @@ BOOTSTRAP = 1000
 WARMUP_ROUNDS = 2
 
 
-def default_draft(cfg: JobConfig) -> str:
-    """cfg.draft.model, else the newest trained draft of the job's run directory, else 'new'."""
-    found = newest_trained_draft(cfg.run_path)
-    return cfg.draft.model or (str(found) if found else "new")
-
-
 def load_target(cfg: JobConfig):
     """(target model, tokenizer) in the job's dtype."""
     target_path = resolve_target(cfg.target.model)
@@ -66,8 +61,13 @@ def load_target(cfg: JobConfig):
 
 
 def load_draft_for(cfg: JobConfig, target, tok, draft: str | None):
-    """(draft model, its vocabulary or None, name) for a path, 'new', or None (the job's default)."""
-    draft = draft or default_draft(cfg)
+    """(draft model, its vocabulary or None, name) for a path, 'new', or None (the job's default draft,
+    else a fresh one)."""
+    if not draft:
+        try:
+            draft = default_draft(cfg)
+        except ModelError:
+            draft = "new"
     dtype = next(target.parameters()).dtype
     if draft == "new":
         model = build_draft(cfg.draft.arch, tok, target, cfg.draft.init, cfg.draft.copy_layers, cfg.seed).to(dtype)

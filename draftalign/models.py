@@ -253,3 +253,16 @@ def newest_trained_draft(run_path: Path) -> Path | None:
         if found is not None:
             return found
     return None
+
+
+def default_draft(cfg) -> str:
+    """The draft a job uses when none is named: `draft.model`, else the newest trained draft of its run
+    directory (distilled before pretrained). Raises ModelError saying what to run when there is none."""
+    if cfg.draft.model:
+        return str(Path(cfg.draft.model).expanduser().resolve())
+    found = newest_trained_draft(cfg.run_path)
+    if found is None:
+        raise ModelError(f"no trained draft under {cfg.run_path.resolve()}/{{{','.join(DRAFT_DIRS)}}} and no "
+                         f"draft.model: run `draftalign distill` (or `draftalign pretrain`) for this job first, "
+                         f"or name a draft (--draft PATH)")
+    return str(found)

@@ -65,7 +65,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -95,19 +95,20 @@ from draftalign.runtime import init_ray, run_dir
 from draftalign.vocab import job_draft_vocab
 from learner.draft_head import DraftHead
 from learner.losses import BaselineState, TargetDist, compute_loss, masked_mean, temper, tvd
-from learner.pretrain import (
+from learner.trainer import (
     STATE_FILE,
-    _all_reduce,
-    _autocast_dtype,
-    _export,
-    _param_groups,
-    _rng_state,
-    _set_rng_state,
     adamw,
+    all_reduce,
+    autocast_dtype,
     checkpoint_to_restore,
+    export_draft,
     lr_factor,
+    param_groups,
     prepare_resume,
+    quiet_train_worker_logs,
+    rng_state,
     say_as,
+    set_rng_state,
     verify_checkpoint,
     worker_resources,
     write_manifest,
@@ -315,24 +316,47 @@ def _pull_fresh(queue, store, version: int, max_lag: int, counters: dict):
         return batch, lag, time.perf_counter() - t0
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker: pull RolloutBatches, step the draft, publish weights, checkpoint."""
-    import ray
-    import ray.train
+@dataclass
+class _Learner:
+    """One learner rank: where it runs, its model and optimizer, and the state a checkpoint saves."""
+
+    rank: int
+    world: int
+    device: torch.device
+    amp: torch.dtype | None
+    model: torch.nn.Module  # ResponseLogits, DDP-wrapped by Ray Train
+    core: ResponseLogits  # the unwrapped module (weights, held-out evaluation, saving)
+    tokenizer: object
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    baseline_state: BaselineState
+    counters: dict
+    step: int = 0
+    version: int = 0  # policy version: +1 every learner.sync_every steps
+    heldout_start: dict | None = None
+    restored_from: Path | None = None  # the checkpoint loaded, None on a fresh start
+
+
+@dataclass
+class _Rank0Log:
+    """Rank 0's outputs and what its per-step system metrics are measured against."""
+
+    writer: object  # TensorBoard SummaryWriter
+    jlog: object  # distill_log.jsonl, opened for append
+    attempt: int  # how many times the learner started before in this run
+    hb: RolloutBatch | None  # held-out batch
+    prev_store: dict  # WeightStore stats at the previous step
+    prev_t: float  # ... and when they were read
+
+
+def _restore(config: dict, cfg: JobConfig, rank: int, world: int, device, amp) -> _Learner:
+    """The draft, optimizer, LR schedule, counters, TVD++ baseline and RNG of this rank: from the
+    checkpoint `checkpoint_to_restore` picks (Ray Train's latest after a restart inside this run,
+    else the driver's resume_from), else from `init_dir` with fresh state and seed cfg.seed + rank."""
     import ray.train.torch
-    import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = JobConfig.model_validate(config["cfg"])
-    lc, dc, rc = cfg.learner, cfg.distill, cfg.rollout
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, math.ceil(lc.cpus_per_worker - 1e-9)))
-    device = ray.train.torch.get_device()
-    amp = _autocast_dtype(device, lc.autocast)
-    queue, store = config["queue"], config["store"]
-
-    # Ray Train's latest checkpoint after a restart inside this run, else the driver's resume_from
+    lc = cfg.learner
     with checkpoint_to_restore(config["resume_from"], say=_say) as ckpt_dir:  # None: fresh start
         src = str(ckpt_dir or config["init_dir"])
         tokenizer = AutoTokenizer.from_pretrained(src)
@@ -342,181 +366,282 @@ def train_loop_per_worker(config: dict) -> None:
     head = DraftHead(config.get("draft_vocab"), lm.config.vocab_size)
     model = ray.train.torch.prepare_model(ResponseLogits(lm, head))
     core = model.module if hasattr(model, "module") else model
-    opt = adamw(_param_groups(core, lc.weight_decay), lr=lc.lr)
+    opt = adamw(param_groups(core, lc.weight_decay), lr=lc.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(
         lr_factor, warmup=lc.warmup_steps, max_steps=lc.max_steps, min_ratio=lc.min_lr_ratio))
-    baseline_state = BaselineState(decay=dc.ema_decay)
     counters = {"dropped_batches": 0, "rollout_batches_seen": 0, "consumed_batches": 0, "trained_tokens": 0,
-                "global_tokens": 0,
-                "on_policy_rows": 0, "rows": 0, "wait_s": 0.0, "wall_s": 0.0}
-    step, version = 0, 0
-    heldout_start = None
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, version = state["step"], state["policy_version"]
-        counters.update(state["counters"])
-        baseline_state = BaselineState(**state["baseline_state"])
-        heldout_start = state.get("heldout_start")
-        rngs = state["rng"]
-        _set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
-    else:
+                "global_tokens": 0, "on_policy_rows": 0, "rows": 0, "wait_s": 0.0, "wall_s": 0.0}
+    learner = _Learner(rank, world, device, amp, model, core, tokenizer, opt, sched,
+                       BaselineState(decay=cfg.distill.ema_decay), counters, restored_from=ckpt_dir)
+    if state is None:
         torch.manual_seed(cfg.seed + rank)
-    # Restarted inside a run (a learner worker died): the store holds weights of the lost steps.
-    # Continue above them so versions keep increasing (the store's rule, actors/rollout.py). Every
-    # rank reads before the collective and rank 0 publishes after it, so all ranks agree.
-    seen = torch.tensor(float(ray.get(store.version.remote())), dtype=torch.float64, device=device)
-    if world > 1:
+        return learner
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    learner.step, learner.version = state["step"], state["policy_version"]
+    counters.update(state["counters"])
+    learner.baseline_state = BaselineState(**state["baseline_state"])
+    learner.heldout_start = state.get("heldout_start")
+    rngs = state["rng"]
+    set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
+    return learner
+
+
+def _skip_lost_versions(learner: _Learner, store) -> None:
+    """Restarted inside a run (a learner worker died): the store holds weights of the lost steps.
+    Continue above them so versions keep increasing (the store's rule, actors/rollout.py). Every
+    rank reads before the collective and rank 0 publishes after it, so all ranks agree."""
+    import ray
+    import torch.distributed as dist
+
+    seen = torch.tensor(float(ray.get(store.version.remote())), dtype=torch.float64, device=learner.device)
+    if learner.world > 1:
         dist.all_reduce(seen, op=dist.ReduceOp.MAX)
-    if int(seen) >= version:
-        _say(f"rank {rank}: restarted at step {step}; weight version {version} -> {int(seen) + 1}")
-        version = int(seen) + 1
-    hb = ray.get(config["heldout_ref"][0]) if config["heldout_ref"] and rank == 0 else None
+    if int(seen) >= learner.version:
+        _say(f"rank {learner.rank}: restarted at step {learner.step}; weight version {learner.version} -> "
+             f"{int(seen) + 1}")
+        learner.version = int(seen) + 1
 
-    writer = jlog = None
-    attempt = 0  # rank 0: how many times the learner started before in this run
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(config["tb_dir"], purge_step=step + 1 if step else None)
-        jlog = open(config["log_path"], "a")
-        publish_weights(store, core.lm, version)  # rollout actors wait for this first version
-        attempt = ray.get(store.learner_started.remote({
-            "num_workers": world, "pid": os.getpid(), "granted_resources": {
-                k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()},
-            "start_step": step, "policy_version": version, "restored_from": str(ckpt_dir) if ckpt_dir else None}))
-        if attempt:
-            _say(f"learner restart {attempt}: continuing from step {step} ({ckpt_dir})")
-        _say(f"rank 0/{world}: {'resuming at step ' + str(step) if step else 'starting'}; loss {dc.loss} "
-             f"({dc.form}), policy version {version}, autocast {amp}, held-out "
-             f"{0 if hb is None else hb.n_tokens} positions")
-        if hb is not None and heldout_start is None:
-            heldout_start = evaluate_heldout(core, hb, device, amp)
-            for k, v in heldout_start.items():
-                writer.add_scalar(f"heldout/{k}", v, step)
-            _say(f"step {step}: held-out acceptance {heldout_start['heldout_acceptance']:.4f}")
+def _open_rank0(config: dict, cfg: JobConfig, learner: _Learner, store) -> _Rank0Log:
+    """Rank 0 at start-up: open TensorBoard (dropping steps after the restored one) and the JSONL log,
+    publish the first weights, register the start with the store, and evaluate the held-out set at
+    the starting step unless the checkpoint already holds that estimate."""
+    import ray
+    from torch.utils.tensorboard import SummaryWriter
 
-    prev_store = ray.get(store.stats.remote()) if rank == 0 else None
-    prev_t = time.perf_counter()
+    dc, step, version = cfg.distill, learner.step, learner.version
+    hb = ray.get(config["heldout_ref"][0]) if config["heldout_ref"] else None
+    writer = SummaryWriter(config["tb_dir"], purge_step=step + 1 if step else None)
+    jlog = open(config["log_path"], "a")  # closed at the end of train_loop_per_worker
+    publish_weights(store, learner.core.lm, version)  # rollout actors wait for this first version
+    attempt = ray.get(store.learner_started.remote({
+        "num_workers": learner.world, "pid": os.getpid(), "granted_resources": {
+            k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()},
+        "start_step": step, "policy_version": version,
+        "restored_from": str(learner.restored_from) if learner.restored_from else None}))
+    if attempt:
+        _say(f"learner restart {attempt}: continuing from step {step} ({learner.restored_from})")
+    _say(f"rank 0/{learner.world}: {'resuming at step ' + str(step) if step else 'starting'}; loss {dc.loss} "
+         f"({dc.form}), policy version {version}, autocast {learner.amp}, held-out "
+         f"{0 if hb is None else hb.n_tokens} positions")
+    if hb is not None and learner.heldout_start is None:
+        learner.heldout_start = evaluate_heldout(learner.core, hb, learner.device, learner.amp)
+        for k, v in learner.heldout_start.items():
+            writer.add_scalar(f"heldout/{k}", v, step)
+        _say(f"step {step}: held-out acceptance {learner.heldout_start['heldout_acceptance']:.4f}")
+    prev_store = ray.get(store.stats.remote())
+    return _Rank0Log(writer, jlog, attempt, hb, prev_store, time.perf_counter())
+
+
+def _finished(learner: _Learner, max_steps: int, token_budget: int | None) -> bool:
+    """learner.max_steps reached, or the token budget (all ranks' tokens: every rank agrees) spent."""
+    return learner.step >= max_steps or bool(token_budget and learner.counters["global_tokens"] >= token_budget)
+
+
+@torch.no_grad()
+def _policy_drift(logits: torch.Tensor, bt: dict, head: DraftHead, temperature: float) -> float:
+    """How far the learner moved from the policy that sampled: mean |log q_now − log q_behaviour| of
+    the on-policy tokens (sampled at T = 1 only, else 0)."""
+    on = bt["on_policy"]  # (N,)
+    if not on.any() or temperature != 1.0:
+        return 0.0
+    pos = head.labels(bt["tokens"][on]).clamp_min(0)  # (N_on,) sampled tokens lie in the subset
+    now_lp = torch.log_softmax(logits.detach()[on].float(), -1).gather(-1, pos[:, None]).squeeze(-1)  # (N_on,)
+    return float((now_lp - bt["draft_logprobs"][on]).abs().mean())
+
+
+def _train_step(learner: _Learner, batch: RolloutBatch, cfg: JobConfig) -> tuple[dict[str, float], float, float]:
+    """One optimizer step on this rank's batch: count the global tokens (one all-reduce), forward,
+    loss normalised by that count × world (DDP's averaging then gives the full-batch mean), backward,
+    clip, optimizer and scheduler step; learner.step advances. Returns (this rank's token-weighted
+    sums: loss, tvd, tail_mass, reward_mean, reward_std, tokens, drift; lr used; grad norm)."""
+    lc, dc = cfg.learner, cfg.distill
+    device, amp, opt = learner.device, learner.amp, learner.opt
+    bt = batch_tensors(batch, device)
+    n_global = float(all_reduce(torch.tensor(float(batch.n_tokens), dtype=torch.float64, device=device)))
+    learner.counters["global_tokens"] += int(n_global)  # identical on every rank: they stop together
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        logits = learner.model(bt["input_ids"], bt["attention_mask"], bt["loss_mask"])  # (N, n)
+    per_pos, stats = distill_loss(logits.float(), bt, dc, learner.baseline_state, learner.core.head)  # (N,)
+    (masked_mean(per_pos, None, global_count=n_global) * learner.world).backward()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(learner.model.parameters(), lc.grad_clip))
+    lr = opt.param_groups[0]["lr"]
+    opt.step()
+    learner.sched.step()
+    opt.zero_grad(set_to_none=True)
+    learner.step += 1
+    n = float(batch.n_tokens)
+    sums = {"loss": float(per_pos.detach().sum()), "tvd": stats.get("tvd", 0) * n,
+            "tail_mass": stats.get("tail_mass", 0) * n, "reward_mean": stats.get("reward_mean", 0) * n,
+            "reward_std": stats.get("reward_std", 0) * n, "tokens": n,
+            "drift": _policy_drift(logits, bt, learner.core.head, cfg.rollout.temperature)}
+    return sums, lr, grad_norm
+
+
+def _count_batch(counters: dict, batch: RolloutBatch, waited: float, dt: float) -> None:
+    """Fold one consumed batch into this rank's running counters (saved with every checkpoint)."""
+    counters["consumed_batches"] += 1
+    counters["trained_tokens"] += batch.n_tokens
+    counters["rows"] += int(batch.on_policy.shape[0])
+    counters["on_policy_rows"] += int(batch.on_policy.sum())
+    counters["wait_s"] += waited
+    counters["wall_s"] += dt
+
+
+def _reduce_sums(sums: dict[str, float], device) -> dict[str, float]:
+    """Each named quantity summed over the ranks, in one float64 all-reduce (keys stacked in sorted
+    order, so every rank lays them out alike; every rank must pass the same keys)."""
+    keys = sorted(sums)
+    total = all_reduce(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device))  # (K,)
+    return dict(zip(keys, total.tolist()))
+
+
+def _step_metrics(sums: dict[str, float], learner: _Learner, lr: float, grad_norm: float, dt: float,
+                  waited: float, loss_name: str) -> dict:
+    """The step's metrics from the all-ranks sums: token-weighted means per token, per-rank values
+    (lag, drift, on-policy share) averaged over ranks, counters summed; throughput over this rank's
+    step time `dt`, of which `waited` went to the queue."""
+    tokens, world = sums["tokens"], learner.world
+    metrics = {"step": learner.step, "policy_version": learner.version, "loss": sums["loss"] / tokens,
+               "tvd": sums["tvd"] / tokens, "acceptance": 1.0 - sums["tvd"] / tokens,
+               "tail_mass": sums["tail_mass"] / tokens, "policy_lag": sums["lag"] / world,
+               "policy_drift": sums["drift"] / world, "dropped_batches": int(sums["dropped_batches"]),
+               "consumed_batches": int(sums["consumed_batches"]),
+               "learner_idle_frac": sums["wait_s"] / max(sums["step_s"], 1e-9),
+               "learner_tokens_per_s": tokens / max(dt, 1e-9),
+               "learner_compute_tokens_per_s": tokens / max(dt - waited, 1e-9),
+               "on_policy_frac": sums["on_policy_frac"] / world, "lr": lr, "grad_norm": grad_norm,
+               "trained_tokens": learner.counters["global_tokens"]}
+    if loss_name == "tvd_pp":
+        metrics["reward_mean"], metrics["reward_std"] = sums["reward_mean"] / tokens, sums["reward_std"] / tokens
+    return metrics
+
+
+def _rank0_metrics(r0: _Rank0Log, learner: _Learner, queue, store, is_ckpt: bool) -> dict:
+    """Rank 0's extra metrics: rollout throughput since the previous step (all actors and each one:
+    scaling shows up here), queue depth, restart counts, the run's idle share and, at checkpoints,
+    the held-out estimate."""
+    import ray
+
+    heldout = {}
+    if is_ckpt and r0.hb is not None:
+        heldout = evaluate_heldout(learner.core, r0.hb, learner.device, learner.amp)
+        if learner.heldout_start is not None:
+            heldout["heldout_acceptance_start"] = learner.heldout_start["heldout_acceptance"]
+    st = ray.get(store.stats.remote())
+    now = time.perf_counter()
+    elapsed = max(now - r0.prev_t, 1e-9)
+    out = {"rollout_tokens_per_s": (st["rollout_tokens"] - r0.prev_store["rollout_tokens"]) / elapsed}
+    for i, tokens in st["actor_tokens"].items():
+        out[f"rollout_tokens_per_s/actor_{i}"] = (tokens - r0.prev_store["actor_tokens"].get(i, 0)) / elapsed
+    out["queue_depth"] = queue.qsize()
+    out["rollout_restarts"] = st["restarts"]
+    out["learner_restarts"] = st["learner_restarts"]
+    out["learner_idle_frac_total"] = learner.counters["wait_s"] / max(learner.counters["wall_s"], 1e-9)
+    r0.prev_store, r0.prev_t = st, now
+    return {**out, **heldout}
+
+
+def _log_step(r0: _Rank0Log, metrics: dict, is_ckpt: bool) -> None:
+    """Rank 0: every metric to TensorBoard (under heldout/, system/ or train/), one distill_log.jsonl
+    line, and a console line every PRINT_EVERY steps and at checkpoints."""
+    step = metrics["step"]
+    for k, v in metrics.items():
+        if k == "step":
+            continue
+        group = ("heldout/" if k.startswith("heldout_") else
+                 "system/" if k in _SYSTEM_METRICS or k.startswith("rollout_tokens_per_s/")
+                 else "train/")
+        r0.writer.add_scalar(group + k, v, step)  # tag leaf = metric name (report.py keys on it)
+    # learner_attempt > 0: steps after a restart repeat those since the restored checkpoint
+    r0.jlog.write(json.dumps({**metrics, "learner_attempt": r0.attempt}) + "\n")
+    r0.jlog.flush()
+    if step % PRINT_EVERY == 0 or is_ckpt:
+        heldout = metrics.get("heldout_acceptance")  # present at checkpoints with a held-out set
+        _say(f"step {step}: loss {metrics['loss']:.4f} acceptance {metrics['acceptance']:.4f} "
+             f"lag {metrics['policy_lag']:.1f} dropped {metrics['dropped_batches']} idle "
+             f"{metrics['learner_idle_frac']:.2f} {metrics['learner_tokens_per_s']:,.0f} tok/s"
+             + (f" held-out acceptance {heldout:.4f}" if heldout is not None else ""))
+
+
+def _save_checkpoint(learner: _Learner, r0: _Rank0Log | None, config: dict, metrics: dict) -> None:
+    """Every rank: gather the ranks' RNG states; rank 0 writes the draft, tokenizer, trainer_state.pt
+    and, last, the manifest to a temporary dir; every rank reports `metrics` with it to Ray Train."""
+    import ray.train
+    import torch.distributed as dist
+
+    rngs = [None] * learner.world
+    if learner.world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    attempt = r0.attempt if r0 is not None else 0
+    step = learner.step
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if learner.rank == 0:
+            r0.writer.flush()
+            d = Path(tmp)
+            learner.core.lm.save_pretrained(d)
+            learner.tokenizer.save_pretrained(d)
+            torch.save({"optimizer": learner.opt.state_dict(), "scheduler": learner.sched.state_dict(),
+                        "step": step, "policy_version": learner.version, "counters": learner.counters,
+                        "baseline_state": asdict(learner.baseline_state), "heldout_start": learner.heldout_start,
+                        "rng": rngs, "config": config["cfg"], "metrics": metrics}, d / STATE_FILE)
+            write_manifest(d, step)  # last: its presence + matching files = a complete checkpoint
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        # rank 0's name is the one used; after a restart it differs from the name of any
+        # checkpoint the dead attempt wrote but Ray Train never registered
+        name = f"checkpoint_step_{step:08d}_{config['session']}" + (f"r{attempt}" if attempt else "")
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: pull RolloutBatches, step the draft, publish weights, checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    quiet_train_worker_logs()
+    cfg = JobConfig.model_validate(config["cfg"])
+    lc = cfg.learner
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, math.ceil(lc.cpus_per_worker - 1e-9)))
+    device = ray.train.torch.get_device()
+    queue, store = config["queue"], config["store"]
     budget = config.get("token_budget")
-    done = step >= lc.max_steps or bool(budget and counters["global_tokens"] >= budget)
+
+    learner = _restore(config, cfg, rank, world, device, autocast_dtype(device, lc.autocast))
+    _skip_lost_versions(learner, store)
+    r0 = _open_rank0(config, cfg, learner, store) if rank == 0 else None
+    done = _finished(learner, lc.max_steps, budget)
     while not done:
         t0 = time.perf_counter()
-        batch, lag, waited = _pull_fresh(queue, store, version, rc.max_policy_lag, counters)
-        bt = batch_tensors(batch, device)
-        n_global = float(_all_reduce(torch.tensor(float(batch.n_tokens), dtype=torch.float64, device=device)))
-        counters["global_tokens"] += int(n_global)  # identical on every rank: they stop together
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(bt["input_ids"], bt["attention_mask"], bt["loss_mask"])  # (N, V)
-        per_pos, stats = distill_loss(logits.float(), bt, dc, baseline_state, head)
-        (masked_mean(per_pos, None, global_count=n_global) * world).backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), lc.grad_clip))
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        with torch.no_grad():  # how far the learner moved from the policy that sampled (T = 1 only)
-            on = bt["on_policy"]
-            drift = 0.0
-            if on.any() and rc.temperature == 1.0:
-                pos = head.labels(bt["tokens"][on]).clamp_min(0)  # sampled tokens lie in the subset
-                now_lp = torch.log_softmax(logits.detach()[on].float(), -1).gather(-1, pos[:, None]).squeeze(-1)
-                drift = float((now_lp - bt["draft_logprobs"][on]).abs().mean())
-        if step % lc.sync_every == 0:
-            version += 1
+        batch, lag, waited = _pull_fresh(queue, store, learner.version, cfg.rollout.max_policy_lag,
+                                         learner.counters)
+        sums, lr, grad_norm = _train_step(learner, batch, cfg)
+        if learner.step % lc.sync_every == 0:  # the version is a function of the step: ranks agree
+            learner.version += 1
             if rank == 0:
-                publish_weights(store, core.lm, version)
+                publish_weights(store, learner.core.lm, learner.version)
         dt = time.perf_counter() - t0
-        counters["consumed_batches"] += 1
-        counters["trained_tokens"] += batch.n_tokens
-        counters["rows"] += int(batch.on_policy.shape[0])
-        counters["on_policy_rows"] += int(batch.on_policy.sum())
-        counters["wait_s"] += waited
-        counters["wall_s"] += dt
-
-        n = float(batch.n_tokens)
-        vec = torch.tensor([float(per_pos.detach().sum()), stats.get("tvd", 0) * n,
-                            stats.get("tail_mass", 0) * n, stats.get("reward_mean", 0) * n,
-                            stats.get("reward_std", 0) * n, n, lag, drift,
-                            counters["dropped_batches"], counters["consumed_batches"], waited, dt,
-                            float(batch.on_policy.mean())], dtype=torch.float64, device=device)
-        vec = _all_reduce(vec)
-        done = step >= lc.max_steps or bool(budget and counters["global_tokens"] >= budget)
-        is_ckpt = step % lc.checkpoint_every == 0 or done
-        heldout = {}
-        if is_ckpt and rank == 0 and hb is not None:
-            heldout = evaluate_heldout(core, hb, device, amp)
-            if heldout_start is not None:
-                heldout["heldout_acceptance_start"] = heldout_start["heldout_acceptance"]
-        metrics = {"step": step, "policy_version": version, "loss": float(vec[0] / vec[5]),
-                   "tvd": float(vec[1] / vec[5]), "acceptance": 1.0 - float(vec[1] / vec[5]),
-                   "tail_mass": float(vec[2] / vec[5]), "policy_lag": float(vec[6] / world),
-                   "policy_drift": float(vec[7] / world), "dropped_batches": int(vec[8]),
-                   "consumed_batches": int(vec[9]), "learner_idle_frac": float(vec[10] / max(vec[11], 1e-9)),
-                   "learner_tokens_per_s": float(vec[5]) / max(dt, 1e-9),
-                   "learner_compute_tokens_per_s": float(vec[5]) / max(dt - waited, 1e-9),
-                   "on_policy_frac": float(vec[12] / world), "lr": lr, "grad_norm": grad_norm,
-                   "trained_tokens": counters["global_tokens"]}
-        if dc.loss == "tvd_pp":
-            metrics["reward_mean"], metrics["reward_std"] = float(vec[3] / vec[5]), float(vec[4] / vec[5])
+        _count_batch(learner.counters, batch, waited, dt)
+        # one all-reduce for every logged quantity: sums over ranks, divided by name below
+        sums = _reduce_sums({**sums, "lag": lag, "dropped_batches": learner.counters["dropped_batches"],
+                             "consumed_batches": learner.counters["consumed_batches"], "wait_s": waited,
+                             "step_s": dt, "on_policy_frac": float(batch.on_policy.mean())}, device)
+        done = _finished(learner, lc.max_steps, budget)
+        is_ckpt = learner.step % lc.checkpoint_every == 0 or done
+        metrics = _step_metrics(sums, learner, lr, grad_norm, dt, waited, cfg.distill.loss)
         if rank == 0:
-            st = ray.get(store.stats.remote())
-            now = time.perf_counter()
-            new_tokens = st["rollout_tokens"] - prev_store["rollout_tokens"]
-            metrics["rollout_tokens_per_s"] = new_tokens / max(now - prev_t, 1e-9)
-            for i, tokens in st["actor_tokens"].items():  # per actor: scaling shows up here
-                metrics[f"rollout_tokens_per_s/actor_{i}"] = (
-                    (tokens - prev_store["actor_tokens"].get(i, 0)) / max(now - prev_t, 1e-9))
-            metrics["queue_depth"] = queue.qsize()
-            metrics["rollout_restarts"] = st["restarts"]
-            metrics["learner_restarts"] = st["learner_restarts"]
-            metrics["learner_idle_frac_total"] = counters["wait_s"] / max(counters["wall_s"], 1e-9)
-            prev_store, prev_t = st, now
-            metrics.update(heldout)
-            for k, v in metrics.items():
-                if k == "step":
-                    continue
-                group = ("heldout/" if k.startswith("heldout_") else
-                         "system/" if k in _SYSTEM_METRICS or k.startswith("rollout_tokens_per_s/")
-                         else "train/")
-                writer.add_scalar(group + k, v, step)  # tag leaf = metric name (report.py keys on it)
-            # learner_attempt > 0: steps after a restart repeat those since the restored checkpoint
-            jlog.write(json.dumps({**metrics, "learner_attempt": attempt}) + "\n")
-            jlog.flush()
-            if step % PRINT_EVERY == 0 or is_ckpt:
-                _say(f"step {step}: loss {metrics['loss']:.4f} acceptance {metrics['acceptance']:.4f} "
-                     f"lag {metrics['policy_lag']:.1f} dropped {metrics['dropped_batches']} idle "
-                     f"{metrics['learner_idle_frac']:.2f} {metrics['learner_tokens_per_s']:,.0f} tok/s"
-                     + (f" held-out acceptance {heldout['heldout_acceptance']:.4f}" if heldout and is_ckpt
-                        else ""))
-        if not is_ckpt:
-            continue
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, _rng_state())
-        else:
-            rngs = [_rng_state()]
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                writer.flush()
-                d = Path(tmp)
-                core.lm.save_pretrained(d)
-                tokenizer.save_pretrained(d)
-                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                            "policy_version": version, "counters": counters,
-                            "baseline_state": asdict(baseline_state), "heldout_start": heldout_start,
-                            "rng": rngs, "config": config["cfg"], "metrics": metrics}, d / STATE_FILE)
-                write_manifest(d, step)  # last: its presence + matching files = a complete checkpoint
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            # rank 0's name is the one used; after a restart it differs from the name of any
-            # checkpoint the dead attempt wrote but Ray Train never registered
-            name = f"checkpoint_step_{step:08d}_{config['session']}" + (f"r{attempt}" if attempt else "")
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+            metrics.update(_rank0_metrics(r0, learner, queue, store, is_ckpt))
+            _log_step(r0, metrics, is_ckpt)
+        if is_ckpt:
+            _save_checkpoint(learner, r0, config, metrics)
     if rank == 0:
-        writer.close()
-        jlog.close()
+        r0.writer.close()
+        r0.jlog.close()
 
 
 _SYSTEM_METRICS = {"dropped_batches", "consumed_batches", "learner_idle_frac", "learner_idle_frac_total",
@@ -660,7 +785,7 @@ def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | Non
         else:  # nothing left to train (e.g. the token budget was already spent)
             ckpt, metrics = resume_from, state["metrics"]
     verify_checkpoint(ckpt)
-    _export(ckpt, tok, final, job_draft_vocab(cfg, rdir))
+    export_draft(ckpt, tok, final, job_draft_vocab(cfg, rdir))
     done = {"steps": metrics["step"], "policy_version": metrics["policy_version"], "loss": metrics["loss"],
             "train_acceptance": metrics["acceptance"], "tail_mass": metrics["tail_mass"],
             "heldout_acceptance": metrics.get("heldout_acceptance"),

@@ -32,15 +32,12 @@ custom Ray resources of `learner.resources` (the same learner nodes as stage 3).
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
 import json
 import math
 import os
 import random
-import re
-import shutil
 import sys
 import tempfile
 import time
@@ -53,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from draftalign.config import JobConfig
-from draftalign.io import atomic_dir, write_json_atomic
+from draftalign.io import write_json_atomic
 from draftalign.models import (
     build_draft,
     load_causal_lm,
@@ -65,20 +62,30 @@ from draftalign.models import (
 from draftalign.runtime import init_ray, run_dir
 from draftalign.vocab import job_draft_vocab
 from learner.draft_head import DraftHead, DraftLM
+from learner.trainer import (
+    STATE_FILE,
+    adamw,
+    all_reduce,
+    autocast_dtype,
+    checkpoint_to_restore,
+    close_worker_bars,
+    export_draft,
+    lr_factor,
+    param_groups,
+    prepare_resume,
+    quiet_train_worker_logs,
+    rng_state,
+    say_as,
+    set_rng_state,
+    verify_checkpoint,
+    worker_resources,
+    write_manifest,
+)
 
-STATE_FILE = "trainer_state.pt"
-MANIFEST = "manifest.json"
 EXPERIMENT = "pretrain"
 VAL_FRACTION = 0.02       # share of documents held out for the validation loss
 VAL_MIN_DOCS = 50         # fewer documents than this: hold out the stream's tail instead
 VAL_MAX_BLOCKS = 32       # cap on validation blocks (a validation pass must stay cheap)
-CKPT_RE = re.compile(r"^checkpoint_step_(\d+)_([0-9a-z]+)$")
-
-
-def say_as(tag: str, msg: str) -> None:
-    # not print(): inside Ray Train workers print is patched to log *and* echo, printing twice
-    sys.stderr.write(f"[{tag}] {msg}\n")
-    sys.stderr.flush()
 
 
 _say = partial(say_as, "pretrain")
@@ -238,150 +245,8 @@ class BatchSampler:
 
 # ---------------------------------------------------------------------------------- checkpoints
 
-class CorruptCheckpoint(RuntimeError):
-    """A checkpoint dir whose files do not match its manifest (e.g. a kill during the upload)."""
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def write_manifest(ckpt_dir: Path, step: int) -> None:
-    files = {str(f.relative_to(ckpt_dir)): {"size": f.stat().st_size, "sha256": _sha256(f)}
-             for f in sorted(ckpt_dir.rglob("*")) if f.is_file() and f.name != MANIFEST}
-    (ckpt_dir / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
-
-
-def verify_checkpoint(ckpt_dir: str | Path) -> int:
-    """Return the checkpoint's step, or raise CorruptCheckpoint naming the first problem."""
-    d = Path(ckpt_dir)
-    try:
-        manifest = json.loads((d / MANIFEST).read_text())
-        files = manifest["files"]
-    except FileNotFoundError:
-        raise CorruptCheckpoint(f"{d.name}: no {MANIFEST} (write interrupted?)") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpoint(f"{d.name}: unreadable {MANIFEST} ({e})") from None
-    for req in (STATE_FILE, "config.json"):
-        if req not in files:
-            raise CorruptCheckpoint(f"{d.name}: manifest lists no {req}")
-    for name, meta in files.items():
-        f = d / name
-        if not f.is_file():
-            raise CorruptCheckpoint(f"{d.name}: {name} is missing")
-        if f.stat().st_size != meta["size"]:
-            raise CorruptCheckpoint(f"{d.name}: {name} has {f.stat().st_size} bytes, "
-                                    f"manifest says {meta['size']} (truncated?)")
-        if _sha256(f) != meta["sha256"]:
-            raise CorruptCheckpoint(f"{d.name}: {name} does not match its sha256")
-    return int(manifest["step"])
-
-
-def list_checkpoints(exp_dir: Path) -> list[tuple[int, Path]]:
-    """(step, dir) of every checkpoint dir, newest first."""
-    found = []
-    for d in exp_dir.glob("checkpoint_step_*") if exp_dir.is_dir() else []:
-        m = CKPT_RE.match(d.name)
-        if m and d.is_dir():
-            found.append((int(m.group(1)), d.stat().st_mtime, d))
-    return [(s, d) for s, _, d in sorted(found, key=lambda t: (t[0], t[1]), reverse=True)]
-
-
-def latest_good_checkpoint(exp_dir: Path, skipped: list[str] | None = None,
-                           say=None) -> tuple[int, Path] | None:
-    """The newest checkpoint that verifies; corrupt newer ones are reported (through `say`, and
-    appended to `skipped` when given) and skipped."""
-    for step, d in list_checkpoints(exp_dir):
-        try:
-            verify_checkpoint(d)
-            return step, d
-        except CorruptCheckpoint as e:
-            (say or _say)(f"WARNING: skipping corrupt checkpoint {e}; falling back to the previous one")
-            if skipped is not None:
-                skipped.append(str(e))
-    return None
-
-
-@contextlib.contextmanager
-def checkpoint_to_restore(resume_from: str | None, say=None):
-    """The checkpoint dir a starting Ray Train worker loads (a context: a checkpoint on remote
-    storage is downloaded for its duration), or None for a fresh start.
-
-    Ray Train's latest reported checkpoint (`ray.train.get_checkpoint()`) comes first: it is set
-    when Ray Train restarted the worker group after a failure in this run (FailureConfig), and on a
-    resumed run (from the run snapshot in the experiment dir). It is verified like any other: when
-    corrupt, the newest good checkpoint next to it is used. Without one, `resume_from` (the
-    driver's verified choice). Every rank makes the same choice: they see the same files.
-    """
-    import ray.train
-
-    say = say or _say
-    ckpt = ray.train.get_checkpoint()
-    driver_step = verify_checkpoint(resume_from) if resume_from else -1
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            try:
-                step = verify_checkpoint(d)
-            except CorruptCheckpoint as e:
-                say(f"WARNING: Ray Train's latest checkpoint is corrupt: {e}")
-                step = None
-            # a complete checkpoint whose registration a kill cut off is newer than Ray's latest:
-            # the driver found it, so the higher step wins
-            if step is not None and step >= driver_step:
-                yield Path(d)
-                return
-        found = latest_good_checkpoint(Path(ckpt.path).parent, say=say) if Path(ckpt.path).is_dir() else None
-        if found is not None and found[0] >= driver_step:
-            yield found[1]
-            return
-    yield Path(resume_from) if resume_from else None
-
 
 # --------------------------------------------------------------------------------- worker loop
-
-def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine decay to min_ratio at max_steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _param_groups(model, weight_decay: float) -> list[dict]:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _autocast_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | None:
-    """bf16 autocast on GPUs that support it. On CPU only when asked: with avx512_bf16 but no
-    AMX, fp32 trained the 4x256 draft at 1.19k tok/s and bf16 autocast at 0.63k (2 threads)."""
-    if mode == "off":
-        return None
-    if mode == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return None
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
 
 
 @torch.no_grad()
@@ -397,20 +262,8 @@ def _val_loss(core, val: np.ndarray, rank: int, world: int, batch: int, device, 
         tot[0] += F.cross_entropy(logits.float().flatten(0, 1), labels, reduction="sum", ignore_index=-1)
         tot[1] += int((labels >= 0).sum())
     core.train()
-    _all_reduce(tot)
+    all_reduce(tot)
     return float(tot[0] / tot[1].clamp(min=1))
-
-
-def _quiet_train_worker_logs() -> None:
-    """Ray Train V2 logs every report at INFO ("Reporting training result ..."); the progress bar
-    and our checkpoint lines say the same, so keep only its warnings."""
-    import logging
-
-    try:
-        from ray.train.v2._internal.execution import context as train_ctx
-    except ImportError:
-        return
-    logging.getLogger(train_ctx.__file__).setLevel(logging.WARNING)  # that logger is named by file
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -423,7 +276,7 @@ def train_loop_per_worker(config: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    _quiet_train_worker_logs()
+    quiet_train_worker_logs()
     hf_logging.disable_progress_bar()  # "Writing model shards" bars would interleave with ours
     cfg = JobConfig.model_validate(config["cfg"])
     pc = cfg.pretrain
@@ -431,11 +284,11 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
     device = ray.train.torch.get_device()
-    amp = _autocast_dtype(device, pc.autocast)
+    amp = autocast_dtype(device, pc.autocast)
     B, T = pc.batch_size, pc.seq_len
     assert B >= world, f"pretrain.batch_size={B} must be ≥ num_workers={world}"
 
-    with checkpoint_to_restore(config["resume_from"]) as ckpt_dir:  # None: fresh start
+    with checkpoint_to_restore(config["resume_from"], say=_say) as ckpt_dir:  # None: fresh start
         src = str(ckpt_dir or config["init_dir"])
         tokenizer = AutoTokenizer.from_pretrained(src)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -444,7 +297,7 @@ def train_loop_per_worker(config: dict) -> None:
     head = DraftHead(config.get("draft_vocab"), model.config.vocab_size)
     model = ray.train.torch.prepare_model(DraftLM(model, head))
     core = model.module if hasattr(model, "module") else model
-    opt = adamw(_param_groups(core, pc.weight_decay), lr=pc.lr)
+    opt = adamw(param_groups(core, pc.weight_decay), lr=pc.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(
         lr_factor, warmup=pc.warmup_steps, max_steps=pc.max_steps, min_ratio=pc.min_lr_ratio))
     step, cursor = 0, 0
@@ -453,7 +306,7 @@ def train_loop_per_worker(config: dict) -> None:
         sched.load_state_dict(state["scheduler"])
         step, cursor = state["step"], state["cursor"]
         rngs = state["rng"]
-        _set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
+        set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
     else:
         torch.manual_seed(cfg.seed + rank)
         np.random.seed(cfg.seed + rank)
@@ -492,7 +345,7 @@ def train_loop_per_worker(config: dict) -> None:
         sched.step()
         opt.zero_grad(set_to_none=True)
         step, cursor = step + 1, cursor + B
-        loss = float(_all_reduce(loss_sum.detach().double())) / (B * T)
+        loss = float(all_reduce(loss_sum.detach().double())) / (B * T)
         win_loss, win_steps, win_time = win_loss + loss, win_steps + 1, win_time + time.perf_counter() - t0
 
         is_ckpt = step % pc.checkpoint_every == 0 or step == pc.max_steps
@@ -510,9 +363,9 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["val_perplexity"] = math.exp(min(metrics["val_loss"], 50.0))
         rngs = [None] * world
         if is_ckpt and world > 1:
-            dist.all_gather_object(rngs, _rng_state())
+            dist.all_gather_object(rngs, rng_state())
         elif is_ckpt:
-            rngs = [_rng_state()]
+            rngs = [rng_state()]
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
@@ -545,11 +398,6 @@ def train_loop_per_worker(config: dict) -> None:
 
 # --------------------------------------------------------------------------------------- driver
 
-def worker_resources(cpus: float, use_gpu: bool, custom: dict[str, float]) -> dict[str, float]:
-    """Ray Train `resources_per_worker`: the custom resources of `learner.resources` plus CPUs and,
-    with use_gpu, one GPU (the dedicated fields win over same-named custom keys)."""
-    return {**custom, "CPU": cpus, **({"GPU": 1} if use_gpu else {})}
-
 
 def _build_initial_draft(cfg: JobConfig, tok, target_path: str, dest: Path) -> Path:
     from transformers import AutoConfig
@@ -568,80 +416,6 @@ def _build_initial_draft(cfg: JobConfig, tok, target_path: str, dest: Path) -> P
         _say(f"draft: fresh {cfg.draft.arch.num_layers} layers x {cfg.draft.arch.hidden_size}, init "
              f"{cfg.draft.init}, {n / 1e6:.1f}M parameters")
     return save_pretrained_atomic(draft, tok, dest)
-
-
-def _export(ckpt: Path, tok, dest: Path, draft_vocab: list[int] | None = None) -> Path:
-    """The checkpoint's draft as a plain HF dir at `dest` (atomically), with its draft vocabulary file."""
-    from transformers import AutoModelForCausalLM
-
-    from draftalign.vocab import save_draft_vocab
-
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if draft_vocab is not None:
-            save_draft_vocab(tmp, draft_vocab)
-
-    return atomic_dir(dest, write)
-
-
-def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
-    """AdamW(β = 0.9, 0.95), fused into one kernel per step (CPU and CUDA). Measured on the 4 × 256
-    draft, 2 threads: distill step 924 vs 1019 ms, pretraining step (8 × 256) 3441 vs 3522 ms."""
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
-
-
-def _close_worker_bars() -> None:
-    """Drop the driver's copies of the workers' tqdm_ray bars once training has returned. The
-    workers close theirs, but the "closed" update can be lost when Ray Train tears the worker
-    down, and the stale bar was then redrawn under every later log line of `draftalign run`."""
-    try:
-        from ray.experimental import tqdm_ray
-
-        mgr = tqdm_ray.instance()
-        for group in list(mgr.bar_groups.values()):
-            for bar in list(group.bars_by_uuid.values()):
-                group.close_bar(bar.state)
-    except Exception:  # noqa: BLE001 - cosmetic: never fail a finished run over a progress bar
-        pass
-
-
-def prepare_resume(resume: bool, *, exp: Path, done_path: Path, final: Path, max_steps: int,
-                   tb_dir: Path, log_path: Path, skipped: list | None = None,
-                   fallback: str = "scratch", say=_say) -> tuple[str, int, Path | None]:
-    """Decide where a stage starts; shared by pretraining and distillation.
-
-    Returns ("done", steps, None) when `done_path` already covers `max_steps` (the export in
-    `final` is complete), ("resume", step, checkpoint) for the newest good checkpoint, else
-    ("fresh", 0, None). A fresh start (resume=False) moves the earlier run's checkpoints aside
-    to `<exp>.prev` and clears its TensorBoard events and JSONL log. The completion marker is
-    removed in both non-done cases: it is rewritten only when the stage ends.
-    """
-    start_step, resume_from = 0, None
-    if resume:
-        if done_path.is_file() and (final / "config.json").is_file():
-            done = json.loads(done_path.read_text())
-            if done.get("steps", 0) >= max_steps:
-                say(f"already done ({done['steps']} steps ≥ max_steps {max_steps}): {final}")
-                return "done", done["steps"], None
-        found = latest_good_checkpoint(exp, skipped=skipped, say=say)
-        if found is None:
-            say(f"WARNING: resume asked but no good checkpoint under {exp}; starting from {fallback}")
-        else:
-            start_step, resume_from = found
-            say(f"resuming from {resume_from} (step {start_step})")
-    else:
-        if exp.exists():
-            prev = exp.with_name(exp.name + ".prev")
-            shutil.rmtree(prev, ignore_errors=True)
-            exp.rename(prev)
-            say(f"fresh start: the earlier run's checkpoints moved to {prev}")
-        shutil.rmtree(tb_dir, ignore_errors=True)
-        log_path.unlink(missing_ok=True)
-    done_path.unlink(missing_ok=True)
-    return ("resume" if resume_from is not None else "fresh"), start_step, resume_from
 
 
 def run_pretrain(cfg: JobConfig, resume: bool = False, *, log_every: int = 10) -> Path:
@@ -667,7 +441,7 @@ def run_pretrain(cfg: JobConfig, resume: bool = False, *, log_every: int = 10) -
 
     start, start_step, resume_from = prepare_resume(
         resume, exp=exp, done_path=done_path, final=final, max_steps=pc.max_steps,
-        tb_dir=tb_dir, log_path=log_path)
+        tb_dir=tb_dir, log_path=log_path, say=_say)
     if start == "done":
         return final
 
@@ -704,13 +478,13 @@ def run_pretrain(cfg: JobConfig, resume: bool = False, *, log_every: int = 10) -
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=cfg.learner.max_failures)))
         result = trainer.fit()
-        _close_worker_bars()
+        close_worker_bars()
         if result.error is not None:
             raise RuntimeError(f"pretraining failed: {result.error}") from result.error
         resume_from = Path(result.checkpoint.path)
         verify_checkpoint(resume_from)
         metrics = result.metrics
-    _export(resume_from, tok, final, draft_vocab or job_draft_vocab(cfg, rdir))
+    export_draft(resume_from, tok, final, draft_vocab or job_draft_vocab(cfg, rdir))
     done = {"steps": metrics["step"], "final_loss": metrics["loss"], "val_loss": metrics.get("val_loss"),
             "tokens_per_s": metrics.get("tokens_per_s"), "wall_time_s": round(time.time() - t_start, 1),
             "resumed_from_step": start_step, "checkpoint": str(resume_from), "draft": str(final)}

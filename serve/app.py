@@ -348,21 +348,9 @@ def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch
     return OpenAIIngress.bind(replica, ingress)
 
 
-def default_draft(cfg: JobConfig) -> str:
-    """The newest distilled draft of the job, else its newest pretrained one."""
-    from draftalign.models import DRAFT_DIRS, ModelError, newest_trained_draft
-
-    found = newest_trained_draft(cfg.run_path)
-    if found is None:
-        raise ModelError(f"no trained draft under {cfg.run_path.resolve()}/{{{','.join(DRAFT_DIRS)}}}: run "
-                         f"`draftalign distill` (or `draftalign pretrain`) for this job first, pass --draft PATH, "
-                         f"or --draft none to serve the target alone")
-    return str(found)
-
-
 def resolve_paths(cfg: JobConfig, draft: str | None) -> tuple[str, str | None]:
     """(target path, draft path or None). draft: a path, "none" (target only) or None (default)."""
-    from draftalign.models import resolve_target
+    from draftalign.models import default_draft, resolve_target
 
     target = resolve_target(cfg.target.model)
     if draft is not None and draft.lower() == "none":

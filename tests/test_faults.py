@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from distill_helpers import distill_log, done, make_job, peaked_target_fixture, write_distill_set  # noqa: F401
 
-from learner.pretrain import CKPT_RE, list_checkpoints
+from learner.trainer import CKPT_RE, list_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -160,7 +160,7 @@ def test_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(fault_r
     resume with more steps: the driver names it and skips it, and the workers (to whom Ray Train
     hands that newest checkpoint from its run snapshot) skip it too."""
     from learner.distill import run_distill
-    from learner.pretrain import CorruptCheckpoint, verify_checkpoint
+    from learner.trainer import CorruptCheckpoint, verify_checkpoint
 
     cfg, _, _ = fault_run
     exp = cfg.run_path / "ray_results" / "distill"

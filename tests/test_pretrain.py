@@ -22,15 +22,8 @@ import numpy as np
 import pytest
 
 from draftalign.config import JobConfig
-from learner.pretrain import (
-    STATE_FILE,
-    BatchSampler,
-    CorruptCheckpoint,
-    list_checkpoints,
-    pack,
-    run_pretrain,
-    verify_checkpoint,
-)
+from learner.pretrain import BatchSampler, pack, run_pretrain
+from learner.trainer import STATE_FILE, CorruptCheckpoint, list_checkpoints, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_EVERY = 5  # each ray.train.report is a round trip through the Train controller: not every step

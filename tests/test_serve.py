@@ -499,8 +499,7 @@ def test_generate_stream_equals_generate(tiny_target_path, tiny_draft_path, targ
 
 def test_default_draft_prefers_distilled(tmp_path):
     from draftalign.config import JobConfig
-    from draftalign.models import ModelError
-    from serve.app import default_draft
+    from draftalign.models import ModelError, default_draft
 
     cfg = JobConfig(name="t", run_dir=str(tmp_path))
     with pytest.raises(ModelError, match="draftalign distill"):
@@ -512,6 +511,8 @@ def test_default_draft_prefers_distilled(tmp_path):
         (d / "config.json").write_text("{}")
         os.utime(d / "config.json", (time.time() - age, time.time() - age))
     assert default_draft(cfg) == str(tmp_path / "draft_distilled" / "step_20")
+    named = JobConfig(name="t", run_dir=str(tmp_path), draft={"model": str(tmp_path / "mine")})
+    assert default_draft(named) == str(tmp_path / "mine")  # draft.model wins, for serve and eval alike
 
 
 def test_text_stream_holds_back_partial_characters(target_tokenizer):
