@@ -16,6 +16,14 @@ from draftalign.config import ConfigError, JobConfig, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train draft models for speculative decoding and serve them.")
 
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", help="show library start-up chatter (vLLM, Ray "
+                                                                 "Train, transformers progress bars)")):
+    from draftalign.runtime import quiet_libraries
+
+    quiet_libraries(verbose)
+
 DEFAULT_JOB = Path("cluster/jobs/local.yaml")
 JobArg = typer.Argument(None, help="job YAML (default cluster/jobs/local.yaml)")
 SetOpt = typer.Option(None, "--set", help="override a field: key.path=value (repeatable)")
@@ -113,7 +121,7 @@ def serve(job: Path = JobArg, port: int = typer.Option(None), draft: str = typer
 
 @app.command()
 def run(job: Path = JobArg, overrides: list[str] = SetOpt):
-    """Every stage: pretrain → generate → distill → eval → report, skipping finished stages."""
+    """Every stage: generate → pretrain → distill → eval → report, skipping finished stages."""
     from draftalign.pipeline import run_pipeline
 
     _guard(lambda: run_pipeline(_load(job, overrides)))

@@ -29,6 +29,18 @@ def configure_vllm_env(kv_cache_gib: float = 1.0, threads: int | None = None) ->
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
+def quiet_libraries(verbose: bool = False) -> None:
+    """A console that shows progress and results: library chatter at WARNING/ERROR, for this process and
+    (through the environment `init_ray` forwards) for Ray workers. `verbose` (or DRAFTALIGN_VERBOSE=1)
+    keeps everything."""
+    if verbose or os.environ.get("DRAFTALIGN_VERBOSE", "0") != "0":
+        os.environ["DRAFTALIGN_VERBOSE"] = "1"
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' load/save/GGUF bars too
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+
+
 class _DropMessage:
     """logging filter: drop records whose message starts with `prefix`."""
 
@@ -47,6 +59,8 @@ def quiet_ray_worker() -> None:
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(
         _DropMessage("Failed to query Ray Train Controller actor state"))
+    if os.environ.get("DRAFTALIGN_VERBOSE", "0") == "0":  # the controller's start-up INFO lines
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
 def allocator_env() -> dict[str, str]:
@@ -77,7 +91,7 @@ def init_ray(cfg: JobConfig | None = None, **kw):
         return ray
     address = cfg.cluster.address if cfg is not None else None
     env = {"env_vars": {k: v for k, v in os.environ.items()
-                        if k.startswith(("VLLM_", "DRAFTALIGN_", "OMP_", "HF_"))} | allocator_env(),
+                        if k.startswith(("VLLM_", "DRAFTALIGN_", "OMP_", "HF_", "TRANSFORMERS_"))} | allocator_env(),
            "worker_process_setup_hook": "draftalign.runtime.quiet_ray_worker"}
     if address:
         ray.init(address=address, runtime_env=env, **kw)
