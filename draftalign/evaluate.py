@@ -144,7 +144,8 @@ def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: boo
             for arm, engine, g in order:
                 records[arm][task].append(_run(engine, prompt, params, g))
         if progress:
-            rows = {arm: _row(records["target"][task], records[arm][task], g) for arm, _, g in arms[1:]}
+            base = _sums(records["target"][task])
+            rows = {arm: _point(base, _sums(records[arm][task]), g) for arm, _, g in arms[1:]}
             print(f"  {task:<10} n={len(ids):<3} " + "  ".join(
                 f"{arm}: τ={r['block_efficiency']:.2f} α={r['acceptance_rate']:.3f} "
                 f"speedup={r['speedup']:.2f}x" for arm, r in rows.items()), flush=True)
@@ -177,15 +178,18 @@ def _point(base: dict, spec: dict, gamma: int) -> dict:
             "speedup_bound": tau / (gamma * c + v) if (gamma * c + v) else 0.0}
 
 
-def _row(base_recs: list[dict], spec_recs: list[dict], gamma: int | None, strata: list[int] | None = None,
+def _target_row(recs: list[dict]) -> dict:
+    """The target-only arm on its own: tokens/s and ms per target step."""
+    s = _sums(recs)
+    return {"n_prompts": len(recs), "tokens_per_s": s["tokens"] / s["seconds"] if s["seconds"] else 0.0,
+            "target_step_ms": 1e3 * s["target_s"] / max(1, s["target_steps"]), "generated_tokens": s["tokens"]}
+
+
+def _row(base_recs: list[dict], spec_recs: list[dict], gamma: int, strata: list[int] | None = None,
          seed: int = 0) -> dict:
     """One (task, arm) cell: point estimates, per-position acceptance, accepted-count histogram, and 95%
     bootstrap intervals over prompts (resampled within `strata`, e.g. tasks, when given)."""
     n = len(spec_recs)
-    if gamma is None:  # the target-only arm itself
-        s = _sums(base_recs)
-        return {"n_prompts": n, "tokens_per_s": s["tokens"] / s["seconds"] if s["seconds"] else 0.0,
-                "target_step_ms": 1e3 * s["target_s"] / max(1, s["target_steps"]), "generated_tokens": s["tokens"]}
     row = {"n_prompts": n, **_point(_sums(base_recs), _sums(spec_recs), gamma)}
     rounds = sum(r["rounds"] for r in spec_recs)
     row["acceptance_per_position"] = [sum(x) / rounds if rounds else 0.0
@@ -209,17 +213,17 @@ def summarize(measured: dict, cfg: JobConfig) -> dict:
     rec, greedy = measured["records"], cfg.eval.temperature == 0
     base = rec["target"]
     tasks = list(base)
-    out = {"target_only": {task: _row(base[task], base[task], None) for task in tasks}}
-    out["target_only"]["overall"] = _row([r for t in tasks for r in base[t]], [r for t in tasks for r in base[t]], None)
+    flat_b = [r for t in tasks for r in base[t]]
+    strata = [i for i, t in enumerate(tasks) for _ in base[t]]
+    out = {"target_only": {task: _target_row(base[task]) for task in tasks}}
+    out["target_only"]["overall"] = _target_row(flat_b)
     out["arms"] = {}
     for arm, by_task in rec.items():
         if arm == "target":
             continue
         gamma = int(arm.rsplit("@", 1)[1])
         cell = {"gamma": gamma, "tasks": {t: _row(base[t], by_task[t], gamma, seed=cfg.seed) for t in tasks}}
-        flat_b = [r for t in tasks for r in base[t]]
         flat_s = [r for t in tasks for r in by_task[t]]
-        strata = [i for i, t in enumerate(tasks) for _ in base[t]]
         cell["overall"] = _row(flat_b, flat_s, gamma, strata=strata, seed=cfg.seed)
         mismatches = sum(a["token_ids"] != b["token_ids"] for a, b in zip(flat_b, flat_s)) if greedy else None
         cell["lossless_greedy"] = {"checked": len(flat_s) if greedy else 0, "mismatches": mismatches or 0}

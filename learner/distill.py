@@ -754,6 +754,7 @@ def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | Non
     target_path = resolve_target(cfg.target.model)
     tok = load_tokenizer(target_path)
     init_dir, source = _starting_draft(cfg, rdir, tok, target_path)
+    draft_vocab = job_draft_vocab(cfg, rdir)  # the learner, the rollout actors and the export share it
 
     skipped: list = []
     start, start_step, resume_from = prepare_resume(
@@ -779,13 +780,14 @@ def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | Non
         ckpt, metrics, rollout_stats, lost, system = resume_from, state["metrics"], {}, [], {}
     else:
         result, rollout_stats, lost, system = _train(cfg, init_dir, resume_from, train_rows, held_rows,
-                                                     target_path, tok, token_budget, storage, tb_dir, log_path)
+                                                     target_path, tok, token_budget, storage, tb_dir, log_path,
+                                                     draft_vocab)
         if result.checkpoint is not None:
             ckpt, metrics = Path(result.checkpoint.path), result.metrics
         else:  # nothing left to train (e.g. the token budget was already spent)
             ckpt, metrics = resume_from, state["metrics"]
     verify_checkpoint(ckpt)
-    export_draft(ckpt, tok, final, job_draft_vocab(cfg, rdir))
+    export_draft(ckpt, tok, final, draft_vocab)
     done = {"steps": metrics["step"], "policy_version": metrics["policy_version"], "loss": metrics["loss"],
             "train_acceptance": metrics["acceptance"], "tail_mass": metrics["tail_mass"],
             "heldout_acceptance": metrics.get("heldout_acceptance"),
@@ -818,7 +820,7 @@ def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | Non
 
 def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows: list[dict],
            held_rows: list[dict], target_path: str, tok, token_budget: int | None, storage: Path,
-           tb_dir: Path, log_path: Path):
+           tb_dir: Path, log_path: Path, draft_vocab: list[int] | None):
     """Start engines, rollout actors, queue and store; run the TorchTrainer; always clean up.
     Returns (ray.train.Result, final store stats, messages about rollout loops that ended, system
     facts: target restarts and the resources every role asked for and got)."""
@@ -852,7 +854,7 @@ def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows:
         # arguments, so the object must outlive every restart (ray-project/ray#53727).
         rows_ref = ray.put(train_rows)
         actors = create_rollout_actors(cfg, str(init_dir), rows_ref, engines, queue, store,
-                                       draft_vocab=job_draft_vocab(cfg, storage.parent),
+                                       draft_vocab=draft_vocab,
                                        name_prefix=f"draftalign-{cfg.name}")
         supervisor = _RolloutSupervisor(actors, store)
         supervisor.start()
@@ -861,7 +863,7 @@ def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows:
                   "resume_from": str(resume_from) if resume_from else None,
                   "queue": queue, "store": store, "heldout_ref": [ray.put(hb)] if hb is not None else [],
                   "tb_dir": str(tb_dir), "log_path": str(log_path), "session": uuid.uuid4().hex[:8],
-                  "token_budget": token_budget, "draft_vocab": job_draft_vocab(cfg, storage.parent)}
+                  "token_budget": token_budget, "draft_vocab": draft_vocab}
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=lc.use_gpu,

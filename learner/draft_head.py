@@ -23,10 +23,6 @@ class DraftHead:
         self.ids = None if vocab is None else torch.tensor(vocab, dtype=torch.long)  # (N,)
         self.index = None if vocab is None else subset_index(vocab, vocab_size)  # (V,) full id → position, −1
 
-    @property
-    def size(self) -> int:
-        return self.vocab_size if self.ids is None else len(self.ids)
-
     def logits(self, lm, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., H) → (..., N) logits through the subset rows of lm's output embedding."""
         head = lm.get_output_embeddings()

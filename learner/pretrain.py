@@ -452,7 +452,7 @@ def run_pretrain(cfg: JobConfig, resume: bool = False, *, log_every: int = 10) -
     else:
         streams, data_key = prepare_tokens(cfg, tok, rdir)
         split_blocks(streams, pc.seq_len)  # fail here, with the message, not inside a worker
-        draft_vocab = job_draft_vocab(cfg, rdir, fallback=[streams["train"].tolist()])
+        draft_vocab = job_draft_vocab(cfg, rdir, fallback=[streams["train"]])  # counted only without a set
         init_dir = None
         if resume_from is None:
             init_dir = _build_initial_draft(cfg, tok, target_path, rdir / "pretrain_init")

@@ -79,10 +79,6 @@ class Timing:
     prefill_s: float = 0.0
     prefills: int = 0
 
-    def add(self, other: "Timing") -> None:
-        for k in self.__dataclass_fields__:
-            setattr(self, k, getattr(self, k) + getattr(other, k))
-
 
 class _Batch:
     """The column grid of a batch: token ids, attention mask, and each sequence's last real column."""
@@ -197,7 +193,6 @@ class SpecDecoder:
         self.device = next(target.parameters()).device
         self._t = _Head(target, lean=lean)
         self._d = _Head(draft, draft_vocab, lean=lean) if draft is not None else None
-        self.draft_vocab_size = None if draft_vocab is None else len(draft_vocab)
         eos = target.generation_config.eos_token_id if target.generation_config else None
         eos = eos if eos is not None else target.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -302,8 +297,8 @@ class SpecDecoder:
         while any(active) and batch.length < self.max_len:
             h = self._timed("target", cached == 0, self._t.hidden, cache, batch, cached)[:, -1]  # (B, H)
             cached = batch.length
-            p, p_sub = self._t.probs(h, params)  # (B, V)
-            tok = sample(p_sub, gen)  # (B,)
+            _, p = self._t.probs(h, params)  # (B, V)
+            tok = sample(p, gen)  # (B,)
             for g, a in zip(gens, active):
                 g.rounds += a
             new = self._commit(gens, active, tok[:, None].tolist(), params)
