@@ -164,8 +164,11 @@ def test_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(fault_r
 
     cfg, _, _ = fault_run
     exp = cfg.run_path / "ray_results" / "distill"
-    (latest_step, latest), (prev_step, _) = list_checkpoints(exp)[:2]  # Ray Train keeps two
-    assert latest_step == MAX_STEPS and prev_step == MAX_STEPS - CKPT_EVERY, list_checkpoints(exp)
+    # Ray Train keeps two registered checkpoints (steps 15 and 10). On a slow machine the killed
+    # attempt may have written its own step-15 checkpoint before dying, unregistered: it stays on
+    # disk under the attempt-0 name and, being complete, is the one to fall back to.
+    (latest_step, latest), (prev_step, _) = list_checkpoints(exp)[:2]
+    assert latest_step == MAX_STEPS and prev_step in (MAX_STEPS, MAX_STEPS - CKPT_EVERY), list_checkpoints(exp)
     weights = latest / "model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
