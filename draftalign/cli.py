@@ -18,8 +18,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", help="show library start-up chatter (vLLM, Ray "
-                                                                 "Train, transformers progress bars)")):
+def _main(verbose: bool = typer.Option(False, "--verbose", help="show library start-up chatter and every Ray "
+                                                                 "worker's output (vLLM, Ray, Ray Train, "
+                                                                 "transformers progress bars); without it, "
+                                                                 "workers' output is kept in <run_dir>/logs/ray")):
     from draftalign.runtime import quiet_libraries
 
     quiet_libraries(verbose)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 
 from draftalign.config import JobConfig
@@ -31,14 +33,22 @@ def configure_vllm_env(kv_cache_gib: float = 1.0, threads: int | None = None) ->
 
 def quiet_libraries(verbose: bool = False) -> None:
     """A console that shows progress and results: library chatter at WARNING/ERROR, for this process and
-    (through the environment `init_ray` forwards) for Ray workers. `verbose` (or DRAFTALIGN_VERBOSE=1)
-    keeps everything."""
+    (through the environment `init_ray` forwards) for Ray workers, and quiet mode (`quiet()`): workers'
+    output kept in the run's log dir, one driver-side progress line per training stage. `verbose` (or
+    DRAFTALIGN_VERBOSE=1) keeps everything. Only the CLI calls this: library use (tests) is unchanged."""
     if verbose or os.environ.get("DRAFTALIGN_VERBOSE", "0") != "0":
         os.environ["DRAFTALIGN_VERBOSE"] = "1"
+        os.environ.pop("DRAFTALIGN_QUIET", None)
         return
+    os.environ["DRAFTALIGN_QUIET"] = "1"
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' load/save/GGUF bars too
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+
+
+def quiet() -> bool:
+    """Quiet console mode, set by `quiet_libraries` (the CLI without --verbose)."""
+    return os.environ.get("DRAFTALIGN_QUIET") == "1"
 
 
 class _DropMessage:
@@ -84,7 +94,12 @@ def allocator_env() -> dict[str, str]:
 
 
 def init_ray(cfg: JobConfig | None = None, **kw):
-    """Connect to cfg.cluster.address, or start a local Ray instance sized to this machine."""
+    """Connect to cfg.cluster.address, or start a local Ray instance sized to this machine.
+
+    Quiet mode: the workers' stdout/stderr (vLLM start-up, Ray Train, rank-0 step lines) stay in Ray's
+    log files instead of being echoed, and Ray's own driver INFO lines are off. With `cfg`, the session's
+    log dir is linked from `<run_dir>/logs/` either way.
+    """
     import ray
 
     if ray.is_initialized():
@@ -93,12 +108,39 @@ def init_ray(cfg: JobConfig | None = None, **kw):
     env = {"env_vars": {k: v for k, v in os.environ.items()
                         if k.startswith(("VLLM_", "DRAFTALIGN_", "OMP_", "HF_", "TRANSFORMERS_"))} | allocator_env(),
            "worker_process_setup_hook": "draftalign.runtime.quiet_ray_worker"}
+    if quiet():
+        # "Token authentication is enabled for this Ray cluster ..." on every local start
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        kw = {"log_to_driver": False, "logging_level": logging.WARNING, **kw}
     if address:
         ray.init(address=address, runtime_env=env, **kw)
     else:
         ray.init(num_cpus=kw.pop("num_cpus", os.cpu_count()), include_dashboard=False,
                  runtime_env=env, **kw)
+    if cfg is not None:
+        logs = link_ray_logs(run_dir(cfg) / "logs")
+        if logs is not None and quiet():
+            print(f"[ray] worker output: {logs}", file=sys.stderr, flush=True)
     return ray
+
+
+def link_ray_logs(logs: Path) -> Path | None:
+    """Symlink this process's Ray session log dir (every worker's .out/.err) as `logs/<session>` and
+    `logs/ray` (the newest session); returns `logs/ray`, or None when there is no local session dir.
+    A convenience: it never fails a run."""
+    try:
+        from ray._private import worker
+
+        src = Path(worker._global_node.get_logs_dir_path()).resolve()
+        logs.mkdir(parents=True, exist_ok=True)
+        for name in (src.parent.name, "ray"):  # <temp>/session_<date>_<pid>/logs
+            tmp = logs / f".{name}.{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(src, target_is_directory=True)
+            tmp.replace(logs / name)  # atomic: rename(2) replaces the old link, not its target
+        return logs / "ray"
+    except Exception:  # noqa: BLE001 - e.g. a ray:// client (no local node) or a read-only run dir
+        return None
 
 
 def run_dir(cfg: JobConfig) -> Path:

@@ -65,6 +65,7 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -91,7 +92,8 @@ from draftalign.models import (
     resolve_target,
     save_pretrained_atomic,
 )
-from draftalign.runtime import init_ray, run_dir
+from draftalign.progress import follow_log
+from draftalign.runtime import init_ray, quiet, run_dir
 from draftalign.vocab import job_draft_vocab
 from learner.draft_head import DraftHead
 from learner.losses import BaselineState, TargetDist, compute_loss, masked_mean, temper, tvd
@@ -781,7 +783,7 @@ def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | Non
     else:
         result, rollout_stats, lost, system = _train(cfg, init_dir, resume_from, train_rows, held_rows,
                                                      target_path, tok, token_budget, storage, tb_dir, log_path,
-                                                     draft_vocab)
+                                                     draft_vocab, start_step)
         if result.checkpoint is not None:
             ckpt, metrics = Path(result.checkpoint.path), result.metrics
         else:  # nothing left to train (e.g. the token budget was already spent)
@@ -820,8 +822,9 @@ def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | Non
 
 def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows: list[dict],
            held_rows: list[dict], target_path: str, tok, token_budget: int | None, storage: Path,
-           tb_dir: Path, log_path: Path, draft_vocab: list[int] | None):
-    """Start engines, rollout actors, queue and store; run the TorchTrainer; always clean up.
+           tb_dir: Path, log_path: Path, draft_vocab: list[int] | None, start_step: int = 0):
+    """Start engines, rollout actors, queue and store; run the TorchTrainer (from `start_step`, for the
+    quiet console's progress line); always clean up.
     Returns (ray.train.Result, final store stats, messages about rollout loops that ended, system
     facts: target restarts and the resources every role asked for and got)."""
     import ray
@@ -872,7 +875,11 @@ def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows:
             run_config=RunConfig(storage_path=str(storage.resolve()), name=EXPERIMENT,
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=lc.max_failures)))
-        result = trainer.fit()
+        progress = follow_log(log_path, lc.max_steps, "distill", {"loss": "loss", "acceptance": "acceptance",
+                                                                   "heldout_acceptance": "heldout"},
+                              initial=start_step) if quiet() else nullcontext()
+        with progress:
+            result = trainer.fit()
         if result.error is not None:
             raise RuntimeError(f"distillation failed: {result.error}") from result.error
         stats = ray.get(store.stats.remote())

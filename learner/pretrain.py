@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -59,7 +60,8 @@ from draftalign.models import (
     resolve_target,
     save_pretrained_atomic,
 )
-from draftalign.runtime import init_ray, run_dir
+from draftalign.progress import follow_log
+from draftalign.runtime import init_ray, quiet, run_dir
 from draftalign.vocab import job_draft_vocab
 from learner.draft_head import DraftHead, DraftLM
 from learner.trainer import (
@@ -323,8 +325,9 @@ def train_loop_per_worker(config: dict) -> None:
         # purge_step drops events a killed run logged after the checkpoint we resume from
         writer = SummaryWriter(config["tb_dir"], purge_step=step + 1 if step else None)
         log = open(config["log_path"], "a")
-        bar = tqdm(total=pc.max_steps, desc="pretrain", unit="step")
-        bar.n = step
+        if config.get("worker_bar", True):  # --verbose; in quiet mode the driver follows the JSONL log
+            bar = tqdm(total=pc.max_steps, desc="pretrain", unit="step")
+            bar.n = step
         _say(f"rank 0/{world}: {'resuming at step ' + str(step) if step else 'starting'}; "
              f"{len(train)} train / {len(val)} val blocks of {T}; batch {B}; autocast {amp}")
 
@@ -349,7 +352,7 @@ def train_loop_per_worker(config: dict) -> None:
         win_loss, win_steps, win_time = win_loss + loss, win_steps + 1, win_time + time.perf_counter() - t0
 
         is_ckpt = step % pc.checkpoint_every == 0 or step == pc.max_steps
-        if rank == 0:
+        if bar is not None:
             bar.update(1)
         if not (is_ckpt or step % config["log_every"] == 0):
             continue
@@ -374,7 +377,8 @@ def train_loop_per_worker(config: dict) -> None:
                         writer.add_scalar(("val/" if k.startswith("val_") else "train/") + k, v, step)
                 log.write(json.dumps({**metrics, "session": config["session"]}) + "\n")
                 log.flush()
-                bar.set_description(f"pretrain loss {mean:.3f} {metrics['tokens_per_s']:,.0f} tok/s")
+                if bar is not None:
+                    bar.set_description(f"pretrain loss {mean:.3f} {metrics['tokens_per_s']:,.0f} tok/s")
                 if is_ckpt:
                     writer.flush()
                     d = Path(tmp)
@@ -389,9 +393,10 @@ def train_loop_per_worker(config: dict) -> None:
                          f"{metrics['tokens_per_s']:,.0f} tok/s -> checkpoint")
             name = f"checkpoint_step_{step:08d}_{config['session']}" if is_ckpt else None
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-    if rank == 0:
+    if bar is not None:
         bar.close()
         sys.stdout.flush()  # the "closed" state must reach the driver before Ray Train kills this worker
+    if rank == 0:
         writer.close()
         log.close()
 
@@ -468,7 +473,8 @@ def run_pretrain(cfg: JobConfig, resume: bool = False, *, log_every: int = 10) -
                   "init_dir": str(init_dir) if init_dir else None,
                   "resume_from": str(resume_from) if resume_from else None,
                   "tb_dir": str(tb_dir), "log_path": str(log_path), "log_every": max(1, log_every),
-                  "cpus_per_worker": pc.cpus_per_worker, "session": uuid.uuid4().hex[:8]}
+                  "cpus_per_worker": pc.cpus_per_worker, "session": uuid.uuid4().hex[:8],
+                  "worker_bar": not quiet()}
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=pc.num_workers, use_gpu=pc.use_gpu,
@@ -477,7 +483,10 @@ def run_pretrain(cfg: JobConfig, resume: bool = False, *, log_every: int = 10) -
             run_config=RunConfig(storage_path=str(storage.resolve()), name=EXPERIMENT,
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=cfg.learner.max_failures)))
-        result = trainer.fit()
+        progress = follow_log(log_path, pc.max_steps, "pretrain", {"loss": "loss", "val_loss": "val_loss"},
+                              initial=start_step) if quiet() else nullcontext()
+        with progress:
+            result = trainer.fit()
         close_worker_bars()
         if result.error is not None:
             raise RuntimeError(f"pretraining failed: {result.error}") from result.error

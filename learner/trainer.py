@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from draftalign.io import atomic_dir
 
@@ -32,8 +33,9 @@ MANIFEST = "manifest.json"
 CKPT_RE = re.compile(r"^checkpoint_step_(\d+)_([0-9a-z]+)$")
 
 def say_as(tag: str, msg: str) -> None:
-    # not print(): inside Ray Train workers print is patched to log *and* echo, printing twice
-    sys.stderr.write(f"[{tag}] {msg}\n")
+    # not print(): inside Ray Train workers print is patched to log *and* echo, printing twice;
+    # tqdm.write: on the driver, a live progress line (draftalign.progress) is redrawn below it
+    tqdm.write(f"[{tag}] {msg}", file=sys.stderr)
     sys.stderr.flush()
 
 
@@ -208,9 +210,9 @@ def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
 
 def close_worker_bars() -> None:
-    """Drop the driver's copies of the workers' tqdm_ray bars once training has returned. The
-    workers close theirs, but the "closed" update can be lost when Ray Train tears the worker
-    down, and the stale bar was then redrawn under every later log line of `draftalign run`."""
+    """Drop the driver's copies of the workers' tqdm_ray bars (pretraining, --verbose) once training
+    has returned. The workers close theirs, but the "closed" update can be lost when Ray Train tears
+    the worker down, and the stale bar was then redrawn under every later log line of `draftalign run`."""
     try:
         from ray.experimental import tqdm_ray
 
