@@ -5,8 +5,9 @@ one with `draft_path=None`, deployed side by side on one Serve instance (`/spec`
 round loads one endpoint, then the other (order A B, B A, ...), so slow drifts in machine load hit
 both arms; the 1-minute load average around every run is recorded and a warning printed when it
 exceeded the core count + 1 (the loaded replica itself keeps every core busy). The load:
-N concurrent clients (the async openai client over loopback) each send M chat completions of
-held-out chat prompts, greedy, fixed max_tokens. Reported per arm: p50 / p99 request latency,
+for each concurrency level N (default 1, 4 and 16 clients) the async openai client sends the same R
+chat completions of held-out chat prompts over loopback, split among N concurrent clients, greedy,
+fixed max_tokens. Reported per level and arm: p50 / p99 request latency,
 completion tokens/s over the wall time of the load, requests/s, errors, the acceptance rates over
 all requests (per-token α = accepted / (accepted + rejected) and draft acceptance = accepted /
 proposed, as in `serve.acceptance`; α is None when the engine does not count rejections, as with
@@ -16,7 +17,7 @@ vLLM) and tokens per target pass, the largest engine batch, and greedy mismatche
 With an untrained draft the speculative endpoint can be slower than the baseline: the harness is
 the point; train a draft (`draftalign distill`) to see a speedup.
 
-    .venv/bin/python bench/serve_load.py [--quick] [--job J.yaml] [--target T] [--draft D] --out F.json
+    .venv/bin/python bench/serve_load.py [--quick] [--job J.yaml] [--draft D] [--clients 1 4 16] --out F.json
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from draftalign.config import load_config  # noqa: E402
 from draftalign.data import chat_messages  # noqa: E402
+from draftalign.evaluate import machine  # noqa: E402
 from serve.acceptance import draft_acceptance, per_token_acceptance  # noqa: E402
 
 ARMS = ("spec", "base")
@@ -106,6 +108,25 @@ def _summary(runs: list[dict]) -> dict:
             "loadavg_1m": [x for run in runs for x in run["loadavg_1m"]]}
 
 
+def _tokens(run: dict) -> int:
+    return sum(r["completion_tokens"] for r in run["records"] if "error" not in r)
+
+
+def _level(clients: int, runs: dict[str, list[dict]]) -> dict:
+    """One concurrency level: both arms' summaries, the speedup in tokens/s, greedy mismatches."""
+    arms = {arm: _summary(runs[arm]) for arm in ARMS}
+    for arm in ARMS:
+        arms[arm]["tokens_per_s_rounds"] = [_tokens(run) / run["wall_s"] for run in runs[arm]]
+    texts = {arm: {(i, rec["prompt"]): rec["text"] for i, run in enumerate(runs[arm]) for rec in run["records"]
+                   if "error" not in rec} for arm in ARMS}
+    shared = texts["spec"].keys() & texts["base"].keys()
+    base = arms["base"]["tokens_per_s"]
+    speedup = arms["spec"]["tokens_per_s"] / base if base else None
+    return {"clients": clients, "arms": arms, "speedup_tokens_per_s": speedup,
+            "greedy_mismatches": sum(texts["spec"][k] != texts["base"][k] for k in shared),
+            "greedy_compared": len(shared)}
+
+
 def _draft_path(cfg, draft: str | None, tmp: str) -> tuple[str, str]:
     """(path, label): --draft, else the job's newest trained draft, else a fresh untrained one."""
     from draftalign.models import (
@@ -135,8 +156,10 @@ def main() -> None:
     ap.add_argument("--target", default=None, help="target model (overrides target.model)")
     ap.add_argument("--draft", default=None, help="draft path (default: the job's newest trained draft, else "
                                                    "a fresh untrained one)")
-    ap.add_argument("--clients", type=int, default=None, help="concurrent clients (quick 8, else 16)")
-    ap.add_argument("--requests", type=int, default=None, help="requests per client (quick 2, else 4)")
+    ap.add_argument("--clients", type=int, nargs="+", default=None,
+                    help="concurrency levels (quick: 8; else 1 4 16)")
+    ap.add_argument("--requests", type=int, default=None,
+                    help="requests per level and round, split among the clients (quick 16, else 32)")
     ap.add_argument("--max-tokens", type=int, default=None, help="completion tokens (quick 32, else 64)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per arm, order alternating (default 2)")
     ap.add_argument("--gamma", type=int, default=None)
@@ -144,8 +167,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/serve_load.json")
     args = ap.parse_args()
 
-    quick = {"clients": 8, "requests": 2, "max_tokens": 32, "rounds": 2}
-    full = {"clients": 16, "requests": 4, "max_tokens": 64, "rounds": 2}
+    quick = {"clients": [8], "requests": 16, "max_tokens": 32, "rounds": 2}
+    full = {"clients": [1, 4, 16], "requests": 32, "max_tokens": 64, "rounds": 2}
     knobs = {k: getattr(args, k) if getattr(args, k) is not None else (quick if args.quick else full)[k]
              for k in quick}
     overrides = [f"serve.max_tokens_cap={max(knobs['max_tokens'], 1)}"]
@@ -165,12 +188,12 @@ def main() -> None:
     from draftalign.runtime import init_ray
     from serve.app import build_app
 
-    prompts = [m["messages"] for m in chat_messages("eval", max(8, knobs["clients"] * knobs["requests"]), seed=1)]
+    prompts = [m["messages"] for m in chat_messages("eval", knobs["requests"], seed=1)]
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         target = resolve_target(cfg.target.model)
         draft, draft_label = _draft_path(cfg, args.draft, tmp)
         print(f"bench: target={cfg.target.model} draft={draft_label} gamma={cfg.serve.gamma} "
-              f"dtype={cfg.target.dtype} clients={knobs['clients']} requests/client={knobs['requests']} "
+              f"dtype={cfg.target.dtype} clients={knobs['clients']} requests/level={knobs['requests']} "
               f"max_tokens={knobs['max_tokens']} rounds={knobs['rounds']} torch_threads={cores}", flush=True)
         port = _free_port()
         init_ray(cfg, num_cpus=max(2, cores))
@@ -184,43 +207,44 @@ def main() -> None:
             model = cfg.serve.model_name
             for arm in ARMS:  # warm-up: first-call costs stay out of the numbers
                 asyncio.run(_load(urls[arm], model, prompts[:1], 1, 1, 4))
-            runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
-            for r in range(knobs["rounds"]):
-                for arm in (ARMS if r % 2 == 0 else ARMS[::-1]):
-                    load_before = os.getloadavg()[0]
-                    run = asyncio.run(_load(urls[arm], model, prompts, knobs["clients"], knobs["requests"],
-                                            knobs["max_tokens"]))
-                    run["loadavg_1m"] = [load_before, os.getloadavg()[0]]
-                    runs[arm].append(run)
-                    print(f"round {r} {arm}: {len(run['records'])} requests in {run['wall_s']:.1f} s "
-                          f"(1-min load average {load_before:.1f} -> {run['loadavg_1m'][1]:.1f})", flush=True)
+            runs = {(n, arm): [] for n in knobs["clients"] for arm in ARMS}
+            for n in knobs["clients"]:
+                per_client = max(1, knobs["requests"] // n)
+                for r in range(knobs["rounds"]):
+                    for arm in (ARMS if r % 2 == 0 else ARMS[::-1]):
+                        load_before = os.getloadavg()[0]
+                        run = asyncio.run(_load(urls[arm], model, prompts, n, per_client, knobs["max_tokens"]))
+                        run["loadavg_1m"] = [load_before, os.getloadavg()[0]]
+                        runs[n, arm].append(run)
+                        print(f"{n} clients, round {r} {arm}: {len(run['records'])} requests in "
+                              f"{run['wall_s']:.1f} s, {_tokens(run) / run['wall_s']:.1f} tokens/s "
+                              f"(1-min load average {load_before:.1f} -> {run['loadavg_1m'][1]:.1f})", flush=True)
         finally:
             serve.shutdown()
             ray.shutdown()
 
-    arms = {arm: _summary(runs[arm]) for arm in ARMS}
-    texts = {arm: {(i, rec["prompt"]): rec["text"] for i, run in enumerate(runs[arm]) for rec in run["records"]
-                   if "error" not in rec} for arm in ARMS}
-    shared = texts["spec"].keys() & texts["base"].keys()
-    mismatches = sum(texts["spec"][k] != texts["base"][k] for k in shared)
-    speedup = arms["spec"]["tokens_per_s"] / arms["base"]["tokens_per_s"] if arms["base"]["tokens_per_s"] else None
+    levels = [_level(n, {arm: runs[n, arm] for arm in ARMS}) for n in knobs["clients"]]
     result = {"target": cfg.target.model, "draft": draft_label, "gamma": cfg.serve.gamma, "dtype": cfg.target.dtype,
               "engine": cfg.serve.engine, "max_batch_size": cfg.serve.max_batch_size, **knobs,
-              "arms": arms, "greedy_mismatches": mismatches, "greedy_compared": len(shared),
-              "speedup_tokens_per_s": speedup}
+              "machine": machine(), "levels": levels}
 
-    print("\n| endpoint | requests | errors | p50 latency s | p99 latency s | tokens/s | req/s | "
-          "α (per token) | accepted/proposed | tokens/target pass | max batch |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for arm, name in (("spec", f"speculative (γ={cfg.serve.gamma})"), ("base", "target only")):
-        a = arms[arm]
-        alpha = "n/a" if a["acceptance_rate"] is None else f"{a['acceptance_rate']:.3f}"
-        print(f"| {name} | {a['requests']} | {a['errors']} | {a['p50_latency_s']:.2f} | {a['p99_latency_s']:.2f} | "
-              f"{a['tokens_per_s']:.1f} | {a['requests_per_s']:.2f} | {alpha} | {a['draft_acceptance_rate']:.3f} | "
-              f"{a['tokens_per_target_pass']:.2f} | {a['max_batch_size']} |")
-    print(f"\nspeedup (tokens/s, speculative / target only): {speedup:.2f}x" if speedup else "")
-    print(f"greedy mismatches between the arms: {mismatches} of {len(shared)}")
-    busiest = max(x for a in arms.values() for x in a["loadavg_1m"])
+    print("\n| clients | endpoint | requests | errors | p50 latency s | p99 latency s | tokens/s (per round) | "
+          "α (per token) | accepted/proposed | tokens/target pass | max batch | speedup |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for lv in levels:
+        for arm, name in (("spec", f"speculative (γ={cfg.serve.gamma})"), ("base", "target only")):
+            a = lv["arms"][arm]
+            alpha = "n/a" if a["acceptance_rate"] is None else f"{a['acceptance_rate']:.3f}"
+            rounds = ", ".join(f"{x:.1f}" for x in a["tokens_per_s_rounds"])
+            speed = f"{lv['speedup_tokens_per_s']:.2f}x" if arm == "spec" and lv["speedup_tokens_per_s"] else ""
+            print(f"| {lv['clients']} | {name} | {a['requests']} | {a['errors']} | {a['p50_latency_s']:.2f} | "
+                  f"{a['p99_latency_s']:.2f} | {a['tokens_per_s']:.1f} ({rounds}) | {alpha} | "
+                  f"{a['draft_acceptance_rate']:.3f} | {a['tokens_per_target_pass']:.2f} | {a['max_batch_size']} | "
+                  f"{speed} |")
+    for lv in levels:
+        print(f"{lv['clients']} clients: greedy mismatches between the arms {lv['greedy_mismatches']} of "
+              f"{lv['greedy_compared']}")
+    busiest = max(x for lv in levels for a in lv["arms"].values() for x in a["loadavg_1m"])
     if busiest > cores + 1:  # the loaded replica alone accounts for ≈ `cores` (its torch threads)
         print(f"WARNING: the 1-min load average reached {busiest:.1f} on {cores} cores during the load: "
               f"other processes shared the CPU, so the timings are noisy")
