@@ -11,13 +11,29 @@ Data flow (stage 3, see DESIGN.md):
          ▼
     learner ranks (each rank pulls its own batches; see learner/distill.py)
 
-Per sequence the actor flips a coin: with probability λ = rollout.on_policy_fraction it samples a
-continuation of the prompt from its current draft copy (on-policy, rollout.temperature,
-rollout.max_new_tokens, stopping at EOS), else it replays the target's response from the
-distillation set. An on-policy sequence goes to a TargetActor, which returns the target's top-k (or
-full) next-token distribution at every response position; a replayed response carries the
-distribution vLLM recorded while generating it (`cached_score`), so only rows without one (older
-sets, full-vocabulary runs) are scored again.
+Per sequence (prompt x, target answer y from the distillation set) the actor flips a coin: with
+probability λ = rollout.on_policy_fraction the row is on-policy, sampled from its current draft copy
+q at rollout.temperature (stopping at EOS), else it replays (x, y). On-policy rows, by
+rollout.on_policy_mode:
+
+- continuation: row (x, ŷ), ŷ ~ q(· | x), up to rollout.max_new_tokens.
+- branch (`branch_contexts`): the states the draft meets when serving, prefixes of target answers.
+  Per batch L ~ U{a..b} (rollout.branch_tokens, about γ..2γ); per row a cut
+  j ~ U{0..min(|y| − 1, max_len − 1 − |x| − L)} (max_len = target.max_model_len, capped by the
+  draft's positions), context c = x + y[:j] and row (c, ŷ), ŷ ~ q(· | c), L tokens. The row's
+  "prompt" is c, so only the branch is scored and trained on; a row where no cut fits replays.
+
+An on-policy row goes to a TargetActor, which returns the target's top-k (or full) next-token
+distribution at every response position (the positions after the row's prompt); a replayed response
+carries the distribution vLLM recorded while generating it (`cached_score`), so only rows without one
+(older sets, full-vocabulary runs) are scored again.
+
+Pipelining: `RolloutWorker.run` samples batch i+1 (and sends its rows to the target) while the
+target scores batch i (`TargetPool.submit` returns at once, `collect` waits and retries as `score`
+does), so draft and target work at the same time. A batch keeps the `policy_version` that sampled
+it; holding one sampled batch in flight adds at most one batch to its lag when the queue is full.
+Batch timing: sample_s, score_s (submit → scores in hand), score_wait_s (the part the actor waited),
+overlap_s = score_s − score_wait_s (scoring hidden behind other work), total_s = sample_s + score_s.
 
 Alignment: position t of a batch row holds token `input_ids[t]`, and `target_*[t]` is the target's
 distribution *predicting* that token (computed from tokens < t). `loss_mask[t]` is True exactly at
@@ -173,9 +189,26 @@ def score_rows(pool: "TargetPool", prompts: list[list[int]], responses: list[lis
     return scores, len(todo)
 
 
+@dataclass
+class ScoreCall:
+    """One `TargetEngine.score` request in flight (`TargetPool.submit` → `TargetPool.collect`)."""
+
+    seqs: list[list[int]]
+    starts: list[int]
+    k: int
+    deadline: float  # time.monotonic() after which collect gives up
+    ref: object = None  # the engine call's ObjectRef; None = (re)send at collect
+    tries: int = 0  # engine failures so far
+
+
 class TargetPool:
     """Round-robin over TargetActor handles; a dead or restarting engine is skipped. Empty when no
-    row needs scoring (replay-only rollouts of a set that carries the target's top-k)."""
+    row needs scoring (replay-only rollouts of a set that carries the target's top-k).
+
+    `submit` sends a request and returns at once; `collect` waits for it, re-sending it to the next
+    engine on an engine error, pausing 1 s after every full pass of failures (Ray restarts engines)
+    and giving up SCORE_RETRY_S after submit. `score` = collect(submit(…)).
+    """
 
     def __init__(self, engines: list, start: int = 0):
         self.engines = list(engines)
@@ -183,21 +216,46 @@ class TargetPool:
         self.failures = 0
 
     def score(self, seqs: list[list[int]], starts: list[int], k: int) -> list[dict]:
+        return self.collect(self.submit(seqs, starts, k))
+
+    def submit(self, seqs: list[list[int]], starts: list[int], k: int) -> ScoreCall:
         if not self.engines:
             raise RuntimeError("a row needs the target's scores but no TargetActor was started")
-        deadline = time.monotonic() + SCORE_RETRY_S
+        call = ScoreCall(seqs, starts, k, deadline=time.monotonic() + SCORE_RETRY_S)
+        try:
+            call.ref = self._send(call)
+        except _ENGINE_ERRORS as e:
+            self._failed(call, e)  # collect sends it again
+        return call
+
+    def collect(self, call: ScoreCall, stop: threading.Event | None = None) -> list[dict] | None:
+        """The call's scores; None as soon as `stop` is set (the request is then abandoned)."""
         while True:
-            for _ in range(len(self.engines)):
-                engine = self.engines[self._next]
-                self._next = (self._next + 1) % len(self.engines)
-                try:
-                    return ray.get(engine.score.remote(seqs, starts, k))
-                except _ENGINE_ERRORS as e:
-                    self.failures += 1
-                    log.warning("target engine failed (%s); trying the next one", type(e).__name__)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no TargetActor answered for {SCORE_RETRY_S:.0f} s")
-            time.sleep(1.0)  # every engine is down: give Ray time to restart one
+            try:
+                if call.ref is None:
+                    call.ref = self._send(call)
+                if stop is not None:
+                    while not ray.wait([call.ref], timeout=1.0)[0]:
+                        if stop.is_set():
+                            return None
+                return ray.get(call.ref)
+            except _ENGINE_ERRORS as e:
+                self._failed(call, e)
+            if call.tries % len(self.engines) == 0:
+                if time.monotonic() > call.deadline:
+                    raise RuntimeError(f"no TargetActor answered for {SCORE_RETRY_S:.0f} s")
+                time.sleep(1.0)  # every engine is down: give Ray time to restart one
+
+    def _send(self, call: ScoreCall):
+        engine = self.engines[self._next]
+        self._next = (self._next + 1) % len(self.engines)
+        return engine.score.remote(call.seqs, call.starts, call.k)
+
+    def _failed(self, call: ScoreCall, e: Exception) -> None:
+        self.failures += 1
+        call.tries += 1
+        call.ref = None
+        log.warning("target engine failed (%s); trying the next one", type(e).__name__)
 
 
 @ray.remote(num_cpus=0)
@@ -354,22 +412,64 @@ def sample_continuations(model, prompts: list[list[int]], *, temperature: float,
     return responses, logprobs
 
 
+def branch_contexts(prompts: list[list[int]], responses: list[list[int]], length: int, max_len: int,
+                    rng: random.Random) -> list[list[int] | None]:
+    """Where the draft branches off the target's answers: per row (prompt x, answer y) a cut
+    j ~ U{0, …, j_max}, j_max = min(|y| − 1, max_len − 1 − |x| − L), and the context c = x + y[:j];
+    None when j_max < 0 (no branch of L = `length` tokens fits).
+
+    |c| + L < max_len leaves the target room to score c + branch (vLLM needs one position to
+    generate); j < |y| keeps y's final token (EOS) out of c.
+    """
+    out: list[list[int] | None] = []
+    for x, y in zip(prompts, responses, strict=True):
+        j_max = min(len(y) - 1, max_len - 1 - len(x) - length)
+        out.append(list(x) + list(y[:rng.randint(0, j_max)]) if j_max >= 0 else None)
+    return out
+
+
+@dataclass
+class _Sampled:
+    """A batch between sampling and its target scores (RolloutWorker.sample → submit → finish)."""
+
+    picks: list[dict]
+    prompts: list[list[int]]  # the row's context: x (replay, continuation) or x + y[:j] (branch)
+    responses: list[list[int]]  # the positions the target scores and the learner trains on
+    flags: list[bool]  # on-policy
+    draft_lp: list[list[float] | None]
+    cached: list[dict | None]  # replayed rows' recorded target scores
+    version: int  # policy version of the weights that sampled the batch
+    sample_s: float
+    todo: list[int] = field(default_factory=list)  # rows sent to the target
+    call: ScoreCall | None = None
+    submitted_at: float = 0.0
+
+
 class RolloutWorker:
     """The rollout logic without Ray's actor wrapper (directly testable)."""
 
     def __init__(self, actor_id: int, draft_path: str, rows: list[dict], engines: list, queue, store, *,
                  on_policy_fraction: float, temperature: float, max_new_tokens: int, batch_size: int,
-                 top_k: int, seed: int = 0, device: str = "cpu", draft_vocab: list[int] | None = None):
+                 top_k: int, seed: int = 0, device: str = "cpu", draft_vocab: list[int] | None = None,
+                 on_policy_mode: str = "continuation", branch_tokens: tuple[int, int] = (3, 6),
+                 max_model_len: int | None = None):
         from draftalign.models import load_causal_lm, load_tokenizer
 
         if not rows:
             raise ValueError("RolloutActor needs a non-empty distillation set")
+        if on_policy_mode not in ("continuation", "branch"):
+            raise ValueError(f"on_policy_mode must be 'continuation' or 'branch', got {on_policy_mode!r}")
+        if not 1 <= branch_tokens[0] <= branch_tokens[1]:
+            raise ValueError(f"branch_tokens must be (min, max) with 1 ≤ min ≤ max, got {branch_tokens}")
         self.actor_id, self.rows, self.queue, self.store = actor_id, rows, queue, store
         self.lam, self.temperature, self.max_new_tokens = on_policy_fraction, temperature, max_new_tokens
+        self.mode, self.branch_tokens = on_policy_mode, (int(branch_tokens[0]), int(branch_tokens[1]))
         self.batch_size, self.top_k, self.draft_vocab = batch_size, top_k, draft_vocab
         self.incarnation = ray.get(store.register.remote(actor_id)) if store is not None else 0
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         self.model = load_causal_lm(draft_path, dtype, device)
+        positions = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
+        self.max_len = min(max_model_len or positions, positions)  # longest row the target and draft take
         tok = load_tokenizer(draft_path)
         self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id
         self.version = -1
@@ -380,7 +480,8 @@ class RolloutWorker:
         torch.manual_seed(self.seed)  # the draft's sampling stream
         self._stop = threading.Event()
         self.counters = {"batches": 0, "tokens": 0, "put_wait_s": 0.0, "weight_loads": 0,
-                         "scored_rows": 0, "cached_rows": 0}
+                         "scored_rows": 0, "cached_rows": 0, "sample_s": 0.0, "score_s": 0.0,
+                         "score_wait_s": 0.0}
 
     def sync_weights(self, wait: bool = False) -> bool:
         """Load the newest published weights; with wait, block until a first version exists."""
@@ -396,7 +497,9 @@ class RolloutWorker:
                 return False
             time.sleep(0.2)
 
-    def make_batch(self) -> RolloutBatch:
+    def sample(self) -> _Sampled:
+        """Pick rows, flip the on-policy coins and sample the on-policy rows from the draft (one
+        batched `generate`): continuations of the prompt, or branches after target-answer prefixes."""
         t0 = time.perf_counter()
         picks = [self.rng.choice(self.rows) for _ in range(self.batch_size)]
         flags = [self.rng.random() < self.lam for _ in picks]
@@ -404,24 +507,62 @@ class RolloutWorker:
         responses: list[list[int]] = [list(r["response_token_ids"]) for r in picks]
         draft_lp: list[list[float] | None] = [None] * len(picks)
         on_idx = [i for i, f in enumerate(flags) if f]
+        new_tokens = self.max_new_tokens
+        if on_idx and self.mode == "branch":
+            new_tokens = self.rng.randint(*self.branch_tokens)  # L, one per batch
+            ctx = branch_contexts([prompts[i] for i in on_idx], [responses[i] for i in on_idx], new_tokens,
+                                  self.max_len, self.rng)
+            for i, c in zip(on_idx, ctx, strict=True):
+                if c is None:
+                    flags[i] = False  # no branch fits: the row replays
+                else:
+                    prompts[i] = c
+            on_idx = [i for i in on_idx if flags[i]]
         if on_idx:
             gen, lps = sample_continuations(
                 self.model, [prompts[i] for i in on_idx], temperature=self.temperature,
-                max_new_tokens=self.max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id,
+                max_new_tokens=new_tokens, eos_id=self.eos_id, pad_id=self.pad_id,
                 draft_vocab=self.draft_vocab)
             for i, g, lp in zip(on_idx, gen, lps, strict=True):
                 responses[i], draft_lp[i] = g, lp
-        t1 = time.perf_counter()
         cached = [None if f else cached_score(r, self.top_k) for r, f in zip(picks, flags, strict=True)]
-        scores, n_scored = score_rows(self.pool, prompts, responses, cached, self.top_k)
-        self.counters["scored_rows"] += n_scored
-        self.counters["cached_rows"] += len(picks) - n_scored
-        t2 = time.perf_counter()
-        return build_batch(prompts, responses, scores, pad_id=self.pad_id, on_policy=flags,
-                           draft_logprobs=draft_lp, policy_version=self.version, actor_id=self.actor_id,
-                           prompt_ids=[str(r.get("prompt_id", "")) for r in picks],
-                           timing={"sample_s": t1 - t0, "score_s": t2 - t1, "total_s": t2 - t0,
+        return _Sampled(picks, prompts, responses, flags, draft_lp, cached, self.version,
+                        time.perf_counter() - t0)
+
+    def submit(self, s: _Sampled) -> _Sampled:
+        """Send the rows without recorded scores to the target; returns at once."""
+        s.todo = [i for i, c in enumerate(s.cached) if c is None]
+        if s.todo:
+            s.call = self.pool.submit([s.prompts[i] + s.responses[i] for i in s.todo],
+                                      [len(s.prompts[i]) for i in s.todo], self.top_k)
+        s.submitted_at = time.perf_counter()
+        return s
+
+    def finish(self, s: _Sampled) -> RolloutBatch | None:
+        """Wait for the target's scores of a submitted batch and build it; None if stop() came first."""
+        t0 = time.perf_counter()
+        scores = list(s.cached)
+        if s.call is not None:
+            fresh = self.pool.collect(s.call, self._stop)
+            if fresh is None:
+                return None
+            for i, sc in zip(s.todo, fresh, strict=True):
+                scores[i] = sc
+        t1 = time.perf_counter()
+        score_s, wait_s = t1 - s.submitted_at, t1 - t0
+        for key, v in (("scored_rows", len(s.todo)), ("cached_rows", len(s.picks) - len(s.todo)),
+                       ("sample_s", s.sample_s), ("score_s", score_s), ("score_wait_s", wait_s)):
+            self.counters[key] += v
+        return build_batch(s.prompts, s.responses, scores, pad_id=self.pad_id, on_policy=s.flags,
+                           draft_logprobs=s.draft_lp, policy_version=s.version, actor_id=self.actor_id,
+                           prompt_ids=[str(r.get("prompt_id", "")) for r in s.picks],
+                           timing={"sample_s": s.sample_s, "score_s": score_s, "score_wait_s": wait_s,
+                                   "overlap_s": score_s - wait_s, "total_s": s.sample_s + score_s,
                                    "created_at": time.time()})
+
+    def make_batch(self) -> RolloutBatch | None:
+        """One batch, unpipelined: sample, score, build."""
+        return self.finish(self.submit(self.sample()))
 
     def put(self, batch: RolloutBatch) -> bool:
         """Blocking put with a timeout loop, so stop() is honoured while the queue is full."""
@@ -439,16 +580,25 @@ class RolloutWorker:
         return False
 
     def run(self, max_batches: int | None = None) -> dict:
-        """Produce batches until stop() (or max_batches); returns the counters."""
+        """Produce batches until stop() (or max_batches); returns the counters. Pipelined: each turn
+        samples and submits batch i+1, then collects batch i (scored meanwhile) and queues it."""
         self.sync_weights(wait=True)
-        while not self._stop.is_set() and (max_batches is None or self.counters["batches"] < max_batches):
-            self.sync_weights()
-            batch = self.make_batch()
-            if not self.put(batch):
+        pending: _Sampled | None = None
+        while not self._stop.is_set():
+            nxt = None
+            if max_batches is None or self.counters["batches"] + (pending is not None) < max_batches:
+                self.sync_weights()
+                nxt = self.submit(self.sample())
+            if pending is not None:
+                batch = self.finish(pending)
+                if batch is None or not self.put(batch):
+                    break
+                self.counters["batches"] += 1
+                self.counters["tokens"] += batch.n_tokens
+                self.store.report.remote(self.actor_id, batch.n_tokens)
+            if nxt is None:
                 break
-            self.counters["batches"] += 1
-            self.counters["tokens"] += batch.n_tokens
-            self.store.report.remote(self.actor_id, batch.n_tokens)
+            pending = nxt
         return self.stats()
 
     def stop(self) -> None:
@@ -484,5 +634,7 @@ def create_rollout_actors(cfg, draft_path: str, rows_ref, engines: list, queue, 
                                  name=f"{name_prefix}-rollout-{i}" if name_prefix else None).remote(
         i, draft_path, rows_ref, engines, queue, store, on_policy_fraction=r.on_policy_fraction,
         temperature=r.temperature, max_new_tokens=r.max_new_tokens, batch_size=r.batch_size,
-        top_k=cfg.target.top_k_logprobs, seed=cfg.seed, device=device, draft_vocab=draft_vocab)
+        top_k=cfg.target.top_k_logprobs, seed=cfg.seed, device=device, draft_vocab=draft_vocab,
+        on_policy_mode=r.on_policy_mode, branch_tokens=tuple(r.branch_tokens),
+        max_model_len=cfg.target.max_model_len)
         for i in range(r.num_actors)]

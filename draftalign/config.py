@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 EMBEDDED_TARGET = "embedded:smollm2-135m-instruct"
 
@@ -110,12 +110,26 @@ class RolloutConfig(_Strict):
     cpus_per_actor: float = Field(0.5, ge=0)
     gpus_per_actor: float = Field(0, ge=0)
     on_policy_fraction: float = Field(0.5, ge=0, le=1, description="λ: share of on-policy samples")
+    on_policy_mode: Literal["continuation", "branch"] = Field(
+        "continuation", description="continuation = the draft continues the prompt (up to max_new_tokens); "
+                                    "branch = the draft samples a short branch after a random prefix of a "
+                                    "target answer (the states it meets when serving), scored on the branch only")
+    branch_tokens: tuple[int, int] = Field(
+        (3, 6), description="branch mode: (min, max) branch length L, inclusive, drawn per batch; "
+                            "about γ to 2γ for the γ the draft will serve with")
     temperature: float = Field(1.0, ge=0, description="draft sampling temperature on-policy")
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, description="continuation mode: longest on-policy continuation")
     batch_size: int = Field(8, ge=1, description="sequences per RolloutBatch")
     queue_size: int = Field(8, ge=1, description="bounded queue between actors and learner")
     max_policy_lag: int = Field(2, ge=0, description="drop batches older than this many versions")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
+
+    @field_validator("branch_tokens")
+    @classmethod
+    def _branch_range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1]:
+            raise ValueError("rollout.branch_tokens must be [min, max] with 1 ≤ min ≤ max (branch lengths, inclusive)")
+        return v
 
 
 class LearnerConfig(_Strict):

@@ -59,6 +59,10 @@ def _check_same_job(out: Path, cfg: JobConfig) -> None:
         prev = json.loads((out / "job.json").read_text())
     except (OSError, ValueError):
         return  # a fresh run dir (or a torn job.json: nothing was trusted from it)
+    try:  # fields added to the schema since the run was made take their defaults (the old behaviour)
+        prev = json.loads(JobConfig.model_validate(prev).model_dump_json())
+    except ValueError:
+        pass  # a field since removed or restricted: compare as written, the change is then named
     changes = config_changes(prev, json.loads(cfg.model_dump_json()))
     if changes:
         more = f" (+{len(changes) - 5} more)" if len(changes) > 5 else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,28 @@ def test_run_refuses_a_run_dir_made_by_a_different_job(tmp_path):
     scaled = load_config(ROOT / "cluster/jobs/local.yaml", [f"run_dir={run}", "rollout.num_actors=4",
                                                              "cluster.address=auto"])
     assert config_changes(old.model_dump(), scaled.model_dump()) == []  # placement may change on resume
+
+
+def test_rollout_branch_settings_are_validated():
+    cfg = load_config(None, ["rollout.on_policy_mode=branch", "rollout.branch_tokens=[3,6]"])
+    assert cfg.rollout.on_policy_mode == "branch" and cfg.rollout.branch_tokens == (3, 6)
+    assert load_config(None).rollout.on_policy_mode == "continuation"  # today's behaviour by default
+    for bad in ("[0,3]", "[5,3]", "[3]", "4"):
+        with pytest.raises(ConfigError, match="rollout.branch_tokens"):
+            load_config(None, [f"rollout.branch_tokens={bad}"])
+    with pytest.raises(ConfigError, match="rollout.on_policy_mode.*'branch'"):
+        load_config(None, ["rollout.on_policy_mode=tree"])
+
+
+def test_a_run_made_before_a_field_was_added_resumes(tmp_path):
+    """job.json written before a schema field existed: the field's default is the old behaviour,
+    so resuming is not a config change; a changed value still is."""
+    from draftalign.pipeline import _check_same_job
+
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    old = cfg.model_dump(mode="json")
+    del old["rollout"]["on_policy_mode"], old["rollout"]["branch_tokens"]
+    (tmp_path / "job.json").write_text(json.dumps(old))
+    _check_same_job(tmp_path, cfg)
+    with pytest.raises(ConfigError, match="rollout.on_policy_mode"):
+        _check_same_job(tmp_path, load_config(None, [f"run_dir={tmp_path}", "rollout.on_policy_mode=branch"]))

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from distill_helpers import TOP_K, job_fixture, peaked_target_fixture  # noqa: F401 - fixtures
+from distill_helpers import TOP_K, distill_log, job_fixture, peaked_target_fixture  # noqa: F401 - fixtures
 from distill_helpers import done as _done
 
 from actors.rollout import RolloutBatch, TargetPool, WeightStore, build_batch, check_and_load_weights
@@ -248,6 +248,27 @@ def test_distill_run_lowers_heldout_tvd_and_resumes(ray_local, job, target_token
     again = _done(cfg)
     assert again["resumed_from_step"] == 30 and again["steps"] == 34
     assert again["policy_version"] == 34 // cfg.learner.sync_every
+
+
+@pytest.mark.slow
+def test_branch_rollouts_train_on_short_draft_branches(ray_local, job):
+    """rollout.on_policy_mode=branch end to end: every row is a draft branch of 2–4 tokens after a
+    prefix of a target answer, scored by the vLLM target on the branch only, so a step trains on
+    batch_size..4·batch_size on-policy tokens; the rows' draft log-probs sit on the branch positions
+    (at step 1 the learner's weights are the sampling ones: policy_drift ≈ 0)."""
+    from learner.distill import run_distill
+
+    cfg = job("branch", rollout__on_policy_mode="branch", rollout__branch_tokens=[2, 4],
+              rollout__on_policy_fraction=1.0, distill__form="sampled", learner__max_steps=8,
+              learner__checkpoint_every=100)
+    run_distill(cfg)
+    assert _done(cfg)["steps"] == 8
+    log = distill_log(cfg)
+    assert all(r["on_policy_frac"] == 1.0 for r in log)
+    per_step = np.diff([0] + [r["trained_tokens"] for r in log])
+    B = cfg.rollout.batch_size
+    assert ((per_step >= B) & (per_step <= 4 * B)).all(), per_step
+    assert log[0]["policy_lag"] == 0 and log[0]["policy_drift"] < 0.02, log[0]
 
 
 @pytest.mark.slow
