@@ -65,7 +65,6 @@ import tempfile
 import threading
 import time
 import uuid
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -92,8 +91,7 @@ from draftalign.models import (
     resolve_target,
     save_pretrained_atomic,
 )
-from draftalign.progress import follow_log
-from draftalign.runtime import init_ray, quiet, run_dir
+from draftalign.runtime import init_ray, run_dir
 from draftalign.vocab import job_draft_vocab
 from learner.draft_head import DraftHead
 from learner.losses import BaselineState, TargetDist, compute_loss, masked_mean, temper, tvd
@@ -104,6 +102,7 @@ from learner.trainer import (
     autocast_dtype,
     checkpoint_to_restore,
     export_draft,
+    fit_stage,
     lr_factor,
     param_groups,
     prepare_resume,
@@ -828,8 +827,6 @@ def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows:
     Returns (ray.train.Result, final store stats, messages about rollout loops that ended, system
     facts: target restarts and the resources every role asked for and got)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
     from actors.target import create_target_actors, shutdown_target_actors
@@ -867,21 +864,12 @@ def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows:
                   "queue": queue, "store": store, "heldout_ref": [ray.put(hb)] if hb is not None else [],
                   "tb_dir": str(tb_dir), "log_path": str(log_path), "session": uuid.uuid4().hex[:8],
                   "token_budget": token_budget, "draft_vocab": draft_vocab}
-        trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=lc.use_gpu,
-                                         resources_per_worker=per_worker),
-            # a dead learner worker: Ray Train restarts the group from the latest checkpoint
-            run_config=RunConfig(storage_path=str(storage.resolve()), name=EXPERIMENT,
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 failure_config=FailureConfig(max_failures=lc.max_failures)))
-        progress = follow_log(log_path, lc.max_steps, "distill", {"loss": "loss", "acceptance": "acceptance",
-                                                                   "heldout_acceptance": "heldout"},
-                              initial=start_step) if quiet() else nullcontext()
-        with progress:
-            result = trainer.fit()
-        if result.error is not None:
-            raise RuntimeError(f"distillation failed: {result.error}") from result.error
+        # a dead learner worker: Ray Train restarts the group from the latest checkpoint
+        result = fit_stage(train_loop_per_worker, config, name=EXPERIMENT, storage=storage,
+                           num_workers=lc.num_workers, use_gpu=lc.use_gpu, resources_per_worker=per_worker,
+                           max_failures=lc.max_failures, log_path=log_path, total=lc.max_steps,
+                           start_step=start_step, fields={"loss": "loss", "acceptance": "acceptance",
+                                                          "heldout_acceptance": "heldout"})
         stats = ray.get(store.stats.remote())
         system = {"target_restarts": actor_restarts(engines),
                   "scaling": {"learner": {"num_workers": lc.num_workers, "resources_per_worker": per_worker,

@@ -42,7 +42,6 @@ import sys
 import tempfile
 import time
 import uuid
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -60,7 +59,6 @@ from draftalign.models import (
     resolve_target,
     save_pretrained_atomic,
 )
-from draftalign.progress import follow_log
 from draftalign.runtime import init_ray, quiet, run_dir
 from draftalign.vocab import job_draft_vocab
 from learner.draft_head import DraftHead, DraftLM
@@ -70,8 +68,8 @@ from learner.trainer import (
     all_reduce,
     autocast_dtype,
     checkpoint_to_restore,
-    close_worker_bars,
     export_draft,
+    fit_stage,
     lr_factor,
     param_groups,
     prepare_resume,
@@ -431,8 +429,6 @@ def run_pretrain(cfg: JobConfig, resume: bool = False, *, log_every: int = 10) -
     an earlier run's checkpoints to `ray_results/pretrain.prev`.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     t_start = time.time()
     pc = cfg.pretrain
@@ -475,21 +471,12 @@ def run_pretrain(cfg: JobConfig, resume: bool = False, *, log_every: int = 10) -
                   "tb_dir": str(tb_dir), "log_path": str(log_path), "log_every": max(1, log_every),
                   "cpus_per_worker": pc.cpus_per_worker, "session": uuid.uuid4().hex[:8],
                   "worker_bar": not quiet()}
-        trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=pc.num_workers, use_gpu=pc.use_gpu,
-                                         resources_per_worker=worker_resources(
-                                             pc.cpus_per_worker, pc.use_gpu, cfg.learner.resources)),
-            run_config=RunConfig(storage_path=str(storage.resolve()), name=EXPERIMENT,
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 failure_config=FailureConfig(max_failures=cfg.learner.max_failures)))
-        progress = follow_log(log_path, pc.max_steps, "pretrain", {"loss": "loss", "val_loss": "val_loss"},
-                              initial=start_step) if quiet() else nullcontext()
-        with progress:
-            result = trainer.fit()
-        close_worker_bars()
-        if result.error is not None:
-            raise RuntimeError(f"pretraining failed: {result.error}") from result.error
+        result = fit_stage(train_loop_per_worker, config, name=EXPERIMENT, storage=storage,
+                           num_workers=pc.num_workers, use_gpu=pc.use_gpu,
+                           resources_per_worker=worker_resources(pc.cpus_per_worker, pc.use_gpu,
+                                                                 cfg.learner.resources),
+                           max_failures=cfg.learner.max_failures, log_path=log_path, total=pc.max_steps,
+                           start_step=start_step, fields={"loss": "loss", "val_loss": "val_loss"})
         resume_from = Path(result.checkpoint.path)
         verify_checkpoint(resume_from)
         metrics = result.metrics

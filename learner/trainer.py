@@ -223,6 +223,39 @@ def close_worker_bars() -> None:
     except Exception:  # noqa: BLE001 - cosmetic: never fail a finished run over a progress bar
         pass
 
+def fit_stage(train_loop, config: dict, *, name: str, storage: Path, num_workers: int, use_gpu: bool,
+              resources_per_worker: dict, max_failures: int, log_path: Path, total: int, start_step: int,
+              fields: dict[str, str]):
+    """Run one training stage on Ray Train and return its `Result`.
+
+    A `TorchTrainer` over `train_loop` with `num_workers` ranks; the experiment `<storage>/<name>`
+    keeps the two newest checkpoints, and a failed worker group is restarted from the latest one
+    up to `max_failures` times. In quiet mode the driver shows one live line for the stage, fed by
+    the JSONL log rank 0 writes (`draftalign.progress.follow_log`, `fields` {log key: label}).
+    Raises RuntimeError naming the stage when training failed.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from draftalign.progress import follow_log
+    from draftalign.runtime import quiet
+
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources_per_worker),
+        run_config=RunConfig(storage_path=str(storage.resolve()), name=name,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=max_failures)))
+    progress = (follow_log(log_path, total, name, fields, initial=start_step) if quiet()
+                else contextlib.nullcontext())
+    with progress:
+        result = trainer.fit()
+    close_worker_bars()
+    if result.error is not None:
+        raise RuntimeError(f"{name} failed: {result.error}") from result.error
+    return result
+
 def prepare_resume(resume: bool, *, exp: Path, done_path: Path, final: Path, max_steps: int,
                    tb_dir: Path, log_path: Path, skipped: list | None = None,
                    fallback: str = "scratch", say=_say) -> tuple[str, int, Path | None]:
