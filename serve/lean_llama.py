@@ -13,6 +13,11 @@ layer), about as much as its matrix products (~22-28 ms). Here:
 - `KVCache` preallocates keys and values per layer and grows by doubling; `crop` moves a pointer;
 - the attention mask and RoPE cos/sin are built once per forward, not per layer.
 
+Token trees (`serve.tree`): `hidden(..., attn=rows)` replaces the causal rule by explicit rows of
+which columns each new query sees, and `positions` are per token, so one pass scores every node of a
+tree on top of the cache (node i at position prefix_len + depth(i) − 1, seeing the prefix and its
+ancestors); `KVCache.keep(index)` then compacts the cache to prefix ++ accepted path.
+
 Measured there (`use_decode_matmul`, 200-token context, batch 1, median): feeding 1 column 42 → 31 ms,
 4 columns 48 → 34 ms (HF body with DynamicCache → LeanLlama); the per-forward overhead left is ~9 ms,
 mostly the dispatch of ~30 small ops per layer.
@@ -92,6 +97,30 @@ class KVCache:
             length = self.length + length
         self.length = max(0, min(length, self.length))
 
+    @torch.inference_mode()
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep the columns `index` (m,) or (B, m) (per sequence), in that order, as columns [0, m).
+
+        After a tree pass `serve.tree.kv_keep_index` (the prefix, then the accepted path) compacts the
+        cache to the accepted path. The identity head of the index (the prefix) stays in place; only the
+        tail is gathered, like `crop` moving a pointer when the tail is the identity too.
+        """
+        index = torch.as_tensor(index, dtype=torch.long, device=self.k[0].device)
+        index = index[None].expand(self.batch_size, -1) if index.dim() == 1 else index  # (B, m)
+        m = index.shape[1]
+        if index.shape[0] != self.batch_size or m and not 0 <= int(index.min()) <= int(index.max()) < self.length:
+            raise ValueError(f"keep index {tuple(index.shape)} out of range for {self.batch_size} sequences "
+                             f"of {self.length} columns")
+        same = (index == torch.arange(m, device=index.device)).all(0)  # (m,)
+        lo = m if bool(same.all()) else int((~same).int().argmax())  # first column that moves
+        if lo < m:
+            tail = index[:, lo:]  # (B, m - lo)
+            for buf in (self.k, self.v):
+                for t in buf:  # (B, KV, C, D)
+                    B, KV, _, D = t.shape
+                    t[:, :, lo:m] = t.gather(2, tail[:, None, :, None].expand(B, KV, m - lo, D))
+        self.length = m
+
     def reserve(self, length: int) -> None:
         """Make room for `length` columns (doubling the capacity), keeping the valid ones."""
         if length <= self.capacity:
@@ -156,10 +185,14 @@ class LeanLlama:
 
     @torch.inference_mode()
     def hidden(self, cache: KVCache, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-               start: int) -> torch.Tensor:
+               start: int, attn: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, T_total) long, mask (B, T_total) long/bool, positions (B, T_total) long; cache holds
         columns [0, start). Feeds columns [start, T_total): appends their keys/values to the cache, returns
-        hidden (B, T_total - start, H) after the final RMSNorm."""
+        hidden (B, T_total - start, H) after the final RMSNorm.
+
+        attn (n, T_total) or (B, n, T_total) bool, n = T_total − start: query i (column start + i) sees
+        column j iff attn[..., i, j] and mask[b, j] — a tree pass's rows (`serve.tree.tree_attention_mask`).
+        Default: the causal rule j <= start + i."""
         B, T = ids.shape
         n = T - start
         if cache.length != start:
@@ -169,6 +202,9 @@ class LeanLlama:
         if n < 1 or mask.shape != ids.shape or positions.shape != ids.shape:
             raise ValueError(f"nothing to feed or mismatched shapes: ids {tuple(ids.shape)}, mask "
                              f"{tuple(mask.shape)}, positions {tuple(positions.shape)}, start {start}")
+        if attn is not None and (attn.dim() not in (2, 3) or tuple(attn.shape[-2:]) != (n, T)
+                                 or attn.dim() == 3 and attn.shape[0] not in (1, B)):
+            raise ValueError(f"attn must be (n, T) or (B, n, T) = ({B}, {n}, {T}), got {tuple(attn.shape)}")
         cache.reserve(T)
         NH, KV, D, FF = self.num_heads, self.kv_heads, self.head_dim, self.intermediate
 
@@ -180,9 +216,13 @@ class LeanLlama:
         half = D // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)  # rotate_half's sign moved onto sin (exact)
 
-        # query i (column start + i) sees column j iff j <= start + i and mask[b, j]
-        cols = torch.arange(T, device=ids.device)  # (T,)
-        allowed = (cols[None] <= cols[start:, None])[None, None] & mask.bool()[:, None, None]  # (B, 1, n, T)
+        # query i (column start + i) sees column j iff j <= start + i (or attn[..., i, j]) and mask[b, j]
+        if attn is None:
+            cols = torch.arange(T, device=ids.device)  # (T,)
+            allowed = (cols[None] <= cols[start:, None])[None, None] & mask.bool()[:, None, None]  # (B, 1, n, T)
+        else:
+            rows = attn.bool() if attn.dim() == 3 else attn.bool()[None]  # (B or 1, n, T)
+            allowed = rows[:, None] & mask.bool()[:, None, None]  # (B, 1, n, T)
         dead = ~allowed.any(-1, keepdim=True).transpose(1, 2)  # (B, n, 1, 1): queries that see no key
         dead = dead if bool(dead.any()) else None
         bias = torch.zeros(allowed.shape, dtype=self.dtype, device=ids.device).masked_fill_(

@@ -15,6 +15,16 @@ Cache invariant between rounds: the target cache covers columns [0, t_len), the 
 columns from its cached length on. After a round, t_len = (old length) + min_s k_s: the column of
 the recovered token (k_s + 1-th) held a rejected draft token's keys.
 
+Token trees (`tree=[k_1, …, k_D]`, opt-in; `serve.tree`): a round drafts a static tree — k_d children
+under every node at depth d − 1 — level by level, one draft pass per depth over the whole frontier
+(each node at position prefix_len + depth − 1, seeing the sequence and its ancestors: the rows of
+`tree_attention_mask`), then the target scores all N nodes plus the root in ONE pass with the same
+mask. Verification walks down the tree: `verify_greedy` at temperature 0, else `verify_sample`
+(recursive rejection over siblings) with the rule of the drafting scheme. Both caches are then
+compacted to prefix ++ the accepted path (`kv_keep_index`; per sequence, to the shortest accepted
+path of the batch, like the chain's crop), so the invariant above holds with k_s = accepted depth.
+tree=[1] * γ is the chain (the same tokens at greedy), through the tree code.
+
 Cost (see `serve.kernels`, `serve.lean_llama` and `draftalign.vocab`): both models run their bodies
 through the lean Llama forward (fused weights, preallocated KV cache) and their linear layers through
 the decode-sized matmul on CPU, the LM heads only at the positions whose distribution is used (one
@@ -33,8 +43,9 @@ from transformers import DynamicCache
 
 from serve.acceptance import draft_acceptance, per_token_acceptance, round_outcome
 from serve.kernels import decode_linear, use_decode_matmul
-from serve.lean_llama import LeanLlama
+from serve.lean_llama import KVCache, LeanLlama
 from serve.sampling import SamplingParams, logits_to_probs, rejection_sample, sample
+from serve.tree import DRAFTING, ancestors, expand, static_tree, verify_greedy, verify_sample
 
 
 @dataclass
@@ -45,11 +56,13 @@ class Generation:
     finish_reason: str = "length"  # "stop" (EOS or stop string) or "length"
     text: str | None = None
     rounds: int = 0  # target forward passes
-    proposed: int = 0  # draft tokens proposed
+    proposed: int = 0  # draft tokens proposed: γ per round; a tree's depth D per round (so α̂ stays comparable)
     accepted: int = 0  # draft tokens accepted and emitted
     rejected: int = 0  # rounds that ended in a rejection (their recovered token emitted)
-    accepted_per_position: list[int] = field(default_factory=list)  # accepted at draft position i
-    accepted_histogram: list[int] = field(default_factory=list)  # rounds that accepted k = 0 … γ
+    accepted_per_position: list[int] = field(default_factory=list)  # accepted at draft position (tree: depth) i
+    accepted_histogram: list[int] = field(default_factory=list)  # rounds that accepted k = 0 … γ (tree: … D)
+    tree_nodes: int = 0  # tree mode: nodes the target verified (N per round)
+    accepted_siblings: int = 0  # tree mode: accepted nodes that were not the draft's first choice (rank > 0)
 
     @property
     def acceptance_rate(self) -> float:
@@ -125,15 +138,30 @@ class _Head:
         self.ids = None if vocab is None else torch.tensor(vocab, dtype=torch.long, device=weight.device)
         self.weight = weight if self.ids is None else weight.detach()[self.ids].contiguous()  # (N, H)
 
-    def hidden(self, cache: DynamicCache, batch: _Batch, start: int, extra: torch.Tensor | None = None):
-        """Feed (batch.ids ++ extra)[:, start:] on top of `cache` (which holds `start` columns) → (B, n, H)."""
+    def hidden(self, cache: DynamicCache, batch: _Batch, start: int, extra: torch.Tensor | None = None,
+               anc: torch.Tensor | None = None):
+        """Feed (batch.ids ++ extra)[:, start:] on top of `cache` (which holds `start` columns) → (B, n, H).
+
+        anc (n_extra, n_extra) bool (`serve.tree.ancestors`): `extra` holds the first n_extra nodes of a token
+        tree instead of a chain; node i sees the sequence's columns and its ancestors anc[i] and sits at position
+        prefix_len + depth(i) − 1, depth(i) = Σ_j anc[i, j]."""
         ids, mask = batch.ids, batch.mask
         if extra is not None:
             ids = torch.cat([ids, extra], 1)
             mask = torch.cat([mask, torch.ones_like(extra)], 1)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        attn = None
+        if anc is not None:
+            L = batch.length
+            positions[:, L:] = batch.mask.sum(1, keepdim=True) + anc.sum(1)[None] - 1  # prefix_len + depth − 1
+            attn = _tree_rows(anc, L, start)  # (n, T)
         if self.lean is not None:
-            return self.lean.hidden(cache, ids, mask, positions, start)
+            return self.lean.hidden(cache, ids, mask, positions, start, attn)
+        if attn is not None:  # HF takes a 4D additive mask over (cache + new) columns as it is
+            allowed = attn[None, None] & mask.bool()[:, None, None]  # (B, 1, n, T)
+            dtype = self.weight.dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill_(
+                ~allowed, torch.finfo(dtype).min)  # finite: a query without keys gives no NaN
         out = self.body(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions[:, start:],
                         past_key_values=cache, use_cache=True)
         return out.last_hidden_state
@@ -144,9 +172,13 @@ class _Head:
             return self.lean.new_cache(batch.ids.shape[0], capacity=batch.length + 128)
         return DynamicCache()
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., H) → logits over the head's own rows (..., N)."""
+        return decode_linear(h, self.weight)
+
     def probs(self, h: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
         """h (..., H) → (probabilities over the full vocabulary (..., V), over the head's own rows)."""
-        sub = logits_to_probs(decode_linear(h, self.weight), params)  # (..., N)
+        sub = logits_to_probs(self.logits(h), params)  # (..., N)
         if self.ids is None:
             return sub, sub
         full = sub.new_zeros(*sub.shape[:-1], self.vocab_size)
@@ -163,6 +195,33 @@ def _crop(cache: DynamicCache, length: int) -> None:
         cache.crop(-extra)
 
 
+def _keep(cache, index: torch.Tensor) -> None:
+    """Keep the columns index (B, m) of each sequence, in order, as columns [0, m) (tree compaction)."""
+    if isinstance(cache, KVCache):
+        cache.keep(index)
+        return
+    m = index.shape[1]
+    if bool((index == torch.arange(m, device=index.device)).all()):
+        _crop(cache, m)
+        return
+    for layer in cache.layers:  # DynamicCache: (B, KV, T, D) per layer
+        B, KV, _, D = layer.keys.shape
+        g = index[:, None, :, None].expand(B, KV, m, D)
+        layer.keys, layer.values = layer.keys.gather(2, g), layer.values.gather(2, g)
+
+
+def _tree_rows(anc: torch.Tensor, length: int, start: int) -> torch.Tensor:
+    """(n, T) bool attention rows of the columns [start, T) of a grid (`length` columns) ++ tree nodes (anc their
+    ancestor matrix): causal for grid columns, `serve.tree.tree_attention_mask`'s rows (the whole grid, then the
+    node's ancestors) for nodes. The sequences' padding is masked by the caller."""
+    T = length + anc.shape[0]
+    cols = torch.arange(T, device=anc.device)
+    rows = cols[None] <= cols[start:, None]  # (n, T) causal
+    first = max(start, length) - start  # first node row
+    rows[first:, length:] = anc[max(start, length) - length:]
+    return rows
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -175,10 +234,34 @@ class SpecDecoder:
     decode_matmul: route small matrix products through `serve.kernels` (CPU; measured faster).
     lean: run Llama bodies through `serve.lean_llama` (fused weights, preallocated cache): a decoding
     step of the embedded target 30 vs 42 ms, a 4-token verification 34 vs 48 ms (2 cores, fp32).
+    tree: branching per depth of a static token tree, e.g. [2, 2, 1] (N = 2 + 4 + 4 nodes, depth D = 3),
+    None = a chain of gamma tokens (`verifier`). In tree mode gamma = D and rounds verify with
+    `serve.tree`, drafting the children of a node as
+      "topk" (default): the draft's top-k by logits, deterministic; verified by drawing from the
+        target's residual (q unused) — lossless for any tree;
+      "with_replacement" / "without_replacement": sampled from the draft's processed q, verified with
+        min(1, p/s) tests and that scheme's residuals (SpecInfer / recursive speculative decoding);
+        without replacement needs k tokens with q > 0 under every node (top-k/top-p may leave fewer).
+    At temperature 0 the tree is always top-k and verified by `verify_greedy`.
     """
 
     def __init__(self, target, draft=None, tokenizer=None, gamma: int = 3, verifier=rejection_sample,
-                 draft_vocab: list[int] | None = None, decode_matmul: bool = True, lean: bool = True):
+                 draft_vocab: list[int] | None = None, decode_matmul: bool = True, lean: bool = True,
+                 tree: list[int] | None = None, drafting: str = "topk"):
+        if tree is not None:
+            if draft is None:
+                raise ValueError("a token tree needs a draft model")
+            width = max(int(k) for k in tree) if tree else 0
+            vocab = len(draft_vocab) if draft_vocab is not None else draft.config.vocab_size
+            if width > vocab:
+                raise ValueError(f"tree branching {width} exceeds the draft's vocabulary of {vocab} tokens")
+            self.tree = static_tree(list(tree))  # validates the shape
+            gamma = self.tree.max_depth
+        else:
+            self.tree = None
+        if drafting not in DRAFTING:
+            raise ValueError(f"drafting must be one of {DRAFTING}, got {drafting!r}")
+        self.drafting = drafting
         if gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
         if draft is not None and draft.config.vocab_size != target.config.vocab_size:
@@ -286,6 +369,10 @@ class SpecDecoder:
             batch = _Batch(prompts, self.pad_id, self.device)
             if self.draft is None or not use_draft:
                 yield from self._target_rounds(batch, params, gen)
+            elif self.tree is not None:
+                if gamma not in (None, self.gamma):
+                    raise ValueError(f"gamma={gamma}: in tree mode gamma is the tree's depth {self.gamma}")
+                yield from self._tree_rounds(batch, params, gen)
             else:
                 yield from self._spec_rounds(batch, params, gamma or self.gamma, gen)
 
@@ -365,5 +452,93 @@ class SpecDecoder:
             _crop(t_cache, t_len)
             d_len = min(d_len, t_len)
             _crop(d_cache, d_len)
+            yield new, gens
+        yield [[] for _ in gens], self._finish(gens)
+
+    def _tree_rounds(self, batch: _Batch, params: SamplingParams, gen: torch.Generator):
+        """Token-tree rounds (module docstring): draft level by level, verify every node in one target pass,
+        compact both caches to the accepted path. Same cache invariant as `_spec_rounds`."""
+        shape = self.tree
+        drafting = "topk" if params.greedy else self.drafting
+        D, N = shape.max_depth, shape.num_nodes
+        t_cache, d_cache = self._t.new_cache(batch), self._d.new_cache(batch)
+        t_len = d_len = 0
+        B = batch.ids.shape[0]
+        rows = torch.arange(B, device=self.device)
+        nodes = torch.arange(N, device=self.device)
+        ranks = shape.ranks.to(self.device)
+        anc = ancestors(shape.parents).to(self.device)  # (N, N): node i sees node j iff anc[i, j]
+        gens = [Generation([], accepted_per_position=[0] * D, accepted_histogram=[0] * (D + 1)) for _ in range(B)]
+        active = [True] * B
+        while any(active) and batch.length + D + 1 <= self.max_len:
+            L = batch.length
+            # 1. Draft, one pass per depth d over its frontier: the root (each sequence's last column) at d = 1,
+            #    else the nodes at depth d − 1 fed on top of the draft cache with their tree rows and positions.
+            tokens = torch.empty(B, 0, dtype=torch.long, device=self.device)  # (B, nodes so far)
+            qs = []
+            for depth in range(1, D + 1):
+                if depth == 1:
+                    h = self._timed("draft", d_len == 0, self._d.hidden, d_cache, batch, d_len)
+                    h = h[rows, (batch.last - d_len).clamp_min(0)][:, None]  # (B, 1, H)
+                else:
+                    above = shape.level(depth - 1)
+                    h = self._timed("draft", False, self._d.hidden, d_cache, batch, L + above.start, tokens,
+                                    anc[: above.stop, : above.stop])  # (B, F, H)
+                if drafting == "topk":  # the draft's ranking (logits order = q's order on its support)
+                    new = self._d.token(expand(shape, depth, self._d.logits(h)))  # (B, n_depth)
+                else:
+                    q, _ = self._d.probs(h, params)  # (B, F, V)
+                    new = expand(shape, depth, q, drafting, gen)
+                    qs.append(q)
+                tokens = torch.cat([tokens, new], 1)
+            # The draft cache now covers the grid ++ the nodes above depth D: the leaves were never fed.
+
+            # 2. Target scores every slot in one pass: after each sequence's last real token, after each node.
+            h = self._timed("target", t_len == 0, self._t.hidden, t_cache, batch, t_len, tokens, anc)
+            at = torch.cat([(batch.last - t_len).clamp_min(0)[:, None],  # finished rows: any column
+                            (L - t_len + nodes)[None].expand(B, -1)], 1)  # (B, N+1)
+            p, _ = self._t.probs(h[rows[:, None], at], params)  # (B, N+1, V)
+
+            # 3. Verify: walk down the tree; sequence s emits its accepted path (k_s nodes) + 1 token.
+            t = shape.with_tokens(tokens)
+            if params.greedy:
+                out = verify_greedy(t, p.argmax(-1))
+            else:
+                q = None
+                if qs:  # per slot; the leaves have no children, their rows are unused
+                    q = torch.cat(qs, 1)  # (B, 1 + nodes above depth D, V)
+                    q = torch.cat([q, q.new_zeros(B, N + 1 - q.shape[1], q.shape[2])], 1)  # (B, N+1, V)
+                out = verify_sample(t, p, q, gen, drafting)
+            path = out.path.clamp_min(0)  # (B, D)
+            emit = torch.cat([tokens.gather(1, path), torch.zeros_like(path[:, :1])], 1)  # (B, D+1)
+            emit[rows, out.num_accepted] = out.next_token
+            ks = out.num_accepted.tolist()
+            side = (ranks[path] > 0).tolist()  # (B, D): accepted node was not the draft's first choice
+            was_active = list(active)
+            new = self._commit(gens, active, [emit[s, : ks[s] + 1].tolist() for s in range(B)], params)
+            for s in range(B):
+                if was_active[s]:
+                    g = gens[s]
+                    acc, rej = round_outcome(ks[s], D, len(new[s]))
+                    g.rounds += 1
+                    g.proposed += D
+                    g.tree_nodes += N
+                    g.accepted += acc
+                    g.rejected += rej
+                    g.accepted_siblings += sum(side[s][:acc])
+                    g.accepted_histogram[ks[s]] += 1
+                    for i in range(acc):
+                        g.accepted_per_position[i] += 1
+            live = [s for s in range(B) if was_active[s]]
+            valid = torch.tensor([ks[s] + 1 if was_active[s] else 0 for s in range(B)], device=self.device)
+            batch.append(emit[:, : max(ks[s] + 1 for s in live)], valid)
+            # 4. Compact both caches to the grid ++ the first m accepted nodes (m = the batch's shortest path):
+            #    column L + j ← L + path[j] (`serve.tree.kv_keep_index`); the draft never fed the leaves.
+            m = min(ks[s] for s in live)
+            keep = torch.cat([torch.arange(L, device=self.device).expand(B, L), L + path[:, :m]], 1)  # (B, L+m)
+            _keep(t_cache, keep)
+            t_len = L + m
+            d_len = L + min(m, D - 1)
+            _keep(d_cache, keep[:, :d_len])
             yield new, gens
         yield [[] for _ in gens], self._finish(gens)

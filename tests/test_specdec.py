@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scipy.stats import chisquare
-from transformers import LlamaConfig, LlamaForCausalLM
+from specdec_helpers import (
+    chi2_p,
+    empirical,
+    exact_three_token_dist,
+    exact_two_token_dist,
+    random_prompts,
+    small_lm,
+)
 
 from draftalign.models import load_causal_lm, load_tokenizer
 from serve.sampling import SamplingParams, logits_to_probs, rejection_sample, sample
@@ -28,18 +34,12 @@ def tiny_pair(tiny_target_path, tiny_draft_path):
     return load_causal_lm(tiny_target_path), load_causal_lm(tiny_draft_path), tok
 
 
-def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (int(torch.randint(1, 24, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
-
-
 @pytest.mark.parametrize("gamma", [1, 3, 5])
-def test_greedy_equals_target_on_50_prompts(tiny_pair, gamma):
+def test_greedy_equals_target_on_50prompts(tiny_pair, gamma):
     target, draft, tok = tiny_pair
     engine = SpecDecoder(target, draft, tok, gamma=gamma)
     params = SamplingParams(max_new_tokens=16)
-    for p in _prompts(50, target.config.vocab_size, seed=gamma):
+    for p in random_prompts(50, target.config.vocab_size, seed=gamma):
         ref = engine.generate_target_only([p], params)[0]
         got = engine.generate([p], params)[0]
         assert got.token_ids == ref.token_ids
@@ -67,7 +67,7 @@ def test_greedy_equals_hf_generate_with_partial_acceptance(partial_pair, target_
     params = SamplingParams(max_new_tokens=24)
     eos = target_tokenizer.eos_token_id
     hist = [0] * (gamma + 1)
-    for p in _prompts(50, target.config.vocab_size, seed=10 + gamma):
+    for p in random_prompts(50, target.config.vocab_size, seed=10 + gamma):
         ids = torch.tensor([p])
         want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
                             pad_token_id=eos)[0, len(p):].tolist()
@@ -83,7 +83,7 @@ def test_ragged_batch_equals_single_with_partial_acceptance(partial_pair, target
     target, _, draft = partial_pair
     engine = SpecDecoder(target, draft, target_tokenizer, gamma=3)
     params = SamplingParams(max_new_tokens=20)
-    prompts = _prompts(12, target.config.vocab_size, seed=21)
+    prompts = random_prompts(12, target.config.vocab_size, seed=21)
     batched = engine.generate(prompts, params)
     assert len({tuple(g.accepted_histogram) for g in batched}) > 1  # sequences advanced by different k
     for p, b in zip(prompts, batched):
@@ -99,7 +99,7 @@ def test_restricted_draft_vocabulary_stays_lossless(partial_pair, target_tokeniz
     base = SpecDecoder(target, None, target_tokenizer)
     params = SamplingParams(max_new_tokens=16)
     proposed_inside = 0
-    for p in _prompts(20, target.config.vocab_size, seed=31):
+    for p in random_prompts(20, target.config.vocab_size, seed=31):
         got = engine.generate([p], params)[0]
         assert got.token_ids == base.generate_target_only([p], params)[0].token_ids
         proposed_inside += got.accepted
@@ -110,7 +110,7 @@ def test_greedy_batch_equals_single(tiny_pair):
     target, draft, tok = tiny_pair
     engine = SpecDecoder(target, draft, tok, gamma=3)
     params = SamplingParams(max_new_tokens=16)
-    prompts = _prompts(8, target.config.vocab_size, seed=7)
+    prompts = random_prompts(8, target.config.vocab_size, seed=7)
     batched = engine.generate(prompts, params)
     for p, b in zip(prompts, batched):
         assert b.token_ids == engine.generate_target_only([p], params)[0].token_ids
@@ -119,7 +119,7 @@ def test_greedy_batch_equals_single(tiny_pair):
 def test_draft_equal_to_target_accepts_everything(tiny_pair):
     target, _, tok = tiny_pair
     engine = SpecDecoder(target, target, tok, gamma=4)
-    g = engine.generate(_prompts(1, target.config.vocab_size, seed=3), SamplingParams(max_new_tokens=20))[0]
+    g = engine.generate(random_prompts(1, target.config.vocab_size, seed=3), SamplingParams(max_new_tokens=20))[0]
     assert g.acceptance_rate == 1.0
     assert g.block_efficiency == pytest.approx(5.0)  # γ + 1 tokens per target pass
 
@@ -127,7 +127,7 @@ def test_draft_equal_to_target_accepts_everything(tiny_pair):
 def test_max_new_tokens_eos_and_stop_strings(tiny_pair):
     target, draft, tok = tiny_pair
     engine = SpecDecoder(target, draft, tok, gamma=3)
-    p = _prompts(1, target.config.vocab_size, seed=11)
+    p = random_prompts(1, target.config.vocab_size, seed=11)
     free = engine.generate(p, SamplingParams(max_new_tokens=12))[0]
     assert len(free.token_ids) == 12 and free.finish_reason == "length"
     # Make the 5th token an end-of-sequence token: decoding must stop right there.
@@ -144,60 +144,6 @@ def test_max_new_tokens_eos_and_stop_strings(tiny_pair):
 
 
 # ---------------------------------------------------------------- sampling: χ² losslessness
-V = 8  # small vocabulary: the joint distribution of two tokens has 64 cells
-
-
-def _small_lm(seed: int, sharpness: float) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=0, eos_token_id=None, pad_token_id=0, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(sharpness)  # peaky, distinct distributions: a test with power
-    return model.eval()
-
-
-@torch.no_grad()
-def _exact_two_token_dist(target, prompt: list[int], params: SamplingParams) -> torch.Tensor:
-    """P(a, b) = p(a | prompt) · p(b | prompt, a) under the processed target distribution → (V*V,)."""
-    x = torch.tensor([prompt])
-    p1 = logits_to_probs(target(x).logits[0, -1], params)  # (V,)
-    xs = torch.cat([x.repeat(V, 1), torch.arange(V)[:, None]], 1)  # (V, T+1)
-    p2 = logits_to_probs(target(xs).logits[:, -1], params)  # (V, V)
-    return (p1[:, None] * p2).reshape(-1).double()
-
-
-@torch.no_grad()
-def _exact_three_token_dist(target, prompt: list[int], params: SamplingParams) -> torch.Tensor:
-    """P(a, b, c) under the processed target distribution → (V³,)."""
-    two = _exact_two_token_dist(target, prompt, params).float().reshape(V, V)
-    ab = torch.cartesian_prod(torch.arange(V), torch.arange(V))  # (V², 2)
-    xs = torch.cat([torch.tensor([prompt]).repeat(V * V, 1), ab], 1)  # (V², T+2)
-    p3 = logits_to_probs(target(xs).logits[:, -1], params).reshape(V, V, V)
-    return (two[:, :, None] * p3).reshape(-1).double()
-
-
-def _empirical(engine, prompt, params, n: int, batch: int, gamma: int, tokens: int = 2) -> torch.Tensor:
-    counts = torch.zeros(V ** tokens, dtype=torch.float64)
-    for i in range(n // batch):
-        p = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                           max_new_tokens=tokens, seed=1000 * gamma + i)
-        for g in engine.generate([prompt] * batch, p, gamma=gamma):
-            cell = 0
-            for t in g.token_ids[:tokens]:
-                cell = cell * V + t
-            counts[cell] += 1
-    return counts
-
-
-def _chi2_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    keep = probs * counts.sum() >= 5  # pool cells with small expected counts into one
-    obs = torch.cat([counts[keep], counts[~keep].sum(0, keepdim=True)])
-    exp = torch.cat([probs[keep], probs[~keep].sum(0, keepdim=True)]) * counts.sum()
-    obs, exp = obs[exp > 0], exp[exp > 0]
-    exp = exp / exp.sum() * obs.sum()  # float rounding of Σp must not trip scipy's sum check
-    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
 
 
 def _always_accept(draft_tokens, draft_probs, target_probs, generator=None):
@@ -222,12 +168,12 @@ SAMPLING_CASES = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.
 @pytest.mark.parametrize("params", SAMPLING_CASES, ids=["T1", "T0.7-topk4", "T1.3-topp0.8"])
 @pytest.mark.parametrize("gamma", [1, 3])
 def test_sampling_matches_target_distribution(params, gamma):
-    target, draft = _small_lm(0, 60.0), _small_lm(1, 60.0)
+    target, draft = small_lm(0, 60.0), small_lm(1, 60.0)
     prompt = [1, 5, 2]
-    exact = _exact_two_token_dist(target, prompt, params)
+    exact = exact_two_token_dist(target, prompt, params)
     engine = SpecDecoder(target, draft, None, gamma=gamma)
-    counts = _empirical(engine, prompt, params, n=6000, batch=500, gamma=gamma)
-    assert _chi2_p(counts, exact) > P_MIN
+    counts = empirical(engine, prompt, params, n=6000, batch=500, seed0=1000 * gamma, gamma=gamma)
+    assert chi2_p(counts, exact) > P_MIN
 
 
 @pytest.mark.parametrize("vocab", [None, [0, 1, 2, 4, 6]], ids=["full-vocab", "draft-vocab-5-of-8"])
@@ -235,30 +181,30 @@ def test_sampling_matches_target_distribution(params, gamma):
 def test_three_token_sampling_matches_target_distribution(gamma, vocab):
     """Three tokens: rounds after a rejection and cache rollback are sampled too (batches of 500 identical
     prompts advance raggedly); with a restricted draft vocabulary q is 0 outside it."""
-    target, draft = _small_lm(0, 60.0), _small_lm(1, 60.0)
+    target, draft = small_lm(0, 60.0), small_lm(1, 60.0)
     prompt, params = [1, 5, 2], SamplingParams(temperature=1.0)
-    exact = _exact_three_token_dist(target, prompt, params)
+    exact = exact_three_token_dist(target, prompt, params)
     engine = SpecDecoder(target, draft, None, gamma=gamma, draft_vocab=vocab)
-    counts = _empirical(engine, prompt, params, n=8000, batch=500, gamma=gamma, tokens=3)
-    assert _chi2_p(counts, exact) > P_MIN
+    counts = empirical(engine, prompt, params, n=8000, batch=500, seed0=1000 * gamma, gamma=gamma, tokens=3)
+    assert chi2_p(counts, exact) > P_MIN
 
 
 @pytest.mark.parametrize("broken", [_always_accept, _resample_from_p], ids=["always-accept", "resample-from-p"])
 def test_broken_acceptance_rule_fails_the_same_test(broken):
-    target, draft = _small_lm(0, 60.0), _small_lm(1, 60.0)
+    target, draft = small_lm(0, 60.0), small_lm(1, 60.0)
     prompt, params = [1, 5, 2], SamplingParams(temperature=1.0)
-    exact = _exact_two_token_dist(target, prompt, params)
+    exact = exact_two_token_dist(target, prompt, params)
     engine = SpecDecoder(target, draft, None, gamma=3, verifier=broken)
-    counts = _empirical(engine, prompt, params, n=6000, batch=500, gamma=3)
-    assert _chi2_p(counts, exact) < P_MIN
+    counts = empirical(engine, prompt, params, n=6000, batch=500, seed0=1000 * 3, gamma=3)
+    assert chi2_p(counts, exact) < P_MIN
 
 
 def test_target_only_sampling_matches_exact():
-    target = _small_lm(0, 60.0)
+    target = small_lm(0, 60.0)
     prompt, params = [1, 5, 2], SamplingParams(temperature=1.0)
     engine = SpecDecoder(target, None, None)
-    counts = _empirical(engine, prompt, params, n=6000, batch=500, gamma=1)
-    assert _chi2_p(counts, _exact_two_token_dist(target, prompt, params)) > P_MIN
+    counts = empirical(engine, prompt, params, n=6000, batch=500, seed0=1000 * 1, gamma=1)
+    assert chi2_p(counts, exact_two_token_dist(target, prompt, params)) > P_MIN
 
 
 def test_rejection_sampler_marginal_is_p_exactly_enumerated():

@@ -1,0 +1,78 @@
+"""Helpers the engine's losslessness tests share (tests/test_specdec.py, tests/test_tree_engine.py):
+random prompts, tiny peaky LMs over a small vocabulary, the target's exact joint law of the first
+tokens, empirical counts from the engine, and the χ² test between them."""
+
+from __future__ import annotations
+
+import torch
+from scipy.stats import chisquare
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from serve.sampling import SamplingParams, logits_to_probs
+
+V = 8  # small vocabulary: the joint law of three tokens has 512 cells
+
+
+def random_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """n random prompts of 1-23 tokens with ids in [3, vocab)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(1, 24, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def small_lm(seed: int, sharpness: float) -> LlamaForCausalLM:
+    """A one-layer Llama over V tokens whose head is scaled by `sharpness`: peaky, distinct laws."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=None, pad_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpness)  # a test with power
+    return model.eval()
+
+
+@torch.no_grad()
+def exact_two_token_dist(target, prompt: list[int], params: SamplingParams) -> torch.Tensor:
+    """P(a, b) = p(a | prompt) · p(b | prompt, a) under the processed target distribution → (V²,)."""
+    x = torch.tensor([prompt])
+    p1 = logits_to_probs(target(x).logits[0, -1], params)  # (V,)
+    xs = torch.cat([x.repeat(V, 1), torch.arange(V)[:, None]], 1)  # (V, T+1)
+    p2 = logits_to_probs(target(xs).logits[:, -1], params)  # (V, V)
+    return (p1[:, None] * p2).reshape(-1).double()
+
+
+@torch.no_grad()
+def exact_three_token_dist(target, prompt: list[int], params: SamplingParams) -> torch.Tensor:
+    """P(a, b, c) = P(a, b) · p(c | prompt, a, b) under the processed target distribution → (V³,)."""
+    two = exact_two_token_dist(target, prompt, params).float().reshape(V, V)
+    ab = torch.cartesian_prod(torch.arange(V), torch.arange(V))  # (V², 2)
+    xs = torch.cat([torch.tensor([prompt]).repeat(V * V, 1), ab], 1)  # (V², T+2)
+    p3 = logits_to_probs(target(xs).logits[:, -1], params).reshape(V, V, V)
+    return (two[:, :, None] * p3).reshape(-1).double()
+
+
+def empirical(engine, prompt: list[int], params: SamplingParams, n: int, batch: int, *, tokens: int = 2,
+              seed0: int = 0, **generate_kw) -> torch.Tensor:
+    """Counts of the first `tokens` generated tokens over n samples, in ragged batches of identical
+    prompts (batch i seeded seed0 + i) → (V^tokens,)."""
+    counts = torch.zeros(V ** tokens, dtype=torch.float64)
+    for i in range(n // batch):
+        p = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                           max_new_tokens=tokens, seed=seed0 + i)
+        for g in engine.generate([prompt] * batch, p, **generate_kw):
+            cell = 0
+            for t in g.token_ids[:tokens]:
+                cell = cell * V + t
+            counts[cell] += 1
+    return counts
+
+
+def chi2_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson χ² p-value of `counts` against `probs`, cells with expected count < 5 pooled."""
+    keep = probs * counts.sum() >= 5
+    obs = torch.cat([counts[keep], counts[~keep].sum(0, keepdim=True)])
+    exp = torch.cat([probs[keep], probs[~keep].sum(0, keepdim=True)]) * counts.sum()
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    exp = exp / exp.sum() * obs.sum()  # float rounding of Σp must not trip scipy's sum check
+    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
