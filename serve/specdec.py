@@ -64,6 +64,19 @@ class Generation:
     tree_nodes: int = 0  # tree mode: nodes the target verified (N per round)
     accepted_siblings: int = 0  # tree mode: accepted nodes that were not the draft's first choice (rank > 0)
 
+    def record_round(self, k: int, gamma: int, emitted: int) -> int:
+        """Count one round that accepted k of γ draft tokens (a tree: of its depth) and emitted
+        `emitted` tokens (fewer when a stop ended the request); returns the accepted count."""
+        acc, rej = round_outcome(k, gamma, emitted)
+        self.rounds += 1
+        self.proposed += gamma
+        self.accepted += acc
+        self.rejected += rej
+        self.accepted_histogram[k] += 1
+        for i in range(acc):
+            self.accepted_per_position[i] += 1
+        return acc
+
     @property
     def acceptance_rate(self) -> float:
         """α̂ = accepted / (accepted + rejected): per-token acceptance (serve.acceptance)."""
@@ -434,15 +447,7 @@ class SpecDecoder:
             new = self._commit(gens, active, [out[s, :ks[s] + 1].tolist() for s in range(B)], params)
             for s in range(B):
                 if was_active[s]:
-                    g = gens[s]
-                    acc, rej = round_outcome(ks[s], gamma, len(new[s]))
-                    g.rounds += 1
-                    g.proposed += gamma
-                    g.accepted += acc
-                    g.rejected += rej
-                    g.accepted_histogram[ks[s]] += 1
-                    for i in range(acc):
-                        g.accepted_per_position[i] += 1
+                    gens[s].record_round(ks[s], gamma, len(new[s]))
             live = [s for s in range(B) if was_active[s]]
             n = max(ks[s] + 1 for s in live)
             valid = torch.tensor([ks[s] + 1 if was_active[s] else 0 for s in range(B)], device=self.device)
@@ -518,17 +523,9 @@ class SpecDecoder:
             new = self._commit(gens, active, [emit[s, : ks[s] + 1].tolist() for s in range(B)], params)
             for s in range(B):
                 if was_active[s]:
-                    g = gens[s]
-                    acc, rej = round_outcome(ks[s], D, len(new[s]))
-                    g.rounds += 1
-                    g.proposed += D
-                    g.tree_nodes += N
-                    g.accepted += acc
-                    g.rejected += rej
-                    g.accepted_siblings += sum(side[s][:acc])
-                    g.accepted_histogram[ks[s]] += 1
-                    for i in range(acc):
-                        g.accepted_per_position[i] += 1
+                    acc = gens[s].record_round(ks[s], D, len(new[s]))
+                    gens[s].tree_nodes += N
+                    gens[s].accepted_siblings += sum(side[s][:acc])
             live = [s for s in range(B) if was_active[s]]
             valid = torch.tensor([ks[s] + 1 if was_active[s] else 0 for s in range(B)], device=self.device)
             batch.append(emit[:, : max(ks[s] + 1 for s in live)], valid)

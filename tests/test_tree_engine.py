@@ -23,7 +23,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import serve.specdec as specdec_mod
 import serve.tree as tree_mod
-from draftalign.models import load_causal_lm
 from serve.lean_llama import LeanLlama
 from serve.sampling import SamplingParams
 from serve.specdec import SpecDecoder
@@ -152,20 +151,6 @@ def test_kv_cache_keep_moves_only_the_tail(lm):
 
 # ---------------------------------------------------------------- engine: greedy losslessness
 SHAPES = [[1, 1, 1], [2, 2, 1], [3, 1]]
-
-
-@pytest.fixture(scope="module")
-def partial_pair(tiny_target_path):
-    """(engine target, HF reference target, draft): the draft is the target with its last layer removed and its
-    final norm perturbed (tests/test_specdec.py), so it agrees with the target often but not always."""
-    target, ref = load_causal_lm(tiny_target_path), load_causal_lm(tiny_target_path)
-    draft = load_causal_lm(tiny_target_path)
-    draft.model.layers = draft.model.layers[:1]
-    draft.config.num_hidden_layers = 1
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        draft.model.norm.weight.mul_(1 + torch.randn(draft.model.norm.weight.shape, generator=g))
-    return target, ref, draft
 
 
 @torch.no_grad()
