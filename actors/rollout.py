@@ -560,10 +560,6 @@ class RolloutWorker:
                                    "overlap_s": score_s - wait_s, "total_s": s.sample_s + score_s,
                                    "created_at": time.time()})
 
-    def make_batch(self) -> RolloutBatch | None:
-        """One batch, unpipelined: sample, score, build."""
-        return self.finish(self.submit(self.sample()))
-
     def put(self, batch: RolloutBatch) -> bool:
         """Blocking put with a timeout loop, so stop() is honoured while the queue is full."""
         from ray.util.queue import Full

@@ -323,7 +323,7 @@ def train_loop_per_worker(config: dict) -> None:
         # purge_step drops events a killed run logged after the checkpoint we resume from
         writer = SummaryWriter(config["tb_dir"], purge_step=step + 1 if step else None)
         log = open(config["log_path"], "a")
-        if config.get("worker_bar", True):  # --verbose; in quiet mode the driver follows the JSONL log
+        if config["worker_bar"]:  # --verbose; in quiet mode the driver follows the JSONL log
             bar = tqdm(total=pc.max_steps, desc="pretrain", unit="step")
             bar.n = step
         _say(f"rank 0/{world}: {'resuming at step ' + str(step) if step else 'starting'}; "
