@@ -1,10 +1,12 @@
-"""Serving load benchmark: the speculative endpoint against a target-only endpoint, same load.
+"""Serving load benchmark: the speculative endpoints against a target-only endpoint, same load.
 
-Both endpoints are the same Ray Serve application (`serve.app.build_app`), one with the draft and
-one with `draft_path=None`, deployed side by side on one Serve instance (`/spec`, `/base`). Each
-round loads one endpoint, then the other (order A B, B A, ...), so slow drifts in machine load hit
-both arms; the 1-minute load average around every run is recorded and a warning printed when it
-exceeded the core count + 1 (the loaded replica itself keeps every core busy). The load:
+The endpoints are the same Ray Serve application (`serve.app.build_app`): with the draft and γ chosen
+per round by expected goodput (`serve.gamma_policy: goodput`, the default; `serve.goodput`), with the
+draft and a fixed γ, and with `draft_path=None`, deployed side by side on one Serve instance (`/spec`,
+`/fixed`, `/base`). Each round loads one endpoint after the other, the order rotating from round to
+round, so slow drifts in machine load hit every arm; the 1-minute load average around every run is
+recorded and a warning printed when it exceeded the core count + 1 (the loaded replica itself keeps
+every core busy). The load:
 for each concurrency level N (default 1, 4 and 16 clients) the async openai client sends the same R
 chat completions of held-out chat prompts over loopback, split among N concurrent clients, greedy,
 fixed max_tokens. Reported per level and arm: p50 / p99 request latency,
@@ -40,7 +42,8 @@ from draftalign.data import chat_messages  # noqa: E402
 from draftalign.evaluate import machine  # noqa: E402
 from serve.acceptance import draft_acceptance, per_token_acceptance  # noqa: E402
 
-ARMS = ("spec", "base")
+ARMS = ("spec", "fixed", "base")  # goodput γ, fixed γ, target only
+SPEC_ARMS = ARMS[:-1]
 
 
 def _free_port() -> int:
@@ -94,7 +97,7 @@ def _summary(runs: list[dict]) -> dict:
     proposed, accepted = sum(r["proposed"] for r in ok), sum(r["accepted"] for r in ok)
     rejected = None if any(r["rejected"] is None for r in ok) else sum(r["rejected"] for r in ok)
     rounds = sum(r["rounds"] for r in ok)
-    return {"requests": len(recs), "errors": len(recs) - len(ok),
+    return {"mean_gamma": proposed / rounds if rounds else 0.0,"requests": len(recs), "errors": len(recs) - len(ok),
             "error_examples": [r["error"] for r in recs if "error" in r][:3],
             "p50_latency_s": _pct(lat, 0.5), "p99_latency_s": _pct(lat, 0.99),
             "mean_latency_s": statistics.fmean(lat) if lat else float("nan"),
@@ -113,18 +116,20 @@ def _tokens(run: dict) -> int:
 
 
 def _level(clients: int, runs: dict[str, list[dict]]) -> dict:
-    """One concurrency level: both arms' summaries, the speedup in tokens/s, greedy mismatches."""
+    """One concurrency level: every arm's summary, each speculative arm's speedup in tokens/s over the target-only
+    arm and its greedy mismatches against it."""
     arms = {arm: _summary(runs[arm]) for arm in ARMS}
     for arm in ARMS:
         arms[arm]["tokens_per_s_rounds"] = [_tokens(run) / run["wall_s"] for run in runs[arm]]
     texts = {arm: {(i, rec["prompt"]): rec["text"] for i, run in enumerate(runs[arm]) for rec in run["records"]
                    if "error" not in rec} for arm in ARMS}
-    shared = texts["spec"].keys() & texts["base"].keys()
     base = arms["base"]["tokens_per_s"]
-    speedup = arms["spec"]["tokens_per_s"] / base if base else None
-    return {"clients": clients, "arms": arms, "speedup_tokens_per_s": speedup,
-            "greedy_mismatches": sum(texts["spec"][k] != texts["base"][k] for k in shared),
-            "greedy_compared": len(shared)}
+    for arm in SPEC_ARMS:
+        shared = texts[arm].keys() & texts["base"].keys()
+        arms[arm]["speedup_tokens_per_s"] = arms[arm]["tokens_per_s"] / base if base else None
+        arms[arm]["greedy_mismatches"] = sum(texts[arm][k] != texts["base"][k] for k in shared)
+        arms[arm]["greedy_compared"] = len(shared)
+    return {"clients": clients, "arms": arms, "speedup_tokens_per_s": arms["spec"]["speedup_tokens_per_s"]}
 
 
 def _draft_path(cfg, draft: str | None, tmp: str) -> tuple[str, str]:
@@ -201,8 +206,11 @@ def main() -> None:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             t0 = time.perf_counter()
             serve.run(build_app(cfg, target, draft, torch_threads=cores), name="spec", route_prefix="/spec")
+            fixed = cfg.model_copy(deep=True)
+            fixed.serve.gamma_policy = "fixed"
+            serve.run(build_app(fixed, target, draft, torch_threads=cores), name="fixed", route_prefix="/fixed")
             serve.run(build_app(cfg, target, None, torch_threads=cores), name="base", route_prefix="/base")
-            print(f"deployed both endpoints in {time.perf_counter() - t0:.1f} s", flush=True)
+            print(f"deployed the endpoints in {time.perf_counter() - t0:.1f} s", flush=True)
             urls = {arm: f"http://127.0.0.1:{port}/{arm}/v1" for arm in ARMS}
             model = cfg.serve.model_name
             for arm in ARMS:  # warm-up: first-call costs stay out of the numbers
@@ -211,7 +219,7 @@ def main() -> None:
             for n in knobs["clients"]:
                 per_client = max(1, knobs["requests"] // n)
                 for r in range(knobs["rounds"]):
-                    for arm in (ARMS if r % 2 == 0 else ARMS[::-1]):
+                    for arm in ARMS[r % len(ARMS):] + ARMS[:r % len(ARMS)]:
                         load_before = os.getloadavg()[0]
                         run = asyncio.run(_load(urls[arm], model, prompts, n, per_client, knobs["max_tokens"]))
                         run["loadavg_1m"] = [load_before, os.getloadavg()[0]]
@@ -228,22 +236,21 @@ def main() -> None:
               "engine": cfg.serve.engine, "max_batch_size": cfg.serve.max_batch_size, **knobs,
               "machine": machine(), "levels": levels}
 
+    names = {"spec": f"speculative, goodput γ ≤ {cfg.serve.gamma}", "fixed": f"speculative, γ = {cfg.serve.gamma}",
+             "base": "target only"}
     print("\n| clients | endpoint | requests | errors | p50 latency s | p99 latency s | tokens/s (per round) | "
-          "α (per token) | accepted/proposed | tokens/target pass | max batch | speedup |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "α (per token) | mean γ | tokens/target pass | max batch | speedup | greedy mismatches |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for lv in levels:
-        for arm, name in (("spec", f"speculative (γ={cfg.serve.gamma})"), ("base", "target only")):
+        for arm in ARMS:
             a = lv["arms"][arm]
             alpha = "n/a" if a["acceptance_rate"] is None else f"{a['acceptance_rate']:.3f}"
             rounds = ", ".join(f"{x:.1f}" for x in a["tokens_per_s_rounds"])
-            speed = f"{lv['speedup_tokens_per_s']:.2f}x" if arm == "spec" and lv["speedup_tokens_per_s"] else ""
-            print(f"| {lv['clients']} | {name} | {a['requests']} | {a['errors']} | {a['p50_latency_s']:.2f} | "
-                  f"{a['p99_latency_s']:.2f} | {a['tokens_per_s']:.1f} ({rounds}) | {alpha} | "
-                  f"{a['draft_acceptance_rate']:.3f} | {a['tokens_per_target_pass']:.2f} | {a['max_batch_size']} | "
-                  f"{speed} |")
-    for lv in levels:
-        print(f"{lv['clients']} clients: greedy mismatches between the arms {lv['greedy_mismatches']} of "
-              f"{lv['greedy_compared']}")
+            speed = f"{a['speedup_tokens_per_s']:.2f}x" if a.get("speedup_tokens_per_s") else ""
+            wrong = f"{a['greedy_mismatches']} / {a['greedy_compared']}" if arm in SPEC_ARMS else ""
+            print(f"| {lv['clients']} | {names[arm]} | {a['requests']} | {a['errors']} | {a['p50_latency_s']:.2f} | "
+                  f"{a['p99_latency_s']:.2f} | {a['tokens_per_s']:.1f} ({rounds}) | {alpha} | {a['mean_gamma']:.2f} | "
+                  f"{a['tokens_per_target_pass']:.2f} | {a['max_batch_size']} | {speed} | {wrong} |")
     busiest = max(x for lv in levels for a in lv["arms"].values() for x in a["loadavg_1m"])
     if busiest > cores + 1:  # the loaded replica alone accounts for ≈ `cores` (its torch threads)
         print(f"WARNING: the 1-min load average reached {busiest:.1f} on {cores} cores during the load: "

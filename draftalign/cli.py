@@ -55,11 +55,24 @@ def _guard(fn):
         _fail(str(e))
 
 
+def _branching(text: str) -> list[int]:
+    """"2,2,1" → [2, 2, 1], or a clear error."""
+    try:
+        tree = [int(k) for k in text.split(",")]
+    except ValueError:
+        tree = []
+    if not tree or min(tree) < 1:
+        raise typer.BadParameter(f"--tree {text!r}: give the branching per depth as integers ≥ 1, e.g. 2,2,1")
+    return tree
+
+
 @app.command()
 def eval(job: Path = JobArg, target: str = typer.Option(None, help="target model (overrides target.model)"),
          draft: list[str] = typer.Option(None, help="draft checkpoint path, 'new' for a fresh draft.arch draft, "
                                                   "or NAME=PATH; repeat to compare drafts in one interleaved run"),
          gamma: list[int] = typer.Option(None, help="γ (repeatable)"),
+         tree: list[str] = typer.Option(None, help="a token tree to evaluate too, its branching per depth, "
+                                                 "e.g. 2,2,1 (repeatable)"),
          temperature: float = typer.Option(None), prompts_per_task: int = typer.Option(None),
          max_new_tokens: int = typer.Option(None),
          out: Path = typer.Option(None, help="write the eval JSON here (one draft) or eval_<NAME>.json into "
@@ -74,6 +87,8 @@ def eval(job: Path = JobArg, target: str = typer.Option(None, help="target model
                                      "eval.max_new_tokens": max_new_tokens})
         if gamma:
             cfg.eval.gamma = list(gamma)
+        if tree:
+            cfg.eval.trees = [_branching(t) for t in tree]
         specs = list(draft or [None])
         drafts = {}
         for i, spec in enumerate(specs):

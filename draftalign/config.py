@@ -168,6 +168,8 @@ class EvalConfig(_Strict):
     prompts_per_task: int | dict[str, int] = Field(
         16, description="held-out prompts per task: one number for every task, or {task: number}")
     gamma: list[int] = Field(default_factory=lambda: [3], description="γ values to evaluate")
+    trees: list[list[int]] = Field(default_factory=list, description="token trees evaluated besides the chains, "
+                                   "each its branching per depth, e.g. [2, 2, 1] (serve.tree): arm <draft>@tree:2-2-1")
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
@@ -177,6 +179,8 @@ class EvalConfig(_Strict):
     def _gammas(self) -> "EvalConfig":
         if not self.gamma or any(g < 1 for g in self.gamma):
             raise ValueError(f"eval.gamma must be a non-empty list of integers ≥ 1, got {self.gamma}")
+        if any(not t or any(k < 1 for k in t) for t in self.trees):
+            raise ValueError(f"eval.trees: each tree is a non-empty list of branchings ≥ 1, got {self.trees}")
         counts = self.prompts_per_task if isinstance(self.prompts_per_task, dict) else {}
         for task, n in counts.items():
             if task not in self.tasks or n < 1:
@@ -199,11 +203,24 @@ class ServeConfig(_Strict):
     num_replicas: int = Field(1, ge=1)
     cpus_per_replica: float = Field(1, ge=0)
     gpus_per_replica: float = Field(0, ge=0)
-    gamma: int = Field(3, ge=1)
+    gamma: int = Field(3, ge=1, description="draft tokens per round (the most, under gamma_policy=goodput)")
+    tree: list[int] | None = Field(None, description="native engine: verify a static token tree per round, its "
+                                   "branching per depth, e.g. [2, 2, 1] (serve.tree); None = a chain of gamma tokens")
+    gamma_policy: Literal["goodput", "fixed"] = Field(
+        "goodput", description="goodput: each round drafts the γ ≤ gamma that maximises expected tokens/s for "
+        "its batch size, from step costs measured at replica start (0 = a plain target step when the batch is "
+        "compute-bound); fixed: always gamma (native engine; vLLM always uses gamma)")
     max_tokens_cap: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     model_name: str = Field("draftalign", description="the name /v1/models reports")
+
+    @model_validator(mode="after")
+    def _tree(self) -> "ServeConfig":
+        if self.tree is not None and (self.engine != "native" or not self.tree or any(k < 1 for k in self.tree)):
+            raise ValueError(f"serve.tree={self.tree}: a non-empty list of branchings ≥ 1, with serve.engine=native "
+                             f"(vLLM verifies chains only)")
+        return self
 
 
 class NodeSpec(_Strict):

@@ -104,6 +104,16 @@ def machine() -> dict:
 
 # ------------------------------------------------------------------------------ measuring
 
+def tree_label(tree: list[int]) -> str:
+    """An arm's label for a token tree: [2, 2, 1] → "tree:2-2-1"."""
+    return "tree:" + "-".join(str(k) for k in tree)
+
+
+def parse_tree_label(label: str) -> list[int] | None:
+    """The tree of a `tree_label`, None for a chain's γ label."""
+    return [int(k) for k in label.removeprefix("tree:").split("-")] if label.startswith("tree:") else None
+
+
 def _record(g: Generation, seconds: float, engine: SpecDecoder) -> dict:
     t = engine.timing
     return {"tokens": len(g.token_ids), "seconds": seconds, "rounds": g.rounds, "accepted": g.accepted,
@@ -132,6 +142,8 @@ def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: boo
     engines = {name: SpecDecoder(target, model, tok, gamma=ev.gamma[0], draft_vocab=vocab)
                for name, (model, vocab) in drafts.items()}
     arms = [("target", base, None)] + [(f"{name}@{g}", engines[name], g) for name in drafts for g in ev.gamma]
+    arms += [(f"{name}@{tree_label(t)}", SpecDecoder(target, model, tok, draft_vocab=vocab, tree=t), len(t))
+             for name, (model, vocab) in drafts.items() for t in ev.trees]
     # warm-up: every arm, so the first timed prompt runs like the last (allocator, thread pool, caches)
     warm = next(iter(prompts.values()))[0]
     for _ in range(WARMUP_ROUNDS):
@@ -221,8 +233,11 @@ def summarize(measured: dict, cfg: JobConfig) -> dict:
     for arm, by_task in rec.items():
         if arm == "target":
             continue
-        gamma = int(arm.rsplit("@", 1)[1])
-        cell = {"gamma": gamma, "tasks": {t: _row(base[t], by_task[t], gamma, seed=cfg.seed) for t in tasks}}
+        label = arm.rsplit("@", 1)[1]
+        tree = parse_tree_label(label)
+        gamma = len(tree) if tree else int(label)  # a tree's depth: one draft pass per depth
+        cell = {"gamma": gamma, "tree": tree,
+                "tasks": {t: _row(base[t], by_task[t], gamma, seed=cfg.seed) for t in tasks}}
         flat_s = [r for t in tasks for r in by_task[t]]
         cell["overall"] = _row(flat_b, flat_s, gamma, strata=strata, seed=cfg.seed)
         mismatches = sum(a["token_ids"] != b["token_ids"] for a, b in zip(flat_b, flat_s)) if greedy else None
@@ -257,12 +272,15 @@ def format_table(summary: dict) -> str:
 def _eval_json(cfg: JobConfig, name: str, draft: str, summary: dict, dtype, info: dict) -> dict:
     """One draft's results in the eval schema (first γ at the top level, every γ under by_gamma)."""
     cells = {g: summary["arms"][f"{name}@{g}"] for g in cfg.eval.gamma}
+    trees = {tree_label(t): summary["arms"][f"{name}@{tree_label(t)}"] for t in cfg.eval.trees}
     first = cells[cfg.eval.gamma[0]]
     return {"target": cfg.target.model, "draft": draft, "gamma": cfg.eval.gamma[0],
             "temperature": cfg.eval.temperature, "tasks": first["tasks"], "overall": first["overall"],
             "by_gamma": {str(g): {"tasks": c["tasks"], "overall": c["overall"]} for g, c in cells.items()},
-            "lossless_greedy": {"checked": sum(c["lossless_greedy"]["checked"] for c in cells.values()),
-                                "mismatches": sum(c["lossless_greedy"]["mismatches"] for c in cells.values())},
+            "by_tree": {label: {"tree": c["tree"], "tasks": c["tasks"], "overall": c["overall"]}
+                        for label, c in trees.items()},
+            "lossless_greedy": {k: sum(c["lossless_greedy"][k] for c in [*cells.values(), *trees.values()])
+                                for k in ("checked", "mismatches")},
             "max_new_tokens": cfg.eval.max_new_tokens, "dtype": str(dtype).removeprefix("torch."),
             "target_only": summary["target_only"], "machine": info, "interleaved_with": list(summary["arms"])}
 

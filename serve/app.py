@@ -332,7 +332,8 @@ def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch
         _check_draft(target_path, draft_path)
     context = context_window(target_path, draft_path, cfg.target.max_model_len)
     threads = torch_threads or max(1, min(os.cpu_count() or 1, math.ceil(sc.cpus_per_replica)))
-    settings = ReplicaSettings(engine=sc.engine, gamma=sc.gamma, dtype=cfg.target.dtype,
+    settings = ReplicaSettings(engine=sc.engine, gamma=sc.gamma, gamma_policy=sc.gamma_policy,
+                               tree=tuple(sc.tree) if sc.tree else None, dtype=cfg.target.dtype,
                                max_model_len=cfg.target.max_model_len, max_batch_size=sc.max_batch_size,
                                batch_wait_timeout_s=sc.batch_wait_timeout_s, torch_threads=threads,
                                kv_cache_gib=cfg.target.kv_cache_gib, use_gpu=sc.gpus_per_replica > 0)
@@ -343,7 +344,7 @@ def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch
         ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": sc.gpus_per_replica},
     ).bind(target_path, draft_path, settings, context)
     ingress = IngressSettings(model_name=sc.model_name, target_path=target_path, draft_path=draft_path,
-                              engine=sc.engine, gamma=sc.gamma if draft_path else 0,
+                              engine=sc.engine, gamma=(len(sc.tree) if sc.tree else sc.gamma) if draft_path else 0,
                               max_tokens_cap=sc.max_tokens_cap, context=context)
     return OpenAIIngress.bind(replica, ingress)
 
@@ -373,7 +374,8 @@ def run_serve(cfg: JobConfig, draft: str | None = None, blocking: bool = True) -
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app, name="draftalign", route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
-    mode = f"draft {draft_path}, gamma {cfg.serve.gamma}" if draft_path else "target only"
+    shape = f"tree {cfg.serve.tree}" if cfg.serve.tree else f"gamma {cfg.serve.gamma} ({cfg.serve.gamma_policy})"
+    mode = f"draft {draft_path}, {shape}" if draft_path else "target only"
     print(f"serving {cfg.serve.model_name} ({cfg.serve.engine}: target {target}, {mode}) at {url}",
           flush=True)
     if not blocking:

@@ -26,6 +26,8 @@ class NativeEngine:
         import torch
 
         from draftalign.models import load_causal_lm, load_draft, load_tokenizer, pick_dtype
+        from draftalign.vocab import load_draft_vocab
+        from serve.goodput import GoodputPolicy
         from serve.specdec import SpecDecoder
 
         torch.set_num_threads(s.torch_threads)
@@ -35,8 +37,14 @@ class NativeEngine:
         target = load_causal_lm(target_path, dtype, device)
         draft = (load_draft(draft_path, self.tokenizer, dtype, device, target.config.vocab_size)
                  if draft_path else None)
-        self.decoder = SpecDecoder(target, draft, self.tokenizer, gamma=s.gamma)
+        vocab = load_draft_vocab(draft_path, target.config.vocab_size) if draft_path else None
+        tree = s.tree if draft is not None else None
+        self.decoder = SpecDecoder(target, draft, self.tokenizer, gamma=s.gamma, draft_vocab=vocab, tree=tree)
         self.decoder.max_len = min(self.decoder.max_len, context)
+        if draft is not None and tree is None and s.gamma_policy == "goodput":  # trees: fixed shape per round
+            sizes = tuple(b for b in (1, 2, 4, 8, 16, 32) if b <= s.max_batch_size)
+            costs = self.decoder.measure_step_costs(sizes)
+            self.decoder.policy = GoodputPolicy(costs, gamma_max=s.gamma)
         self.eos_ids = self.decoder.eos_ids
         self.streams_rounds = True
         self.counts_rejections = True  # Generation.rejected is exact, per request

@@ -27,6 +27,8 @@ class ReplicaSettings:
 
     engine: Literal["native", "vllm"] = "native"
     gamma: int = 3
+    gamma_policy: Literal["goodput", "fixed"] = "goodput"
+    tree: tuple[int, ...] | None = None
     dtype: str = "auto"
     max_model_len: int = 1024
     max_batch_size: int = 8
@@ -63,7 +65,7 @@ class SpecDecodeReplica:
 
     def __init__(self, target_path: str, draft_path: str | None, settings: ReplicaSettings, context: int):
         self.settings = settings
-        self.gamma = settings.gamma if draft_path else 0
+        self.gamma = (len(settings.tree) if settings.tree else settings.gamma) if draft_path else 0
         self.speculative = draft_path is not None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
         engine_cls = VLLMEngine if settings.engine == "vllm" else NativeEngine

@@ -42,6 +42,7 @@ import torch
 from transformers import DynamicCache
 
 from serve.acceptance import draft_acceptance, per_token_acceptance, round_outcome
+from serve.goodput import GoodputPolicy, StepCosts
 from serve.kernels import decode_linear, use_decode_matmul
 from serve.lean_llama import KVCache, LeanLlama
 from serve.sampling import SamplingParams, logits_to_probs, rejection_sample, sample
@@ -61,6 +62,7 @@ class Generation:
     rejected: int = 0  # rounds that ended in a rejection (their recovered token emitted)
     accepted_per_position: list[int] = field(default_factory=list)  # accepted at draft position (tree: depth) i
     accepted_histogram: list[int] = field(default_factory=list)  # rounds that accepted k = 0 … γ (tree: … D)
+    target_only_rounds: int = 0  # rounds a goodput policy ran without a draft (γ = 0): in rounds, not in the histogram
     tree_nodes: int = 0  # tree mode: nodes the target verified (N per round)
     accepted_siblings: int = 0  # tree mode: accepted nodes that were not the draft's first choice (rank > 0)
 
@@ -69,6 +71,9 @@ class Generation:
         `emitted` tokens (fewer when a stop ended the request); returns the accepted count."""
         acc, rej = round_outcome(k, gamma, emitted)
         self.rounds += 1
+        if gamma == 0:
+            self.target_only_rounds += 1
+            return 0
         self.proposed += gamma
         self.accepted += acc
         self.rejected += rej
@@ -256,11 +261,13 @@ class SpecDecoder:
         min(1, p/s) tests and that scheme's residuals (SpecInfer / recursive speculative decoding);
         without replacement needs k tokens with q > 0 under every node (top-k/top-p may leave fewer).
     At temperature 0 the tree is always top-k and verified by `verify_greedy`.
+    policy: a `serve.goodput.GoodputPolicy` picks each chain round's γ ≤ gamma from the batch size and the
+    measured step costs (`measure_step_costs`); None = every round drafts gamma (the eval's setting).
     """
 
     def __init__(self, target, draft=None, tokenizer=None, gamma: int = 3, verifier=rejection_sample,
                  draft_vocab: list[int] | None = None, decode_matmul: bool = True, lean: bool = True,
-                 tree: list[int] | None = None, drafting: str = "topk"):
+                 tree: list[int] | None = None, drafting: str = "topk", policy: GoodputPolicy | None = None):
         if tree is not None:
             if draft is None:
                 raise ValueError("a token tree needs a draft model")
@@ -295,6 +302,46 @@ class SpecDecoder:
         self.pad_id = target.config.pad_token_id if target.config.pad_token_id is not None else 0
         self.max_len = target.config.max_position_embeddings
         self.timing = Timing()
+        self.policy = policy
+
+    # ------------------------------------------------------------------ step costs
+    def measure_step_costs(self, batch_sizes: tuple[int, ...] = (1, 2, 4, 8), context: int = 128,
+                           repeats: int = 3, seed: int = 0) -> StepCosts:
+        """`serve.goodput.StepCosts` of this engine, measured: for each batch size B, target passes over
+        n = 1 … gamma + 1 new tokens per sequence (B·n rows, body + head at every row) and one draft step,
+        on top of a `context`-token random prefix; median of `repeats` after one warm-up each."""
+        if self.draft is None:
+            raise ValueError("step costs are for speculative decoding: this engine has no draft")
+        rng = torch.Generator().manual_seed(seed)
+        params = SamplingParams(temperature=0.0)
+        vocab = self.target.config.vocab_size
+        target: dict[int, float] = {}
+        draft: dict[int, float] = {}
+
+        def median_time(head: _Head, cache, batch: _Batch, x: torch.Tensor) -> float:
+            """Median seconds of head.probs(head.hidden(x on cache)) at the positions used, cache restored."""
+            L, times = batch.length, []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                h = head.hidden(cache, batch, L, x)
+                head.probs(h if head is self._t else h[:, -1], params)
+                _sync(self.device)
+                times.append(time.perf_counter() - t0)
+                _crop(cache, L)
+            return sorted(times[1:])[len(times[1:]) // 2]
+
+        with torch.inference_mode():
+            for B in batch_sizes:
+                batch = _Batch(torch.randint(vocab, (B, context), generator=rng).tolist(), self.pad_id, self.device)
+                t_cache, d_cache = self._t.new_cache(batch), self._d.new_cache(batch)
+                self._t.hidden(t_cache, batch, 0)
+                self._d.hidden(d_cache, batch, 0)
+                for n in range(1, self.gamma + 2):
+                    x = torch.randint(vocab, (B, n), generator=rng).to(self.device)
+                    target[B * n] = median_time(self._t, t_cache, batch, x)
+                x = torch.randint(vocab, (B, 1), generator=rng).to(self.device)
+                draft[B] = median_time(self._d, d_cache, batch, x)
+        return StepCosts(target=target, draft=draft)
 
     # ------------------------------------------------------------------ bookkeeping
     def _commit(self, gens: list[Generation], active: list[bool], emitted: list[list[int]],
@@ -416,10 +463,11 @@ class SpecDecoder:
         active = [True] * B
         while any(active) and batch.length + gamma + 1 <= self.max_len:
             L = batch.length
+            g = gamma if self.policy is None else self.policy.choose(B)  # this round's γ (0: target only)
             # 1. Draft proposes γ tokens: x_i ~ q(· | seq, x_<i). Its first prediction is read at each
             #    sequence's own last column, the later ones at the grid's last column.
             draft_tokens, draft_probs, extra = [], [], None
-            for i in range(gamma):
+            for i in range(g):
                 h = self._timed("draft", d_len == 0, self._d.hidden, d_cache, batch, d_len, extra)
                 h = h[rows, (batch.last - d_len).clamp_min(0)] if i == 0 else h[:, -1]  # (B, H)
                 d_len = L + i
@@ -427,28 +475,33 @@ class SpecDecoder:
                 draft_probs.append(q)
                 draft_tokens.append(self._d.token(sample(q_sub, gen)))
                 extra = torch.stack(draft_tokens, 1)
-            x = torch.stack(draft_tokens, 1)  # (B, γ)
-            q = torch.stack(draft_probs, 1)  # (B, γ, V)
+            x = torch.stack(draft_tokens, 1) if g else batch.ids.new_zeros(B, 0)  # (B, γ)
+            q = torch.stack(draft_probs, 1) if g else None  # (B, γ, V)
             # The draft cache now covers the grid ++ x_<γ: x_γ itself was never fed.
 
             # 2. Target scores all γ + 1 positions in one pass: after each sequence's last real token,
             #    and after each draft token.
             h = self._timed("target", t_len == 0, self._t.hidden, t_cache, batch, t_len, x)  # (B, n, H)
             at = torch.cat([(batch.last - t_len).clamp_min(0)[:, None],  # finished rows: any column
-                            L - t_len + torch.arange(gamma, device=self.device)[None].expand(B, -1)], 1)
+                            L - t_len + torch.arange(g, device=self.device)[None].expand(B, -1)], 1)
             p, _ = self._t.probs(h[rows[:, None], at], params)  # (B, γ+1, V)
 
             # 3. Verify: accept a prefix, then a recovered or bonus token; sequence s emits k_s + 1 tokens.
-            k, nxt = self.verifier(x, q, p, gen)  # (B,), (B,)
-            out = torch.cat([x, torch.zeros_like(x[:, :1])], 1)  # (B, γ+1)
+            if g:
+                k, nxt = self.verifier(x, q, p, gen)  # (B,), (B,)
+            else:  # no draft this round: a target step
+                k, nxt = torch.zeros(B, dtype=torch.long, device=self.device), sample(p[:, 0], gen)
+            out = torch.cat([x, x.new_zeros(B, 1)], 1)  # (B, γ+1)
             out[rows, k] = nxt
             ks = k.tolist()
             was_active = list(active)
             new = self._commit(gens, active, [out[s, :ks[s] + 1].tolist() for s in range(B)], params)
-            for s in range(B):
-                if was_active[s]:
-                    gens[s].record_round(ks[s], gamma, len(new[s]))
             live = [s for s in range(B) if was_active[s]]
+            outcomes = [round_outcome(ks[s], g, len(new[s])) for s in live]
+            for s in live:
+                gens[s].record_round(ks[s], g, len(new[s]))
+            if self.policy is not None and g:
+                self.policy.observe(sum(a for a, _ in outcomes), sum(r for _, r in outcomes))
             n = max(ks[s] + 1 for s in live)
             valid = torch.tensor([ks[s] + 1 if was_active[s] else 0 for s in range(B)], device=self.device)
             batch.append(out[:, :n], valid)

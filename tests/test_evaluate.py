@@ -53,3 +53,19 @@ def test_acceptance_metrics_on_a_hand_worked_history():
     assert round_outcome(k=2, gamma=3, emitted=2) == (2, 0)
     assert round_outcome(k=1, gamma=3, emitted=2) == (1, 1)  # recovered token emitted
     assert round_outcome(k=3, gamma=3, emitted=4) == (3, 0)  # bonus: no rejection
+
+
+def test_tree_arms_are_measured_beside_the_chains(tmp_path, tiny_target_path):
+    """eval.trees adds one arm per tree, interleaved with the chains; a draft equal to the target accepts a
+    full path every round (τ = depth + 1 until the last round) and stays lossless."""
+    cfg = load_config(None, [f"target.model={tiny_target_path}", f"run_dir={tmp_path / 'run'}", "eval.tasks=[chat]",
+                             "eval.prompts_per_task=2", "eval.max_new_tokens=12", "target.max_model_len=512",
+                             "eval.trees=[[2, 1], [1, 1, 1]]"])
+    res = run_eval(cfg, {"self": tiny_target_path})["self"]
+    assert res["interleaved_with"] == ["self@3", "self@tree:2-1", "self@tree:1-1-1"]
+    assert set(res["by_tree"]) == {"tree:2-1", "tree:1-1-1"}
+    assert res["by_tree"]["tree:2-1"]["tree"] == [2, 1]
+    for label, depth in (("tree:2-1", 2), ("tree:1-1-1", 3)):
+        row = res["by_tree"][label]["overall"]
+        assert row["acceptance_rate"] == 1.0 and row["block_efficiency"] > depth
+    assert res["lossless_greedy"] == {"checked": 6, "mismatches": 0}

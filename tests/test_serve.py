@@ -47,7 +47,9 @@ def server(tiny_target_path, tiny_draft_path):
 
     cfg = JobConfig.model_validate({
         "target": {"model": tiny_target_path, "dtype": "float32", "max_model_len": CONTEXT},
-        "serve": {"port": _free_port(), "gamma": GAMMA, "max_tokens_cap": CAP, "max_batch_size": 8,
+        # a fixed γ, so the statistics below can be checked exactly (goodput γ: its own test)
+        "serve": {"port": _free_port(), "gamma": GAMMA, "gamma_policy": "fixed", "max_tokens_cap": CAP,
+                  "max_batch_size": 8,
                   "batch_wait_timeout_s": 0.05, "cpus_per_replica": 1, "model_name": MODEL}})
     try:
         url = run_serve(cfg, draft=tiny_draft_path, blocking=False)
@@ -439,6 +441,50 @@ def test_load_50_concurrent_clients(server, reference, target_tokenizer):
     assert 0 <= stats["rejected"] <= stats["rounds"]
     assert stats["acceptance_rate"] == pytest.approx(stats["accepted"] / (stats["accepted"] + stats["rejected"]))
     assert stats["draft_acceptance_rate"] == pytest.approx(stats["accepted"] / stats["proposed"])
+
+
+def test_goodput_endpoint_greedy_equals_target_only(server, tiny_draft_path, reference, target_tokenizer):
+    """serve.gamma_policy=goodput (the default): γ ≤ serve.gamma per round from measured step costs; the text
+    stays the target's and the statistics count only the draft tokens proposed."""
+    from openai import OpenAI
+    from ray import serve
+
+    from serve.app import build_app
+
+    cfg = server.cfg.model_copy(deep=True)
+    cfg.serve.gamma_policy = "goodput"
+    serve.run(build_app(cfg, cfg.target.model, tiny_draft_path), name="goodput", route_prefix="/goodput")
+    try:
+        c = OpenAI(base_url=f"{server.root}/goodput/v1", api_key="unused", max_retries=0, timeout=120)
+        for prompt in PROMPTS[:3]:
+            r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
+            assert r.choices[0].text == reference(_ids(target_tokenizer, prompt), max_new_tokens=16).text
+            spec = _spec(r)
+            assert spec["gamma"] == GAMMA and 0 <= spec["proposed"] <= GAMMA * spec["rounds"]
+            assert spec["tokens_per_target_pass"] == pytest.approx(r.usage.completion_tokens / spec["rounds"])
+    finally:
+        serve.delete("goodput")
+
+
+def test_tree_endpoint_greedy_equals_target_only(server, tiny_draft_path, reference, target_tokenizer):
+    """serve.tree: each round verifies a token tree in one target pass; the text stays the target's."""
+    from openai import OpenAI
+    from ray import serve
+
+    from serve.app import build_app
+
+    cfg = server.cfg.model_copy(deep=True)
+    cfg.serve.tree = [2, 1]
+    serve.run(build_app(cfg, cfg.target.model, tiny_draft_path), name="tree", route_prefix="/tree")
+    try:
+        c = OpenAI(base_url=f"{server.root}/tree/v1", api_key="unused", max_retries=0, timeout=120)
+        for prompt in PROMPTS[:3]:
+            r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
+            assert r.choices[0].text == reference(_ids(target_tokenizer, prompt), max_new_tokens=16).text
+            spec = _spec(r)
+            assert spec["gamma"] == 2 and spec["proposed"] == 2 * spec["rounds"]
+    finally:
+        serve.delete("tree")
 
 
 # ---------------------------------------------------------------------- vLLM engine (the GPU fast path)
