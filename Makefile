@@ -12,7 +12,7 @@ export DRAFTALIGN_CACHE ?= $(CURDIR)/.cache/draftalign
 # them all on both cores still takes 81 s for 28.8k files. A run imports a small part of them: install
 # with --no-compile and let Python cache bytecode for what is imported, on first import. This shell
 # sets PYTHONDONTWRITEBYTECODE=1, which would make every process re-compile its imports (~15 s each).
-PIP := $(PY) -m pip install -q --no-compile
+PIP := $(PY) -m pip install -qq --no-compile
 unexport PYTHONDONTWRITEBYTECODE
 
 $(STAMP): pyproject.toml Makefile

