@@ -14,6 +14,17 @@ so a 4-token verification pass cost 1.8 single-token steps of weight reads, and 
 product computed as W xᵀ (W the left operand, no packing) costs 0.8. A single row is computed as
 two (the two-row product is faster than MKL's matrix-vector kernel here) and the duplicate dropped.
 
+MKL's kernel for W xᵀ also prefers some widths: the same 120 weights, W xᵀ with M columns,
+
+    rows M   3    4    5    6    7    8    9    12   15   16   17   24   32   48   64
+    ms       27   22   27   34   40   37   44   62   97   45   63   64   66   85   106
+    F.linear                               47             56   61   66   77   98   119
+
+(a tree pass of 7–15 nodes, or a batch of 8 sequences verifying 4 tokens each, lands on the slow widths),
+so M is padded with zero rows to the next width in `_PAD` (3 → 4, 7 → 8, 9–15 → 16, 17–31 → 32, 33–63
+→ 64; 5 and 6 are cheaper as they are) and the padding's outputs dropped, like vLLM padding a batch to a
+captured CUDA-graph size. Up to 64 rows the padded W xᵀ beats F.linear.
+
 `use_decode_matmul(model)` switches every `nn.Linear` of a model to this product for inputs of at
 most `MAX_ROWS` rows (prefill and training shapes keep `F.linear`). Results equal `F.linear` up to
 float rounding (a different summation order), like any change of BLAS kernel.
@@ -24,7 +35,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-MAX_ROWS = 16  # above this, F.linear's GEMM is at least as fast (measured up to 32 rows)
+MAX_ROWS = 64  # above this, F.linear's GEMM is at least as fast
+
+
+def _pad(rows: int) -> int:
+    """The width a product of `rows` rows is computed at (the module docstring's table)."""
+    if rows in (5, 6):
+        return rows
+    return max(2, 1 << (rows - 1).bit_length())  # 1 → 2, 3 → 4, 7 → 8, 9–16 → 16, …
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -35,8 +53,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     # x row-major, so that x2ᵀ is a transposed view: W times a column-major (k, M) operand is the
     # slow path again (70 ms in the table's setting)
     x2 = x.reshape(rows, x.shape[-1]).contiguous()  # (M, k)
-    if rows == 1:
-        x2 = torch.cat([x2, x2])  # (2, k): see the module docstring
+    width = _pad(rows)
+    if width > rows:  # zero rows to a fast width (the module docstring)
+        x2 = torch.cat([x2, x2.new_zeros(width - rows, x2.shape[1])])  # (width, k)
     y = (weight @ x2.T).T[:rows].contiguous()  # (M, n), row-major for the ops that follow
     if bias is not None:
         y = y + bias

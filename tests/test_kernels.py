@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from serve.kernels import MAX_ROWS, DecodeLinear, decode_linear, use_decode_matmul
+from serve.kernels import MAX_ROWS, DecodeLinear, _pad, decode_linear, use_decode_matmul
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, MAX_ROWS, MAX_ROWS + 1, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 11, 16, 23, MAX_ROWS - 1, MAX_ROWS, MAX_ROWS + 1])
 @pytest.mark.parametrize("bias", [False, True])
 def test_decode_linear_equals_linear(rows, bias):
     torch.manual_seed(rows)
@@ -22,6 +22,11 @@ def test_decode_linear_equals_linear(rows, bias):
     xt = torch.randn(48, rows).T  # a column-major input (what silu(gate) * up can be)
     assert torch.allclose(decode_linear(xt, w, b), F.linear(xt, w, b), atol=1e-5, rtol=1e-5)
     assert decode_linear(xt, w, b).is_contiguous()
+
+
+def test_rows_are_padded_to_the_measured_fast_widths():
+    assert [_pad(m) for m in (1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 33, 64)] == [
+        2, 2, 4, 4, 5, 6, 8, 8, 16, 16, 16, 32, 64, 64]
 
 
 def test_use_decode_matmul_swaps_every_linear_in_place():
