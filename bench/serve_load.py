@@ -201,7 +201,7 @@ def main() -> None:
               f"dtype={cfg.target.dtype} clients={knobs['clients']} requests/level={knobs['requests']} "
               f"max_tokens={knobs['max_tokens']} rounds={knobs['rounds']} torch_threads={cores}", flush=True)
         port = _free_port()
-        init_ray(cfg, num_cpus=max(2, cores))
+        init_ray(cfg, num_cpus=max(len(ARMS), cores))  # one logical CPU per replica
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             t0 = time.perf_counter()
