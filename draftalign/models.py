@@ -58,10 +58,13 @@ def _extract_embedded(name: str, dest: Path) -> Path:
 
     def write(tmp: Path) -> None:
         print(f"[target] {name}: de-quantising {gguf} once into {dest}", flush=True)
-        tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf)
-        # transformers draws its GGUF conversion bar with plain tqdm on stderr: kept off a quiet console
+        # transformers draws its GGUF conversion and shard-writing bars on stderr: kept off a quiet console
         with contextlib.redirect_stderr(io.StringIO()) if quiet() else contextlib.nullcontext():
-            gguf_model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf, dtype=torch.float32)
+            convert(tmp)
+
+    def convert(tmp: Path) -> None:
+        tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf)
+        gguf_model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf, dtype=torch.float32)
         config = gguf_model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # weights are dequantised; vLLM must not look for GGUF
