@@ -13,6 +13,15 @@ from serve.sampling import SamplingParams, logits_to_probs
 V = 8  # small vocabulary: the joint law of three tokens has 512 cells
 
 
+def hf_greedy(ref, prompt: list[int], n: int, eos: int) -> list[int]:
+    """Greedy continuation of `prompt` by Hugging Face `generate` on `ref` (the independent implementation),
+    up to n tokens, cut after the first EOS as the engine stops."""
+    ids = torch.tensor([prompt])
+    out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                       pad_token_id=eos)[0, len(prompt):].tolist()
+    return out[: out.index(eos) + 1] if eos in out else out
+
+
 def random_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     """n random prompts of 1-23 tokens with ids in [3, vocab)."""
     g = torch.Generator().manual_seed(seed)

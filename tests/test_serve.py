@@ -8,6 +8,7 @@ target: speculative decoding must not change a single token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -443,48 +444,51 @@ def test_load_50_concurrent_clients(server, reference, target_tokenizer):
     assert stats["draft_acceptance_rate"] == pytest.approx(stats["accepted"] / stats["proposed"])
 
 
-def test_goodput_endpoint_greedy_equals_target_only(server, tiny_draft_path, reference, target_tokenizer):
-    """serve.gamma_policy=goodput (the default): γ ≤ serve.gamma per round from measured step costs; the text
-    stays the target's and the statistics count only the draft tokens proposed."""
+@contextlib.contextmanager
+def _variant_endpoint(server, name: str, draft: str, **serve_overrides):
+    """A second application on the running Serve instance, with the fixture's job config changed by
+    `serve_overrides`, at /<name>; yields its OpenAI client and deletes it afterwards."""
     from openai import OpenAI
     from ray import serve
 
     from serve.app import build_app
 
     cfg = server.cfg.model_copy(deep=True)
-    cfg.serve.gamma_policy = "goodput"
-    serve.run(build_app(cfg, cfg.target.model, tiny_draft_path), name="goodput", route_prefix="/goodput")
+    for key, value in serve_overrides.items():
+        setattr(cfg.serve, key, value)
+    serve.run(build_app(cfg, cfg.target.model, draft), name=name, route_prefix=f"/{name}")
     try:
-        c = OpenAI(base_url=f"{server.root}/goodput/v1", api_key="unused", max_retries=0, timeout=120)
-        for prompt in PROMPTS[:3]:
-            r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
-            assert r.choices[0].text == reference(_ids(target_tokenizer, prompt), max_new_tokens=16).text
+        yield OpenAI(base_url=f"{server.root}/{name}/v1", api_key="unused", max_retries=0, timeout=120)
+    finally:
+        serve.delete(name)
+
+
+def _greedy_texts_equal_target_only(c, reference, tokenizer) -> list:
+    """Three greedy completions equal to target-only decoding; returns the responses."""
+    out = []
+    for prompt in PROMPTS[:3]:
+        r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
+        assert r.choices[0].text == reference(_ids(tokenizer, prompt), max_new_tokens=16).text
+        out.append(r)
+    return out
+
+
+def test_goodput_endpoint_greedy_equals_target_only(server, tiny_draft_path, reference, target_tokenizer):
+    """serve.gamma_policy=goodput (the default): γ ≤ serve.gamma per round from measured step costs; the text
+    stays the target's and the statistics count only the draft tokens proposed."""
+    with _variant_endpoint(server, "goodput", tiny_draft_path, gamma_policy="goodput") as c:
+        for r in _greedy_texts_equal_target_only(c, reference, target_tokenizer):
             spec = _spec(r)
             assert spec["gamma"] == GAMMA and 0 <= spec["proposed"] <= GAMMA * spec["rounds"]
             assert spec["tokens_per_target_pass"] == pytest.approx(r.usage.completion_tokens / spec["rounds"])
-    finally:
-        serve.delete("goodput")
 
 
 def test_tree_endpoint_greedy_equals_target_only(server, tiny_draft_path, reference, target_tokenizer):
     """serve.tree: each round verifies a token tree in one target pass; the text stays the target's."""
-    from openai import OpenAI
-    from ray import serve
-
-    from serve.app import build_app
-
-    cfg = server.cfg.model_copy(deep=True)
-    cfg.serve.tree = [2, 1]
-    serve.run(build_app(cfg, cfg.target.model, tiny_draft_path), name="tree", route_prefix="/tree")
-    try:
-        c = OpenAI(base_url=f"{server.root}/tree/v1", api_key="unused", max_retries=0, timeout=120)
-        for prompt in PROMPTS[:3]:
-            r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
-            assert r.choices[0].text == reference(_ids(target_tokenizer, prompt), max_new_tokens=16).text
+    with _variant_endpoint(server, "tree", tiny_draft_path, tree=[2, 1]) as c:
+        for r in _greedy_texts_equal_target_only(c, reference, target_tokenizer):
             spec = _spec(r)
             assert spec["gamma"] == 2 and spec["proposed"] == 2 * spec["rounds"]
-    finally:
-        serve.delete("tree")
 
 
 # ---------------------------------------------------------------------- vLLM engine (the GPU fast path)
@@ -493,19 +497,8 @@ def test_tree_endpoint_greedy_equals_target_only(server, tiny_draft_path, refere
 def test_vllm_engine_greedy_equals_target_only(server, tiny_target_path, reference, target_tokenizer):
     """vLLM's draft-model speculation is exact at temperature 0. The tiny target is its own draft:
     vLLM's CPU attention has no kernel for the tiny draft's head size 16 (it takes 32, 64, ...)."""
-    from openai import OpenAI
-    from ray import serve
-
-    from serve.app import build_app
-
-    cfg = server.cfg.model_copy(deep=True)
-    cfg.serve.engine = "vllm"
-    serve.run(build_app(cfg, tiny_target_path, tiny_target_path), name="vllm", route_prefix="/vllm")
-    try:
-        c = OpenAI(base_url=f"{server.root}/vllm/v1", api_key="unused", max_retries=0, timeout=120)
-        for prompt in PROMPTS[:3]:
-            r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
-            assert r.choices[0].text == reference(_ids(target_tokenizer, prompt), max_new_tokens=16).text
+    with _variant_endpoint(server, "vllm", tiny_target_path, engine="vllm") as c:
+        for r in _greedy_texts_equal_target_only(c, reference, target_tokenizer):
             spec = _spec(r)
             assert spec["proposed"] > 0 and spec["gamma"] == GAMMA
             # vLLM does not count rejected rounds: unknown, not 0, and so is the per-token α.
@@ -516,8 +509,6 @@ def test_vllm_engine_greedy_equals_target_only(server, tiny_target_path, referen
         assert streamed == reference(_ids(target_tokenizer, PROMPTS[0]), max_new_tokens=16).text
         # Served, with a warning in the replica log: not lossless on CPU (see STACK-NOTES).
         assert c.completions.create(model=MODEL, prompt="Hi", max_tokens=8, temperature=0.8).choices
-    finally:
-        serve.delete("vllm")
 
 
 # ---------------------------------------------------------------------- pieces without Serve

@@ -16,6 +16,7 @@ from specdec_helpers import (
     chi2_p,
     empirical,
     exact_three_token_dist,
+    hf_greedy,
     random_prompts,
     small_lm,
 )
@@ -154,12 +155,6 @@ SHAPES = [[1, 1, 1], [2, 2, 1], [3, 1]]
 
 
 @torch.no_grad()
-def _hf_greedy(ref, prompt: list[int], n: int, eos: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                       pad_token_id=eos)[0, len(prompt):].tolist()
-    return out[: out.index(eos) + 1] if eos in out else out
-
 
 @pytest.mark.parametrize("branching", SHAPES, ids=["chain-1x1x1", "2x2x1", "3x1"])
 def test_greedy_tree_equals_hf_generate(partial_pair, target_tokenizer, branching):
@@ -170,7 +165,7 @@ def test_greedy_tree_equals_hf_generate(partial_pair, target_tokenizer, branchin
     hist, siblings = [0] * (D + 1), 0
     for p in random_prompts(16, target.config.vocab_size, seed=40):
         got = engine.generate([p], params)[0]
-        assert got.token_ids == _hf_greedy(ref, p, 24, target_tokenizer.eos_token_id)
+        assert got.token_ids == hf_greedy(ref, p, 24, target_tokenizer.eos_token_id)
         assert (got.proposed, got.tree_nodes) == (D * got.rounds, N * got.rounds)
         assert sum(got.accepted_histogram) == got.rounds
         hist = [a + b for a, b in zip(hist, got.accepted_histogram)]
@@ -215,7 +210,7 @@ def test_restricted_draft_vocabulary_tree(partial_pair, target_tokenizer):
     accepted = 0
     for p in random_prompts(6, target.config.vocab_size, seed=81):
         got = engine.generate([p], params)[0]
-        assert got.token_ids == _hf_greedy(ref, p, 16, target_tokenizer.eos_token_id)
+        assert got.token_ids == hf_greedy(ref, p, 16, target_tokenizer.eos_token_id)
         accepted += got.accepted
     assert accepted > 0
 
@@ -226,9 +221,9 @@ def test_hf_body_with_4d_tree_mask(partial_pair, target_tokenizer):
     engine = SpecDecoder(target, draft, target_tokenizer, tree=[2, 2, 1], lean=False)
     params = SamplingParams(max_new_tokens=16)
     for p in random_prompts(4, target.config.vocab_size, seed=71):
-        assert engine.generate([p], params)[0].token_ids == _hf_greedy(ref, p, 16, target_tokenizer.eos_token_id)
+        assert engine.generate([p], params)[0].token_ids == hf_greedy(ref, p, 16, target_tokenizer.eos_token_id)
     batched = engine.generate(random_prompts(4, target.config.vocab_size, seed=71), params)
-    assert [g.token_ids for g in batched] == [_hf_greedy(ref, p, 16, target_tokenizer.eos_token_id)
+    assert [g.token_ids for g in batched] == [hf_greedy(ref, p, 16, target_tokenizer.eos_token_id)
                                               for p in random_prompts(4, target.config.vocab_size, seed=71)]
 
 
@@ -241,7 +236,7 @@ def test_cropping_instead_of_compacting_is_caught(partial_pair, target_tokenizer
     params = SamplingParams(max_new_tokens=24)
     eos = target_tokenizer.eos_token_id
     prompts = random_prompts(12, target.config.vocab_size, seed=42)
-    assert any(engine.generate([p], params)[0].token_ids != _hf_greedy(ref, p, 24, eos) for p in prompts)
+    assert any(engine.generate([p], params)[0].token_ids != hf_greedy(ref, p, 24, eos) for p in prompts)
 
 
 def test_bad_tree_configuration_is_named(partial_pair):
