@@ -1,4 +1,5 @@
-"""The FSPAD head (learner/fspad.py) on tiny random Llamas with the SmolLM2 tokenizer."""
+"""The FSPAD head (learner/fspad.py), its losses (learner/losses.py) and the target's feature batches
+(actors/features.py), on tiny random Llamas with the SmolLM2 tokenizer."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import json
 import pytest
 import torch
 
+from actors.features import feature_batch, sample_from_topk
 from draftalign.models import ModelError, load_causal_lm
 from learner.fspad import FSPADHead, is_fspad_head, read_config
+from learner.losses import TargetDist, compute_loss, feature_regression, partial_alignment_loss
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +130,141 @@ def test_an_fspad_head_is_not_loaded_as_a_llama_draft(target, tmp_path, target_t
     d = FSPADHead.from_target(target).save(tmp_path / "head")
     with pytest.raises(ModelError, match="is an FSPAD head"):
         load_draft(str(d), target_tokenizer)
+
+
+# ---------------------------------------------------------------------------------- the losses
+
+def test_feature_regression_hand_values():
+    pred = torch.tensor([[0.0, 2.0, 0.5, 0.0], [1.0, 0.0, 0.0, -3.0]])
+    zero = torch.zeros_like(pred)
+    # SmoothL1 (β = 1): 0 → 0, 2 → 1.5, 0.5 → 0.125, 1 → 0.5, 3 → 2.5
+    torch.testing.assert_close(feature_regression(pred, zero, 1.0), torch.tensor([1.625 / 4, 3.0 / 4]))
+    torch.testing.assert_close(feature_regression(pred, zero, 0.5), torch.tensor([1.5 / 2, 0.5 / 2]))
+    torch.testing.assert_close(feature_regression(pred, zero, 0.3), torch.tensor([1.5 / 2, 0.5 / 2]))  # ⌈1.2⌉ = 2
+    torch.testing.assert_close(feature_regression(pred, zero, 0.25), torch.tensor([0.0, 0.5]))
+    with pytest.raises(ValueError, match="aligned_fraction"):
+        feature_regression(pred, zero, 0.0)
+    with pytest.raises(ValueError, match="same"):
+        feature_regression(pred, zero[:, :3])
+
+
+def test_partial_alignment_loss_hand_values():
+    pred = torch.tensor([[0.0, 2.0, 0.5, 0.0], [1.0, 0.0, 0.0, -3.0]])
+    logit = torch.tensor([0.2, 1.0])
+    loss, stats = partial_alignment_loss(pred, torch.zeros_like(pred), logit, aligned_fraction=0.5,
+                                         feature_weight=2.0, logit_weight=0.5)
+    torch.testing.assert_close(loss, torch.tensor([2.0 * 0.75 + 0.5 * 0.2, 2.0 * 0.25 + 0.5 * 1.0]))
+    assert stats["feature_loss"] == pytest.approx(0.5) and stats["logit_loss"] == pytest.approx(0.6)
+
+
+def test_partial_alignment_regresses_only_the_aligned_slice():
+    """The regression term's gradient reaches the first ⌈a·H⌉ feature dimensions only; the logit term (through
+    the LM head) reaches all of them."""
+    torch.manual_seed(0)
+    H, m = 8, 3
+    pred = torch.randn(5, H, requires_grad=True)
+    feature_regression(pred, torch.randn(5, H), aligned_fraction=m / H).sum().backward()
+    assert (pred.grad[:, :m].abs() > 0).all() and (pred.grad[:, m:] == 0).all()
+    W = torch.randn(11, H)
+    target = TargetDist(torch.log_softmax(torch.randn(5, 11), -1))
+    pred.grad = None
+    logit_loss, _ = compute_loss("fkl", pred @ W.T, target)
+    loss, _ = partial_alignment_loss(pred, torch.randn(5, H), logit_loss, aligned_fraction=m / H, feature_weight=0.0,
+                                     logit_weight=1.0)
+    loss.sum().backward()
+    assert (pred.grad[:, m:].abs() > 0).all()
+
+
+# ------------------------------------------------------------------------------ feature batches
+
+def test_feature_batch_layout_matches_the_target(target):
+    """Without feature sampling: node d reads (f_d, s_{d+1}); loss nodes d ∈ [P−2, L−3] regress f_{d+1} and
+    distil the stored top-k of s_{d+2}, one per answer token."""
+    rows = _rows(3, seed=1, k=5, target=target)
+    rows[1]["target_ids"] = rows[1]["target_logprobs"] = None  # this row's top-k comes from the target's features
+    fb = feature_batch(target, rows, k=5)
+    n = 0
+    for b, r in enumerate(rows):
+        P, s = len(r["prompt_token_ids"]), r["prompt_token_ids"] + r["response_token_ids"]
+        L, R = len(s), len(r["response_token_ids"])
+        F = _features(target, s)
+        torch.testing.assert_close(fb.features[b, :L - 1], F[:L - 1], rtol=1e-4, atol=1e-4)
+        assert fb.input_ids[b, :L - 1].tolist() == s[1:] and fb.position_ids[b, :L - 1].tolist() == list(range(L - 1))
+        assert fb.loss_mask[b].nonzero()[:, 0].tolist() == list(range(P - 2, L - 2))
+        torch.testing.assert_close(fb.target_features[n:n + R], F[P - 1:L - 1], rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            want = torch.topk(torch.log_softmax(target(torch.tensor([s])).logits[0, P - 1:L - 1], -1), 5, -1)
+        assert fb.target_ids[n:n + R].tolist() == want.indices.tolist()
+        torch.testing.assert_close(fb.target_logprobs[n:n + R], want.values, rtol=1e-4, atol=1e-4)
+        n += R
+    assert fb.n_tokens == n and not fb.sampled.any()
+
+
+def test_stored_top_k_is_used_as_stored(target):
+    rows = _rows(1, seed=2)
+    R = len(rows[0]["response_token_ids"])
+    rows[0]["target_ids"] = torch.arange(7).repeat(R, 1).numpy() + 11
+    rows[0]["target_logprobs"] = torch.full((R, 7), -3.0).numpy()
+    fb = feature_batch(target, rows, k=4)
+    assert fb.target_ids.tolist() == [[11, 12, 13, 14]] * R and (fb.target_logprobs == -3.0).all()
+
+
+def test_sample_from_topk_follows_the_renormalised_top_k():
+    ids = torch.tensor([[5, 9, 2]]).repeat(20000, 1)
+    lps = torch.log(torch.tensor([[0.3, 0.1, 0.2]])).repeat(20000, 1)  # tail 0.4: dropped, the rest renormalised
+    x = sample_from_topk(ids, lps, torch.Generator().manual_seed(0))
+    freq = torch.stack([(x == t).float().mean() for t in (5, 9, 2)])
+    torch.testing.assert_close(freq, torch.tensor([0.5, 1 / 6, 1 / 3]), atol=0.015, rtol=0)
+
+
+def test_feature_sampling_targets_are_the_targets_own_continuation(target):
+    """Re-drawn tokens: the node reads (f_d, x) at position d and sees only data nodes < d; its targets are the
+    target's feature after s_≤d + x (one extra node of the target's tree pass) and the top-k of its softmax(W g)."""
+    rows = _rows(3, seed=3, k=6, target=target)
+    fb = feature_batch(target, rows, k=6, feature_sampling=True, generator=torch.Generator().manual_seed(0))
+    assert fb.sampled.any(), "the random target's flat top-6 must re-draw some tokens"
+    n = 0
+    for b, r in enumerate(rows):
+        P, s = len(r["prompt_token_ids"]), r["prompt_token_ids"] + r["response_token_ids"]
+        L = len(s)
+        loss_nodes = fb.loss_mask[b].nonzero()[:, 0].tolist()
+        for i in loss_nodes:
+            if i < L - 1:  # a data node: the data token was drawn
+                assert not fb.sampled[n] and fb.input_ids[b, i] == s[i + 1]
+            else:  # an extra node for a re-drawn token x at position d
+                d, x = int(fb.position_ids[b, i]), int(fb.input_ids[b, i])
+                assert fb.sampled[n] and x != s[d + 1] and d >= P - 1
+                assert not fb.loss_mask[b, d]  # the data node it replaces carries no loss
+                assert fb.allowed[b, i].nonzero()[:, 0].tolist() == [*range(d), i]
+                torch.testing.assert_close(fb.features[b, i], _features(target, s)[d], rtol=1e-4, atol=1e-4)
+                branch = s[:d + 1] + [x]
+                torch.testing.assert_close(fb.target_features[n], _features(target, branch)[-1], rtol=1e-4, atol=1e-4)
+                with torch.no_grad():
+                    want = torch.topk(torch.log_softmax(target(torch.tensor([branch])).logits[0, -1], -1), 6)
+                assert fb.target_ids[n].tolist() == want.indices.tolist()
+            n += 1
+        assert len(loss_nodes) == len(r["response_token_ids"])  # one loss position per answer token, as unsampled
+    assert n == fb.n_tokens
+
+
+def test_tree_nodes_of_the_head_equal_their_own_chains(target):
+    """The head on a batch with extra nodes: each node's f̂ equals a plain causal forward of the chain it
+    stands for (data nodes are unaffected by the extra nodes)."""
+    rows = _rows(2, seed=4, k=6, target=target)
+    fb = feature_batch(target, rows, k=6, feature_sampling=True, generator=torch.Generator().manual_seed(1))
+    assert fb.sampled.any()
+    head = FSPADHead.from_target(target, seed=5)
+    with torch.no_grad():
+        out = head(fb.features, fb.input_ids, fb.position_ids, fb.allowed)
+        for b, r in enumerate(rows):
+            L = len(r["prompt_token_ids"]) + len(r["response_token_ids"])
+            chain = head(fb.features[b:b + 1, :L - 1], fb.input_ids[b:b + 1, :L - 1], fb.position_ids[b:b + 1, :L - 1])
+            torch.testing.assert_close(out[b, :L - 1], chain[0], rtol=1e-4, atol=1e-5)
+            for i in range(L - 1, fb.features.shape[1]):
+                if not fb.loss_mask[b, i]:
+                    continue  # padding
+                d = int(fb.position_ids[b, i])
+                feats = torch.cat([fb.features[b, :d], fb.features[b, i:i + 1]])[None]
+                ids = torch.cat([fb.input_ids[b, :d], fb.input_ids[b, i:i + 1]])[None]
+                alone = head(feats, ids, torch.arange(d + 1)[None])
+                torch.testing.assert_close(out[b, i], alone[0, -1], rtol=1e-4, atol=1e-5)
