@@ -1,5 +1,6 @@
-"""The FSPAD head (learner/fspad.py), its losses (learner/losses.py) and the target's feature batches
-(actors/features.py), on tiny random Llamas with the SmolLM2 tokenizer."""
+"""The FSPAD head (learner/fspad.py), its losses (learner/losses.py), the target's feature batches
+(actors/features.py) and its training stage (learner/fspad_distill.py), on tiny random Llamas with the
+SmolLM2 tokenizer."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 
 import pytest
 import torch
+from distill_helpers import job_fixture, peaked_target_fixture  # noqa: F401 - fixtures
 
 from actors.features import feature_batch, sample_from_topk
 from draftalign.models import ModelError, load_causal_lm
@@ -268,3 +270,129 @@ def test_tree_nodes_of_the_head_equal_their_own_chains(target):
                 ids = torch.cat([fb.input_ids[b, :d], fb.input_ids[b, i:i + 1]])[None]
                 alone = head(feats, ids, torch.arange(d + 1)[None])
                 torch.testing.assert_close(out[b, i], alone[0, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_few_steps_reduce_the_loss(peaked_target):
+    """AdamW on one batch of a (peaked) tiny target's features: the partial-alignment loss (FKL logit term) falls,
+    both its terms with it."""
+    from draftalign.config import JobConfig
+    from learner.fspad_distill import head_loss
+
+    target = load_causal_lm(peaked_target)
+    cfg = JobConfig.model_validate({"draft": {"kind": "fspad"}, "distill": {"loss": "fkl"}})
+    rows = _rows(4, seed=6, k=8, target=target)
+    fb = feature_batch(target, rows, k=8, feature_sampling=True, generator=torch.Generator().manual_seed(2))
+    head = FSPADHead.from_target(target, seed=0)
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=3e-3)
+    losses, terms = [], []
+    for _ in range(12):
+        per_pos, stats, _ = head_loss(head, head, fb, cfg, None)
+        loss = per_pos.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        terms.append((stats["feature_loss"], stats["logit_loss"]))
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert terms[-1][0] < terms[0][0] and terms[-1][1] < terms[0][1], terms
+    assert head.embed_weight.grad is None and not head.embed_weight.requires_grad  # the target's weights stay frozen
+
+
+def test_feature_actor_batches_are_a_pure_function_of_the_step(tiny_target_path, target):
+    """What resume relies on: batch (step, rank) has the same rows and the same draws every time it is asked for."""
+    from actors.features import TargetFeatures
+
+    rows = _rows(6, seed=7, k=4, target=target)
+    a = TargetFeatures(tiny_target_path, "float32", rows, batch_size=4, k=4, feature_sampling=True, seed=0)
+    b = TargetFeatures(tiny_target_path, "float32", rows, batch_size=4, k=4, feature_sampling=True, seed=0)
+    first, again, other = a.batch(3, 1, 2), b.batch(3, 1, 2), a.batch(4, 1, 2)
+    assert torch.equal(first.input_ids, again.input_ids) and torch.equal(first.target_ids, again.target_ids)
+    assert first.features.shape[0] == 2  # rank 1 of 2 takes every other row of the step's 4
+    assert not (first.input_ids.shape == other.input_ids.shape and torch.equal(first.input_ids, other.input_ids))
+
+
+# ------------------------------------------------------------------------------ the stage, on Ray
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_draftalign_run_kind_fspad_generates_then_trains_the_head(tmp_path, tiny_target_path):
+    """The CLI, as a user runs it: `draftalign run JOB --set draft.kind=fspad` = generate (vLLM, the set stores
+    the target's top-k) → no stage 1 → the fspad stage; a rerun skips both. (Before the Ray fixture below: the
+    subprocess starts its own Ray.)"""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "name": "fspad-cli", "run_dir": str(tmp_path / "run"), "seed": 1,
+        "target": {"model": tiny_target_path, "dtype": "float32", "max_model_len": 512, "cpus_per_engine": 0.5,
+                   "top_k_logprobs": 8},
+        "generate": {"num_prompts": 12, "shard_size": 6, "max_tokens": 12},
+        "rollout": {"batch_size": 4},
+        "learner": {"max_steps": 4, "checkpoint_every": 2, "warmup_steps": 1},
+        "cluster": {"nodes": [{"cpus": 2}]}}))
+    env = {**os.environ, "PYTHONPATH": str(root)}
+
+    def run(name: str) -> str:
+        log = tmp_path / name
+        with log.open("w") as f:
+            rc = subprocess.run([sys.executable, "-m", "draftalign.cli", "run", str(job), "--set", "draft.kind=fspad"],
+                                cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=540).returncode
+        assert rc == 0, log.read_text()[-4000:]
+        return log.read_text()
+
+    out = run("first.log")
+    rdir = tmp_path / "run"
+    assert "pretrain: skipped for draft.kind=fspad" in out and not (rdir / "draft_pretrained").exists()
+    done = json.loads((rdir / "fspad_done.json").read_text())
+    assert done["steps"] == 4 and done["fspad"]["feature_sampling"] is True
+    FSPADHead.load(rdir / "draft_fspad", load_causal_lm(tiny_target_path))
+    assert "fspad: complete (fspad_done.json), skipped" in run("second.log")
+
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from draftalign.runtime import init_ray
+
+    ray = init_ray(None, num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_fspad_stage_trains_checkpoints_and_resumes(ray_local, job, peaked_target):
+    """Real Ray: a TargetFeatures actor (HF target) feeding a one-worker TorchTrainer; 6 steps with a checkpoint
+    at 3 and 6, then a resume to 8 from the step-6 checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from learner.fspad_distill import run_fspad
+
+    cfg = job("fspad", draft__kind="fspad", learner__max_steps=6, learner__checkpoint_every=3,
+              learner__lr=3e-3, rollout__batch_size=4)
+    out = run_fspad(cfg)
+    done = json.loads((cfg.run_path / "fspad_done.json").read_text())
+    assert out == cfg.run_path.resolve() / "draft_fspad" and done["steps"] == 6 and done["resumed_from_step"] == 0
+    head = FSPADHead.load(out, load_causal_lm(peaked_target))  # the exported head loads on its target
+    assert head.vocab.ids is not None  # the job's draft vocabulary travelled with it
+    assert done["heldout_positions"] > 0 and 0.0 <= done["heldout_acceptance"] <= 1.0
+    assert done["sampled_frac"] > 0  # feature sampling is on by default and re-drew tokens
+    log = [json.loads(line) for line in (cfg.run_path / "fspad_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert log[-1]["feature_loss"] < log[0]["feature_loss"], [r["feature_loss"] for r in log]
+    acc = EventAccumulator(str(cfg.run_path / "tensorboard" / "fspad"))
+    acc.Reload()
+    assert {"train/loss", "train/feature_loss", "train/logit_loss", "train/acceptance",
+            "heldout/heldout_acceptance"} <= set(acc.Tags()["scalars"])
+
+    cfg.learner.max_steps = 8
+    run_fspad(cfg, resume=True)
+    again = json.loads((cfg.run_path / "fspad_done.json").read_text())
+    assert again["resumed_from_step"] == 6 and again["steps"] == 8
+    log = [json.loads(line) for line in (cfg.run_path / "fspad_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 9))  # continued after step 6, nothing repeated
