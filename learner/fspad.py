@@ -14,7 +14,16 @@ e_{t+1} enters with f_t (EAGLE §3.1, "feature & shifted token"). FSPAD's *featu
 that token a draw from the target's distribution rather than always the data token
 (`actors/features.py` builds such batches), and its *partial alignment distillation* regresses only
 part of f̂ onto f (`learner.losses.partial_alignment_loss`). At decode time f̂ replaces f for the
-next step, so the head drafts γ tokens from the last verified feature.
+next step, so the head drafts γ tokens from the last verified feature (`serve/fspad_proposer.py`).
+
+What is verified. The equations above are EAGLE's (its paper and public code: `fc` on
+[embedding; feature], one decoder layer, smooth-L1 on features with weight 1 plus cross-entropy
+with weight 0.1). FSPAD's method section (its own equations and splits) could not be read from
+the reference corpora available here, only its abstract ("token embeddings sample the target's
+features before they enter the draft"; "partial alignment weakens the feature→logit coupling").
+Both FSPAD parts are implemented as described in issue #15 and REFERENCES.md, each behind a switch
+(`draft.fspad.feature_sampling`, `draft.fspad.aligned_fraction`) so their effect is measured rather
+than assumed; the split a = 0.5 is our default, not the paper's.
 
 Which feature. f_t is the LM head's input: the last decoder layer's output **after the target's
 final RMSNorm** (`model.model(...).last_hidden_state` in transformers). EAGLE's data generation
