@@ -107,7 +107,14 @@ def pretrain(job: Path = JobArg, resume: bool = typer.Option(False, help="contin
     """Stage 1: pretrain the draft on plain text (Ray Train)."""
     from learner.pretrain import run_pretrain
 
-    _guard(lambda: run_pretrain(_load(job, overrides), resume=resume))
+    def go():
+        cfg = _load(job, overrides)
+        if cfg.draft.kind == "fspad":
+            _fail("draft.kind=fspad has no stage 1: the head trains on the target's features "
+                  "(`draftalign distill` runs its stage)")
+        run_pretrain(cfg, resume=resume)
+
+    _guard(go)
 
 
 @app.command()
@@ -121,10 +128,19 @@ def generate(job: Path = JobArg, overrides: list[str] = SetOpt):
 @app.command()
 def distill(job: Path = JobArg, resume: bool = typer.Option(False, help="continue from the latest checkpoint"),
             overrides: list[str] = SetOpt):
-    """Stage 3: on-policy distillation (rollout actors, vLLM target scoring, Ray Train learner)."""
+    """Stage 3: on-policy distillation (rollout actors, vLLM target scoring, Ray Train learner); with
+    draft.kind=fspad, the FSPAD head on the target's features of the distillation set."""
     from learner.distill import run_distill
 
-    _guard(lambda: run_distill(_load(job, overrides), resume=resume))
+    def go():
+        cfg = _load(job, overrides)
+        if cfg.draft.kind == "fspad":
+            from learner.fspad_distill import run_fspad
+
+            return run_fspad(cfg, resume=resume)
+        return run_distill(cfg, resume=resume)
+
+    _guard(go)
 
 
 @app.command()

@@ -58,7 +58,35 @@ class TargetConfig(_Strict):
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per engine")
 
 
+class FSPADConfig(_Strict):
+    """The feature-level head (`draft.kind: fspad`, `learner/fspad.py`) and its two switchable parts
+    (FSPAD, Gui et al. 2024, arXiv 2408.15562), each measured by switching it off."""
+
+    feature_sampling: bool = Field(
+        True, description="the token whose embedding enters with the target's feature f_t is drawn from the "
+                          "target's distribution at t (its stored top-k) instead of always the data token; "
+                          "where the draw differs, the target's feature after the drawn token is computed "
+                          "(one extra target node per draw) and trained on instead")
+    aligned_fraction: float = Field(
+        0.5, gt=0, le=1, description="partial alignment distillation: feature regression (smooth-L1) on the first "
+                                     "ceil(fraction · H) feature dimensions only; 1.0 = EAGLE's full regression. "
+                                     "The paper's split was not verified from its text: measure it")
+    feature_weight: float = Field(1.0, ge=0, description="weight of the feature regression term (EAGLE: 1.0)")
+    logit_weight: float = Field(0.1, ge=0, description="weight of the logit distillation term (distill.loss on the "
+                                                      "target's top-k; EAGLE's cross-entropy weight: 0.1)")
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> "FSPADConfig":
+        if self.feature_weight == 0 and self.logit_weight == 0:
+            raise ValueError("draft.fspad.feature_weight and draft.fspad.logit_weight are both 0: nothing to train")
+        return self
+
+
 class DraftConfig(_Strict):
+    kind: Literal["llama", "fspad"] = Field(
+        "llama", description="llama = a standalone Llama draft (token level); fspad = a one-layer head on the "
+                             "target's last features, decoding through the target's frozen LM head")
+    fspad: FSPADConfig = Field(default_factory=FSPADConfig, description="draft.kind=fspad only")
     model: str | None = Field(None, description="path to an HF-format draft; None = build `arch`")
     arch: DraftArch = Field(default_factory=DraftArch)
     init: Literal["random", "from_target", "target_projection"] = Field(

@@ -233,6 +233,9 @@ def load_draft(path: str, target_tok, dtype: torch.dtype = torch.float32, device
         raise ModelError(f"draft {path} does not exist")
     if not (p / "config.json").is_file():
         raise ModelError(f"draft {path} holds no config.json (not an HF-format checkpoint)")
+    if '"kind": "fspad"' in (p / "config.json").read_text():
+        raise ModelError(f"draft {path} is an FSPAD head (draft.kind=fspad): it loads with learner.fspad.FSPADHead "
+                         f"on its target, and the engine does not decode FSPAD heads yet")
     try:
         draft_tok = AutoTokenizer.from_pretrained(str(p))
     except (OSError, ValueError) as e:

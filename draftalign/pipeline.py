@@ -1,6 +1,7 @@
 """`draftalign run`: every stage in order, skipping stages whose outputs are complete.
 
     generate → pretrain → distill → eval (target-only, pretrained, distilled) → report
+    generate → fspad (draft.kind=fspad: the feature-level head; no stage 1, no eval yet)
 
 Generation comes first: the target's answers need nothing from the draft, and the draft's vocabulary
 (`draftalign.vocab`) and, optionally, stage 1's text (`pretrain.corpus: [run:distill_set]`) come
@@ -105,6 +106,8 @@ def run_pipeline(cfg: JobConfig) -> Path:
     write_json_atomic(out / "job.json", json.loads(cfg.model_dump_json()))
     t0 = time.time()
     _stage("generate", out / "distill_set" / "metadata.json", lambda: run_generate(cfg))
+    if cfg.draft.kind == "fspad":
+        return _run_fspad(cfg, out, t0)
     _stage("pretrain", out / "pretrain_done.json",
            lambda: run_pretrain(cfg, resume=_has_checkpoint(out / "ray_results" / "pretrain")))
     _stage("distill", out / "distill_done.json",
@@ -112,4 +115,23 @@ def run_pipeline(cfg: JobConfig) -> Path:
     _stage("eval", out / "eval_distilled.json", lambda: _eval_both(cfg, out))
     report = write_report(out)
     print(f"[run] finished in {time.time() - t0:.0f} s; report: {report}", flush=True)
+    return out
+
+
+def _run_fspad(cfg: JobConfig, out: Path, t0: float) -> Path:
+    """draft.kind=fspad: generate → fspad (the head on the target's features) → stop.
+
+    No stage 1: the head only exists on top of the target's features, and the target's own answers are what
+    it learns from (learner/fspad_distill.py). No eval yet: the engine does not decode FSPAD heads (#15,
+    decoding); the head's teacher-forced held-out acceptance is in fspad_done.json."""
+    from learner.fspad_distill import DONE_FILE, run_fspad
+
+    print("[run] pretrain: skipped for draft.kind=fspad (the head trains on the target's features of the "
+          "distillation set)", flush=True)
+    _stage("fspad", out / DONE_FILE, lambda: run_fspad(cfg, resume=_has_checkpoint(out / "ray_results" / "fspad")))
+    done = json.loads((out / DONE_FILE).read_text())
+    print(f"[run] eval: not run for draft.kind=fspad (the engine does not decode FSPAD heads yet); held-out "
+          f"teacher-forced acceptance {done.get('heldout_acceptance')}, greedy {done.get('heldout_greedy_acceptance')}",
+          flush=True)
+    print(f"[run] finished in {time.time() - t0:.0f} s; head: {done['draft']}", flush=True)
     return out

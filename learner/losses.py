@@ -308,3 +308,45 @@ def temper(target: TargetDist, temperature: float) -> TargetDist:
     tail = _log1mexp(lp.logsumexp(-1, keepdim=True)).clamp_min(LOG_FLOOR)  # (N, 1)
     z = torch.cat([lp, tail], -1) / temperature  # (N, k+1)
     return TargetDist(lp / temperature - z.logsumexp(-1, keepdim=True), target.ids)
+
+
+def aligned_dims(hidden_size: int, fraction: float) -> int:
+    """m = ceil(fraction · H), at least 1: the feature dimensions partial alignment regresses."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"aligned_fraction: must be in (0, 1], got {fraction}")
+    return max(1, math.ceil(fraction * hidden_size - 1e-9))
+
+
+def feature_regression(pred: torch.Tensor, target: torch.Tensor, aligned_fraction: float = 1.0,
+                       beta: float = 1.0, mask=None) -> torch.Tensor:
+    """EAGLE's feature regression, restricted to the first m = ceil(a · H) dimensions (FSPAD's partial alignment):
+        L_feat(n) = (1/m) Σ_{d<m} SmoothL1_β(f̂_{n,d} − f_{n,d}),
+        SmoothL1_β(x) = x² / (2β) if |x| < β else |x| − β/2.
+    pred, target (N, H) → (N,). a = 1 is EAGLE's L_reg (mean over all H dimensions); the dimensions d ≥ m get no
+    gradient from this term, so they are shaped by the logit term alone."""
+    if pred.shape != target.shape or pred.dim() != 2:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)}: expected the same (N, H)")
+    m = aligned_dims(pred.shape[-1], aligned_fraction)
+    dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    loss = F.smooth_l1_loss(pred[:, :m].to(dtype), target[:, :m].to(device=pred.device, dtype=dtype),
+                            reduction="none", beta=beta).mean(-1)  # (N,)
+    return _apply_mask(loss, mask)
+
+
+def partial_alignment_loss(pred_features: torch.Tensor, target_features: torch.Tensor, logit_loss: torch.Tensor, *,
+                           aligned_fraction: float = 0.5, feature_weight: float = 1.0, logit_weight: float = 0.1,
+                           beta: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Partial alignment distillation (FSPAD): feature alignment on part of the feature, logit distillation on the
+    token distribution the whole predicted feature gives, so the two stop competing for the same coordinates:
+        L_n = w_f · L_feat(n; first m dims) + w_l · D_n(p ‖ q),   q = softmax(W f̂_n)
+    (EAGLE: L = L_reg + w_cls L_cls with w_cls = 0.1, a = 1, D = cross-entropy ≡ FKL + const.)
+    logit_loss (N,) is D_n from this module's divergences (compute_loss on the target's top-k buckets).
+    Returns per-position loss (N,) and floats {"feature_loss", "logit_loss"} (means over the N positions)."""
+    n = pred_features.shape[0]
+    if logit_loss.shape != (n,):
+        raise ValueError(f"logit_loss: expected shape ({n},), got {tuple(logit_loss.shape)}")
+    feat = feature_regression(pred_features, target_features, aligned_fraction, beta)  # (N,)
+    loss = feature_weight * feat + logit_weight * logit_loss.to(feat.dtype)  # (N,)
+    stats = {"feature_loss": float(feat.detach().mean()) if n else 0.0,
+             "logit_loss": float(logit_loss.detach().mean()) if n else 0.0}
+    return loss, stats

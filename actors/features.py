@@ -1,0 +1,251 @@
+"""The target's features for the FSPAD head, computed where the target runs and streamed batch by batch.
+
+Why Hugging Face, not vLLM. vLLM 0.32 on CPU hands its caller tokens and log-probs, never hidden
+states: the last layer's output stays inside the model runner, with no API to return it. The
+features therefore come from the Hugging Face model of the same checkpoint (the one the engine and
+the lossless eval load), in a Ray actor, `TargetFeatures`, sized like a target engine
+(`target.cpus_per_engine`, `target.resources`).
+
+Why streamed. A batch's features are B · T · H floats (16 rows × 300 positions × 576 ≈ 11 MB in
+fp32); the whole set's would be GBs (SpecForge #426: offline teacher features blow up storage). None
+is written: the learner asks for batch `step + 1` while it trains on batch `step`, and every batch
+is a pure function of (job seed, step, rank) — its rows (the pretraining stage's `BatchSampler`)
+and its feature-sampling draws — so a resumed run sees exactly the batches it would have seen.
+
+Layout. A row is prompt (P tokens) + answer (R tokens) = s_0 … s_{L−1}, with the target's features
+F_0 … F_{L−1} (post final norm, `learner/fspad.py`) and its top-k distribution of each answer token
+r_j (the set's stored row j, else the top-k of softmax(W F_{P−1+j})). Draft node d = 0 … L−2 reads
+(F_d, s_{d+1}) at rotary position d and predicts F_{d+1}; it carries a loss for d ∈ [P−2, L−3]:
+regress F_{d+1}, distil the distribution of s_{d+2} = r_j, j = d + 2 − P.
+
+Feature sampling (FSPAD). For d ∈ [P−1, L−3] (the entering token is an answer token, one the
+target drew) x ~ p(· | s_≤d) is drawn from the top-k of answer row d + 1 − P, renormalised over the
+k listed tokens. Where x = s_{d+1} nothing changes. Where x ≠ s_{d+1}, the target computes its
+feature after x — one extra node at position d + 1 that sees s_≤d and itself, in a second pass on the
+first pass's KV cache — and the draft gets an extra node (F_d, x) at position d that sees the data
+nodes < d and itself; that node carries the loss (regress the extra node's feature g, distil the
+top-k of softmax(W g)) and data node d carries none. Every loss position's entering token is then a
+draw from the target, and every target is the target's own continuation of what the draft was given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+TOPK_CHUNK = 256  # rows of W·g at a time when the top-k is computed from features (V floats each)
+
+
+@dataclass
+class FeatureBatch:
+    """One learner batch in the draft's coordinates: B rows × T draft nodes, N loss positions (row-major)."""
+
+    features: torch.Tensor  # (B, T, H) float32: the target feature f_d each node reads
+    input_ids: torch.Tensor  # (B, T) int64: the token entering with it
+    position_ids: torch.Tensor  # (B, T) int64: rotary position d
+    allowed: torch.Tensor  # (B, T, T) bool: the nodes each node attends to
+    loss_mask: torch.Tensor  # (B, T) bool
+    target_features: torch.Tensor  # (N, H) float32: the target's next feature
+    target_ids: torch.Tensor  # (N, k) int64: the target's top-k of the token after it
+    target_logprobs: torch.Tensor  # (N, k) float32
+    sampled: torch.Tensor  # (N,) bool: the position's token was re-drawn (an extra node)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.target_features.shape[0])
+
+
+def sample_from_topk(ids: torch.Tensor, logprobs: torch.Tensor, generator: torch.Generator | None = None):
+    """(M, k) top-k ids and log-probs → (M,) one draw each from the k listed tokens, renormalised."""
+    if ids.shape != logprobs.shape or ids.dim() != 2:
+        raise ValueError(f"ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)}: expected the same (M, k)")
+    if ids.shape[0] == 0:
+        return ids.new_zeros(0)
+    probs = torch.softmax(logprobs.float(), -1)  # (M, k)
+    slot = torch.multinomial(probs, 1, generator=generator)  # (M, 1)
+    return ids.gather(-1, slot).squeeze(-1)
+
+
+@torch.no_grad()
+def topk_from_features(target, g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, H) features → the target's top-k (ids (M, k), log-probs (M, k)) of softmax(W g)."""
+    head = target.get_output_embeddings()
+    ids, lps = [], []
+    for i in range(0, g.shape[0], TOPK_CHUNK):
+        logp = torch.log_softmax(head(g[i:i + TOPK_CHUNK].to(head.weight.dtype)).float(), -1)  # (m, V)
+        top = torch.topk(logp, k, dim=-1)
+        ids.append(top.indices)
+        lps.append(top.values)
+    if not ids:
+        return g.new_zeros(0, k, dtype=torch.long), g.new_zeros(0, k)
+    return torch.cat(ids), torch.cat(lps)
+
+
+def _answer_dists(target, row: dict, F_row: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's top-k of every answer token r_j, (R, k) each: stored in the set, else from F_{P−1+j}."""
+    P, R = len(row["prompt_token_ids"]), len(row["response_token_ids"])
+    ids, lps = row.get("target_ids"), row.get("target_logprobs")
+    if ids is not None and lps is not None and np.shape(ids)[0] == R and np.shape(ids)[1] >= k:
+        return torch.as_tensor(np.asarray(ids)[:, :k], dtype=torch.long), \
+            torch.as_tensor(np.asarray(lps)[:, :k], dtype=torch.float32)
+    return topk_from_features(target, F_row[P - 1:P - 1 + R], k)
+
+
+@torch.no_grad()
+def _target_pass(target, seqs: list[list[int]], pad_id: int, keep_cache: bool):
+    """One batched, right-padded causal pass → (features (B, Lmax, H) float32, KV cache or None)."""
+    B, Lmax = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((B, Lmax), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, Lmax, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = torch.tensor(s)
+        mask[b, :len(s)] = 1
+    out = target.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=keep_cache)
+    return out.last_hidden_state.float(), (out.past_key_values if keep_cache else None)
+
+
+@torch.no_grad()
+def _alternative_pass(target, cache, lengths: list[int], alts: list[list[tuple[int, int]]], Lmax: int,
+                      pad_id: int) -> torch.Tensor:
+    """The target's features after the re-drawn tokens: alts[b] = [(d, x), …] puts x at position d + 1,
+    seeing the cached s_≤d and itself. Returns (B, A, H) float32, A = the most alternatives in a row."""
+    from learner.fspad import additive_mask
+
+    B, A = len(alts), max(len(a) for a in alts)
+    ids = torch.full((B, A), pad_id, dtype=torch.long)
+    pos = torch.zeros(B, A, dtype=torch.long)
+    allowed = torch.zeros(B, A, Lmax + A, dtype=torch.bool)
+    allowed[:, torch.arange(A), Lmax + torch.arange(A)] = True  # every node sees itself (padding nodes only that)
+    for b, row in enumerate(alts):
+        for a, (d, x) in enumerate(row):
+            ids[b, a], pos[b, a] = x, d + 1
+            allowed[b, a, :min(d + 1, lengths[b])] = True
+    dtype = target.get_output_embeddings().weight.dtype
+    out = target.get_decoder()(input_ids=ids, attention_mask=additive_mask(allowed, dtype), position_ids=pos,
+                               past_key_values=cache, use_cache=True)
+    return out.last_hidden_state.float()
+
+
+def feature_batch(target, rows: list[dict], *, k: int, feature_sampling: bool = False,
+                  generator: torch.Generator | None = None, pad_id: int = 0) -> FeatureBatch:
+    """Rows of the distillation set (`learner.distill.load_rows`) → one FeatureBatch (module docstring).
+
+    k: the top-k kept per position (the set's stored rows are cut to k; rows that store fewer, and every
+    re-drawn node, get the top-k of the target's own softmax(W F))."""
+    if not rows:
+        raise ValueError("feature_batch: no rows")
+    if k < 1:
+        raise ValueError(f"feature_batch: k must be ≥ 1, got {k}")
+    for r in rows:
+        if len(r["prompt_token_ids"]) < 1 or len(r["response_token_ids"]) < 1:
+            raise ValueError(f"row {r.get('prompt_id')!r}: needs a prompt and an answer token")
+    seqs = [list(r["prompt_token_ids"]) + list(r["response_token_ids"]) for r in rows]
+    F, cache = _target_pass(target, seqs, pad_id, keep_cache=feature_sampling)  # (B, Lmax, H)
+    dists = [_answer_dists(target, r, F[b], k) for b, r in enumerate(rows)]
+    alts: list[list[tuple[int, int]]] = [[] for _ in rows]
+    if feature_sampling:
+        for b, r in enumerate(rows):
+            P, R = len(r["prompt_token_ids"]), len(r["response_token_ids"])
+            if R < 2:
+                continue
+            x = sample_from_topk(dists[b][0][:R - 1], dists[b][1][:R - 1], generator)  # (R−1,) draws for r_0…r_{R−2}
+            data = torch.tensor(r["response_token_ids"][:R - 1])
+            alts[b] = [(P - 1 + j, int(x[j])) for j in (x != data).nonzero()[:, 0].tolist()]
+    G = None
+    if any(alts):
+        G = _alternative_pass(target, cache, [len(s) for s in seqs], alts, F.shape[1], pad_id)  # (B, A, H)
+    return _collate(target, rows, seqs, F, dists, alts, G, k, pad_id)
+
+
+def _collate(target, rows, seqs, F, dists, alts, G, k, pad_id) -> FeatureBatch:
+    """Lay the rows out as draft nodes (data nodes 0 … L−2, then one node per re-drawn token)."""
+    B, H = len(rows), F.shape[-1]
+    T = max(len(s) - 1 + len(a) for s, a in zip(seqs, alts, strict=True))
+    feats = torch.zeros(B, T, H)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    allowed = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)  # padding nodes see themselves only
+    loss = torch.zeros(B, T, dtype=torch.bool)
+    t_feat, t_ids, t_lps, sampled = [], [], [], []
+    for b, (r, s) in enumerate(zip(rows, seqs, strict=True)):
+        P, L, m = len(r["prompt_token_ids"]), len(s), len(alts[b])
+        n = L - 1  # data nodes
+        feats[b, :n] = F[b, :n]
+        ids[b, :n] = torch.tensor(s[1:])
+        pos[b, :n] = torch.arange(n)
+        allowed[b, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+        redrawn = {d for d, _ in alts[b]}
+        for d in range(max(P - 2, 0), L - 2):
+            if d not in redrawn:
+                loss[b, d] = True
+                j = d + 2 - P
+                t_feat.append(F[b, d + 1])
+                t_ids.append(dists[b][0][j])
+                t_lps.append(dists[b][1][j])
+                sampled.append(False)
+        if m:
+            g = G[b, :m]  # (m, H)
+            g_ids, g_lps = topk_from_features(target, g, k)
+            for a, (d, x) in enumerate(alts[b]):
+                i = n + a
+                feats[b, i], ids[b, i], pos[b, i] = F[b, d], x, d
+                allowed[b, i, :d] = True
+                loss[b, i] = True
+                t_feat.append(g[a])
+                t_ids.append(g_ids[a])
+                t_lps.append(g_lps[a])
+                sampled.append(True)
+    if not t_feat:
+        raise ValueError("feature_batch: no loss position (answers need a prompt of ≥ 2 tokens or ≥ 2 answer tokens)")
+    return FeatureBatch(feats, ids, pos, allowed, loss, torch.stack(t_feat), torch.stack(t_ids),
+                        torch.stack(t_lps).float(), torch.tensor(sampled))
+
+
+def batch_seed(seed: int, step: int, rank: int) -> int:
+    """The feature-sampling seed of one (step, rank) batch: the same on every run and resume."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+class TargetFeatures:
+    """Ray actor (role: target, features): the HF target answering `batch(step, rank, world)` with that rank's
+    FeatureBatch of that step. Rows of step s: global samples [s·B, (s+1)·B) of an endless chain of per-epoch
+    permutations seeded by the job seed (learner.pretrain.BatchSampler); rank r takes every world-th."""
+
+    def __init__(self, target_path: str, dtype: str, rows: list[dict], batch_size: int, k: int,
+                 feature_sampling: bool, seed: int, threads: int = 1):
+        from draftalign.models import load_causal_lm, load_tokenizer, pick_dtype
+        from learner.pretrain import BatchSampler
+
+        torch.set_num_threads(max(1, threads))
+        self.target = load_causal_lm(target_path, pick_dtype(dtype))
+        self.pad_id = load_tokenizer(target_path).pad_token_id or 0
+        self.rows, self.B, self.k, self.seed = rows, batch_size, k, seed
+        self.feature_sampling = feature_sampling
+        self.sampler = BatchSampler(len(rows), seed)
+
+    def batch(self, step: int, rank: int, world: int) -> FeatureBatch:
+        idx = self.sampler.indices(step * self.B, self.B)[rank::world]
+        gen = torch.Generator().manual_seed(batch_seed(self.seed, step, rank))
+        return feature_batch(self.target, [self.rows[i] for i in idx], k=self.k,
+                             feature_sampling=self.feature_sampling, generator=gen, pad_id=self.pad_id)
+
+    def fixed_batch(self, rows: list[dict]) -> FeatureBatch:
+        """`rows` as they are (no re-drawn tokens): the held-out batch."""
+        return feature_batch(self.target, rows, k=self.k, feature_sampling=False, pad_id=self.pad_id)
+
+
+def create_feature_actors(cfg, target_path: str, rows_ref, name_prefix: str = "draftalign") -> list:
+    """target.num_engines TargetFeatures actors, each sized like a target engine. A batch is a pure function
+    of (step, rank), so Ray may restart an actor and retry a call."""
+    import ray
+
+    t = cfg.target
+    cls = ray.remote(TargetFeatures)
+    return [cls.options(num_cpus=t.cpus_per_engine, num_gpus=t.gpus_per_engine, resources=dict(t.resources),
+                        max_restarts=2, max_task_retries=2, name=f"{name_prefix}-features-{i}").remote(
+        target_path, t.dtype, rows_ref, cfg.rollout.batch_size, t.top_k_logprobs, cfg.draft.fspad.feature_sampling,
+        cfg.seed, threads=max(1, math.ceil(t.cpus_per_engine - 1e-9)))
+        for i in range(t.num_engines)]

@@ -1,0 +1,390 @@
+"""Stage 3 for `draft.kind: fspad`: distil the FSPAD head on the target's features of the distillation set.
+
+    TargetFeatures ×M (HF target, actors/features.py) ──batch(step, rank)──► learner ranks ×W (Ray Train, DDP)
+
+Data. Each learner rank asks a feature actor for its FeatureBatch of step s + 1 while it trains on
+step s (one batch in flight per rank: the target's forward and the head's step overlap on separate
+cores). A batch is a pure function of (seed, step, rank), so a resumed or restarted learner sees the
+same batches; nothing is stored. Rows: `rollout.batch_size` distillation-set rows per step (all ranks
+together), every position of the answers; the held-out prompts (`learner.distill.split_heldout`)
+never enter a training batch.
+
+Loss (partial alignment distillation, `learner.losses.partial_alignment_loss`), per loss position n:
+    L_n = w_f · SmoothL1(f̂_n[:m], f_n[:m]) + w_l · D(p_n ‖ q_n),  q_n = softmax(W f̂_n / T), m = ⌈a·H⌉,
+D = `distill.loss` (TVD++ by default, FKL/RKL/TVD/JSD) on the target's top-k buckets restricted to the
+draft vocabulary exactly as the standalone draft's stage 3 (`learner.distill.distill_loss`, tempered
+by `distill.temperature`), w_f, w_l, a = `draft.fspad.feature_weight`, `logit_weight`,
+`aligned_fraction`. The sum is divided by the global count of loss positions (one all-reduce) times
+the world size, so DDP's averaging gives the full-batch mean whatever the split.
+
+Held-out estimate. Rank 0 evaluates the head teacher-forced on the held-out answers (target
+features, data tokens) at step 0, at every checkpoint and at the end: `heldout_acceptance` = 1 − TVD
+on the buckets and `heldout_greedy_acceptance` (argmax q = argmax p) — the per-token acceptance of
+the first draft step; deeper steps read the head's own f̂ instead of f.
+
+Stage 1. There is none for this kind: the head only exists on top of the target's features, and the
+target's own answers are the data it learns from (EAGLE trains on fixed conversations with no
+separate pretraining); `draftalign run` skips pretraining and starts the head from random weights
+(seed `seed`).
+
+Checkpoints and logs follow stage 3: `<run_dir>/ray_results/fspad/checkpoint_step_<step>_<session>/`
+holding the head (`learner/fspad.py` layout), `trainer_state.pt` (optimizer, scheduler, step, RNG,
+metrics) and `manifest.json`; `<run_dir>/fspad_log.jsonl`, TensorBoard under `tensorboard/fspad`;
+the final head in `<run_dir>/draft_fspad/` and the summary in `fspad_done.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from actors.features import FeatureBatch, create_feature_actors
+from draftalign.config import JobConfig
+from draftalign.io import atomic_dir, write_json_atomic
+from draftalign.models import load_causal_lm, load_tokenizer, resolve_target
+from draftalign.runtime import init_ray, run_dir
+from draftalign.vocab import job_draft_vocab
+from learner.distill import distill_loss, filter_rows, load_rows, split_heldout
+from learner.fspad import CONFIG_FILE, WEIGHTS_FILE, FSPADHead
+from learner.losses import BaselineState, TargetDist, masked_mean, partial_alignment_loss, tvd
+from learner.trainer import (
+    STATE_FILE,
+    adamw,
+    all_reduce,
+    checkpoint_to_restore,
+    fit_stage,
+    lr_factor,
+    param_groups,
+    prepare_resume,
+    quiet_train_worker_logs,
+    rng_state,
+    say_as,
+    set_rng_state,
+    verify_checkpoint,
+    worker_resources,
+    write_manifest,
+)
+
+EXPERIMENT = "fspad"
+FINAL_DIR = "draft_fspad"
+DONE_FILE = "fspad_done.json"
+PRINT_EVERY = 10
+
+_say = partial(say_as, "fspad")
+
+
+# ------------------------------------------------------------------------------------ math
+
+def _to(fb: FeatureBatch, device) -> FeatureBatch:
+    return FeatureBatch(*(getattr(fb, f).to(device) for f in FeatureBatch.__dataclass_fields__))
+
+
+def head_loss(model, core: FSPADHead, fb: FeatureBatch, cfg: JobConfig,
+              baseline_state: BaselineState | None) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Per-position loss (N,), float stats and the logits (N, n) of one FeatureBatch (module docstring).
+    `model` is the (possibly DDP-wrapped) head whose forward runs; `core` the unwrapped one."""
+    fs = cfg.draft.fspad
+    f_hat = model(fb.features, fb.input_ids, fb.position_ids, fb.allowed)[fb.loss_mask]  # (N, H)
+    logits = core.logits(f_hat)  # (N, n)
+    n = logits.shape[0]
+    bt = {"on_policy": torch.zeros(n, dtype=torch.bool, device=logits.device), "target_ids": fb.target_ids,
+          "target_logprobs": fb.target_logprobs, "tokens": torch.zeros(n, dtype=torch.long, device=logits.device)}
+    logit_loss, stats = distill_loss(logits.float(), bt, cfg.distill, baseline_state, core.vocab)  # (N,)
+    per_pos, pad = partial_alignment_loss(f_hat, fb.target_features, logit_loss, aligned_fraction=fs.aligned_fraction,
+                                          feature_weight=fs.feature_weight, logit_weight=fs.logit_weight)
+    return per_pos, {**stats, **pad}, logits
+
+
+@torch.no_grad()
+def acceptance(core: FSPADHead, logits: torch.Tensor, fb: FeatureBatch) -> dict:
+    """Summed per-token acceptance of the first draft step over a batch's N positions: 1 − TVD(p, q) on the
+    buckets (q on the draft vocabulary) and greedy agreement argmax q = argmax p."""
+    sub, target = core.vocab.restrict(logits.float(), TargetDist(fb.target_logprobs, fb.target_ids))
+    p_arg = fb.target_ids.gather(-1, fb.target_logprobs.argmax(-1, keepdim=True)).squeeze(-1)  # (N,)
+    return {"tvd": float(tvd(sub, target).sum()),
+            "greedy": float((core.vocab.full_ids(logits.argmax(-1)) == p_arg).sum()), "n": logits.shape[0]}
+
+
+@torch.no_grad()
+def evaluate_heldout(core: FSPADHead, hb: FeatureBatch, cfg: JobConfig, device, rows_per_chunk: int = 8) -> dict:
+    """Teacher-forced held-out estimate (module docstring), chunked by rows."""
+    was = core.training
+    core.eval()
+    tot = {"tvd": 0.0, "greedy": 0.0, "n": 0, "feature": 0.0}
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), hb.loss_mask.sum(1).cumsum(0)])  # (B + 1,)
+    for i in range(0, hb.features.shape[0], rows_per_chunk):
+        j = min(i + rows_per_chunk, hb.features.shape[0])
+        lo, hi = int(offsets[i]), int(offsets[j])
+        part = FeatureBatch(hb.features[i:j], hb.input_ids[i:j], hb.position_ids[i:j], hb.allowed[i:j],
+                            hb.loss_mask[i:j], hb.target_features[lo:hi], hb.target_ids[lo:hi],
+                            hb.target_logprobs[lo:hi], hb.sampled[lo:hi])
+        part = _to(part, device)
+        per_pos, stats, logits = head_loss(core, core, part, cfg, BaselineState(decay=cfg.distill.ema_decay))
+        acc = acceptance(core, logits, part)
+        for key in ("tvd", "greedy", "n"):
+            tot[key] += acc[key]
+        tot["feature"] += stats["feature_loss"] * acc["n"]
+    core.train(was)
+    n = max(1, tot["n"])
+    return {"heldout_tvd": tot["tvd"] / n, "heldout_acceptance": 1.0 - tot["tvd"] / n,
+            "heldout_greedy_acceptance": tot["greedy"] / n, "heldout_feature_loss": tot["feature"] / n,
+            "heldout_positions": tot["n"]}
+
+
+# ----------------------------------------------------------------------------- worker loop
+
+def _build_head(config: dict, cfg: JobConfig, ckpt_dir: Path | None) -> FSPADHead:
+    """The head on the target's frozen embedding and LM head: from the checkpoint, else fresh (seed)."""
+    target = load_causal_lm(config["target_path"])
+    if ckpt_dir is not None:
+        head = FSPADHead.load(ckpt_dir, target)
+    else:
+        head = FSPADHead.from_target(target, config["draft_vocab"], cfg.draft.fspad.model_dump(), seed=cfg.seed)
+    del target  # only the embedding and LM-head rows stay (as the head's buffers)
+    return head
+
+
+def _save_checkpoint(core: FSPADHead, opt, sched, baseline_state: BaselineState, step: int, rank: int,
+                     world: int, config: dict, metrics: dict, writer) -> None:
+    """Every rank: gather RNG states; rank 0 writes the head, trainer_state.pt and, last, the manifest; every
+    rank reports to Ray Train."""
+    import ray.train
+    import torch.distributed as dist
+
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            writer.flush()
+            d = Path(tmp)
+            core.write(d)
+            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "rng": rngs,
+                        "baseline_state": asdict(baseline_state),
+                        "config": config["cfg"], "metrics": metrics}, d / STATE_FILE)
+            write_manifest(d, step)  # last: its presence + matching files = a complete checkpoint
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_dir_name=f"checkpoint_step_{step:08d}_{config['session']}")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: fetch FeatureBatches from the feature actors (one ahead), step the head, checkpoint."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    quiet_train_worker_logs()
+    cfg = JobConfig.model_validate(config["cfg"])
+    lc = cfg.learner
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, math.ceil(lc.cpus_per_worker - 1e-9)))
+    device = ray.train.torch.get_device()
+    actors = config["actors"]
+
+    with checkpoint_to_restore(config["resume_from"], say=_say) as ckpt_dir:  # None: fresh start
+        head = _build_head(config, cfg, ckpt_dir)
+        state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False) if ckpt_dir else None
+    head.train()
+    # the target's embedding and LM head are buffers: broadcast once at wrap time, never per step
+    model = ray.train.torch.prepare_model(head, parallel_strategy_kwargs={"broadcast_buffers": False})
+    core: FSPADHead = model.module if hasattr(model, "module") else model
+    opt = adamw(param_groups(core, lc.weight_decay), lr=lc.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(
+        lr_factor, warmup=lc.warmup_steps, max_steps=lc.max_steps, min_ratio=lc.min_lr_ratio))
+    step, heldout_start = 0, None
+    baseline_state = BaselineState(decay=cfg.distill.ema_decay)  # TVD++ with distill.baseline=ema
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = state["step"]
+        baseline_state = BaselineState(**state["baseline_state"])
+        heldout_start = state["metrics"].get("heldout_acceptance_start")
+        rngs = state["rng"]
+        set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
+    else:
+        torch.manual_seed(cfg.seed + rank)
+
+    writer = jlog = hb = None
+    if rank == 0:
+        writer = SummaryWriter(config["tb_dir"], purge_step=step + 1 if step else None)
+        jlog = open(config["log_path"], "a")
+        hb = ray.get(config["heldout_ref"][0]) if config["heldout_ref"] else None
+        _say(f"rank 0/{world}: {'resuming at step ' + str(step) if step else 'starting'}; head "
+             f"{core.num_parameters() / 1e6:.2f}M parameters, loss {cfg.distill.loss}, feature sampling "
+             f"{cfg.draft.fspad.feature_sampling}, aligned fraction {cfg.draft.fspad.aligned_fraction}, held-out "
+             f"{0 if hb is None else hb.n_tokens} positions")
+        if hb is not None and heldout_start is None:
+            heldout_start = evaluate_heldout(core, hb, cfg, device)["heldout_acceptance"]
+            writer.add_scalar("heldout/heldout_acceptance", heldout_start, step)
+
+    def request(s: int):
+        return actors[(s * world + rank) % len(actors)].batch.remote(s, rank, world)
+
+    nxt = request(step) if step < lc.max_steps else None
+    while step < lc.max_steps:
+        t0 = time.perf_counter()
+        fb = _to(ray.get(nxt), device)
+        waited = time.perf_counter() - t0
+        nxt = request(step + 1) if step + 1 < lc.max_steps else None  # the target works while the head trains
+        n_global = float(all_reduce(torch.tensor(float(fb.n_tokens), dtype=torch.float64, device=device)))
+        per_pos, stats, logits = head_loss(model, core, fb, cfg, baseline_state)
+        (masked_mean(per_pos, None, global_count=n_global) * world).backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), lc.grad_clip))
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        acc = acceptance(core, logits, fb)
+        n = float(fb.n_tokens)
+        keys = ["loss", "feature_loss", "logit_loss", "tvd", "greedy", "tail_mass", "sampled", "tokens", "wait_s",
+                "step_s"]
+        local = [float(per_pos.detach().sum()), stats["feature_loss"] * n, stats["logit_loss"] * n, acc["tvd"],
+                 acc["greedy"], stats["tail_mass"] * n, float(fb.sampled.sum()), n, waited,
+                 time.perf_counter() - t0]
+        tot = dict(zip(keys, all_reduce(torch.tensor(local, dtype=torch.float64, device=device)).tolist()))
+        tokens = tot["tokens"]
+        metrics = {"step": step, "loss": tot["loss"] / tokens, "feature_loss": tot["feature_loss"] / tokens,
+                   "logit_loss": tot["logit_loss"] / tokens, "tvd": tot["tvd"] / tokens,
+                   "acceptance": 1.0 - tot["tvd"] / tokens, "greedy_acceptance": tot["greedy"] / tokens,
+                   "tail_mass": tot["tail_mass"] / tokens, "sampled_frac": tot["sampled"] / tokens,
+                   "tokens_per_s": tokens / max(tot["step_s"] / world, 1e-9),
+                   "target_wait_frac": tot["wait_s"] / max(tot["step_s"], 1e-9), "lr": lr, "grad_norm": grad_norm}
+        is_ckpt = step % lc.checkpoint_every == 0 or step == lc.max_steps
+        if rank == 0:
+            if is_ckpt and hb is not None:
+                metrics.update(evaluate_heldout(core, hb, cfg, device))
+            if heldout_start is not None:
+                metrics["heldout_acceptance_start"] = heldout_start
+            for k, v in metrics.items():
+                if k != "step":
+                    writer.add_scalar(("heldout/" if k.startswith("heldout_") else "train/") + k, v, step)
+            jlog.write(json.dumps({**metrics, "session": config["session"]}) + "\n")
+            jlog.flush()
+            if step % PRINT_EVERY == 0 or is_ckpt:
+                ha = metrics.get("heldout_acceptance")
+                _say(f"step {step}: loss {metrics['loss']:.4f} (feature {metrics['feature_loss']:.4f}, logit "
+                     f"{metrics['logit_loss']:.4f}) acceptance {metrics['acceptance']:.4f} greedy "
+                     f"{metrics['greedy_acceptance']:.4f} {metrics['tokens_per_s']:,.0f} tok/s target wait "
+                     f"{metrics['target_wait_frac']:.2f}"
+                     + (f" held-out acceptance {ha:.4f}" if ha is not None else ""))
+        if is_ckpt:
+            _save_checkpoint(core, opt, sched, baseline_state, step, rank, world, config, metrics, writer)
+    if rank == 0:
+        writer.close()
+        jlog.close()
+
+
+# ---------------------------------------------------------------------------------- driver
+
+def export_head(ckpt: Path, dest: Path) -> Path:
+    """The checkpoint's head files (config, weights, draft vocabulary) copied to `dest` atomically."""
+    from draftalign.vocab import VOCAB_FILE
+
+    def write(tmp: Path) -> None:
+        for name in (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE):
+            if (ckpt / name).is_file():
+                shutil.copy2(ckpt / name, tmp / name)
+
+    return atomic_dir(dest, write)
+
+
+def run_fspad(cfg: JobConfig, resume: bool = False) -> Path:
+    """Train the FSPAD head on the distillation set; return `<run_dir>/draft_fspad/`.
+
+    resume=True continues from the newest good checkpoint under `ray_results/fspad/` (or returns at once when
+    `fspad_done.json` already covers `learner.max_steps`); resume=False starts over (earlier checkpoints moved
+    to `ray_results/fspad.prev`). Writes `<run_dir>/fspad_done.json`."""
+    import ray
+
+    if cfg.draft.kind != "fspad":
+        raise ValueError(f"run_fspad trains draft.kind=fspad heads; this job has draft.kind={cfg.draft.kind}")
+    if cfg.target.top_k_logprobs < 1:
+        raise ValueError("draft.kind=fspad distils on the target's top-k: target.top_k_logprobs must be ≥ 1 "
+                         f"(got {cfg.target.top_k_logprobs}; full-vocabulary features batches would not fit)")
+    t_start = time.time()
+    lc = cfg.learner
+    rdir = run_dir(cfg)
+    final, done_path = rdir / FINAL_DIR, rdir / DONE_FILE
+    storage, log_path, tb_dir = rdir / "ray_results", rdir / "fspad_log.jsonl", rdir / "tensorboard" / "fspad"
+    target_path = resolve_target(cfg.target.model)
+    load_tokenizer(target_path)  # a target without a usable tokenizer fails here, not in a worker
+    draft_vocab = job_draft_vocab(cfg, rdir)
+
+    skipped: list = []
+    start, start_step, resume_from = prepare_resume(
+        resume, exp=storage / EXPERIMENT, done_path=done_path, final=final, max_steps=lc.max_steps, tb_dir=tb_dir,
+        log_path=log_path, skipped=skipped, fallback="a fresh head", say=_say)
+    if start == "done":
+        return final
+    rows = filter_rows(load_rows(rdir), cfg.target.max_model_len, 0)
+    train_rows, held_rows = split_heldout(rows)
+    if not train_rows:
+        raise ValueError(f"the distillation set under {rdir / 'distill_set'} has no row that fits "
+                         f"target.max_model_len={cfg.target.max_model_len}")
+    _say(f"{len(train_rows)} train rows, {len(held_rows)} held-out rows; {cfg.rollout.batch_size} rows per step")
+
+    if resume_from is not None and start_step >= lc.max_steps:
+        _say(f"checkpoint step {start_step} already covers the run: exporting it")
+        ckpt = resume_from
+        metrics = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)["metrics"]
+    else:
+        init_ray(cfg)
+        need = cfg.target.num_engines * cfg.target.cpus_per_engine + lc.num_workers * lc.cpus_per_worker
+        have = ray.cluster_resources().get("CPU", 0.0)
+        if need > have + 1e-9:
+            raise ValueError(f"the fspad stage needs {need:g} CPUs (target.num_engines × cpus_per_engine + "
+                             f"learner.num_workers × cpus_per_worker) but the Ray cluster has {have:g}")
+        actors = []
+        try:
+            rows_ref = ray.put(train_rows)  # held until the end: restarted actors re-read their arguments
+            actors = create_feature_actors(cfg, target_path, rows_ref, name_prefix=f"draftalign-{cfg.name}")
+            hb = ray.get(actors[0].fixed_batch.remote(held_rows)) if held_rows else None
+            tb_dir.mkdir(parents=True, exist_ok=True)
+            config = {"cfg": cfg.model_dump(mode="json"), "target_path": target_path, "draft_vocab": draft_vocab,
+                      "actors": actors, "heldout_ref": [ray.put(hb)] if hb is not None else [],
+                      "resume_from": str(resume_from) if resume_from else None, "tb_dir": str(tb_dir),
+                      "log_path": str(log_path), "session": uuid.uuid4().hex[:8]}
+            result = fit_stage(train_loop_per_worker, config, name=EXPERIMENT, storage=storage,
+                               num_workers=lc.num_workers, use_gpu=lc.use_gpu,
+                               resources_per_worker=worker_resources(lc.cpus_per_worker, lc.use_gpu, lc.resources),
+                               max_failures=lc.max_failures, log_path=log_path, total=lc.max_steps,
+                               start_step=start_step, fields={"loss": "loss", "acceptance": "acceptance",
+                                                              "heldout_acceptance": "heldout"})
+        finally:
+            for a in actors:
+                ray.kill(a, no_restart=True)
+        ckpt, metrics = Path(result.checkpoint.path), result.metrics
+    verify_checkpoint(ckpt)
+    export_head(ckpt, final)
+    done = {"steps": metrics["step"], "loss": metrics["loss"], "feature_loss": metrics["feature_loss"],
+            "logit_loss": metrics["logit_loss"], "train_acceptance": metrics["acceptance"],
+            "train_greedy_acceptance": metrics["greedy_acceptance"], "sampled_frac": metrics["sampled_frac"],
+            "heldout_acceptance": metrics.get("heldout_acceptance"),
+            "heldout_acceptance_start": metrics.get("heldout_acceptance_start"),
+            "heldout_greedy_acceptance": metrics.get("heldout_greedy_acceptance"),
+            "heldout_feature_loss": metrics.get("heldout_feature_loss"),
+            "heldout_positions": metrics.get("heldout_positions"), "tokens_per_s": metrics.get("tokens_per_s"),
+            "target_wait_frac": metrics.get("target_wait_frac"), "fspad": cfg.draft.fspad.model_dump(),
+            "loss_name": cfg.distill.loss, "skipped_checkpoints": skipped, "resumed_from_step": start_step,
+            "wall_time_s": round(time.time() - t_start, 1), "checkpoint": str(ckpt), "draft": str(final)}
+    write_json_atomic(done_path, done)
+    ha = done["heldout_acceptance"]
+    _say(f"done: step {done['steps']}, loss {done['loss']:.4f}, held-out acceptance "
+         f"{'n/a' if ha is None else f'{ha:.4f}'}, {done['wall_time_s']}s -> {final}")
+    return final

@@ -1,0 +1,398 @@
+"""The FSPAD head (learner/fspad.py), its losses (learner/losses.py), the target's feature batches
+(actors/features.py) and its training stage (learner/fspad_distill.py), on tiny random Llamas with the
+SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from distill_helpers import job_fixture, peaked_target_fixture  # noqa: F401 - fixtures
+
+from actors.features import feature_batch, sample_from_topk
+from draftalign.models import ModelError, load_causal_lm
+from learner.fspad import FSPADHead, is_fspad_head, read_config
+from learner.losses import TargetDist, compute_loss, feature_regression, partial_alignment_loss
+
+
+@pytest.fixture(scope="module")
+def target(tiny_target_path):
+    return load_causal_lm(tiny_target_path)
+
+
+def _rows(n=3, seed=0, prompt=(4, 9), answer=(5, 12), k=None, target=None):
+    """Random token rows in the distillation set's layout; with `target` and `k`, the answers carry the
+    target's own top-k (what the set stores)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        P = int(torch.randint(*prompt, (1,), generator=g))
+        R = int(torch.randint(*answer, (1,), generator=g))
+        ids = torch.randint(100, 5000, (P + R,), generator=g).tolist()
+        row = {"prompt_id": f"p{i}", "prompt_token_ids": ids[:P], "response_token_ids": ids[P:],
+               "target_ids": None, "target_logprobs": None}
+        if target is not None:
+            with torch.no_grad():
+                logp = torch.log_softmax(target(torch.tensor([ids])).logits[0, P - 1:P - 1 + R].float(), -1)
+            top = torch.topk(logp, k, -1)
+            row["target_ids"], row["target_logprobs"] = top.indices.numpy(), top.values.numpy()
+        rows.append(row)
+    return rows
+
+
+def _features(target, ids):
+    with torch.no_grad():
+        return target.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state[0]  # (L, H)
+
+
+# ------------------------------------------------------------------------------------ the head
+
+def test_head_shapes_and_own_parameters(target):
+    H, V = target.config.hidden_size, target.config.vocab_size
+    head = FSPADHead.from_target(target, vocab=[1, 5, 7, 100])
+    f = torch.randn(2, 6, H)
+    ids = torch.randint(0, V, (2, 6))
+    pos = torch.arange(6).expand(2, 6)
+    f_hat = head(f, ids, pos)  # (B, T, H)
+    assert f_hat.shape == (2, 6, H)
+    assert head.logits(f_hat).shape == (2, 6, 4)  # the draft vocabulary's rows
+    assert FSPADHead.from_target(target).logits(f_hat).shape == (2, 6, V)
+    own = {k for k, _ in head.named_parameters()}
+    assert {"fc.weight", "fc.bias"} <= own and all(k.startswith(("fc.", "layer.")) for k in own)
+    assert head.fc.weight.shape == (H, 2 * H)
+    assert not any("input_layernorm" in k for k in own)  # EAGLE: the fused input enters attention un-normed
+    with pytest.raises(ValueError, match="expected"):
+        head(f[..., :-1], ids, pos)
+
+
+def test_lm_head_on_the_feature_is_the_targets_next_token_distribution(target):
+    """The feature is the LM head's input (post final norm): W f_t gives the target's own logits, so the head's
+    logits(f̂) need no norm of their own."""
+    ids = list(range(300, 310))
+    head = FSPADHead.from_target(target)
+    with torch.no_grad():
+        ref = target(torch.tensor([ids])).logits[0]  # (L, V)
+    torch.testing.assert_close(head.logits(_features(target, ids)), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_head_is_causal(target):
+    H = target.config.hidden_size
+    head = FSPADHead.from_target(target, seed=3)
+    f, ids, pos = torch.randn(1, 7, H), torch.randint(0, 1000, (1, 7)), torch.arange(7)[None]
+    with torch.no_grad():
+        full = head(f, ids, pos)
+        f2, ids2 = f.clone(), ids.clone()
+        f2[0, 5:], ids2[0, 5:] = torch.randn(2, H), 3
+        torch.testing.assert_close(head(f2, ids2, pos)[0, :5], full[0, :5])  # later inputs do not leak back
+
+
+def test_save_load_round_trip(target, tmp_path):
+    head = FSPADHead.from_target(target, vocab=[2, 9, 40, 41], fspad={"aligned_fraction": 0.5}, seed=1)
+    with torch.no_grad():
+        head.fc.bias.add_(0.1)
+    d = head.save(tmp_path / "head")
+    assert {p.name for p in d.iterdir()} == {"config.json", "model.safetensors", "draft_vocab.json"}
+    cfg = read_config(d)
+    assert cfg["kind"] == "fspad" and cfg["target"]["hidden_size"] == target.config.hidden_size
+    assert cfg["fspad"] == {"aligned_fraction": 0.5} and cfg["draft_vocab_size"] == 4 and is_fspad_head(d)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(d / "model.safetensors"))
+    assert set(saved) == set(head.state_dict()) and not any("embed" in k or "head_weight" in k for k in saved)
+    assert sum(v.numel() for v in saved.values()) == head.num_parameters()  # only the head's own weights
+    again = FSPADHead.load(d, target)
+    f, ids, pos = torch.randn(2, 5, target.config.hidden_size), torch.randint(0, 999, (2, 5)), torch.arange(5)[None]
+    pos = pos.expand(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(again.logits(again(f, ids, pos)), head.logits(head(f, ids, pos)))
+    assert again.vocab.ids.tolist() == [2, 9, 40, 41]
+
+
+def test_load_refuses_another_target_and_bad_dirs(target, tmp_path, tiny_draft_path):
+    d = FSPADHead.from_target(target).save(tmp_path / "head")
+    with pytest.raises(ModelError, match="hidden_size=64.*this target has hidden_size=32"):
+        FSPADHead.load(d, load_causal_lm(tiny_draft_path))
+    with pytest.raises(ModelError, match="holds no config.json"):
+        FSPADHead.load(tmp_path / "missing", target)
+    with pytest.raises(ModelError, match="not an FSPAD head"):
+        FSPADHead.load(tiny_draft_path, target)  # an HF-format Llama draft
+    (d / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="no model.safetensors"):
+        FSPADHead.load(d, target)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "format_version": 99}))
+    with pytest.raises(ModelError, match="unknown format"):
+        FSPADHead.load(d, target)
+
+
+def test_an_fspad_head_is_not_loaded_as_a_llama_draft(target, tmp_path, target_tokenizer):
+    from draftalign.models import load_draft
+
+    d = FSPADHead.from_target(target).save(tmp_path / "head")
+    with pytest.raises(ModelError, match="is an FSPAD head"):
+        load_draft(str(d), target_tokenizer)
+
+
+# ---------------------------------------------------------------------------------- the losses
+
+def test_feature_regression_hand_values():
+    pred = torch.tensor([[0.0, 2.0, 0.5, 0.0], [1.0, 0.0, 0.0, -3.0]])
+    zero = torch.zeros_like(pred)
+    # SmoothL1 (β = 1): 0 → 0, 2 → 1.5, 0.5 → 0.125, 1 → 0.5, 3 → 2.5
+    torch.testing.assert_close(feature_regression(pred, zero, 1.0), torch.tensor([1.625 / 4, 3.0 / 4]))
+    torch.testing.assert_close(feature_regression(pred, zero, 0.5), torch.tensor([1.5 / 2, 0.5 / 2]))
+    torch.testing.assert_close(feature_regression(pred, zero, 0.3), torch.tensor([1.5 / 2, 0.5 / 2]))  # ⌈1.2⌉ = 2
+    torch.testing.assert_close(feature_regression(pred, zero, 0.25), torch.tensor([0.0, 0.5]))
+    with pytest.raises(ValueError, match="aligned_fraction"):
+        feature_regression(pred, zero, 0.0)
+    with pytest.raises(ValueError, match="same"):
+        feature_regression(pred, zero[:, :3])
+
+
+def test_partial_alignment_loss_hand_values():
+    pred = torch.tensor([[0.0, 2.0, 0.5, 0.0], [1.0, 0.0, 0.0, -3.0]])
+    logit = torch.tensor([0.2, 1.0])
+    loss, stats = partial_alignment_loss(pred, torch.zeros_like(pred), logit, aligned_fraction=0.5,
+                                         feature_weight=2.0, logit_weight=0.5)
+    torch.testing.assert_close(loss, torch.tensor([2.0 * 0.75 + 0.5 * 0.2, 2.0 * 0.25 + 0.5 * 1.0]))
+    assert stats["feature_loss"] == pytest.approx(0.5) and stats["logit_loss"] == pytest.approx(0.6)
+
+
+def test_partial_alignment_regresses_only_the_aligned_slice():
+    """The regression term's gradient reaches the first ⌈a·H⌉ feature dimensions only; the logit term (through
+    the LM head) reaches all of them."""
+    torch.manual_seed(0)
+    H, m = 8, 3
+    pred = torch.randn(5, H, requires_grad=True)
+    feature_regression(pred, torch.randn(5, H), aligned_fraction=m / H).sum().backward()
+    assert (pred.grad[:, :m].abs() > 0).all() and (pred.grad[:, m:] == 0).all()
+    W = torch.randn(11, H)
+    target = TargetDist(torch.log_softmax(torch.randn(5, 11), -1))
+    pred.grad = None
+    logit_loss, _ = compute_loss("fkl", pred @ W.T, target)
+    loss, _ = partial_alignment_loss(pred, torch.randn(5, H), logit_loss, aligned_fraction=m / H, feature_weight=0.0,
+                                     logit_weight=1.0)
+    loss.sum().backward()
+    assert (pred.grad[:, m:].abs() > 0).all()
+
+
+# ------------------------------------------------------------------------------ feature batches
+
+def test_feature_batch_layout_matches_the_target(target):
+    """Without feature sampling: node d reads (f_d, s_{d+1}); loss nodes d ∈ [P−2, L−3] regress f_{d+1} and
+    distil the stored top-k of s_{d+2}, one per answer token."""
+    rows = _rows(3, seed=1, k=5, target=target)
+    rows[1]["target_ids"] = rows[1]["target_logprobs"] = None  # this row's top-k comes from the target's features
+    fb = feature_batch(target, rows, k=5)
+    n = 0
+    for b, r in enumerate(rows):
+        P, s = len(r["prompt_token_ids"]), r["prompt_token_ids"] + r["response_token_ids"]
+        L, R = len(s), len(r["response_token_ids"])
+        F = _features(target, s)
+        torch.testing.assert_close(fb.features[b, :L - 1], F[:L - 1], rtol=1e-4, atol=1e-4)
+        assert fb.input_ids[b, :L - 1].tolist() == s[1:] and fb.position_ids[b, :L - 1].tolist() == list(range(L - 1))
+        assert fb.loss_mask[b].nonzero()[:, 0].tolist() == list(range(P - 2, L - 2))
+        torch.testing.assert_close(fb.target_features[n:n + R], F[P - 1:L - 1], rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            want = torch.topk(torch.log_softmax(target(torch.tensor([s])).logits[0, P - 1:L - 1], -1), 5, -1)
+        assert fb.target_ids[n:n + R].tolist() == want.indices.tolist()
+        torch.testing.assert_close(fb.target_logprobs[n:n + R], want.values, rtol=1e-4, atol=1e-4)
+        n += R
+    assert fb.n_tokens == n and not fb.sampled.any()
+
+
+def test_stored_top_k_is_used_as_stored(target):
+    rows = _rows(1, seed=2)
+    R = len(rows[0]["response_token_ids"])
+    rows[0]["target_ids"] = torch.arange(7).repeat(R, 1).numpy() + 11
+    rows[0]["target_logprobs"] = torch.full((R, 7), -3.0).numpy()
+    fb = feature_batch(target, rows, k=4)
+    assert fb.target_ids.tolist() == [[11, 12, 13, 14]] * R and (fb.target_logprobs == -3.0).all()
+
+
+def test_sample_from_topk_follows_the_renormalised_top_k():
+    ids = torch.tensor([[5, 9, 2]]).repeat(20000, 1)
+    lps = torch.log(torch.tensor([[0.3, 0.1, 0.2]])).repeat(20000, 1)  # tail 0.4: dropped, the rest renormalised
+    x = sample_from_topk(ids, lps, torch.Generator().manual_seed(0))
+    freq = torch.stack([(x == t).float().mean() for t in (5, 9, 2)])
+    torch.testing.assert_close(freq, torch.tensor([0.5, 1 / 6, 1 / 3]), atol=0.015, rtol=0)
+
+
+def test_feature_sampling_targets_are_the_targets_own_continuation(target):
+    """Re-drawn tokens: the node reads (f_d, x) at position d and sees only data nodes < d; its targets are the
+    target's feature after s_≤d + x (one extra node of the target's tree pass) and the top-k of its softmax(W g)."""
+    rows = _rows(3, seed=3, k=6, target=target)
+    fb = feature_batch(target, rows, k=6, feature_sampling=True, generator=torch.Generator().manual_seed(0))
+    assert fb.sampled.any(), "the random target's flat top-6 must re-draw some tokens"
+    n = 0
+    for b, r in enumerate(rows):
+        P, s = len(r["prompt_token_ids"]), r["prompt_token_ids"] + r["response_token_ids"]
+        L = len(s)
+        loss_nodes = fb.loss_mask[b].nonzero()[:, 0].tolist()
+        for i in loss_nodes:
+            if i < L - 1:  # a data node: the data token was drawn
+                assert not fb.sampled[n] and fb.input_ids[b, i] == s[i + 1]
+            else:  # an extra node for a re-drawn token x at position d
+                d, x = int(fb.position_ids[b, i]), int(fb.input_ids[b, i])
+                assert fb.sampled[n] and x != s[d + 1] and d >= P - 1
+                assert not fb.loss_mask[b, d]  # the data node it replaces carries no loss
+                assert fb.allowed[b, i].nonzero()[:, 0].tolist() == [*range(d), i]
+                torch.testing.assert_close(fb.features[b, i], _features(target, s)[d], rtol=1e-4, atol=1e-4)
+                branch = s[:d + 1] + [x]
+                torch.testing.assert_close(fb.target_features[n], _features(target, branch)[-1], rtol=1e-4, atol=1e-4)
+                with torch.no_grad():
+                    want = torch.topk(torch.log_softmax(target(torch.tensor([branch])).logits[0, -1], -1), 6)
+                assert fb.target_ids[n].tolist() == want.indices.tolist()
+            n += 1
+        assert len(loss_nodes) == len(r["response_token_ids"])  # one loss position per answer token, as unsampled
+    assert n == fb.n_tokens
+
+
+def test_tree_nodes_of_the_head_equal_their_own_chains(target):
+    """The head on a batch with extra nodes: each node's f̂ equals a plain causal forward of the chain it
+    stands for (data nodes are unaffected by the extra nodes)."""
+    rows = _rows(2, seed=4, k=6, target=target)
+    fb = feature_batch(target, rows, k=6, feature_sampling=True, generator=torch.Generator().manual_seed(1))
+    assert fb.sampled.any()
+    head = FSPADHead.from_target(target, seed=5)
+    with torch.no_grad():
+        out = head(fb.features, fb.input_ids, fb.position_ids, fb.allowed)
+        for b, r in enumerate(rows):
+            L = len(r["prompt_token_ids"]) + len(r["response_token_ids"])
+            chain = head(fb.features[b:b + 1, :L - 1], fb.input_ids[b:b + 1, :L - 1], fb.position_ids[b:b + 1, :L - 1])
+            torch.testing.assert_close(out[b, :L - 1], chain[0], rtol=1e-4, atol=1e-5)
+            for i in range(L - 1, fb.features.shape[1]):
+                if not fb.loss_mask[b, i]:
+                    continue  # padding
+                d = int(fb.position_ids[b, i])
+                feats = torch.cat([fb.features[b, :d], fb.features[b, i:i + 1]])[None]
+                ids = torch.cat([fb.input_ids[b, :d], fb.input_ids[b, i:i + 1]])[None]
+                alone = head(feats, ids, torch.arange(d + 1)[None])
+                torch.testing.assert_close(out[b, i], alone[0, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_few_steps_reduce_the_loss(peaked_target):
+    """AdamW on one batch of a (peaked) tiny target's features: the partial-alignment loss (FKL logit term) falls,
+    both its terms with it."""
+    from draftalign.config import JobConfig
+    from learner.fspad_distill import head_loss
+
+    target = load_causal_lm(peaked_target)
+    cfg = JobConfig.model_validate({"draft": {"kind": "fspad"}, "distill": {"loss": "fkl"}})
+    rows = _rows(4, seed=6, k=8, target=target)
+    fb = feature_batch(target, rows, k=8, feature_sampling=True, generator=torch.Generator().manual_seed(2))
+    head = FSPADHead.from_target(target, seed=0)
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=3e-3)
+    losses, terms = [], []
+    for _ in range(12):
+        per_pos, stats, _ = head_loss(head, head, fb, cfg, None)
+        loss = per_pos.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        terms.append((stats["feature_loss"], stats["logit_loss"]))
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert terms[-1][0] < terms[0][0] and terms[-1][1] < terms[0][1], terms
+    assert head.embed_weight.grad is None and not head.embed_weight.requires_grad  # the target's weights stay frozen
+
+
+def test_feature_actor_batches_are_a_pure_function_of_the_step(tiny_target_path, target):
+    """What resume relies on: batch (step, rank) has the same rows and the same draws every time it is asked for."""
+    from actors.features import TargetFeatures
+
+    rows = _rows(6, seed=7, k=4, target=target)
+    a = TargetFeatures(tiny_target_path, "float32", rows, batch_size=4, k=4, feature_sampling=True, seed=0)
+    b = TargetFeatures(tiny_target_path, "float32", rows, batch_size=4, k=4, feature_sampling=True, seed=0)
+    first, again, other = a.batch(3, 1, 2), b.batch(3, 1, 2), a.batch(4, 1, 2)
+    assert torch.equal(first.input_ids, again.input_ids) and torch.equal(first.target_ids, again.target_ids)
+    assert first.features.shape[0] == 2  # rank 1 of 2 takes every other row of the step's 4
+    assert not (first.input_ids.shape == other.input_ids.shape and torch.equal(first.input_ids, other.input_ids))
+
+
+# ------------------------------------------------------------------------------ the stage, on Ray
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_draftalign_run_kind_fspad_generates_then_trains_the_head(tmp_path, tiny_target_path):
+    """The CLI, as a user runs it: `draftalign run JOB --set draft.kind=fspad` = generate (vLLM, the set stores
+    the target's top-k) → no stage 1 → the fspad stage; a rerun skips both. (Before the Ray fixture below: the
+    subprocess starts its own Ray.)"""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "name": "fspad-cli", "run_dir": str(tmp_path / "run"), "seed": 1,
+        "target": {"model": tiny_target_path, "dtype": "float32", "max_model_len": 512, "cpus_per_engine": 0.5,
+                   "top_k_logprobs": 8},
+        "generate": {"num_prompts": 12, "shard_size": 6, "max_tokens": 12},
+        "rollout": {"batch_size": 4},
+        "learner": {"max_steps": 4, "checkpoint_every": 2, "warmup_steps": 1},
+        "cluster": {"nodes": [{"cpus": 2}]}}))
+    env = {**os.environ, "PYTHONPATH": str(root)}
+
+    def run(name: str) -> str:
+        log = tmp_path / name
+        with log.open("w") as f:
+            rc = subprocess.run([sys.executable, "-m", "draftalign.cli", "run", str(job), "--set", "draft.kind=fspad"],
+                                cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=540).returncode
+        assert rc == 0, log.read_text()[-4000:]
+        return log.read_text()
+
+    out = run("first.log")
+    rdir = tmp_path / "run"
+    assert "pretrain: skipped for draft.kind=fspad" in out and not (rdir / "draft_pretrained").exists()
+    done = json.loads((rdir / "fspad_done.json").read_text())
+    assert done["steps"] == 4 and done["fspad"]["feature_sampling"] is True
+    FSPADHead.load(rdir / "draft_fspad", load_causal_lm(tiny_target_path))
+    assert "fspad: complete (fspad_done.json), skipped" in run("second.log")
+
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from draftalign.runtime import init_ray
+
+    ray = init_ray(None, num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_fspad_stage_trains_checkpoints_and_resumes(ray_local, job, peaked_target):
+    """Real Ray: a TargetFeatures actor (HF target) feeding a one-worker TorchTrainer; 6 steps with a checkpoint
+    at 3 and 6, then a resume to 8 from the step-6 checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from learner.fspad_distill import run_fspad
+
+    cfg = job("fspad", draft__kind="fspad", learner__max_steps=6, learner__checkpoint_every=3,
+              learner__lr=3e-3, rollout__batch_size=4)
+    out = run_fspad(cfg)
+    done = json.loads((cfg.run_path / "fspad_done.json").read_text())
+    assert out == cfg.run_path.resolve() / "draft_fspad" and done["steps"] == 6 and done["resumed_from_step"] == 0
+    head = FSPADHead.load(out, load_causal_lm(peaked_target))  # the exported head loads on its target
+    assert head.vocab.ids is not None  # the job's draft vocabulary travelled with it
+    assert done["heldout_positions"] > 0 and 0.0 <= done["heldout_acceptance"] <= 1.0
+    assert done["sampled_frac"] > 0  # feature sampling is on by default and re-drew tokens
+    log = [json.loads(line) for line in (cfg.run_path / "fspad_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert log[-1]["feature_loss"] < log[0]["feature_loss"], [r["feature_loss"] for r in log]
+    acc = EventAccumulator(str(cfg.run_path / "tensorboard" / "fspad"))
+    acc.Reload()
+    assert {"train/loss", "train/feature_loss", "train/logit_loss", "train/acceptance",
+            "heldout/heldout_acceptance"} <= set(acc.Tags()["scalars"])
+
+    cfg.learner.max_steps = 8
+    run_fspad(cfg, resume=True)
+    again = json.loads((cfg.run_path / "fspad_done.json").read_text())
+    assert again["resumed_from_step"] == 6 and again["steps"] == 8
+    log = [json.loads(line) for line in (cfg.run_path / "fspad_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 9))  # continued after step 6, nothing repeated
