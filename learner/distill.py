@@ -59,7 +59,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import tempfile
 import threading
@@ -106,12 +105,12 @@ from learner.trainer import (
     lr_factor,
     param_groups,
     prepare_resume,
-    quiet_train_worker_logs,
     rng_state,
     say_as,
     set_rng_state,
     verify_checkpoint,
     worker_resources,
+    worker_setup,
     write_manifest,
 )
 
@@ -600,16 +599,9 @@ def _save_checkpoint(learner: _Learner, r0: _Rank0Log | None, config: dict, metr
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: pull RolloutBatches, step the draft, publish weights, checkpoint."""
-    import ray.train
-    import ray.train.torch
 
-    quiet_train_worker_logs()
-    cfg = JobConfig.model_validate(config["cfg"])
+    cfg, rank, world, device = worker_setup(config)
     lc = cfg.learner
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, math.ceil(lc.cpus_per_worker - 1e-9)))
-    device = ray.train.torch.get_device()
     queue, store = config["queue"], config["store"]
     budget = config.get("token_budget")
 

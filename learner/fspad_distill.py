@@ -36,7 +36,6 @@ the final head in `<run_dir>/draft_fspad/` and the summary in `fspad_done.json`.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -65,12 +64,12 @@ from learner.trainer import (
     lr_factor,
     param_groups,
     prepare_resume,
-    quiet_train_worker_logs,
     rng_state,
     say_as,
     set_rng_state,
     verify_checkpoint,
     worker_resources,
+    worker_setup,
     write_manifest,
 )
 
@@ -187,13 +186,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from torch.utils.tensorboard import SummaryWriter
 
-    quiet_train_worker_logs()
-    cfg = JobConfig.model_validate(config["cfg"])
+    cfg, rank, world, device = worker_setup(config)
     lc = cfg.learner
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, math.ceil(lc.cpus_per_worker - 1e-9)))
-    device = ray.train.torch.get_device()
     actors = config["actors"]
 
     with checkpoint_to_restore(config["resume_from"], say=_say) as ckpt_dir:  # None: fresh start

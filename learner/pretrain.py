@@ -73,12 +73,12 @@ from learner.trainer import (
     lr_factor,
     param_groups,
     prepare_resume,
-    quiet_train_worker_logs,
     rng_state,
     say_as,
     set_rng_state,
     verify_checkpoint,
     worker_resources,
+    worker_setup,
     write_manifest,
 )
 
@@ -276,14 +276,9 @@ def train_loop_per_worker(config: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    quiet_train_worker_logs()
     hf_logging.disable_progress_bar()  # "Writing model shards" bars would interleave with ours
-    cfg = JobConfig.model_validate(config["cfg"])
+    cfg, rank, world, device = worker_setup(config, cpus_per_worker=int(config["cpus_per_worker"]))
     pc = cfg.pretrain
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
-    device = ray.train.torch.get_device()
     amp = autocast_dtype(device, pc.autocast)
     B, T = pc.batch_size, pc.seq_len
     assert B >= world, f"pretrain.batch_size={B} must be ≥ num_workers={world}"

@@ -183,6 +183,24 @@ def quiet_train_worker_logs() -> None:
         return
     logging.getLogger(train_ctx.__file__).setLevel(logging.WARNING)  # that logger is named by file
 
+
+def worker_setup(config: dict, cpus_per_worker: float | None = None):
+    """What every stage's `train_loop_per_worker` starts with: quiet Ray Train logs, the job config,
+    (rank, world size), torch threads = ceil(CPUs per worker) (default `learner.cpus_per_worker`), and
+    the device. Returns (cfg, rank, world, device)."""
+    import ray.train
+    import ray.train.torch
+
+    from draftalign.config import JobConfig
+
+    quiet_train_worker_logs()
+    cfg = JobConfig.model_validate(config["cfg"])
+    ctx = ray.train.get_context()
+    cpus = cfg.learner.cpus_per_worker if cpus_per_worker is None else cpus_per_worker
+    torch.set_num_threads(max(1, math.ceil(cpus - 1e-9)))
+    return cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
 def worker_resources(cpus: float, use_gpu: bool, custom: dict[str, float]) -> dict[str, float]:
     """Ray Train `resources_per_worker`: the custom resources of `learner.resources` plus CPUs and,
     with use_gpu, one GPU (the dedicated fields win over same-named custom keys)."""
