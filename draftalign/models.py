@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from draftalign.config import EMBEDDED_TARGET, DraftArch
 from draftalign.io import atomic_dir
@@ -225,9 +225,9 @@ def check_tokenizers_match(target_tok, draft_tok, target_vocab: int | None = Non
                                         f"{t_inv.get(i)!r} vs draft {d_inv.get(i)!r}")
 
 
-def load_draft(path: str, target_tok, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               target_vocab: int | None = None):
-    """Load an HF-format draft from `path` and check its tokenizer against the target's."""
+def check_draft(path: str, target_tok, target_vocab: int | None = None) -> Path:
+    """`path` as a Path, or a ModelError naming the problem: missing, not an HF-format checkpoint, an FSPAD
+    head, an unreadable tokenizer, or a tokenizer / vocabulary size other than the target's. Reads no weights."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelError(f"draft {path} does not exist")
@@ -240,9 +240,14 @@ def load_draft(path: str, target_tok, dtype: torch.dtype = torch.float32, device
         draft_tok = AutoTokenizer.from_pretrained(str(p))
     except (OSError, ValueError) as e:
         raise ModelError(f"draft {path}: cannot load its tokenizer: {str(e).splitlines()[0]}") from None
-    draft = load_causal_lm(str(p), dtype, device)
-    check_tokenizers_match(target_tok, draft_tok, target_vocab, draft.config.vocab_size)
-    return draft
+    check_tokenizers_match(target_tok, draft_tok, target_vocab, AutoConfig.from_pretrained(str(p)).vocab_size)
+    return p
+
+
+def load_draft(path: str, target_tok, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               target_vocab: int | None = None):
+    """Load an HF-format draft from `path` after `check_draft`."""
+    return load_causal_lm(str(check_draft(path, target_tok, target_vocab)), dtype, device)
 
 
 DRAFT_DIRS = ("draft_distilled", "draft_pretrained")  # searched in this order under a run dir

@@ -300,20 +300,11 @@ class OpenAIIngress:
 # ====================================================================== building and running
 def _check_draft(target_path: str, draft_path: str) -> None:
     """Fail before deploying when the draft is missing or its tokenizer differs from the target's."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
-    from draftalign.models import ModelError, check_tokenizers_match, load_tokenizer
+    from draftalign.models import check_draft, load_tokenizer
 
-    p = Path(draft_path).expanduser()
-    if not (p / "config.json").is_file():
-        raise ModelError(f"draft {draft_path} is not an HF-format checkpoint (no config.json)")
-    try:
-        draft_tok = AutoTokenizer.from_pretrained(str(p))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"draft {draft_path}: cannot load its tokenizer: {str(e).splitlines()[0]}") from None
-    check_tokenizers_match(load_tokenizer(target_path), draft_tok,
-                           AutoConfig.from_pretrained(target_path).vocab_size,
-                           AutoConfig.from_pretrained(str(p)).vocab_size)
+    check_draft(draft_path, load_tokenizer(target_path), AutoConfig.from_pretrained(target_path).vocab_size)
 
 
 def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch_threads: int | None = None):
