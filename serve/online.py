@@ -335,6 +335,7 @@ class OnlineDraft:
 
     def install(self, version: int, weights: dict) -> dict:
         """Install `version` (engine thread: between rounds) and start its trial against the current one."""
+        check_weights(self.decoder.draft, weights)
         if self.trial.on_trial:
             raise ValueError(f"draft version {version}: version {self.trial.version} is still on trial")
         if version <= self.decoder.draft_version or version in self.rejected:
