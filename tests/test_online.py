@@ -339,3 +339,29 @@ def test_version_with_a_wrong_shape_is_refused(server, client, reference, versio
     r = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=12, temperature=0)
     assert r.choices[0].text == reference(PROMPTS[3], 12).text
     assert r.model_extra["spec_decoding"]["accepted"] > 0  # the served draft is still version 1, untouched
+
+
+# ---------------------------------------------------------------------- engine: refresh between rounds
+@pytest.mark.parametrize("tree", [None, [2, 1]])
+def test_refresh_mid_stream_keeps_greedy_output(tiny_target_path, target_tokenizer, versions, tree):
+    """`SpecDecoder.refresh_draft` between two rounds of a stream (chain and tree): the stream restarts its draft
+    cache, its tokens stay the target's, and the new draft (the target's weights) is accepted from then on."""
+    from actors.rollout import check_and_load_weights
+    from draftalign.models import load_causal_lm
+    from serve.sampling import SamplingParams
+    from serve.specdec import SpecDecoder
+
+    target, draft = load_causal_lm(tiny_target_path), load_causal_lm(versions.path)
+    decoder = SpecDecoder(target, draft, target_tokenizer, gamma=GAMMA, tree=tree)
+    prompt, params = _ids(target_tokenizer, PROMPTS[0]), SamplingParams(max_new_tokens=40)
+    ref = decoder.generate_target_only([prompt], params)[0].token_ids
+    per_round, out = [], []
+    for i, (new, g) in enumerate(decoder.generate_stream(prompt, params)):  # noqa: B007 - g: the last one
+        out += new
+        per_round.append(len(new))
+        if i == 4:
+            check_and_load_weights(draft, versions.weights[1])
+            decoder.refresh_draft(1)
+    assert out == ref and decoder.draft_version == 1
+    assert per_round[:5] == [1] * 5  # the anti-draft: every proposal rejected
+    assert max(per_round[5:]) > 1 and g.accepted > 0  # the target as draft: accepted after the refresh
