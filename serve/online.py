@@ -40,7 +40,9 @@ Hot-swap. A version is a `{name: float ndarray}` dict keyed like the draft's sta
 engine thread, so between two rounds: names, shapes and dtypes are checked before anything is copied
 (`check_weights`; a mismatch raises and leaves the draft untouched), the weights are copied in place and
 `SpecDecoder.refresh_draft` rebuilds the fused weights; generations in flight re-prefill their draft cache
-at their next round. Output stays lossless: the draft only changes which tokens are proposed.
+at their next round (one draft prefill per sequence in flight). The goodput policy's α̂ restarts from its prior,
+so a version replacing a draft the policy had switched off (γ = 0) drafts, and is judged, at once. Output stays
+lossless: the draft only changes which tokens are proposed, never which are emitted.
 
 Rollback (`VersionTrial`). Acceptance α̂ = accepted / (accepted + rejected) (serve.acceptance) over
 sequence-rounds. Installing v over u starts a trial: baseline α̂_u over u's last W = rollback_window
@@ -64,6 +66,7 @@ import ray
 import torch
 
 from serve.acceptance import per_token_acceptance
+from serve.goodput import AcceptanceEstimate
 
 logger = logging.getLogger("ray.serve")
 
@@ -332,6 +335,8 @@ class OnlineDraft:
         check_weights(self.decoder.draft, weights)  # all of it first: a bad version leaves the draft untouched
         check_and_load_weights(self.decoder.draft, weights)
         self.decoder.refresh_draft(version)
+        if self.decoder.policy is not None:  # goodput γ: the old draft's α̂ says nothing of this one (γ = 0 would
+            self.decoder.policy.estimate = AcceptanceEstimate()  # leave it unjudged but for probes): the prior
 
     def install(self, version: int, weights: dict) -> dict:
         """Install `version` (engine thread: between rounds) and start its trial against the current one."""
