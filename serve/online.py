@@ -22,7 +22,8 @@ Cost per round on the engine thread: the target's logits are computed once and s
 extra pass); the observer adds log_softmax + top-k over (B_live, γ + 1, V), a gather of q at x, and numpy
 copies of B_live contexts. Records are pushed to the buffer in batches (`push_every`, or after
 `push_interval_s`) with a fire-and-forget actor call; at most `MAX_INFLIGHT_PUSHES` pushes wait for the
-buffer, beyond that a batch is dropped and counted (serving never waits for the buffer).
+buffer, beyond that a batch is dropped and counted (serving never waits for the buffer). Records not yet
+pushed (fewer than push_every, younger than push_interval_s) are lost with their replica.
 
 Buffer. `RoundBuffer`, one named Ray actor shared by the replicas (serve.online.buffer_name, detached so
 a learner outlives replica restarts): a deque of serve.online.buffer_rounds records, drop-oldest with a
@@ -305,7 +306,7 @@ class OnlineDraft:
         self.trial = VersionTrial(s.rollback_window, s.rollback_margin)
         self.known = 0  # newest version seen in the store (installed, rejected or failed)
         self.rejected: set[int] = set()
-        self.events: list[dict] = []
+        self.events: deque = deque(maxlen=256)  # install / keep / rollback / error, newest last
         self.rounds_per_version: dict[int, int] = {}
         self._lock = threading.Lock()
         decoder.observer = self.observe
@@ -400,6 +401,8 @@ class OnlineDraft:
                 self.known = version
                 self.executor.submit(self.install, version, ray.get(ref)).result()
             except Exception as e:
+                if isinstance(e, ray.exceptions.RayActorError):
+                    store = None  # the store's owner restarted: look the name up again
                 self.events.append({"event": "error", "error": f"{type(e).__name__}: {e}", "time": time.time()})
                 logger.exception("online draft: poll or install failed")
 
