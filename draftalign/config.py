@@ -224,6 +224,31 @@ class EvalConfig(_Strict):
         return n.get(task, 4) if isinstance(n, dict) else n
 
 
+class OnlineConfig(_Strict):
+    """Online distillation from serving traffic (`serve/online.py`): capture rounds, hot-swap draft versions."""
+
+    enabled: bool = Field(False, description="record every chain round's context, draft proposals and the target's "
+                          "top-k log-probs into a bounded Ray-side buffer (native engine, chains only)")
+    buffer_rounds: int = Field(4096, ge=1, description="records (one per sequence per round) the buffer holds; "
+                               "the oldest are dropped, and counted, when it is full")
+    spill_dir: str | None = Field(None, description="also write every record to append-only JSONL shards here "
+                                  "(atomic renames); None = request content stays in memory only")
+    top_k_logprobs: int | None = Field(None, ge=1, description="target log-probs per verified position; "
+                                       "None = target.top_k_logprobs")
+    buffer_name: str = Field("draftalign-online-buffer", description="named Ray actor the replicas push to "
+                             "and the online learner reads (`get_batch`)")
+    namespace: str = Field("draftalign", description="Ray namespace of the buffer and the weight store")
+    push_every: int = Field(32, ge=1, description="records a replica collects before one asynchronous push")
+    push_interval_s: float = Field(1.0, gt=0, description="push fewer records once they are this old")
+    weight_store: str | None = Field(None, description="named `WeightStore` actor (actors/rollout.py) polled for "
+                                     "new draft versions to hot-swap; None = no polling")
+    poll_interval_s: float = Field(2.0, gt=0, description="seconds between weight-store polls")
+    rollback_window: int = Field(64, ge=1, description="sequence-rounds a new version serves before it is judged "
+                                 "against the previous version's last rollback_window sequence-rounds")
+    rollback_margin: float = Field(0.0, ge=0, le=1, description="roll back when the new version's acceptance α̂ "
+                                   "is below the previous one's minus this")
+
+
 class ServeConfig(_Strict):
     engine: Literal["native", "vllm"] = "native"
     host: str = "127.0.0.1"
@@ -242,12 +267,19 @@ class ServeConfig(_Strict):
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     model_name: str = Field("draftalign", description="the name /v1/models reports")
+    online: OnlineConfig = Field(default_factory=OnlineConfig)
 
     @model_validator(mode="after")
     def _tree(self) -> "ServeConfig":
         if self.tree is not None and (self.engine != "native" or not self.tree or any(k < 1 for k in self.tree)):
             raise ValueError(f"serve.tree={self.tree}: a non-empty list of branchings ≥ 1, with serve.engine=native "
                              f"(vLLM verifies chains only)")
+        online = self.online.enabled or self.online.weight_store is not None
+        if online and self.engine != "native":
+            raise ValueError("serve.online (capture, hot-swap) needs serve.engine=native: vLLM hides its rounds")
+        if self.online.enabled and self.tree is not None:
+            raise ValueError("serve.online.enabled records chain rounds; unset serve.tree (a tree round has no "
+                             "single proposal sequence)")
         return self
 
 
@@ -278,6 +310,13 @@ class JobConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _online_top_k(self) -> "JobConfig":
+        if self.serve.online.enabled and self.serve.online.top_k_logprobs is None and self.target.top_k_logprobs < 1:
+            raise ValueError(f"serve.online.top_k_logprobs: target.top_k_logprobs={self.target.top_k_logprobs} "
+                             f"(full vocabulary) is too large to record per round; set serve.online.top_k_logprobs")
+        return self
 
     @property
     def run_path(self) -> Path:

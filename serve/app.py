@@ -323,11 +323,17 @@ def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch
         _check_draft(target_path, draft_path)
     context = context_window(target_path, draft_path, cfg.target.max_model_len)
     threads = torch_threads or max(1, min(os.cpu_count() or 1, math.ceil(sc.cpus_per_replica)))
+    from serve.online import OnlineSettings
+
+    online = OnlineSettings.from_config(cfg)
+    if online is not None and draft_path is None:
+        raise ValueError("serve.online (capture, hot-swap) needs a draft: this app serves the target alone")
     settings = ReplicaSettings(engine=sc.engine, gamma=sc.gamma, gamma_policy=sc.gamma_policy,
                                tree=tuple(sc.tree) if sc.tree else None, dtype=cfg.target.dtype,
                                max_model_len=cfg.target.max_model_len, max_batch_size=sc.max_batch_size,
                                batch_wait_timeout_s=sc.batch_wait_timeout_s, torch_threads=threads,
-                               kv_cache_gib=cfg.target.kv_cache_gib, use_gpu=sc.gpus_per_replica > 0)
+                               kv_cache_gib=cfg.target.kv_cache_gib, use_gpu=sc.gpus_per_replica > 0,
+                               online=online)
     replica = SpecDecodeReplica.options(
         num_replicas=sc.num_replicas,
         # Room for a full batch in flight plus the next one queuing, and a few streams.

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ray import serve
 
@@ -17,6 +17,9 @@ from serve.detokenize import TextStream
 from serve.engines import NativeEngine, VLLMEngine
 from serve.metrics import SpecDecodeMetrics
 from serve.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from serve.online import OnlineSettings
 
 logger = logging.getLogger("ray.serve")
 
@@ -36,6 +39,7 @@ class ReplicaSettings:
     torch_threads: int = 1
     kv_cache_gib: float = 1.0
     use_gpu: bool = False
+    online: OnlineSettings | None = None  # serve.online: capture and hot-swap (native engine with a draft)
 
 
 @dataclass
@@ -75,6 +79,13 @@ class SpecDecodeReplica:
         self._generate_batch.set_max_batch_size(settings.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self._warned_lossy = False
+        self.online = None
+        if settings.online is not None:
+            from serve.online import OnlineDraft
+
+            if not (isinstance(self.engine, NativeEngine) and self.speculative):
+                raise ValueError("serve.online needs the native engine with a draft")
+            self.online = OnlineDraft(self.engine.decoder, settings.online, self._executor)
         self._lossy = settings.engine == "vllm" and self.speculative and not settings.use_gpu
         if self._lossy:
             logger.warning("engine=vllm on CPU: vLLM's draft-model speculative decoding is exact at "
@@ -162,6 +173,24 @@ class SpecDecodeReplica:
 
     def stats(self) -> dict:
         return self.metrics.snapshot()
+
+    # ------------------------------------------------------------------ online (serve/online.py)
+    def online_stats(self) -> dict | None:
+        """Draft version, install / rollback events, capture counts; None when serve.online is off."""
+        return None if self.online is None else self.online.stats()
+
+    async def install_draft(self, version: int, weights: dict) -> dict:
+        """Install draft `version` ({name: ndarray}) between two rounds, on trial against the current one."""
+        if self.online is None:
+            raise ValueError("serve.online is off on this replica")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.online.install, version,
+                                                                weights)
+
+    async def online_flush(self) -> None:
+        """Push the records collected so far and wait until the buffer holds them."""
+        if self.online is not None and self.online.capture is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.online.capture.flush)
+            await asyncio.get_running_loop().run_in_executor(None, self.online.capture.wait)
 
     def ping(self) -> bool:
         return True

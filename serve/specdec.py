@@ -99,6 +99,24 @@ class Generation:
 
 
 @dataclass
+class RoundView:
+    """What one chain round computed, handed to `SpecDecoder.observer` after verification (references to
+    tensors the round already holds, no copies; `serve.online` reads them). Rows are the batch's sequences;
+    only rows with live[s] took part. The grid (ids, mask) is the state before this round's tokens."""
+
+    ids: torch.Tensor  # (B, L) the column grid, left-padded: context of s = ids[s][mask[s] == 1]
+    mask: torch.Tensor  # (B, L)
+    live: list[bool]  # sequences active in this round
+    draft_tokens: torch.Tensor  # (B, γ) x_1 … x_γ
+    draft_probs: torch.Tensor  # (B, γ, V) q after the request's sampling params (one-hot at greedy)
+    target_logits: torch.Tensor  # (B, γ + 1, V) raw target logits at the γ + 1 verified positions
+    num_accepted: list[int]  # k_s
+    outcomes: list[tuple[int, int]]  # (accepted, rejected) of each live sequence (`round_outcome`)
+    params: SamplingParams
+    draft_version: int
+
+
+@dataclass
 class Timing:
     """Seconds and counts of forward passes; the first pass of each model per call (the prompt's
     prefill) is kept apart, so target_s / target_steps is a decoding step (or a verification)."""
@@ -194,9 +212,11 @@ class _Head:
         """h (..., H) → logits over the head's own rows (..., N)."""
         return decode_linear(h, self.weight)
 
-    def probs(self, h: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """h (..., H) → (probabilities over the full vocabulary (..., V), over the head's own rows)."""
-        sub = logits_to_probs(self.logits(h), params)  # (..., N)
+    def probs(self, h: torch.Tensor, params: SamplingParams,
+              logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (..., H) → (probabilities over the full vocabulary (..., V), over the head's own rows).
+        `logits`: self.logits(h) when the caller already has them (the online observer reads them too)."""
+        sub = logits_to_probs(self.logits(h) if logits is None else logits, params)  # (..., N)
         if self.ids is None:
             return sub, sub
         full = sub.new_zeros(*sub.shape[:-1], self.vocab_size)
@@ -303,6 +323,22 @@ class SpecDecoder:
         self.max_len = target.config.max_position_embeddings
         self.timing = Timing()
         self.policy = policy
+        # Online serving (`serve.online`): observer(RoundView) once per chain round with a draft (γ > 0), on the
+        # engine thread; draft_version names the weights `refresh_draft` installed (0 = the loaded checkpoint).
+        self.observer = None
+        self.draft_version = 0
+
+    def refresh_draft(self, version: int) -> None:
+        """Rebuild the draft's derived weights after its parameters were overwritten in place (a new version):
+        LeanLlama's fused q|k|v and gate|up copies and the head's vocabulary rows are snapshots. Call between
+        rounds (on the engine thread). A generation in flight notices the new head at its next round and
+        re-prefills its draft cache (the old keys and values came from the old weights): one round uses one
+        draft, and the tokens stay the target's whatever the draft proposes."""
+        if self.draft is None:
+            raise ValueError("this engine has no draft to refresh")
+        vocab = None if self._d.ids is None else self._d.ids.tolist()
+        self._d = _Head(self.draft, vocab, lean=self._d.lean is not None)
+        self.draft_version = version
 
     # ------------------------------------------------------------------ step costs
     def measure_step_costs(self, batch_sizes: tuple[int, ...] = (1, 2, 4, 8), context: int = 128,
@@ -461,19 +497,22 @@ class SpecDecoder:
         gens = [Generation([], accepted_per_position=[0] * gamma, accepted_histogram=[0] * (gamma + 1))
                 for _ in range(B)]
         active = [True] * B
+        d = self._d
         while any(active) and batch.length + gamma + 1 <= self.max_len:
+            if self._d is not d:  # `refresh_draft` ran since the last round: start the draft cache over
+                d, d_cache, d_len = self._d, self._d.new_cache(batch), 0
             L = batch.length
             g = gamma if self.policy is None else self.policy.choose(B)  # this round's γ (0: target only)
             # 1. Draft proposes γ tokens: x_i ~ q(· | seq, x_<i). Its first prediction is read at each
             #    sequence's own last column, the later ones at the grid's last column.
             draft_tokens, draft_probs, extra = [], [], None
             for i in range(g):
-                h = self._timed("draft", d_len == 0, self._d.hidden, d_cache, batch, d_len, extra)
+                h = self._timed("draft", d_len == 0, d.hidden, d_cache, batch, d_len, extra)
                 h = h[rows, (batch.last - d_len).clamp_min(0)] if i == 0 else h[:, -1]  # (B, H)
                 d_len = L + i
-                q, q_sub = self._d.probs(h, params)  # (B, V), (B, N)
+                q, q_sub = d.probs(h, params)  # (B, V), (B, N)
                 draft_probs.append(q)
-                draft_tokens.append(self._d.token(sample(q_sub, gen)))
+                draft_tokens.append(d.token(sample(q_sub, gen)))
                 extra = torch.stack(draft_tokens, 1)
             x = torch.stack(draft_tokens, 1) if g else batch.ids.new_zeros(B, 0)  # (B, γ)
             q = torch.stack(draft_probs, 1) if g else None  # (B, γ, V)
@@ -484,7 +523,9 @@ class SpecDecoder:
             h = self._timed("target", t_len == 0, self._t.hidden, t_cache, batch, t_len, x)  # (B, n, H)
             at = torch.cat([(batch.last - t_len).clamp_min(0)[:, None],  # finished rows: any column
                             L - t_len + torch.arange(g, device=self.device)[None].expand(B, -1)], 1)
-            p, _ = self._t.probs(h[rows[:, None], at], params)  # (B, γ+1, V)
+            h = h[rows[:, None], at]  # (B, γ+1, H)
+            z = self._t.logits(h)  # (B, γ+1, V)
+            p, _ = self._t.probs(h, params, z)  # (B, γ+1, V)
 
             # 3. Verify: accept a prefix, then a recovered or bonus token; sequence s emits k_s + 1 tokens.
             if g:
@@ -502,6 +543,9 @@ class SpecDecoder:
                 gens[s].record_round(ks[s], g, len(new[s]))
             if self.policy is not None and g:
                 self.policy.observe(sum(a for a, _ in outcomes), sum(r for _, r in outcomes))
+            if self.observer is not None and g:
+                self.observer(RoundView(batch.ids, batch.mask, was_active, x, q, z, ks, outcomes, params,
+                                        self.draft_version))
             n = max(ks[s] + 1 for s in live)
             valid = torch.tensor([ks[s] + 1 if was_active[s] else 0 for s in range(B)], device=self.device)
             batch.append(out[:, :n], valid)
@@ -528,7 +572,10 @@ class SpecDecoder:
         anc = ancestors(shape.parents).to(self.device)  # (N, N): node i sees node j iff anc[i, j]
         gens = [Generation([], accepted_per_position=[0] * D, accepted_histogram=[0] * (D + 1)) for _ in range(B)]
         active = [True] * B
+        d = self._d
         while any(active) and batch.length + D + 1 <= self.max_len:
+            if self._d is not d:  # `refresh_draft` ran since the last round: start the draft cache over
+                d, d_cache, d_len = self._d, self._d.new_cache(batch), 0
             L = batch.length
             # 1. Draft, one pass per depth d over its frontier: the root (each sequence's last column) at d = 1,
             #    else the nodes at depth d − 1 fed on top of the draft cache with their tree rows and positions.
@@ -536,16 +583,16 @@ class SpecDecoder:
             qs = []
             for depth in range(1, D + 1):
                 if depth == 1:
-                    h = self._timed("draft", d_len == 0, self._d.hidden, d_cache, batch, d_len)
+                    h = self._timed("draft", d_len == 0, d.hidden, d_cache, batch, d_len)
                     h = h[rows, (batch.last - d_len).clamp_min(0)][:, None]  # (B, 1, H)
                 else:
                     above = shape.level(depth - 1)
-                    h = self._timed("draft", False, self._d.hidden, d_cache, batch, L + above.start, tokens,
+                    h = self._timed("draft", False, d.hidden, d_cache, batch, L + above.start, tokens,
                                     anc[: above.stop, : above.stop])  # (B, F, H)
                 if drafting == "topk":  # the draft's ranking (logits order = q's order on its support)
-                    new = self._d.token(expand(shape, depth, self._d.logits(h)))  # (B, n_depth)
+                    new = d.token(expand(shape, depth, d.logits(h)))  # (B, n_depth)
                 else:
-                    q, _ = self._d.probs(h, params)  # (B, F, V)
+                    q, _ = d.probs(h, params)  # (B, F, V)
                     new = expand(shape, depth, q, drafting, gen)
                     qs.append(q)
                 tokens = torch.cat([tokens, new], 1)

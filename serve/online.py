@@ -1,0 +1,419 @@
+"""Online distillation, serving side (issue #16): capture every round's scored proposals, hot-swap draft versions.
+
+Capture. Every chain round already holds what Online Speculative Decoding (Liu et al., ICML 2024) distils
+on: the draft's own proposals x_1 … x_γ (on-policy states) and the target's distribution at the γ + 1
+verified positions. `SpecDecoder.observer` hands the round's tensors over (`serve.specdec.RoundView`,
+references, no target pass added) and `RoundCapture` turns each live sequence's round into one record:
+
+    context          (L,)       int32    prompt + tokens emitted so far (the state the round drafted from)
+    draft_tokens     (γ,)       int32    x_1 … x_γ
+    draft_logprobs   (γ,)       float32  log q(x_i) under the request's sampling params (0 at greedy: q one-hot)
+    target_ids       (γ + 1, k) int32    top-k of log p(· | context, x_<i), i = 1 … γ + 1
+    target_logprobs  (γ + 1, k) float32  their log-probs, sorted descending
+    num_accepted     int                 k_s of the round;  policy_version  int: the draft that proposed
+    temperature      float               the request's (0 = greedy)
+
+`target_logprobs` are log_softmax of the RAW logits (temperature 1, no top-k/top-p), the same distribution
+the distillation set and `TargetActor.score` record; the learner tempers it with distill.temperature. The
+request's processed p (one-hot at greedy) would carry no distillation signal. k = serve.online.top_k_logprobs
+(default target.top_k_logprobs).
+
+Cost per round on the engine thread: the target's logits are computed once and shared with the sampler (no
+extra pass); the observer adds log_softmax + top-k over (B_live, γ + 1, V), a gather of q at x, and numpy
+copies of B_live contexts. Records are pushed to the buffer in batches (`push_every`, or after
+`push_interval_s`) with a fire-and-forget actor call; at most `MAX_INFLIGHT_PUSHES` pushes wait for the
+buffer, beyond that a batch is dropped and counted (serving never waits for the buffer). Records not yet
+pushed (fewer than push_every, younger than push_interval_s) are lost with their replica.
+
+Buffer. `RoundBuffer`, one named Ray actor shared by the replicas (serve.online.buffer_name, detached so
+a learner outlives replica restarts): a deque of serve.online.buffer_rounds records, drop-oldest with a
+count, `get_batch(n)` takes the oldest n (FIFO), `stats()`. With serve.online.spill_dir every `put` is also
+written as one JSONL shard (temp file + rename: a reader sees whole shards only); without it request
+content stays in memory.
+
+To the learner. `to_rollout_batch(records, pad_id)` builds the stage 3 `RolloutBatch`: prompt = context,
+response = draft_tokens, scores = the first γ rows of the top-k (row i predicts x_{i+1}; the (γ + 1)-th row
+predicts a token the draft did not propose and is kept for a learner that appends the emitted token),
+draft_logprobs = behaviour log q, on_policy = True, policy_version = the oldest record's version.
+
+Hot-swap. A version is a `{name: float ndarray}` dict keyed like the draft's state dict (the format of
+`learner.distill.publish_weights` into `actors.rollout.WeightStore`). `OnlineDraft.install` runs on the
+engine thread, so between two rounds: names, shapes and dtypes are checked before anything is copied
+(`check_weights`; a mismatch raises and leaves the draft untouched), the weights are copied in place and
+`SpecDecoder.refresh_draft` rebuilds the fused weights; generations in flight re-prefill their draft cache
+at their next round (one draft prefill per sequence in flight). The goodput policy's α̂ restarts from its prior,
+so a version replacing a draft the policy had switched off (γ = 0) drafts, and is judged, at once. Output stays
+lossless: the draft only changes which tokens are proposed, never which are emitted.
+
+Rollback (`VersionTrial`). Acceptance α̂ = accepted / (accepted + rejected) (serve.acceptance) over
+sequence-rounds. Installing v over u starts a trial: baseline α̂_u over u's last W = rollback_window
+sequence-rounds; after v has served W sequence-rounds, α̂_v < α̂_u − rollback_margin reinstalls u (kept as a
+weight copy during the trial) and v is never installed again; otherwise v is kept. No version is installed
+while a trial runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from serve.acceptance import per_token_acceptance
+from serve.goodput import AcceptanceEstimate
+
+logger = logging.getLogger("ray.serve")
+
+MAX_INFLIGHT_PUSHES = 8
+
+
+@dataclass(frozen=True)
+class OnlineSettings:
+    """What a replica needs of `serve.online` (built from the job's OnlineConfig)."""
+
+    capture: bool
+    top_k: int
+    buffer_rounds: int
+    spill_dir: str | None
+    buffer_name: str
+    namespace: str
+    push_every: int
+    push_interval_s: float
+    weight_store: str | None
+    poll_interval_s: float
+    rollback_window: int
+    rollback_margin: float
+
+    @classmethod
+    def from_config(cls, cfg) -> OnlineSettings | None:
+        """None when serve.online asks for nothing (no capture, no weight store)."""
+        o = cfg.serve.online
+        if not o.enabled and o.weight_store is None:
+            return None
+        return cls(capture=o.enabled, top_k=o.top_k_logprobs or cfg.target.top_k_logprobs,
+                   buffer_rounds=o.buffer_rounds, spill_dir=o.spill_dir, buffer_name=o.buffer_name,
+                   namespace=o.namespace, push_every=o.push_every, push_interval_s=o.push_interval_s,
+                   weight_store=o.weight_store, poll_interval_s=o.poll_interval_s,
+                   rollback_window=o.rollback_window, rollback_margin=o.rollback_margin)
+
+
+# ====================================================================== records
+def round_records(view, top_k: int) -> list[dict]:
+    """One record per live sequence of a `RoundView` (module docstring: the format)."""
+    live = [s for s, a in enumerate(view.live) if a]
+    if not live:
+        return []
+    z = view.target_logits.float()  # (B, γ+1, V); a view when the target computes in fp32
+    top_z, top_ids = z.topk(min(top_k, z.shape[-1]), -1)  # (B, γ+1, k)
+    top_lp = (top_z - torch.logsumexp(z, -1, keepdim=True)).cpu().numpy()  # log_softmax at the top-k only
+    top_ids = top_ids.cpu().numpy().astype(np.int32)
+    x = view.draft_tokens  # (B, γ)
+    q_x = view.draft_probs.gather(-1, x[..., None])[..., 0].clamp_min(1e-30).log().float().cpu().numpy()  # (B, γ)
+    x = x.cpu().numpy().astype(np.int32)
+    ids, mask = view.ids.cpu().numpy(), view.mask.cpu().numpy().astype(bool)
+    now = time.time()
+    return [{"context": ids[s][mask[s]].astype(np.int32), "draft_tokens": x[s], "draft_logprobs": q_x[s],
+             "target_ids": top_ids[s], "target_logprobs": top_lp[s], "num_accepted": view.num_accepted[s],
+             "policy_version": view.draft_version, "temperature": view.params.temperature, "time": now}
+            for s in live]
+
+
+def to_rollout_batch(records: list[dict], pad_id: int, actor_id: int = -1):
+    """Buffer records → the stage 3 learner's `RolloutBatch` (module docstring: the mapping)."""
+    from actors.rollout import build_batch
+
+    if not records:
+        raise ValueError("no records to build a batch from")
+    scores = [{"ids": np.asarray(r["target_ids"])[: len(r["draft_tokens"])],
+               "logprobs": np.asarray(r["target_logprobs"])[: len(r["draft_tokens"])]} for r in records]
+    return build_batch([np.asarray(r["context"]).tolist() for r in records],
+                       [np.asarray(r["draft_tokens"]).tolist() for r in records], scores, pad_id=pad_id,
+                       on_policy=[True] * len(records),
+                       draft_logprobs=[np.asarray(r["draft_logprobs"]).tolist() for r in records],
+                       policy_version=min(int(r["policy_version"]) for r in records), actor_id=actor_id)
+
+
+def _jsonable(record: dict) -> dict:
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in record.items()}
+
+
+@ray.remote(num_cpus=0)
+class RoundBuffer:
+    """Bounded FIFO of round records shared by the replicas: drop-oldest (counted), optional JSONL spill."""
+
+    def __init__(self, capacity: int, spill_dir: str | None = None):
+        if capacity < 1:
+            raise ValueError(f"buffer capacity must be ≥ 1, got {capacity}")
+        self._records: deque = deque()
+        self.capacity = capacity
+        self.spill = Path(spill_dir) if spill_dir else None
+        self.counts = {"received": 0, "dropped": 0, "taken": 0, "shards": 0}
+        self.versions: dict[int, int] = {}
+
+    def put(self, records: list[dict]) -> int:
+        """Append records (oldest first); returns how many older records were dropped to fit them."""
+        from draftalign.io import write_atomic
+
+        self._records.extend(records)
+        dropped = max(0, len(self._records) - self.capacity)
+        for _ in range(dropped):
+            self._records.popleft()
+        self.counts["received"] += len(records)
+        self.counts["dropped"] += dropped
+        for r in records:
+            v = int(r.get("policy_version", -1))
+            self.versions[v] = self.versions.get(v, 0) + 1
+        if self.spill is not None and records:
+            lines = "".join(json.dumps(_jsonable(r)) + "\n" for r in records)
+            name = f"rounds-{time.time_ns()}-{self.counts['shards']:06d}.jsonl"
+            write_atomic(self.spill / name, lambda tmp: tmp.write_text(lines))
+            self.counts["shards"] += 1
+        return dropped
+
+    def get_batch(self, n: int) -> list[dict]:
+        """Take (remove) the oldest min(n, size) records."""
+        if n < 1:
+            raise ValueError(f"get_batch(n) needs n ≥ 1, got {n}")
+        out = [self._records.popleft() for _ in range(min(n, len(self._records)))]
+        self.counts["taken"] += len(out)
+        return out
+
+    def stats(self) -> dict:
+        """size + dropped + taken == received."""
+        return {"size": len(self._records), "capacity": self.capacity, **self.counts,
+                "records_per_version": dict(self.versions)}
+
+
+def get_buffer(s: OnlineSettings):
+    """The job's named buffer actor, created by the first replica that asks."""
+    return RoundBuffer.options(name=s.buffer_name, namespace=s.namespace, get_if_exists=True,
+                               lifetime="detached").remote(s.buffer_rounds, s.spill_dir)
+
+
+class RoundCapture:
+    """The engine-side observer's capture half: records per round, pushed to the buffer in batches."""
+
+    def __init__(self, buffer, top_k: int, push_every: int, push_interval_s: float):
+        self.buffer, self.top_k = buffer, top_k
+        self.push_every, self.push_interval_s = push_every, push_interval_s
+        self._pending: list[dict] = []
+        self._oldest = 0.0
+        self._inflight: list = []
+        self._lock = threading.Lock()
+        self.counts = {"records": 0, "pushes": 0, "dropped_in_replica": 0, "errors": 0}
+
+    def observe(self, view) -> None:
+        recs = round_records(view, self.top_k)
+        with self._lock:
+            if not self._pending:
+                self._oldest = time.monotonic()
+            self._pending.extend(recs)
+            self.counts["records"] += len(recs)
+            if len(self._pending) >= self.push_every:
+                self._push()
+
+    def flush(self, stale_only: bool = False) -> None:
+        with self._lock:
+            if self._pending and (not stale_only or time.monotonic() - self._oldest >= self.push_interval_s):
+                self._push()
+
+    def wait(self, timeout: float = 30.0) -> None:
+        """Block until every push sent so far reached the buffer (tests, shutdown)."""
+        with self._lock:
+            refs = list(self._inflight)
+        ray.wait(refs, num_returns=len(refs), timeout=timeout)
+
+    def _push(self) -> None:
+        if self._inflight:
+            _, self._inflight = ray.wait(self._inflight, num_returns=len(self._inflight), timeout=0)
+        if len(self._inflight) >= MAX_INFLIGHT_PUSHES:
+            self.counts["dropped_in_replica"] += len(self._pending)
+        else:
+            self._inflight.append(self.buffer.put.remote(self._pending))
+            self.counts["pushes"] += 1
+        self._pending = []
+
+
+# ====================================================================== versions
+def check_weights(model: torch.nn.Module, weights: dict) -> None:
+    """Raise ValueError unless `weights` has exactly the model's state-dict names, shapes and float dtypes."""
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"draft version does not match the served draft: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for name, arr in weights.items():
+        arr = np.asarray(arr)
+        if tuple(arr.shape) != tuple(own[name].shape):
+            raise ValueError(f"draft version weight {name} has shape {tuple(arr.shape)}, the served draft "
+                             f"{tuple(own[name].shape)}")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"draft version weight {name} has dtype {arr.dtype}, expected floating point")
+
+
+@dataclass
+class VersionTrial:
+    """Acceptance per draft version over sequence-rounds, and the rollback rule (module docstring)."""
+
+    window: int
+    margin: float = 0.0
+
+    def __post_init__(self):
+        self.version = 0
+        self.recent: deque = deque(maxlen=self.window)  # (accepted, rejected) of the current version
+        self.previous: tuple[int, float, dict] | None = None  # (version, α̂ baseline, weights) during a trial
+
+    @staticmethod
+    def alpha(outcomes) -> float:
+        return per_token_acceptance(sum(a for a, _ in outcomes), sum(r for _, r in outcomes))
+
+    def observe(self, version: int, outcomes: list[tuple[int, int]]) -> None:
+        if version == self.version:
+            self.recent.extend(outcomes)
+
+    def start(self, version: int, previous_weights: dict) -> None:
+        """v replaces u: u's α̂ over its recent window becomes the baseline (no baseline: no trial)."""
+        self.previous = (self.version, self.alpha(self.recent), previous_weights) if self.recent else None
+        self.version = version
+        self.recent.clear()
+
+    @property
+    def on_trial(self) -> bool:
+        return self.previous is not None
+
+    def verdict(self) -> str | None:
+        """"rollback", "keep", or None while the trial needs more sequence-rounds (or none runs)."""
+        if self.previous is None or len(self.recent) < self.window:
+            return None
+        return "rollback" if self.alpha(self.recent) < self.previous[1] - self.margin else "keep"
+
+
+class OnlineDraft:
+    """A replica's online state: the engine observer (capture + per-version acceptance), draft installs on the
+    engine thread, rollback, and the thread that polls the weight store and pushes stale records."""
+
+    def __init__(self, decoder, s: OnlineSettings, executor, replica_id: str = ""):
+        self.decoder, self.s, self.executor = decoder, s, executor
+        self.capture = (RoundCapture(get_buffer(s), s.top_k, s.push_every, s.push_interval_s)
+                        if s.capture else None)
+        self.trial = VersionTrial(s.rollback_window, s.rollback_margin)
+        self.known = 0  # newest version seen in the store (installed, rejected or failed)
+        self.rejected: set[int] = set()
+        self.events: deque = deque(maxlen=256)  # install / keep / rollback / error, newest last
+        self.rounds_per_version: dict[int, int] = {}
+        self._lock = threading.Lock()
+        decoder.observer = self.observe
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="online-draft", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ engine thread
+    def observe(self, view) -> None:
+        with self._lock:
+            self.trial.observe(view.draft_version, view.outcomes)
+            self.rounds_per_version[view.draft_version] = (self.rounds_per_version.get(view.draft_version, 0)
+                                                           + len(view.outcomes))
+        if self.capture is not None:
+            try:
+                self.capture.observe(view)
+            except Exception:  # a capture bug must not fail a request
+                self.capture.counts["errors"] += 1
+                logger.exception("online capture failed; the round is served, not recorded")
+
+    def _snapshot(self) -> dict:
+        return {k: v.detach().float().cpu().numpy().copy() for k, v in self.decoder.draft.state_dict().items()}
+
+    def _load(self, version: int, weights: dict) -> None:
+        from actors.rollout import check_and_load_weights
+
+        check_weights(self.decoder.draft, weights)  # all of it first: a bad version leaves the draft untouched
+        check_and_load_weights(self.decoder.draft, weights)
+        self.decoder.refresh_draft(version)
+        if self.decoder.policy is not None:  # goodput γ: the old draft's α̂ says nothing of this one (γ = 0 would
+            self.decoder.policy.estimate = AcceptanceEstimate()  # leave it unjudged but for probes): the prior
+
+    def install(self, version: int, weights: dict) -> dict:
+        """Install `version` (engine thread: between rounds) and start its trial against the current one."""
+        check_weights(self.decoder.draft, weights)
+        if self.trial.on_trial:
+            raise ValueError(f"draft version {version}: version {self.trial.version} is still on trial")
+        if version <= self.decoder.draft_version or version in self.rejected:
+            raise ValueError(f"draft version {version}: versions must increase (serving "
+                             f"{self.decoder.draft_version}) and not be a rolled-back one")
+        previous = self._snapshot()
+        self._load(version, weights)
+        with self._lock:
+            self.trial.start(version, previous)
+            self.known = max(self.known, version)
+        event = {"event": "install", "version": version, "time": time.time()}
+        self.events.append(event)
+        logger.info("draft version %d installed", version)
+        return event
+
+    def _judge(self) -> None:
+        with self._lock:
+            verdict, prev, v = self.trial.verdict(), self.trial.previous, self.trial.version
+            alpha_new = self.trial.alpha(self.trial.recent)
+        if verdict is None:
+            return
+        if verdict == "rollback":
+            u, base, weights = prev
+            self._load(u, weights)
+            with self._lock:
+                self.rejected.add(v)
+                self.trial.version, self.trial.previous = u, None
+                self.trial.recent.clear()
+            logger.warning("draft version %d rolled back to %d: α̂ %.3f < %.3f", v, u, alpha_new, base)
+        else:
+            with self._lock:
+                self.trial.previous = None
+        self.events.append({"event": verdict, "version": v, "previous": prev[0], "alpha": alpha_new,
+                            "baseline_alpha": prev[1], "time": time.time()})
+
+    # ------------------------------------------------------------------ poll thread
+    def _loop(self) -> None:
+        store = None
+        while not self._stop.wait(min(self.s.poll_interval_s, self.s.push_interval_s)):
+            try:
+                if self.capture is not None:
+                    self.capture.flush(stale_only=True)
+                if self.trial.on_trial:
+                    self.executor.submit(self._judge).result()
+                    continue
+                if self.s.weight_store is None:
+                    continue
+                if store is None:
+                    try:
+                        store = ray.get_actor(self.s.weight_store, namespace=self.s.namespace)
+                    except ValueError:
+                        continue  # the learner has not started yet
+                got = ray.get(store.latest.remote(self.known))
+                if got is None:
+                    continue
+                version, (ref,) = got
+                self.known = version
+                self.executor.submit(self.install, version, ray.get(ref)).result()
+            except Exception as e:
+                if isinstance(e, ray.exceptions.RayActorError):
+                    store = None  # the store's owner restarted: look the name up again
+                self.events.append({"event": "error", "error": f"{type(e).__name__}: {e}", "time": time.time()})
+                logger.exception("online draft: poll or install failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def stats(self) -> dict:
+        with self._lock:
+            out = {"draft_version": self.decoder.draft_version, "on_trial": self.trial.on_trial,
+                   "rejected_versions": sorted(self.rejected), "events": list(self.events),
+                   "rounds_per_version": dict(self.rounds_per_version)}
+        if self.capture is not None:
+            out["capture"] = dict(self.capture.counts)
+        return out
