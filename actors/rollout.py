@@ -82,6 +82,8 @@ import numpy as np
 import ray
 import torch
 
+from draftalign.weights import check_and_load_weights
+
 log = logging.getLogger(__name__)
 
 ROLLOUT_MAX_RESTARTS = 4  # a crash loop (e.g. a bad draft path) must end, not spin forever
@@ -334,24 +336,6 @@ class WeightStore:
                 "per_actor": per_actor, "learner_starts": self._learner_starts,
                 "learner_restarts": max(0, self._learner_starts - 1), "learner_info": self._learner_info,
                 "error": self._error}
-
-
-def check_and_load_weights(model: torch.nn.Module, weights: dict) -> None:
-    """Copy published weights into `model` after checking names, shapes and dtypes."""
-    own = model.state_dict()
-    missing, unexpected = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
-    if missing or unexpected:
-        raise ValueError(f"published weights do not match the draft: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        for name, arr in weights.items():
-            arr = np.asarray(arr)
-            if tuple(arr.shape) != tuple(own[name].shape):
-                raise ValueError(f"published weight {name} has shape {arr.shape}, draft has "
-                                 f"{tuple(own[name].shape)}")
-            if not np.issubdtype(arr.dtype, np.floating):
-                raise ValueError(f"published weight {name} has dtype {arr.dtype}, expected floating point")
-            own[name].copy_(torch.from_numpy(np.array(arr)))  # copy: plasma buffers are read-only
 
 
 class _DraftVocab:

@@ -39,11 +39,12 @@ draft_logprobs = behaviour log q, on_policy = True, policy_version = the oldest 
 Hot-swap. A version is a `{name: float ndarray}` dict keyed like the draft's state dict (the format of
 `learner.distill.publish_weights` into `actors.rollout.WeightStore`). `OnlineDraft.install` runs on the
 engine thread, so between two rounds: names, shapes and dtypes are checked before anything is copied
-(`check_weights`; a mismatch raises and leaves the draft untouched), the weights are copied in place and
-`SpecDecoder.refresh_draft` rebuilds the fused weights; generations in flight re-prefill their draft cache
-at their next round (one draft prefill per sequence in flight). The goodput policy's α̂ restarts from its prior,
-so a version replacing a draft the policy had switched off (γ = 0) drafts, and is judged, at once. Output stays
-lossless: the draft only changes which tokens are proposed, never which are emitted.
+(`draftalign.weights.check_weights`; a mismatch raises and leaves the draft untouched), the weights are
+copied in place and `SpecDecoder.refresh_draft` rebuilds the fused weights; generations in flight
+re-prefill their draft cache at their next round (one draft prefill per sequence in flight). The goodput
+policy's α̂ restarts from its prior, so a version replacing a draft the policy had switched off (γ = 0)
+drafts, and is judged, at once. Output stays lossless: the draft only changes which tokens are
+proposed, never which are emitted.
 
 Rollback (`VersionTrial`). Acceptance α̂ = accepted / (accepted + rejected) (serve.acceptance) over
 sequence-rounds. Installing v over u starts a trial: baseline α̂_u over u's last W = rollback_window
@@ -66,6 +67,7 @@ import numpy as np
 import ray
 import torch
 
+from draftalign.weights import check_and_load_weights, check_weights
 from serve.acceptance import per_token_acceptance
 from serve.goodput import AcceptanceEstimate
 
@@ -242,22 +244,6 @@ class RoundCapture:
 
 
 # ====================================================================== versions
-def check_weights(model: torch.nn.Module, weights: dict) -> None:
-    """Raise ValueError unless `weights` has exactly the model's state-dict names, shapes and float dtypes."""
-    own = model.state_dict()
-    missing, unexpected = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
-    if missing or unexpected:
-        raise ValueError(f"draft version does not match the served draft: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    for name, arr in weights.items():
-        arr = np.asarray(arr)
-        if tuple(arr.shape) != tuple(own[name].shape):
-            raise ValueError(f"draft version weight {name} has shape {tuple(arr.shape)}, the served draft "
-                             f"{tuple(own[name].shape)}")
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise ValueError(f"draft version weight {name} has dtype {arr.dtype}, expected floating point")
-
-
 @dataclass
 class VersionTrial:
     """Acceptance per draft version over sequence-rounds, and the rollback rule (module docstring)."""
@@ -331,10 +317,8 @@ class OnlineDraft:
         return {k: v.detach().float().cpu().numpy().copy() for k, v in self.decoder.draft.state_dict().items()}
 
     def _load(self, version: int, weights: dict) -> None:
-        from actors.rollout import check_and_load_weights
 
-        check_weights(self.decoder.draft, weights)  # all of it first: a bad version leaves the draft untouched
-        check_and_load_weights(self.decoder.draft, weights)
+        check_and_load_weights(self.decoder.draft, weights)  # checked whole first: a bad version changes nothing
         self.decoder.refresh_draft(version)
         if self.decoder.policy is not None:  # goodput γ: the old draft's α̂ says nothing of this one (γ = 0 would
             self.decoder.policy.estimate = AcceptanceEstimate()  # leave it unjudged but for probes): the prior

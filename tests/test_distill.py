@@ -18,7 +18,8 @@ import torch
 from distill_helpers import TOP_K, distill_log, job_fixture, peaked_target_fixture  # noqa: F401 - fixtures
 from distill_helpers import done as _done
 
-from actors.rollout import RolloutBatch, TargetPool, WeightStore, build_batch, check_and_load_weights
+from actors.rollout import RolloutBatch, TargetPool, WeightStore, build_batch
+from draftalign.weights import check_and_load_weights
 from learner.distill import ResponseLogits, batch_tensors, distill_loss, split_heldout
 
 # ------------------------------------------------------------------------------ pure functions

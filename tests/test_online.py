@@ -346,8 +346,8 @@ def test_version_with_a_wrong_shape_is_refused(server, client, reference, versio
 def test_refresh_mid_stream_keeps_greedy_output(tiny_target_path, target_tokenizer, versions, tree):
     """`SpecDecoder.refresh_draft` between two rounds of a stream (chain and tree): the stream restarts its draft
     cache, its tokens stay the target's, and the new draft (the target's weights) is accepted from then on."""
-    from actors.rollout import check_and_load_weights
     from draftalign.models import load_causal_lm
+    from draftalign.weights import check_and_load_weights
     from serve.sampling import SamplingParams
     from serve.specdec import SpecDecoder
 
