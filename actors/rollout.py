@@ -591,14 +591,7 @@ class RolloutWorker:
 
 @ray.remote(max_concurrency=2)  # run() loops in one thread; stop() / stats() use the other
 class RolloutActor(RolloutWorker):
-    """Ray actor around RolloutWorker. Create with `create_rollout_actors`.
-
-    rows_box: [ObjectRef of the replay rows]. Nested in a list, the reference (not the rows) is the constructor
-    argument, so Ray inlines it; a restarted actor re-reads the rows from the object store, where the driver
-    keeps them until the run ends (ray-project/ray#53727)."""
-
-    def __init__(self, actor_id: int, draft_path: str, rows_box: list, *args, **kwargs):
-        super().__init__(actor_id, draft_path, ray.get(rows_box[0]), *args, **kwargs)
+    """Ray actor around RolloutWorker. Create with `create_rollout_actors`."""
 
     def ping(self) -> int:
         return self.incarnation
@@ -620,7 +613,7 @@ def create_rollout_actors(cfg, draft_path: str, rows_ref, engines: list, queue, 
                                  resources=dict(r.resources) or None,
                                  max_restarts=ROLLOUT_MAX_RESTARTS, max_task_retries=-1,
                                  name=f"{name_prefix}-rollout-{i}" if name_prefix else None).remote(
-        i, draft_path, [rows_ref], engines, queue, store, on_policy_fraction=r.on_policy_fraction,
+        i, draft_path, rows_ref, engines, queue, store, on_policy_fraction=r.on_policy_fraction,
         temperature=r.temperature, max_new_tokens=r.max_new_tokens, batch_size=r.batch_size,
         top_k=cfg.target.top_k_logprobs, seed=cfg.seed, device=device, draft_vocab=draft_vocab,
         on_policy_mode=r.on_policy_mode, branch_tokens=tuple(r.branch_tokens),

@@ -182,7 +182,7 @@ def test_queue_is_bounded_and_weights_flow_through_the_store(ray_local, tiny_dra
     rows = [{"prompt_id": f"p{i}", "prompt_token_ids": [1, 5 + i], "response_token_ids": [7, 8, 2]}
             for i in range(4)]
     actor = RolloutActor.options(num_cpus=0).remote(
-        0, tiny_draft_path, [ray.put(rows)], [stub], queue, store, on_policy_fraction=0.5, temperature=1.0,
+        0, tiny_draft_path, rows, [stub], queue, store, on_policy_fraction=0.5, temperature=1.0,
         max_new_tokens=4, batch_size=2, top_k=TOP_K, seed=0)
     run = actor.run.remote()
     try:
