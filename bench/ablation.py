@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from draftalign.config import load_config  # noqa: E402
+from draftalign.io import write_json_atomic  # noqa: E402
 
 ARMS: dict[str, dict] = {
     "start": {},  # the undistilled draft: what distillation has to beat
@@ -161,10 +162,7 @@ def main(argv: list[str] | None = None) -> int:
            "arms": results}
     table = format_table(results)
     out["table"] = table
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, out)
     print(table)
     print(f"wrote {args.out}")
     return 0

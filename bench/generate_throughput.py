@@ -11,7 +11,6 @@ Engine start-up is reported separately and not counted in the rates.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from draftalign.config import load_config  # noqa: E402
+from draftalign.io import write_json_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,11 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         "shard_size": shard_size, "results": rows,
     }
     print(format_table(rows))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out)
+    write_json_atomic(Path(args.out), result)
     return result
 
 

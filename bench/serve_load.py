@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import statistics
@@ -40,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from draftalign.config import load_config  # noqa: E402
 from draftalign.data import chat_messages  # noqa: E402
 from draftalign.evaluate import machine  # noqa: E402
+from draftalign.io import write_json_atomic  # noqa: E402
 from serve.acceptance import draft_acceptance, per_token_acceptance  # noqa: E402
 
 ARMS = ("spec", "fixed", "base")  # goodput γ, fixed γ, target only
@@ -256,12 +256,8 @@ def main() -> None:
         print(f"WARNING: the 1-min load average reached {busiest:.1f} on {cores} cores during the load: "
               f"other processes shared the CPU, so the timings are noisy")
     result["max_loadavg_1m"] = busiest
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp_out.write_text(json.dumps(result, indent=2))
-    os.replace(tmp_out, out)
-    print(f"wrote {out}")
+    write_json_atomic(Path(args.out), result)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from draftalign.config import JobConfig
-from draftalign.io import write_json_atomic
+from draftalign.io import write_atomic, write_json_atomic
 from draftalign.models import (
     build_draft,
     load_causal_lm,
@@ -166,6 +166,11 @@ def _tokenize(docs: list[str], tok) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
+def _savez(path: Path, streams: dict) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+        np.savez(f, **streams)
+
+
 def prepare_tokens(cfg: JobConfig, tok, rdir: Path) -> tuple[dict[str, np.ndarray], str]:
     """Token streams {"train", "val"} of the corpus, cached in `<run_dir>/pretrain_data/` keyed by
     the documents, the tokenizer and the seed (so a restart skips tokenization)."""
@@ -187,15 +192,7 @@ def prepare_tokens(cfg: JobConfig, tok, rdir: Path) -> tuple[dict[str, np.ndarra
     n_val = int(round(len(docs) * VAL_FRACTION)) if len(docs) >= VAL_MIN_DOCS else 0
     streams = {"val": _tokenize([docs[i] for i in order[:n_val]], tok),
                "train": _tokenize([docs[i] for i in order[n_val:]], tok)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **streams)
-        os.replace(tmp, path)  # a killed writer leaves no half cache
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda tmp: _savez(tmp, streams))  # a killed writer leaves no half cache
     _say(f"tokenized {len(docs)} documents: {len(streams['train']):,} train + {len(streams['val']):,} "
          f"val tokens in {time.time() - t0:.1f}s -> {path}")
     return streams, key
