@@ -66,21 +66,21 @@ class Generation:
     tree_nodes: int = 0  # tree mode: nodes the target verified (N per round)
     accepted_siblings: int = 0  # tree mode: accepted nodes that were not the draft's first choice (rank > 0)
 
-    def record_round(self, k: int, gamma: int, emitted: int) -> int:
+    def record_round(self, k: int, gamma: int, emitted: int) -> tuple[int, int]:
         """Count one round that accepted k of γ draft tokens (a tree: of its depth) and emitted
-        `emitted` tokens (fewer when a stop ended the request); returns the accepted count."""
+        `emitted` tokens (fewer when a stop ended the request); returns (accepted, rejected) as counted."""
         acc, rej = round_outcome(k, gamma, emitted)
         self.rounds += 1
         if gamma == 0:
             self.target_only_rounds += 1
-            return 0
+            return 0, 0
         self.proposed += gamma
         self.accepted += acc
         self.rejected += rej
         self.accepted_histogram[k] += 1
         for i in range(acc):
             self.accepted_per_position[i] += 1
-        return acc
+        return acc, rej
 
     @property
     def acceptance_rate(self) -> float:
@@ -538,9 +538,7 @@ class SpecDecoder:
             was_active = list(active)
             new = self._commit(gens, active, [out[s, :ks[s] + 1].tolist() for s in range(B)], params)
             live = [s for s in range(B) if was_active[s]]
-            outcomes = [round_outcome(ks[s], g, len(new[s])) for s in live]
-            for s in live:
-                gens[s].record_round(ks[s], g, len(new[s]))
+            outcomes = [gens[s].record_round(ks[s], g, len(new[s])) for s in live]
             if self.policy is not None and g:
                 self.policy.observe(sum(a for a, _ in outcomes), sum(r for _, r in outcomes))
             if self.observer is not None and g:
@@ -623,7 +621,7 @@ class SpecDecoder:
             new = self._commit(gens, active, [emit[s, : ks[s] + 1].tolist() for s in range(B)], params)
             for s in range(B):
                 if was_active[s]:
-                    acc = gens[s].record_round(ks[s], D, len(new[s]))
+                    acc, _ = gens[s].record_round(ks[s], D, len(new[s]))
                     gens[s].tree_nodes += N
                     gens[s].accepted_siblings += sum(side[s][:acc])
             live = [s for s in range(B) if was_active[s]]
