@@ -3,7 +3,9 @@
 Arms (order rotating from prompt to prompt, so machine drift falls on all of them alike):
 - `target_only`   draftalign's engine without a draft;
 - `hf_generate`   Hugging Face `generate` of the target alone — the independent greedy reference;
-- `draftalign`    speculative decoding in draftalign's engine with the draft's own vocabulary;
+- `draftalign`    speculative decoding in draftalign's engine with the draft's own vocabulary and the
+                  job's `draft.step_dtype` (float16 single-row draft products on CPU by default);
+- `draftalign_own_dtype`  the same with every draft product in the draft's own dtype (when they differ);
 - `hf_assisted`   HF assisted generation (`assistant_model=draft`, γ constant) with the same draft;
 - `draftalign_N`  the same draft decoded with its head restricted to the N most frequent target tokens
                   of the run's distillation set (FR-Spec, training-free), N in --vocab;
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from draftalign.config import load_config  # noqa: E402
 from draftalign.evaluate import eval_prompts, load_pair, machine  # noqa: E402
 from draftalign.io import write_json_atomic  # noqa: E402
-from draftalign.models import resolve_target, save_pretrained_atomic  # noqa: E402
+from draftalign.models import draft_step_dtype, resolve_target, save_pretrained_atomic  # noqa: E402
 from draftalign.runtime import configure_vllm_env  # noqa: E402
 from draftalign.vocab import frequent_tokens  # noqa: E402
 from serve.acceptance import per_token_acceptance  # noqa: E402
@@ -161,11 +163,15 @@ def main() -> None:
     from actors.generate import load_distill_set
 
     answers = load_distill_set(args.run)["response_token_ids"]
-    engines = {"target_only": SpecDecoder(target, None, tok), "draftalign": SpecDecoder(target, draft, tok, g,
-                                                                                      draft_vocab=vocab)}
+    step = draft_step_dtype(cfg.draft.step_dtype, draft.dtype)
+    engines = {"target_only": SpecDecoder(target, None, tok),
+               "draftalign": SpecDecoder(target, draft, tok, g, draft_vocab=vocab, draft_step_dtype=step)}
+    if step is not None:
+        engines["draftalign_own_dtype"] = SpecDecoder(target, draft, tok, g, draft_vocab=vocab)
     for n in args.vocab:
         sub = None if n == 0 else frequent_tokens(answers, n, always=[eos, tok.bos_token_id, tok.pad_token_id])
-        engines[f"draftalign_{n or 'full'}"] = SpecDecoder(target, draft, tok, g, draft_vocab=sub)
+        engines[f"draftalign_{n or 'full'}"] = SpecDecoder(target, draft, tok, g, draft_vocab=sub,
+                                                           draft_step_dtype=step)
     ref_target = type(target).from_pretrained(resolve_target(cfg.target.model), dtype=target.dtype).eval()
     ref_draft = type(draft).from_pretrained(draft_path, dtype=draft.dtype).eval()  # HF's own, unpatched copies
 

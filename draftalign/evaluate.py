@@ -35,6 +35,7 @@ from draftalign.models import (
     ModelError,
     build_draft,
     default_draft,
+    draft_step_dtype,
     load_causal_lm,
     load_draft,
     load_tokenizer,
@@ -139,10 +140,13 @@ def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: boo
                             max_new_tokens=ev.max_new_tokens, seed=cfg.seed)
     prompts = eval_prompts(tok, cfg, target.config.max_position_embeddings)
     base = SpecDecoder(target, None, tok)
-    engines = {name: SpecDecoder(target, model, tok, gamma=ev.gamma[0], draft_vocab=vocab)
+    step = {name: draft_step_dtype(cfg.draft.step_dtype, model.dtype) for name, (model, _) in drafts.items()}
+    engines = {name: SpecDecoder(target, model, tok, gamma=ev.gamma[0], draft_vocab=vocab,
+                                 draft_step_dtype=step[name])
                for name, (model, vocab) in drafts.items()}
     arms = [("target", base, None)] + [(f"{name}@{g}", engines[name], g) for name in drafts for g in ev.gamma]
-    arms += [(f"{name}@{tree_label(t)}", SpecDecoder(target, model, tok, draft_vocab=vocab, tree=t), len(t))
+    arms += [(f"{name}@{tree_label(t)}", SpecDecoder(target, model, tok, draft_vocab=vocab, tree=t,
+                                                      draft_step_dtype=step[name]), len(t))
              for name, (model, vocab) in drafts.items() for t in ev.trees]
     # warm-up: every arm, so the first timed prompt runs like the last (allocator, thread pool, caches)
     warm = next(iter(prompts.values()))[0]
@@ -282,6 +286,7 @@ def _eval_json(cfg: JobConfig, name: str, draft: str, summary: dict, dtype, info
             "lossless_greedy": {k: sum(c["lossless_greedy"][k] for c in [*cells.values(), *trees.values()])
                                 for k in ("checked", "mismatches")},
             "max_new_tokens": cfg.eval.max_new_tokens, "dtype": str(dtype).removeprefix("torch."),
+            "draft_step_dtype": str(draft_step_dtype(cfg.draft.step_dtype, dtype)).removeprefix("torch."),
             "target_only": summary["target_only"], "machine": info, "interleaved_with": list(summary["arms"])}
 
 

@@ -110,6 +110,16 @@ def pick_dtype(name: str = "auto", device: str | torch.device = "cpu") -> torch.
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
+def draft_step_dtype(name: str, draft_dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.dtype | None:
+    """`draft.step_dtype` → the dtype of the draft's single-row decoding products, None = its own."""
+    if name == "off":
+        return None
+    if name == "auto":
+        cpu_fp32 = torch.device(device).type == "cpu" and draft_dtype == torch.float32
+        return torch.float16 if cpu_fp32 else None
+    return getattr(torch, name)
+
+
 def load_tokenizer(path: str):
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:

@@ -330,6 +330,7 @@ def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch
         raise ValueError("serve.online (capture, hot-swap) needs a draft: this app serves the target alone")
     settings = ReplicaSettings(engine=sc.engine, gamma=sc.gamma, gamma_policy=sc.gamma_policy,
                                tree=tuple(sc.tree) if sc.tree else None, dtype=cfg.target.dtype,
+                               draft_step_dtype=cfg.draft.step_dtype,
                                max_model_len=cfg.target.max_model_len, max_batch_size=sc.max_batch_size,
                                batch_wait_timeout_s=sc.batch_wait_timeout_s, torch_threads=threads,
                                kv_cache_gib=cfg.target.kv_cache_gib, use_gpu=sc.gpus_per_replica > 0,

@@ -25,7 +25,7 @@ class NativeEngine:
     def __init__(self, target_path: str, draft_path: str | None, s: ReplicaSettings, context: int):
         import torch
 
-        from draftalign.models import load_causal_lm, load_draft, load_tokenizer, pick_dtype
+        from draftalign.models import draft_step_dtype, load_causal_lm, load_draft, load_tokenizer, pick_dtype
         from draftalign.vocab import load_draft_vocab
         from serve.goodput import GoodputPolicy
         from serve.specdec import SpecDecoder
@@ -39,7 +39,9 @@ class NativeEngine:
                  if draft_path else None)
         vocab = load_draft_vocab(draft_path, target.config.vocab_size) if draft_path else None
         tree = s.tree if draft is not None else None
-        self.decoder = SpecDecoder(target, draft, self.tokenizer, gamma=s.gamma, draft_vocab=vocab, tree=tree)
+        step = draft_step_dtype(s.draft_step_dtype, dtype, device)
+        self.decoder = SpecDecoder(target, draft, self.tokenizer, gamma=s.gamma, draft_vocab=vocab, tree=tree,
+                                   draft_step_dtype=step)
         self.decoder.max_len = min(self.decoder.max_len, context)
         if draft is not None and tree is None and s.gamma_policy == "goodput":  # trees: fixed shape per round
             sizes = tuple(b for b in (1, 2, 4, 8, 16, 32) if b <= s.max_batch_size)

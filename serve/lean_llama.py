@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from serve.kernels import decode_linear
+from serve.kernels import half_copy, one_row_linear
 
 
 def _unsupported(model) -> str | None:
@@ -137,10 +137,12 @@ class LeanLlama:
     """Decoder body of an HF `LlamaForCausalLM` (eval) for decoding: `hidden` → final-norm hidden states.
 
     Holds references to the model's embedding and norm weights and fused copies of each layer's
-    projections; the LM head is left to the caller.
+    projections; the LM head is left to the caller. one_row_dtype (e.g. torch.float16, for a draft):
+    also keep copies of the fused weights in that dtype for single-row forwards
+    (`serve.kernels.one_row_linear`); None = every product in the model's dtype.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, one_row_dtype: torch.dtype | None = None):
         reason = _unsupported(model)
         if reason is not None:
             raise ValueError(f"LeanLlama cannot run this model: {reason}")
@@ -167,6 +169,8 @@ class LeanLlama:
                     torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),  # (2I, H)
                     m.down_proj.weight.detach(),  # (H, I)
                 ))
+        # the same fused products in one_row_dtype (None each where it does not apply)
+        self.half = [tuple(half_copy(w, one_row_dtype) if w.dim() == 2 else None for w in ws) for ws in self.layers]
 
     @staticmethod
     def supports(model) -> bool:
@@ -230,8 +234,9 @@ class LeanLlama:
 
         x = F.embedding(ids[:, start:], self.embed)  # (B, n, H)
         for i, (ln1, qkv_w, o_w, ln2, gu_w, down_w) in enumerate(self.layers):
+            _, qkv_h, o_h, _, gu_h, down_h = self.half[i]
             h = self._rms_norm(x, ln1)  # (B, n, H)
-            qkv = decode_linear(h, qkv_w).view(B, n, NH + 2 * KV, D)  # (B, n, NH+2KV, D)
+            qkv = one_row_linear(h, qkv_w, qkv_h).view(B, n, NH + 2 * KV, D)  # (B, n, NH+2KV, D)
             qk = qkv[:, :, : NH + KV]  # (B, n, NH+KV, D): RoPE on q and k at once
             rot = torch.cat((qk[..., half:], qk[..., :half]), -1)  # rotate_half(qk) up to the sign in sin
             qk = (qk * cos) + (rot * sin)  # (B, n, NH+KV, D)
@@ -244,9 +249,9 @@ class LeanLlama:
             y = y.transpose(1, 2)  # (B, n, NH, D)
             if dead is not None:
                 y = y.masked_fill(dead, 0)  # HF/SDPA: a query with no key attends to nothing
-            x = x + decode_linear(y.reshape(B, n, NH * D), o_w)  # (B, n, H)
+            x = x + one_row_linear(y.reshape(B, n, NH * D), o_w, o_h)  # (B, n, H)
             h = self._rms_norm(x, ln2)  # (B, n, H)
-            gu = decode_linear(h, gu_w)  # (B, n, 2I)
-            x = x + decode_linear(F.silu(gu[..., :FF]) * gu[..., FF:], down_w)  # (B, n, H)
+            gu = one_row_linear(h, gu_w, gu_h)  # (B, n, 2I)
+            x = x + one_row_linear(F.silu(gu[..., :FF]) * gu[..., FF:], down_w, down_h)  # (B, n, H)
         cache.length = T
         return self._rms_norm(x, self.norm)  # (B, n, H)

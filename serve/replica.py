@@ -33,6 +33,7 @@ class ReplicaSettings:
     gamma_policy: Literal["goodput", "fixed"] = "goodput"
     tree: tuple[int, ...] | None = None
     dtype: str = "auto"
+    draft_step_dtype: str = "auto"  # draft.step_dtype
     max_model_len: int = 1024
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.01

@@ -77,6 +77,22 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
 
+def draw(probs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`sample`, except at greedy, where probs is one_hot(argmax) and the draw is its argmax (no RNG, and
+    no multinomial over the vocabulary: ≈0.4 ms per call on a 49k vocabulary on a 2-core CPU)."""
+    return probs.argmax(-1) if params.greedy else sample(probs, generator)
+
+
+def greedy_verify(draft_tokens: torch.Tensor, target_argmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rejection_sample` at temperature 0, where p and q are one-hot: accept x_i while x_i = argmax p_i;
+    the next token is argmax p at the first mismatch (or the bonus position γ + 1).
+
+    draft_tokens (B, γ), target_argmax (B, γ+1) → num_accepted (B,), next_token (B,)."""
+    gamma = draft_tokens.shape[1]
+    num_accepted = (draft_tokens == target_argmax[:, :gamma]).long().cumprod(-1).sum(-1)  # (B,)
+    return num_accepted, target_argmax.gather(1, num_accepted[:, None])[:, 0]
+
+
 def rejection_sample(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Verify γ draft tokens against the target.

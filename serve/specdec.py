@@ -43,9 +43,9 @@ from transformers import DynamicCache
 
 from serve.acceptance import draft_acceptance, per_token_acceptance, round_outcome
 from serve.goodput import GoodputPolicy, StepCosts
-from serve.kernels import decode_linear, use_decode_matmul
+from serve.kernels import half_copy, one_row_linear, use_decode_matmul
 from serve.lean_llama import KVCache, LeanLlama
-from serve.sampling import SamplingParams, logits_to_probs, rejection_sample, sample
+from serve.sampling import SamplingParams, draw, greedy_verify, logits_to_probs, rejection_sample
 from serve.tree import DRAFTING, ancestors, expand, static_tree, verify_greedy, verify_sample
 
 
@@ -164,15 +164,18 @@ class _Head:
     """A model's body and LM head, the head restricted to `vocab` (sorted token ids) when given. The body
     runs through `serve.lean_llama` where it supports the model (lean=True), else HF's own forward."""
 
-    def __init__(self, model, vocab: list[int] | None = None, lean: bool = True):
+    def __init__(self, model, vocab: list[int] | None = None, lean: bool = True,
+                 one_row_dtype: torch.dtype | None = None):
         if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
             raise ValueError(f"{type(model).__name__}: logit soft-capping / scaling is not supported by the engine")
         self.model, self.body = model, model.get_decoder()
-        self.lean = LeanLlama(model) if lean and LeanLlama.supports(model) else None
+        self.lean = LeanLlama(model, one_row_dtype) if lean and LeanLlama.supports(model) else None
         weight = model.get_output_embeddings().weight  # (V, H)
         self.vocab_size = weight.shape[0]
         self.ids = None if vocab is None else torch.tensor(vocab, dtype=torch.long, device=weight.device)
         self.weight = weight if self.ids is None else weight.detach()[self.ids].contiguous()  # (N, H)
+        self.half = half_copy(self.weight, one_row_dtype)  # (N, H) in one_row_dtype, or None
+        self.one_row_dtype = one_row_dtype
 
     def hidden(self, cache: DynamicCache, batch: _Batch, start: int, extra: torch.Tensor | None = None,
                anc: torch.Tensor | None = None):
@@ -210,7 +213,7 @@ class _Head:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., H) → logits over the head's own rows (..., N)."""
-        return decode_linear(h, self.weight)
+        return one_row_linear(h, self.weight, self.half)
 
     def probs(self, h: torch.Tensor, params: SamplingParams,
               logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,11 +286,14 @@ class SpecDecoder:
     At temperature 0 the tree is always top-k and verified by `verify_greedy`.
     policy: a `serve.goodput.GoodputPolicy` picks each chain round's γ ≤ gamma from the batch size and the
     measured step costs (`measure_step_costs`); None = every round drafts gamma (the eval's setting).
+    draft_step_dtype: the dtype of the draft's single-row products (`serve.kernels.one_row_linear`, e.g.
+    torch.float16 on CPU), None = the draft's own. Lossless either way: q is what the draft computed.
     """
 
     def __init__(self, target, draft=None, tokenizer=None, gamma: int = 3, verifier=rejection_sample,
                  draft_vocab: list[int] | None = None, decode_matmul: bool = True, lean: bool = True,
-                 tree: list[int] | None = None, drafting: str = "topk", policy: GoodputPolicy | None = None):
+                 tree: list[int] | None = None, drafting: str = "topk", policy: GoodputPolicy | None = None,
+                 draft_step_dtype: torch.dtype | None = None):
         if tree is not None:
             if draft is None:
                 raise ValueError("a token tree needs a draft model")
@@ -315,7 +321,7 @@ class SpecDecoder:
         self.gamma, self.verifier = gamma, verifier
         self.device = next(target.parameters()).device
         self._t = _Head(target, lean=lean)
-        self._d = _Head(draft, draft_vocab, lean=lean) if draft is not None else None
+        self._d = _Head(draft, draft_vocab, lean, draft_step_dtype) if draft is not None else None
         eos = target.generation_config.eos_token_id if target.generation_config else None
         eos = eos if eos is not None else target.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -337,7 +343,7 @@ class SpecDecoder:
         if self.draft is None:
             raise ValueError("this engine has no draft to refresh")
         vocab = None if self._d.ids is None else self._d.ids.tolist()
-        self._d = _Head(self.draft, vocab, lean=self._d.lean is not None)
+        self._d = _Head(self.draft, vocab, self._d.lean is not None, self._d.one_row_dtype)
         self.draft_version = version
 
     # ------------------------------------------------------------------ step costs
@@ -481,7 +487,7 @@ class SpecDecoder:
             h = self._timed("target", cached == 0, self._t.hidden, cache, batch, cached)[:, -1]  # (B, H)
             cached = batch.length
             _, p = self._t.probs(h, params)  # (B, V)
-            tok = sample(p, gen)  # (B,)
+            tok = draw(p, params, gen)  # (B,)
             for g, a in zip(gens, active):
                 g.rounds += a
             new = self._commit(gens, active, tok[:, None].tolist(), params)
@@ -512,7 +518,7 @@ class SpecDecoder:
                 d_len = L + i
                 q, q_sub = d.probs(h, params)  # (B, V), (B, N)
                 draft_probs.append(q)
-                draft_tokens.append(d.token(sample(q_sub, gen)))
+                draft_tokens.append(d.token(draw(q_sub, params, gen)))
                 extra = torch.stack(draft_tokens, 1)
             x = torch.stack(draft_tokens, 1) if g else batch.ids.new_zeros(B, 0)  # (B, γ)
             q = torch.stack(draft_probs, 1) if g else None  # (B, γ, V)
@@ -528,10 +534,12 @@ class SpecDecoder:
             p, _ = self._t.probs(h, params, z)  # (B, γ+1, V)
 
             # 3. Verify: accept a prefix, then a recovered or bonus token; sequence s emits k_s + 1 tokens.
-            if g:
+            if g and params.greedy:  # the verifier's special case (one-hot p and q), without its sampling
+                k, nxt = greedy_verify(x, p.argmax(-1))  # (B,), (B,)
+            elif g:
                 k, nxt = self.verifier(x, q, p, gen)  # (B,), (B,)
             else:  # no draft this round: a target step
-                k, nxt = torch.zeros(B, dtype=torch.long, device=self.device), sample(p[:, 0], gen)
+                k, nxt = torch.zeros(B, dtype=torch.long, device=self.device), draw(p[:, 0], params, gen)
             out = torch.cat([x, x.new_zeros(B, 1)], 1)  # (B, γ+1)
             out[rows, k] = nxt
             ks = k.tolist()

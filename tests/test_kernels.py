@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from serve.kernels import MAX_ROWS, DecodeLinear, _pad, decode_linear, use_decode_matmul
+from serve.kernels import MAX_ROWS, DecodeLinear, _pad, decode_linear, half_copy, one_row_linear, use_decode_matmul
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 11, 16, 23, MAX_ROWS - 1, MAX_ROWS, MAX_ROWS + 1])
@@ -38,3 +38,17 @@ def test_use_decode_matmul_swaps_every_linear_in_place():
     assert all(type(m) is DecodeLinear for m in model if isinstance(m, torch.nn.Linear))
     assert torch.allclose(model(x), before, atol=1e-6)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_one_row_linear_uses_the_half_copy_for_single_rows_only():
+    torch.manual_seed(0)
+    w = torch.randn(96, 48)
+    half = half_copy(w, torch.float16)
+    assert half.dtype == torch.float16 and half_copy(w.half(), torch.float16) is None and half_copy(w, None) is None
+    one = torch.randn(1, 1, 48)
+    want = F.linear(one.half(), half).float()  # the float16 product, bit for bit
+    assert torch.equal(one_row_linear(one, w, half), want) and one_row_linear(one, w, half).dtype == torch.float32
+    assert torch.allclose(one_row_linear(one, w, half), F.linear(one, w), rtol=1e-2, atol=2e-2)
+    many = torch.randn(1, 3, 48)  # several rows: the float32 product (float16 is slower there)
+    assert torch.equal(one_row_linear(many, w, half), decode_linear(many, w))
+    assert torch.equal(one_row_linear(one, w, None), decode_linear(one, w))

@@ -23,7 +23,7 @@ from specdec_helpers import (
 )
 
 from draftalign.models import load_causal_lm, load_tokenizer
-from serve.sampling import SamplingParams, logits_to_probs, rejection_sample, sample
+from serve.sampling import SamplingParams, greedy_verify, logits_to_probs, rejection_sample, sample
 from serve.specdec import SpecDecoder
 
 P_MIN = 0.01  # χ² p-value above which the empirical distribution is accepted as the target's
@@ -59,6 +59,21 @@ def test_greedy_equals_hf_generate_with_partial_acceptance(partial_pair, target_
         hist = [a + b for a, b in zip(hist, got.accepted_histogram)]
     # every partial acceptance 0 < k < γ (and its cache rollback) happened
     assert all(h > 0 for h in hist[1:gamma]), hist
+
+
+def test_float16_draft_steps_stay_lossless(partial_pair, target_tokenizer):
+    """draft.step_dtype: the draft's single-row products in float16 change q, never the output."""
+    target, ref, draft = partial_pair
+    engine = SpecDecoder(target, draft, target_tokenizer, gamma=3, draft_step_dtype=torch.float16)
+    assert engine._d.lean.half[0][1].dtype == torch.float16 and engine._t.lean.half[0][1] is None
+    params = SamplingParams(max_new_tokens=24)
+    eos = target_tokenizer.eos_token_id
+    hist = [0] * 4
+    for p in random_prompts(20, target.config.vocab_size, seed=41):
+        got = engine.generate([p], params)[0]
+        assert got.token_ids == hf_greedy(ref, p, 24, eos)
+        hist = [a + b for a, b in zip(hist, got.accepted_histogram)]
+    assert hist[0] > 0 and sum(hist[1:]) > 0, hist  # rounds both rejected and accepted float16 proposals
 
 
 def test_ragged_batch_equals_single_with_partial_acceptance(partial_pair, target_tokenizer):
@@ -171,6 +186,15 @@ def test_three_token_sampling_matches_target_distribution(gamma, vocab):
     assert chi2_p(counts, exact) > P_MIN
 
 
+def test_three_token_sampling_with_float16_draft_steps_matches_target_distribution():
+    target, draft = small_lm(0, 60.0), small_lm(1, 60.0)
+    prompt, params = [1, 5, 2], SamplingParams(temperature=1.0)
+    exact = exact_three_token_dist(target, prompt, params)
+    engine = SpecDecoder(target, draft, None, gamma=3, draft_step_dtype=torch.float16)
+    counts = empirical(engine, prompt, params, n=8000, batch=500, seed0=7000, gamma=3, tokens=3)
+    assert chi2_p(counts, exact) > P_MIN
+
+
 @pytest.mark.parametrize("broken", [_always_accept, _resample_from_p], ids=["always-accept", "resample-from-p"])
 def test_broken_acceptance_rule_fails_the_same_test(broken):
     target, draft = small_lm(0, 60.0), small_lm(1, 60.0)
@@ -202,6 +226,18 @@ def test_rejection_sampler_marginal_is_p_exactly_enumerated():
     out = torch.where(k == 1, x[:, 0], nxt)
     counts += torch.bincount(out, minlength=6)
     assert torch.allclose(counts / n, p.double(), atol=4e-3)
+
+
+def test_greedy_verify_is_the_rejection_sampler_on_one_hot_distributions():
+    torch.manual_seed(0)
+    B, gamma, V = 64, 4, 7
+    target_argmax = torch.randint(0, V, (B, gamma + 1))
+    x = torch.where(torch.rand(B, gamma) < 0.6, target_argmax[:, :gamma], torch.randint(0, V, (B, gamma)))
+    oh = lambda t: torch.nn.functional.one_hot(t, V).float()  # noqa: E731
+    k, nxt = greedy_verify(x, target_argmax)
+    k_ref, nxt_ref = rejection_sample(x, oh(x), oh(target_argmax))
+    assert torch.equal(k, k_ref) and torch.equal(nxt, nxt_ref)
+    assert set(k.tolist()) == set(range(gamma + 1))  # every outcome, bonus included, was exercised
 
 
 def test_logits_to_probs_filters():
