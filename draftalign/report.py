@@ -46,6 +46,21 @@ def _table(evals: dict[str, dict]) -> list[str]:
     return lines
 
 
+def headline_gamma(run: Path, evals: dict[str, dict]) -> int:
+    """The γ the headline reports: the job's served γ (serve.gamma) when every eval measured it, else the
+    first γ measured (an eval over γ = 1, 3, 5 of a job serving γ = 3 headlines γ = 3, not 1)."""
+    job = _load(run / "job.json") or {}
+    g = job.get("serve", {}).get("gamma")
+    if g is not None and all(str(g) in ev.get("by_gamma", {}) for ev in evals.values()):
+        return int(g)
+    return next(iter(evals.values()))["gamma"] if evals else 0
+
+
+def _at(ev: dict, g: int) -> dict:
+    """An eval's {tasks, overall} block at γ = g (the top level holds the first γ)."""
+    return ev.get("by_gamma", {}).get(str(g), ev)
+
+
 def write_report(run: Path) -> Path:
     import matplotlib
 
@@ -95,12 +110,13 @@ def write_report(run: Path) -> Path:
 
     lines = [f"# draftalign report: {run.name}", ""]
     if len(evals) == 2:
-        a, b = evals["pretrained"], evals["distilled"]
+        g = headline_gamma(run, evals)
+        a, b = _at(evals["pretrained"], g), _at(evals["distilled"], g)
         for task in ("chat", "overall"):
             ra = a["tasks"].get(task) if task != "overall" else a["overall"]
             rb = b["tasks"].get(task) if task != "overall" else b["overall"]
             if ra and rb:
-                lines.append(f"- **{task}**: block efficiency τ {ra['block_efficiency']:.2f}"
+                lines.append(f"- **{task}** (γ = {g}): block efficiency τ {ra['block_efficiency']:.2f}"
                              f"{_ci(ra, 'block_efficiency')} after stage 1 (pretrained) → "
                              f"{rb['block_efficiency']:.2f}{_ci(rb, 'block_efficiency')} after stage 3 (distilled); "
                              f"α {ra['acceptance_rate']:.3f} → {rb['acceptance_rate']:.3f}; speedup over target-only "

@@ -94,3 +94,13 @@ def test_run_killed_during_generation_then_rerun_completes(tmp_path, tiny_target
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     for stage in ("generate", "pretrain", "distill", "eval"):
         assert f"[run] {stage}: complete" in third.stdout
+
+
+def test_report_headline_is_at_the_served_gamma(tmp_path):
+    from draftalign.report import headline_gamma
+
+    ev = {"gamma": 1, "by_gamma": {"1": {}, "3": {}, "5": {}}}
+    (tmp_path / "job.json").write_text(json.dumps({"serve": {"gamma": 3}}))
+    assert headline_gamma(tmp_path, {"pretrained": ev, "distilled": ev}) == 3
+    (tmp_path / "job.json").write_text(json.dumps({"serve": {"gamma": 4}}))  # not measured: the first γ
+    assert headline_gamma(tmp_path, {"pretrained": ev, "distilled": ev}) == 1
