@@ -66,6 +66,20 @@ def _branching(text: str) -> list[int]:
     return tree
 
 
+def eval_destinations(out: Path | None, names: list[str]) -> dict[str, Path]:
+    """Where `draftalign eval --out` writes each draft's JSON: a file for one draft, or eval_<NAME>.json in a
+    directory (one that exists, or any path when several drafts are compared).
+    Checked before the eval runs, so a measurement is never lost to a bad path at the end."""
+    if out is None:
+        return {}
+    as_dir = out.is_dir() or len(names) > 1
+    if not as_dir and out.suffix != ".json":
+        raise typer.BadParameter(f"--out {out}: give a .json file, or an existing directory")
+    if as_dir and out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"--out {out} is a file, but {len(names)} drafts need a directory")
+    return {n: out / f"eval_{n}.json" for n in names} if as_dir else {names[0]: out}
+
+
 @app.command()
 def eval(job: Path = JobArg, target: str = typer.Option(None, help="target model (overrides target.model)"),
          draft: list[str] = typer.Option(None, help="draft checkpoint path, 'new' for a fresh draft.arch draft, "
@@ -75,8 +89,9 @@ def eval(job: Path = JobArg, target: str = typer.Option(None, help="target model
                                                  "e.g. 2,2,1 (repeatable)"),
          temperature: float = typer.Option(None), prompts_per_task: int = typer.Option(None),
          max_new_tokens: int = typer.Option(None),
-         out: Path = typer.Option(None, help="write the eval JSON here (one draft) or eval_<NAME>.json into "
-                                             "this directory (several)"), overrides: list[str] = SetOpt):
+         out: Path = typer.Option(None, help="a .json path (one draft), or an existing directory: eval_<NAME>.json "
+                                             "per draft in it (a new one when several drafts are compared)"),
+         overrides: list[str] = SetOpt):
     """Acceptance rate, block efficiency and speedup of drafts against their target, per task and γ,
     every arm interleaved per prompt in one run."""
     from draftalign.evaluate import run_eval
@@ -95,7 +110,7 @@ def eval(job: Path = JobArg, target: str = typer.Option(None, help="target model
             name, _, path = spec.partition("=") if spec and "=" in spec else (f"draft{i}" if len(specs) > 1
                                                                               else "draft", "", spec)
             drafts[name] = path
-        dest = out if len(drafts) == 1 or out is None else {n: Path(out) / f"eval_{n}.json" for n in drafts}
+        dest = eval_destinations(out, list(drafts))
         run_eval(cfg, drafts, out=dest)
 
     _guard(go)

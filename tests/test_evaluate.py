@@ -69,3 +69,21 @@ def test_tree_arms_are_measured_beside_the_chains(tmp_path, tiny_target_path):
         row = res["by_tree"][label]["overall"]
         assert row["acceptance_rate"] == 1.0 and row["block_efficiency"] > depth
     assert res["lossless_greedy"] == {"checked": 6, "mismatches": 0}
+
+
+def test_eval_out_is_checked_before_the_eval_runs(tmp_path):
+    """`draftalign eval --out`: a directory gets eval_<NAME>.json (one draft too), a bad path fails up front."""
+    import typer
+
+    from draftalign.cli import eval_destinations
+
+    assert eval_destinations(tmp_path, ["distilled"]) == {"distilled": tmp_path / "eval_distilled.json"}
+    assert eval_destinations(tmp_path / "e.json", ["d"]) == {"d": tmp_path / "e.json"}
+    assert eval_destinations(tmp_path / "new", ["a", "b"]) == {"a": tmp_path / "new" / "eval_a.json",
+                                                               "b": tmp_path / "new" / "eval_b.json"}
+    assert eval_destinations(None, ["d"]) == {}
+    with pytest.raises(typer.BadParameter, match="existing directory"):
+        eval_destinations(tmp_path / "missing_dir", ["d"])
+    (tmp_path / "f.json").write_text("{}")
+    with pytest.raises(typer.BadParameter, match="need a directory"):
+        eval_destinations(tmp_path / "f.json", ["a", "b"])
