@@ -10,6 +10,8 @@ a restricted draft vocabulary), with broken acceptance rules as the negative con
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from specdec_helpers import (
@@ -192,6 +194,24 @@ def test_three_token_sampling_with_float16_draft_steps_matches_target_distributi
     exact = exact_three_token_dist(target, prompt, params)
     engine = SpecDecoder(target, draft, None, gamma=3, draft_step_dtype=torch.float16)
     counts = empirical(engine, prompt, params, n=8000, batch=500, seed0=7000, gamma=3, tokens=3)
+    assert chi2_p(counts, exact) > P_MIN
+
+
+def test_bfloat16_decoding_stays_lossless(partial_pair, target_tokenizer):
+    """bf16 decoding (what `pick_dtype` chooses on CPUs with native bf16; emulated, slowly, elsewhere):
+    greedy equal to HF `generate` of the same bf16 target, and the χ² test over 3 sampled tokens against
+    the bf16 target's exact distribution (computed by HF's forward, not the engine's)."""
+    target, ref, draft = (copy.deepcopy(m).to(torch.bfloat16) for m in partial_pair)  # the fixture stays fp32
+    engine = SpecDecoder(target, draft, target_tokenizer, gamma=3)
+    params = SamplingParams(max_new_tokens=16)
+    eos = target_tokenizer.eos_token_id
+    for p in random_prompts(10, target.config.vocab_size, seed=51):
+        assert engine.generate([p], params)[0].token_ids == hf_greedy(ref, p, 16, eos)
+    t16, d16 = small_lm(0, 60.0).to(torch.bfloat16), small_lm(1, 60.0).to(torch.bfloat16)
+    prompt, sp = [1, 5, 2], SamplingParams(temperature=1.0)
+    exact = exact_three_token_dist(t16, prompt, sp)
+    counts = empirical(SpecDecoder(t16, d16, None, gamma=3), prompt, sp, n=8000, batch=500, seed0=9000,
+                       gamma=3, tokens=3)
     assert chi2_p(counts, exact) > P_MIN
 
 
