@@ -254,3 +254,43 @@ def test_tree_sampling_matches_target_distribution(branching, drafting):
     counts = empirical(engine, prompt, params, n=6000, batch=500, tokens=3, seed0=7000)
     assert chi2_p(counts, exact_three_token_dist(target, prompt, params)) > P_MIN
 
+
+# ---------------------------------------------------------------- from a checkpoint: eval and the replica engine
+
+
+def test_eval_and_native_engine_load_an_fspad_checkpoint(tmp_path, tiny_target_path, trained):
+    from draftalign.config import load_config
+    from draftalign.evaluate import run_eval
+    from serve.engines import NativeEngine
+    from serve.replica import ReplicaSettings
+
+    path = str(trained.save(tmp_path / "head"))
+    cfg = load_config(None, [f"target.model={tiny_target_path}", f"run_dir={tmp_path / 'run'}", "eval.tasks=[chat]",
+                             "eval.prompts_per_task=2", "eval.max_new_tokens=8", "target.max_model_len=512",
+                             "eval.trees=[[2, 1]]"])
+    res = run_eval(cfg, {"fspad": path}, threads=1)["fspad"]
+    assert res["interleaved_with"] == ["fspad@3", "fspad@tree:2-1"]
+    assert res["lossless_greedy"] == {"checked": 4, "mismatches": 0}
+    assert res["overall"]["draft_step_ms"] > 0 and sum(res["overall"]["accepted_histogram"]) > 0
+
+    engine = NativeEngine(tiny_target_path, path, ReplicaSettings(gamma=3, gamma_policy="goodput"), context=512)
+    assert engine.features and engine.decoder.policy is None  # a fixed γ: the policy measures Llama drafts
+    params = SamplingParams(max_new_tokens=12)
+    prompt = PROMPTS[0]
+    got = engine.generate([prompt], params)[0]
+    assert got.token_ids == engine.decoder.generate_target_only([prompt], params)[0].token_ids
+    streamed = [tok for new, _ in engine.stream(prompt, params) for tok in new]
+    assert streamed == got.token_ids
+
+
+def test_serve_checks_an_fspad_checkpoint_before_deploying(tmp_path, tiny_target_path, trained):
+    """`draftalign serve --draft <head>`: the app's pre-deploy check reads the head's kind and target shape."""
+    from draftalign.models import ModelError
+    from serve.app import _check_draft, context_window
+
+    path = str(trained.save(tmp_path / "head"))
+    _check_draft(tiny_target_path, path)
+    assert context_window(tiny_target_path, path, 512) == 512  # the head has rotary at any position
+    other = str(FSPADHead.from_target(small_lm(0, 1.0)).save(tmp_path / "other"))
+    with pytest.raises(ModelError, match="only runs on the target it was trained on"):
+        _check_draft(tiny_target_path, other)
