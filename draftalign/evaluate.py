@@ -37,12 +37,12 @@ from draftalign.models import (
     default_draft,
     draft_step_dtype,
     load_causal_lm,
-    load_draft,
+    load_engine_draft,
     load_tokenizer,
     pick_dtype,
     resolve_target,
 )
-from draftalign.vocab import load_draft_vocab
+from learner.fspad import FSPADHead
 from serve.acceptance import draft_acceptance, expected_block_efficiency, per_token_acceptance
 from serve.sampling import SamplingParams
 from serve.specdec import Generation, SpecDecoder
@@ -70,11 +70,13 @@ def load_draft_for(cfg: JobConfig, target, tok, draft: str | None):
         except ModelError:
             draft = "new"
     dtype = next(target.parameters()).dtype
+    if draft == "new" and cfg.draft.kind == "fspad":
+        return FSPADHead.from_target(target, seed=cfg.seed).eval(), None, draft
     if draft == "new":
         model = build_draft(cfg.draft.arch, tok, target, cfg.draft.init, cfg.draft.copy_layers, cfg.seed).to(dtype)
         return model, None, draft
-    model = load_draft(draft, tok, dtype, target_vocab=target.config.vocab_size)
-    return model, load_draft_vocab(draft, target.config.vocab_size), draft
+    model, vocab = load_engine_draft(draft, target, tok, dtype)  # an HF-format Llama draft or an FSPAD head
+    return model, vocab, draft
 
 
 def load_pair(cfg: JobConfig, draft: str | None):
@@ -140,7 +142,8 @@ def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: boo
                             max_new_tokens=ev.max_new_tokens, seed=cfg.seed)
     prompts = eval_prompts(tok, cfg, target.config.max_position_embeddings)
     base = SpecDecoder(target, None, tok)
-    step = {name: draft_step_dtype(cfg.draft.step_dtype, model.dtype) for name, (model, _) in drafts.items()}
+    step = {name: None if isinstance(model, FSPADHead) else draft_step_dtype(cfg.draft.step_dtype, model.dtype)
+            for name, (model, _) in drafts.items()}  # an FSPAD head's steps stay float32
     engines = {name: SpecDecoder(target, model, tok, gamma=ev.gamma[0], draft_vocab=vocab,
                                  draft_step_dtype=step[name])
                for name, (model, vocab) in drafts.items()}

@@ -245,7 +245,7 @@ def check_draft(path: str, target_tok, target_vocab: int | None = None) -> Path:
         raise ModelError(f"draft {path} holds no config.json (not an HF-format checkpoint)")
     if '"kind": "fspad"' in (p / "config.json").read_text():
         raise ModelError(f"draft {path} is an FSPAD head (draft.kind=fspad): it loads with learner.fspad.FSPADHead "
-                         f"on its target, and the engine does not decode FSPAD heads yet")
+                         f"on its target (load_engine_draft)")
     try:
         draft_tok = AutoTokenizer.from_pretrained(str(p))
     except (OSError, ValueError) as e:
@@ -260,7 +260,41 @@ def load_draft(path: str, target_tok, dtype: torch.dtype = torch.float32, device
     return load_causal_lm(str(check_draft(path, target_tok, target_vocab)), dtype, device)
 
 
+def is_fspad_draft(path: str | Path) -> bool:
+    """True when `path` holds an FSPAD head (draft.kind=fspad, `learner.fspad`) rather than an HF-format draft."""
+    from learner.fspad import is_fspad_head
+
+    return is_fspad_head(path)
+
+
+def check_engine_draft(path: str, target_tok, target_config) -> Path:
+    """`check_draft` for an HF-format draft; for an FSPAD head its config, checked against the target's shape.
+    Reads no weights."""
+    if not is_fspad_draft(path):
+        return check_draft(path, target_tok, target_config.vocab_size)
+    from learner.fspad import check_target, read_config
+
+    p = Path(path).expanduser()
+    check_target(read_config(p)["target"], target_config, str(p))
+    return p
+
+
+def load_engine_draft(path: str, target, target_tok, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(draft, its vocabulary or None) for the engine, the kind read from the checkpoint's config.json: an HF-format
+    Llama draft (`load_draft`, + its draft_vocab.json) or an FSPAD head on `target`'s frozen embedding and LM head
+    (`learner.fspad.FSPADHead.load`; float32, its vocabulary inside it, so None here)."""
+    if is_fspad_draft(path):
+        from learner.fspad import FSPADHead
+
+        return FSPADHead.load(path, target).to(device).eval(), None
+    from draftalign.vocab import load_draft_vocab
+
+    vocab_size = target.config.vocab_size
+    return load_draft(path, target_tok, dtype, device, vocab_size), load_draft_vocab(path, vocab_size)
+
+
 DRAFT_DIRS = ("draft_distilled", "draft_pretrained")  # searched in this order under a run dir
+FSPAD_DIRS = ("draft_fspad",)  # draft.kind=fspad (learner.fspad_distill.FINAL_DIR)
 
 
 def newest_checkpoint(root: Path) -> Path | None:
@@ -273,9 +307,10 @@ def newest_checkpoint(root: Path) -> Path | None:
     return max(found, key=lambda p: (p / "config.json").stat().st_mtime, default=None)
 
 
-def newest_trained_draft(run_path: Path) -> Path | None:
-    """The newest distilled draft of a run directory, else its newest pretrained one, else None."""
-    for sub in DRAFT_DIRS:
+def newest_trained_draft(run_path: Path, dirs: tuple[str, ...] = DRAFT_DIRS) -> Path | None:
+    """The newest distilled draft of a run directory, else its newest pretrained one (or the first of `dirs`
+    holding one), else None."""
+    for sub in dirs:
         found = newest_checkpoint(Path(run_path).resolve() / sub)
         if found is not None:
             return found
@@ -287,9 +322,10 @@ def default_draft(cfg) -> str:
     directory (distilled before pretrained). Raises ModelError saying what to run when there is none."""
     if cfg.draft.model:
         return str(Path(cfg.draft.model).expanduser().resolve())
-    found = newest_trained_draft(cfg.run_path)
+    dirs = FSPAD_DIRS if cfg.draft.kind == "fspad" else DRAFT_DIRS
+    found = newest_trained_draft(cfg.run_path, dirs)
     if found is None:
-        raise ModelError(f"no trained draft under {cfg.run_path.resolve()}/{{{','.join(DRAFT_DIRS)}}} and no "
+        raise ModelError(f"no trained draft under {cfg.run_path.resolve()}/{{{','.join(dirs)}}} and no "
                          f"draft.model: run `draftalign distill` (or `draftalign pretrain`) for this job first, "
                          f"or name a draft (--draft PATH)")
     return str(found)

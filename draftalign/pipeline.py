@@ -122,15 +122,15 @@ def _run_fspad(cfg: JobConfig, out: Path, t0: float) -> Path:
     """draft.kind=fspad: generate → fspad (the head on the target's features) → stop.
 
     No stage 1: the head only exists on top of the target's features, and the target's own answers are what
-    it learns from (learner/fspad_distill.py). No eval yet: the engine does not decode FSPAD heads (#15,
-    decoding); the head's teacher-forced held-out acceptance is in fspad_done.json."""
+    it learns from (learner/fspad_distill.py). No eval in the run yet (`draftalign eval --draft
+    <run>/draft_fspad` decodes with the head); its teacher-forced held-out acceptance is in fspad_done.json."""
     from learner.fspad_distill import DONE_FILE, run_fspad
 
     print("[run] pretrain: skipped for draft.kind=fspad (the head trains on the target's features of the "
           "distillation set)", flush=True)
     _stage("fspad", out / DONE_FILE, lambda: run_fspad(cfg, resume=_has_checkpoint(out / "ray_results" / "fspad")))
     done = json.loads((out / DONE_FILE).read_text())
-    print(f"[run] eval: not run for draft.kind=fspad (the engine does not decode FSPAD heads yet); held-out "
+    print(f"[run] eval: not run for draft.kind=fspad (`draftalign eval --draft {done['draft']}` runs it); held-out "
           f"teacher-forced acceptance {done.get('heldout_acceptance')}, greedy {done.get('heldout_greedy_acceptance')}",
           flush=True)
     print(f"[run] finished in {time.time() - t0:.0f} s; head: {done['draft']}", flush=True)

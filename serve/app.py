@@ -63,9 +63,11 @@ def context_window(target_path: str, draft_path: str | None, max_model_len: int)
     """Longest sequence the replica decodes: max_model_len capped by both models' positions."""
     from transformers import AutoConfig
 
+    from draftalign.models import is_fspad_draft
+
     limit = max_model_len
     for path in (target_path, draft_path):
-        if path is not None:
+        if path is not None and not is_fspad_draft(path):  # an FSPAD head: rotary at any position
             limit = min(limit, getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", limit))
     return limit
 
@@ -299,12 +301,13 @@ class OpenAIIngress:
 
 # ====================================================================== building and running
 def _check_draft(target_path: str, draft_path: str) -> None:
-    """Fail before deploying when the draft is missing or its tokenizer differs from the target's."""
+    """Fail before deploying when the draft is missing, its tokenizer differs from the target's, or it is an FSPAD
+    head made for a target of another shape."""
     from transformers import AutoConfig
 
-    from draftalign.models import check_draft, load_tokenizer
+    from draftalign.models import check_engine_draft, load_tokenizer
 
-    check_draft(draft_path, load_tokenizer(target_path), AutoConfig.from_pretrained(target_path).vocab_size)
+    check_engine_draft(draft_path, load_tokenizer(target_path), AutoConfig.from_pretrained(target_path))
 
 
 def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch_threads: int | None = None):
@@ -328,6 +331,11 @@ def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch
     online = OnlineSettings.from_config(cfg)
     if online is not None and draft_path is None:
         raise ValueError("serve.online (capture, hot-swap) needs a draft: this app serves the target alone")
+    from draftalign.models import is_fspad_draft
+
+    if draft_path is not None and is_fspad_draft(draft_path) and (sc.engine != "native" or online is not None):
+        raise ValueError(f"draft {draft_path} is an FSPAD head: only serve.engine=native decodes it, without "
+                         f"serve.online (capture and hot-swap are for Llama drafts)")
     settings = ReplicaSettings(engine=sc.engine, gamma=sc.gamma, gamma_policy=sc.gamma_policy,
                                tree=tuple(sc.tree) if sc.tree else None, dtype=cfg.target.dtype,
                                draft_step_dtype=cfg.draft.step_dtype,

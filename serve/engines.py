@@ -19,14 +19,16 @@ if TYPE_CHECKING:
 class NativeEngine:
     """`serve.specdec.SpecDecoder` on torch models (or the target alone when there is no draft).
 
-    Lossless at every temperature; streams advance one speculative round per call of `next`.
+    Lossless at every temperature; streams advance one speculative round per call of `next`. The draft is an
+    HF-format Llama or an FSPAD head (draft.kind=fspad, detected from its config.json); an FSPAD head drafts
+    every round with the fixed γ (or tree): the goodput policy measures Llama draft steps only.
     """
 
     def __init__(self, target_path: str, draft_path: str | None, s: ReplicaSettings, context: int):
         import torch
 
-        from draftalign.models import draft_step_dtype, load_causal_lm, load_draft, load_tokenizer, pick_dtype
-        from draftalign.vocab import load_draft_vocab
+        from draftalign.models import draft_step_dtype, load_causal_lm, load_engine_draft, load_tokenizer, pick_dtype
+        from learner.fspad import FSPADHead
         from serve.goodput import GoodputPolicy
         from serve.specdec import SpecDecoder
 
@@ -35,15 +37,16 @@ class NativeEngine:
         dtype = pick_dtype(s.dtype, device)
         self.tokenizer = load_tokenizer(target_path)
         target = load_causal_lm(target_path, dtype, device)
-        draft = (load_draft(draft_path, self.tokenizer, dtype, device, target.config.vocab_size)
-                 if draft_path else None)
-        vocab = load_draft_vocab(draft_path, target.config.vocab_size) if draft_path else None
+        draft, vocab = (load_engine_draft(draft_path, target, self.tokenizer, dtype, device) if draft_path
+                        else (None, None))
         tree = s.tree if draft is not None else None
-        step = draft_step_dtype(s.draft_step_dtype, dtype, device)
+        self.features = isinstance(draft, FSPADHead)  # draft.kind=fspad
+        step = None if self.features else draft_step_dtype(s.draft_step_dtype, dtype, device)
         self.decoder = SpecDecoder(target, draft, self.tokenizer, gamma=s.gamma, draft_vocab=vocab, tree=tree,
                                    draft_step_dtype=step)
         self.decoder.max_len = min(self.decoder.max_len, context)
-        if draft is not None and tree is None and s.gamma_policy == "goodput":  # trees: fixed shape per round
+        # trees: a fixed shape per round; an FSPAD head: a fixed γ (the policy measures Llama draft steps)
+        if draft is not None and tree is None and s.gamma_policy == "goodput" and not self.features:
             sizes = tuple(b for b in (1, 2, 4, 8, 16, 32) if b <= s.max_batch_size)
             costs = self.decoder.measure_step_costs(sizes)
             self.decoder.policy = GoodputPolicy(costs, gamma_max=s.gamma)

@@ -86,6 +86,8 @@ class SpecDecodeReplica:
 
             if not (isinstance(self.engine, NativeEngine) and self.speculative):
                 raise ValueError("serve.online needs the native engine with a draft")
+            if self.engine.features:
+                raise ValueError("serve.online captures and hot-swaps Llama drafts, not an FSPAD head")
             self.online = OnlineDraft(self.engine.decoder, settings.online, self._executor)
         self._lossy = settings.engine == "vllm" and self.speculative and not settings.use_gpu
         if self._lossy:

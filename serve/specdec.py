@@ -160,7 +160,35 @@ class _Batch:
         self.mask = torch.cat([self.mask, cols], 1)
 
 
-class _Head:
+class _Rows:
+    """An LM head's rows (n, H) over the token ids `ids` (sorted; None = all V rows, in order): logits on the
+    rows, q over the full vocabulary (0 outside the rows: FR-Spec, the accept test stays exact), row → id."""
+
+    def __init__(self, weight: torch.Tensor, ids: torch.Tensor | None, vocab_size: int,
+                 one_row_dtype: torch.dtype | None = None):
+        self.vocab_size, self.ids, self.weight = vocab_size, ids, weight  # (n, H)
+        self.half = half_copy(self.weight, one_row_dtype)  # (n, H) in one_row_dtype, or None
+        self.one_row_dtype = one_row_dtype
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., H) → logits over the head's own rows (..., N)."""
+        return one_row_linear(h, self.weight, self.half)
+
+    def probs(self, h: torch.Tensor, params: SamplingParams,
+              logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (..., H) → (probabilities over the full vocabulary (..., V), over the head's own rows).
+        `logits`: self.logits(h) when the caller already has them (the online observer reads them too)."""
+        sub = logits_to_probs(self.logits(h) if logits is None else logits, params)  # (..., N)
+        if self.ids is None:
+            return sub, sub
+        full = sub.new_zeros(*sub.shape[:-1], self.vocab_size)
+        return full.index_copy_(-1, self.ids, sub), sub
+
+    def token(self, sub_idx: torch.Tensor) -> torch.Tensor:
+        return sub_idx if self.ids is None else self.ids[sub_idx]
+
+
+class _Head(_Rows):
     """A model's body and LM head, the head restricted to `vocab` (sorted token ids) when given. The body
     runs through `serve.lean_llama` where it supports the model (lean=True), else HF's own forward."""
 
@@ -171,11 +199,9 @@ class _Head:
         self.model, self.body = model, model.get_decoder()
         self.lean = LeanLlama(model, one_row_dtype) if lean and LeanLlama.supports(model) else None
         weight = model.get_output_embeddings().weight  # (V, H)
-        self.vocab_size = weight.shape[0]
-        self.ids = None if vocab is None else torch.tensor(vocab, dtype=torch.long, device=weight.device)
-        self.weight = weight if self.ids is None else weight.detach()[self.ids].contiguous()  # (N, H)
-        self.half = half_copy(self.weight, one_row_dtype)  # (N, H) in one_row_dtype, or None
-        self.one_row_dtype = one_row_dtype
+        ids = None if vocab is None else torch.tensor(vocab, dtype=torch.long, device=weight.device)
+        super().__init__(weight if ids is None else weight.detach()[ids].contiguous(), ids, weight.shape[0],
+                         one_row_dtype)
 
     def hidden(self, cache: DynamicCache, batch: _Batch, start: int, extra: torch.Tensor | None = None,
                anc: torch.Tensor | None = None):
@@ -211,22 +237,33 @@ class _Head:
             return self.lean.new_cache(batch.ids.shape[0], capacity=batch.length + 128)
         return DynamicCache()
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h (..., H) → logits over the head's own rows (..., N)."""
-        return one_row_linear(h, self.weight, self.half)
 
-    def probs(self, h: torch.Tensor, params: SamplingParams,
-              logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """h (..., H) → (probabilities over the full vocabulary (..., V), over the head's own rows).
-        `logits`: self.logits(h) when the caller already has them (the online observer reads them too)."""
-        sub = logits_to_probs(self.logits(h) if logits is None else logits, params)  # (..., N)
-        if self.ids is None:
-            return sub, sub
-        full = sub.new_zeros(*sub.shape[:-1], self.vocab_size)
-        return full.index_copy_(-1, self.ids, sub), sub
+class _Features(_Rows):
+    """An FSPAD head (`learner.fspad.FSPADHead`) as the draft: f̂ = head(features, tokens, positions) on top of
+    its own KV cache, read out through the target's frozen LM head rows (its draft vocabulary)."""
 
-    def token(self, sub_idx: torch.Tensor) -> torch.Tensor:
-        return sub_idx if self.ids is None else self.ids[sub_idx]
+    def __init__(self, head):
+        ids = head.vocab.ids
+        super().__init__(head.head_weight, None if ids is None else ids.to(head.head_weight.device),
+                         head.shape["vocab_size"])
+        self.head = head
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache()
+
+    def hidden(self, cache: DynamicCache, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+               allowed: torch.Tensor) -> torch.Tensor:
+        """features (B, n, H), tokens (B, n), positions (B, n), allowed (B, n, K) over the K = cached + n keys
+        → f̂ (B, n, H); the n nodes' keys and values are appended to `cache`."""
+        return self.head(features, tokens, positions, allowed, past_key_values=cache)
+
+
+def _causal(keys: torch.Tensor, start: int) -> torch.Tensor:
+    """keys (B, K) bool (columns holding a node) → (B, K − start, K) bool: query start + i sees key j iff
+    j <= start + i and keys[:, j]."""
+    K = keys.shape[1]
+    cols = torch.arange(K, device=keys.device)
+    return (cols[None] <= cols[start:, None])[None] & keys[:, None]
 
 
 def _crop(cache: DynamicCache, length: int) -> None:
@@ -288,17 +325,29 @@ class SpecDecoder:
     measured step costs (`measure_step_costs`); None = every round drafts gamma (the eval's setting).
     draft_step_dtype: the dtype of the draft's single-row products (`serve.kernels.one_row_linear`, e.g.
     torch.float16 on CPU), None = the draft's own. Lossless either way: q is what the draft computed.
+    draft may also be an FSPAD head (`learner.fspad.FSPADHead`, draft.kind=fspad): it drafts from the target's
+    features of the last verification pass (`_fspad_rounds`); its draft vocabulary is its own (draft_vocab
+    None), and it has no goodput policy, hot-swap or float16 steps.
     """
 
     def __init__(self, target, draft=None, tokenizer=None, gamma: int = 3, verifier=rejection_sample,
                  draft_vocab: list[int] | None = None, decode_matmul: bool = True, lean: bool = True,
                  tree: list[int] | None = None, drafting: str = "topk", policy: GoodputPolicy | None = None,
                  draft_step_dtype: torch.dtype | None = None):
+        from learner.fspad import FSPADHead, check_target
+
+        features = isinstance(draft, FSPADHead)
+        if features:
+            if draft_vocab is not None:
+                raise ValueError("an FSPAD head carries its own draft vocabulary: pass draft_vocab=None")
+            check_target(draft.shape, target.config, "given to the engine")
+            draft_vocab = None if draft.vocab.ids is None else draft.vocab.ids.tolist()
         if tree is not None:
             if draft is None:
                 raise ValueError("a token tree needs a draft model")
             width = max(int(k) for k in tree) if tree else 0
-            vocab = len(draft_vocab) if draft_vocab is not None else draft.config.vocab_size
+            vocab = (len(draft_vocab) if draft_vocab is not None else
+                     draft.shape["vocab_size"] if features else draft.config.vocab_size)
             if width > vocab:
                 raise ValueError(f"tree branching {width} exceeds the draft's vocabulary of {vocab} tokens")
             self.tree = static_tree(list(tree))  # validates the shape
@@ -310,18 +359,19 @@ class SpecDecoder:
         self.drafting = drafting
         if gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
-        if draft is not None and draft.config.vocab_size != target.config.vocab_size:
+        if draft is not None and not features and draft.config.vocab_size != target.config.vocab_size:
             raise ValueError(f"draft vocab size {draft.config.vocab_size} != target vocab size "
                              f"{target.config.vocab_size}")
         if decode_matmul:
             use_decode_matmul(target)
-            if draft is not None:
+            if draft is not None and not features:
                 use_decode_matmul(draft)
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.gamma, self.verifier = gamma, verifier
         self.device = next(target.parameters()).device
         self._t = _Head(target, lean=lean)
-        self._d = _Head(draft, draft_vocab, lean, draft_step_dtype) if draft is not None else None
+        self._d = _Head(draft, draft_vocab, lean, draft_step_dtype) if draft is not None and not features else None
+        self._f = _Features(draft) if features else None  # the FSPAD head (then _d is None)
         eos = target.generation_config.eos_token_id if target.generation_config else None
         eos = eos if eos is not None else target.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -340,8 +390,8 @@ class SpecDecoder:
         rounds (on the engine thread). A generation in flight notices the new head at its next round and
         re-prefills its draft cache (the old keys and values came from the old weights): one round uses one
         draft, and the tokens stay the target's whatever the draft proposes."""
-        if self.draft is None:
-            raise ValueError("this engine has no draft to refresh")
+        if self._d is None:
+            raise ValueError("this engine has no Llama draft to refresh (none, or an FSPAD head)")
         vocab = None if self._d.ids is None else self._d.ids.tolist()
         self._d = _Head(self.draft, vocab, self._d.lean is not None, self._d.one_row_dtype)
         self.draft_version = version
@@ -352,8 +402,9 @@ class SpecDecoder:
         """`serve.goodput.StepCosts` of this engine, measured: for each batch size B, target passes over
         n = 1 … gamma + 1 new tokens per sequence (B·n rows, body + head at every row) and one draft step,
         on top of a `context`-token random prefix; median of `repeats` after one warm-up each."""
-        if self.draft is None:
-            raise ValueError("step costs are for speculative decoding: this engine has no draft")
+        if self._d is None:
+            raise ValueError("step costs are for speculative decoding with a Llama draft: this engine has no draft "
+                             "or an FSPAD head")
         rng = torch.Generator().manual_seed(seed)
         params = SamplingParams(temperature=0.0)
         vocab = self.target.config.vocab_size
@@ -474,7 +525,9 @@ class SpecDecoder:
             elif self.tree is not None:
                 if gamma not in (None, self.gamma):
                     raise ValueError(f"gamma={gamma}: in tree mode gamma is the tree's depth {self.gamma}")
-                yield from self._tree_rounds(batch, params, gen)
+                yield from (self._tree_rounds if self._f is None else self._fspad_tree_rounds)(batch, params, gen)
+            elif self._f is not None:
+                yield from self._fspad_rounds(batch, params, gamma or self.gamma, gen)
             else:
                 yield from self._spec_rounds(batch, params, gamma or self.gamma, gen)
 
@@ -643,5 +696,207 @@ class SpecDecoder:
             t_len = L + m
             d_len = L + min(m, D - 1)
             _keep(d_cache, keep[:, :d_len])
+            yield new, gens
+        yield [[] for _ in gens], self._finish(gens)
+
+    # ------------------------------------------------------------------ FSPAD head as the draft
+    def _fspad_root(self, f_cache, batch: _Batch, pending: torch.Tensor, h_len: int, first: torch.Tensor,
+                    extra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Feed the head its pending verified nodes, columns [h_len, L), and read f̂ at each sequence's last
+        column → (f̂ (B, H), keys (B, L + extra) bool: the head columns holding a node, draft columns after the
+        grid included, positions (B, L + extra): pos(j) − 1)."""
+        B, L = batch.ids.shape
+        rows = torch.arange(B, device=self.device)
+        keys = torch.cat([batch.mask.bool(), batch.mask.new_ones(B, extra, dtype=torch.bool)], 1)
+        keys[rows, first] = False  # no feature before a sequence's first token
+        pos = (torch.cat([batch.mask, batch.mask.new_ones(B, extra)], 1).cumsum(-1) - 2).clamp_min(0)
+        f = self._timed("draft", h_len == 0, self._f.hidden, f_cache, pending, batch.ids[:, h_len:],
+                        pos[:, h_len:L], _causal(keys[:, :L], h_len))  # (B, L − h_len, H)
+        return f[rows, (batch.last - h_len).clamp_min(0)], keys, pos  # finished rows: any column
+
+    def _fspad_rounds(self, batch: _Batch, params: SamplingParams, gamma: int, gen: torch.Generator):
+        """Chain rounds drafted by an FSPAD head from the target's features (EAGLE §3.2; `serve.fspad_proposer`).
+
+        Head column j of the grid holds the node (f_{j⁻}, s_j) at position pos(j) − 1, where j⁻ is the sequence's
+        real column before j and f its target feature (post final norm: what `_Head.hidden` returns): the node
+        at a sequence's last column gives f̂ after its last token, hence q_1; the draft nodes (f̂, y_i) follow at
+        the grid's end. A sequence's first column has no feature before it: no node (masked).
+        Head cache invariant between rounds: columns [0, h_len) hold nodes of verified features and tokens only,
+        `pending` (B, L − h_len, H) the features of columns [h_len, L), fed at the next round's first draft pass.
+        After a round the draft nodes are cropped (h_len = the round's L) and the i-th new column waits with the
+        target's feature at the verified slot before it, hv[:, i] (slot 0: the old last column; i: x_i). So the
+        accepted positions are re-fed with the target's real features, never the head's own f̂. The first round
+        has no features yet: a target step (γ = 0) whose pass gives every prompt column's."""
+        t_cache, f_cache = self._t.new_cache(batch), self._f.new_cache()
+        t_len = h_len = 0
+        pending = None  # (B, L − h_len, H); None before the first target pass
+        B = batch.ids.shape[0]
+        rows = torch.arange(B, device=self.device)
+        first = batch.mask.argmax(1)  # (B,) each sequence's first real column (left padding)
+        gens = [Generation([], accepted_per_position=[0] * gamma, accepted_histogram=[0] * (gamma + 1))
+                for _ in range(B)]
+        active = [True] * B
+        while any(active) and batch.length + gamma + 1 <= self.max_len:
+            L = batch.length
+            g = gamma if pending is not None else 0
+            # 1. Draft: feed the pending verified nodes, read f̂ at each sequence's last column, then γ − 1 steps
+            #    on the head's own predictions: y_i ~ q_i = softmax(W f̂ / T).
+            draft_tokens, draft_probs = [], []
+            if g:
+                f, keys, pos = self._fspad_root(f_cache, batch, pending, h_len, first, g - 1)
+                h_len, pending = L, pending[:, :0]
+                for i in range(g):
+                    q, q_sub = self._f.probs(f, params)  # (B, V), (B, N)
+                    draft_probs.append(q)
+                    draft_tokens.append(self._f.token(draw(q_sub, params, gen)))
+                    if i + 1 < g:  # node (f̂, y_{i+1}) at column L + i
+                        f = self._timed("draft", False, self._f.hidden, f_cache, f[:, None], draft_tokens[-1][:, None],
+                                        pos[:, L + i: L + i + 1], _causal(keys[:, : L + i + 1], L + i))[:, 0]
+            x = torch.stack(draft_tokens, 1) if g else batch.ids.new_zeros(B, 0)  # (B, γ)
+            q = torch.stack(draft_probs, 1) if g else None  # (B, γ, V)
+
+            # 2. Target scores all γ + 1 positions in one pass; its features there are the head's next inputs.
+            h = self._timed("target", t_len == 0, self._t.hidden, t_cache, batch, t_len, x)  # (B, n, H)
+            if pending is None:  # the first pass covers the prompt: column j ← f_{j−1}
+                pending = torch.cat([h.new_zeros(B, 1, h.shape[-1]), h[:, : L - 1]], 1)  # (B, L, H)
+            at = torch.cat([(batch.last - t_len).clamp_min(0)[:, None],  # finished rows: any column
+                            L - t_len + torch.arange(g, device=self.device)[None].expand(B, -1)], 1)
+            hv = h[rows[:, None], at]  # (B, γ+1, H) features at the verified slots
+            z = self._t.logits(hv)  # (B, γ+1, V)
+            p, _ = self._t.probs(hv, params, z)  # (B, γ+1, V)
+
+            # 3. Verify, as `_spec_rounds`.
+            if g and params.greedy:
+                k, nxt = greedy_verify(x, p.argmax(-1))  # (B,), (B,)
+            elif g:
+                k, nxt = self.verifier(x, q, p, gen)  # (B,), (B,)
+            else:
+                k, nxt = torch.zeros(B, dtype=torch.long, device=self.device), draw(p[:, 0], params, gen)
+            out = torch.cat([x, x.new_zeros(B, 1)], 1)  # (B, γ+1)
+            out[rows, k] = nxt
+            ks = k.tolist()
+            was_active = list(active)
+            new = self._commit(gens, active, [out[s, :ks[s] + 1].tolist() for s in range(B)], params)
+            live = [s for s in range(B) if was_active[s]]
+            outcomes = [gens[s].record_round(ks[s], g, len(new[s])) for s in live]
+            if self.observer is not None and g:
+                self.observer(RoundView(batch.ids, batch.mask, was_active, x, q, z, ks, outcomes, params,
+                                        self.draft_version))
+            n = max(ks[s] + 1 for s in live)
+            valid = torch.tensor([ks[s] + 1 if was_active[s] else 0 for s in range(B)], device=self.device)
+            batch.append(out[:, :n], valid)
+            # 4. Roll back: the target to the columns every sequence agrees with, the head to its verified nodes;
+            #    the new columns wait with the target's features before them (masked beyond k_s + 1).
+            t_len = L + min(ks[s] for s in live)
+            _crop(t_cache, t_len)
+            _crop(f_cache, h_len)
+            pending = torch.cat([pending, hv[:, :n]], 1)
+            yield new, gens
+        yield [[] for _ in gens], self._finish(gens)
+
+    def _fspad_tree_rounds(self, batch: _Batch, params: SamplingParams, gen: torch.Generator):
+        """Token-tree rounds drafted by an FSPAD head: `_fspad_rounds`' head columns and cache invariant, the tree
+        drafted and verified as in `_tree_rounds`. Node i is the head node (f̂ at its parent's slot, its token) at
+        column L + i, position pos(last) − 1 + depth(i), seeing the verified nodes and its ancestors; one head pass
+        per depth over the frontier (the leaves are never fed). After verification the head is cropped to its
+        verified nodes (no compaction: the accepted path is re-fed with the target's features at its slots)."""
+        shape = self.tree
+        drafting = "topk" if params.greedy else self.drafting
+        D, N = shape.max_depth, shape.num_nodes
+        t_cache, f_cache = self._t.new_cache(batch), self._f.new_cache()
+        t_len = h_len = 0
+        pending = None
+        B = batch.ids.shape[0]
+        rows = torch.arange(B, device=self.device)
+        nodes = torch.arange(N, device=self.device)
+        parents = shape.parents.to(self.device)
+        ranks = shape.ranks.to(self.device)
+        anc = ancestors(shape.parents).to(self.device)  # (N, N): node i sees node j iff anc[i, j]
+        depths = shape.depths.to(self.device)
+        first = batch.mask.argmax(1)  # (B,)
+        gens = [Generation([], accepted_per_position=[0] * D, accepted_histogram=[0] * (D + 1)) for _ in range(B)]
+        active = [True] * B
+        while any(active) and batch.length + D + 1 <= self.max_len:
+            L = batch.length
+            was_active = list(active)
+            if pending is None:  # no features yet: a target step over the prompt gives every column's
+                h = self._timed("target", True, self._t.hidden, t_cache, batch, 0)  # (B, L, H)
+                pending = torch.cat([h.new_zeros(B, 1, h.shape[-1]), h[:, : L - 1]], 1)  # column j ← f_{j−1}
+                hv = h[rows, batch.last][:, None]  # (B, 1, H)
+                p, _ = self._t.probs(hv[:, 0], params)
+                nxt = draw(p, params, gen)  # (B,)
+                new = self._commit(gens, active, nxt[:, None].tolist(), params)
+                for s in range(B):
+                    gens[s].record_round(0, 0, len(new[s]))
+                batch.append(nxt[:, None])
+                t_len, pending = L, torch.cat([pending, hv], 1)
+                yield new, gens
+                continue
+            # 1. Draft, one head pass per depth: the pending verified nodes (→ f̂ at the root) at depth 1, else the
+            #    nodes at depth − 1, each with its parent's f̂, on top of the head cache with their tree rows.
+            fh, keys, pos = self._fspad_root(f_cache, batch, pending, h_len, first, 0)
+            h_len, pending = L, pending[:, :0]
+            fhat = fh[:, None]  # (B, slots so far, H): slot 0 = root, 1 + i = node i
+            base = pos[rows, batch.last][:, None]  # (B, 1) the root node's position
+            tokens = torch.empty(B, 0, dtype=torch.long, device=self.device)  # (B, nodes so far)
+            qs = []
+            for depth in range(1, D + 1):
+                if depth > 1:
+                    above = shape.level(depth - 1)
+                    seen = torch.cat([keys[:, None, :L].expand(-1, above.stop - above.start, -1),
+                                      anc[None, above, : above.stop].expand(B, -1, -1)], 2)  # (B, n, L + stop)
+                    f = self._timed("draft", False, self._f.hidden, f_cache, fhat[:, parents[above] + 1],
+                                    tokens[:, above], base + depths[above][None], seen)  # (B, n, H)
+                    fhat = torch.cat([fhat, f], 1)
+                fr = fhat[:, shape.frontier(depth).to(self.device)]  # (B, F, H)
+                if drafting == "topk":
+                    new_tokens = self._f.token(expand(shape, depth, self._f.logits(fr)))  # (B, n_depth)
+                else:
+                    q, _ = self._f.probs(fr, params)  # (B, F, V)
+                    new_tokens = expand(shape, depth, q, drafting, gen)
+                    qs.append(q)
+                tokens = torch.cat([tokens, new_tokens], 1)
+
+            # 2. Target scores every slot in one pass; its features there are the head's next inputs.
+            h = self._timed("target", False, self._t.hidden, t_cache, batch, t_len, tokens, anc)
+            at = torch.cat([(batch.last - t_len).clamp_min(0)[:, None],  # finished rows: any column
+                            (L - t_len + nodes)[None].expand(B, -1)], 1)  # (B, N+1)
+            hs = h[rows[:, None], at]  # (B, N+1, H)
+            p, _ = self._t.probs(hs, params)  # (B, N+1, V)
+
+            # 3. Verify, as `_tree_rounds`.
+            t = shape.with_tokens(tokens)
+            if params.greedy:
+                out = verify_greedy(t, p.argmax(-1))
+            else:
+                q = None
+                if qs:
+                    q = torch.cat(qs, 1)  # (B, 1 + nodes above depth D, V)
+                    q = torch.cat([q, q.new_zeros(B, N + 1 - q.shape[1], q.shape[2])], 1)  # (B, N+1, V)
+                out = verify_sample(t, p, q, gen, drafting)
+            path = out.path.clamp_min(0)  # (B, D)
+            emit = torch.cat([tokens.gather(1, path), torch.zeros_like(path[:, :1])], 1)  # (B, D+1)
+            emit[rows, out.num_accepted] = out.next_token
+            ks = out.num_accepted.tolist()
+            side = (ranks[path] > 0).tolist()
+            new = self._commit(gens, active, [emit[s, : ks[s] + 1].tolist() for s in range(B)], params)
+            for s in range(B):
+                if was_active[s]:
+                    acc, _ = gens[s].record_round(ks[s], D, len(new[s]))
+                    gens[s].tree_nodes += N
+                    gens[s].accepted_siblings += sum(side[s][:acc])
+            live = [s for s in range(B) if was_active[s]]
+            n = max(ks[s] + 1 for s in live)
+            valid = torch.tensor([ks[s] + 1 if was_active[s] else 0 for s in range(B)], device=self.device)
+            batch.append(emit[:, :n], valid)
+            # 4. The target cache compacted to the grid ++ the shortest accepted path (`_tree_rounds`), the head
+            #    cropped to its verified nodes; new column i waits with the target's feature at the slot before it.
+            m = min(ks[s] for s in live)
+            keep = torch.cat([torch.arange(L, device=self.device).expand(B, L), L + path[:, :m]], 1)  # (B, L+m)
+            _keep(t_cache, keep)
+            t_len = L + m
+            _crop(f_cache, h_len)
+            before = torch.cat([torch.zeros_like(path[:, :1]), path + 1], 1)  # (B, D+1) slot before new column i
+            pending = torch.cat([pending, hs[rows[:, None], before[:, :n]]], 1)
             yield new, gens
         yield [[] for _ in gens], self._finish(gens)
