@@ -160,11 +160,24 @@ def distill(job: Path = JobArg, resume: bool = typer.Option(False, help="continu
 
 @app.command()
 def serve(job: Path = JobArg, port: int = typer.Option(None), draft: str = typer.Option(None),
+          learn: bool = typer.Option(False, help="online distillation: capture served rounds and run the online "
+                                                 "learner next to the endpoint, hot-swapping its versions "
+                                                 "(serve.online.enabled, serve.online.learner.enabled; the weight "
+                                                 "store defaults to draftalign-<name>-online-weights)"),
           overrides: list[str] = SetOpt):
     """Serve target + draft speculative decoding behind an OpenAI-compatible HTTP API (Ray Serve)."""
     from serve.app import run_serve
 
-    _guard(lambda: run_serve(_load(job, overrides, {"serve.port": port}), draft=draft))
+    def go():
+        extra: dict[str, object] = {"serve.port": port}
+        if learn:
+            cfg = _load(job, overrides, extra)
+            extra |= {"serve.online.enabled": "true", "serve.online.learner.enabled": "true",
+                      "serve.online.weight_store": cfg.serve.online.weight_store
+                      or f"draftalign-{cfg.name}-online-weights"}
+        run_serve(_load(job, overrides, extra), draft=draft)
+
+    _guard(go)
 
 
 @app.command()

@@ -228,8 +228,31 @@ class EvalConfig(_Strict):
         return n.get(task, 4) if isinstance(n, dict) else n
 
 
+class OnlineLearnerConfig(_Strict):
+    """The online learner (`learner/online.py`): stage 3's training step on served rounds plus replay of the
+    distillation set, publishing draft versions to serve.online.weight_store. Loss: distill.loss (exact form);
+    gradient clipping, weight decay and autocast: learner.grad_clip, learner.weight_decay, learner.autocast."""
+
+    enabled: bool = Field(False, description="`draftalign serve` starts the learner next to the endpoint (needs "
+                          "serve.online.enabled and serve.online.weight_store)")
+    records_per_step: int = Field(32, ge=1, description="served records (one sequence-round each: γ positions) "
+                                  "per optimizer step; the learner waits until the buffer has delivered them")
+    replay_fraction: float = Field(0.25, ge=0, lt=1, description="share of each step's rows replayed from the "
+                                   "distillation set (its recorded target top-k), against forgetting; 0 = none")
+    steps_per_publish: int = Field(4, ge=1, description="publish a new draft version every N optimizer steps")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate, constant after warmup_steps")
+    warmup_steps: int = Field(0, ge=0, description="linear LR warm-up")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps; None = until stopped")
+    poll_interval_s: float = Field(0.5, gt=0, description="seconds between buffer reads while a step's records "
+                                   "are incomplete")
+    cpus: float = Field(1, gt=0, description="CPUs of the learner actor (torch threads = ceil(cpus))")
+    gpus: float = Field(0, ge=0, description="GPUs of the learner actor (> 0: trains on cuda)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources of the learner")
+
+
 class OnlineConfig(_Strict):
-    """Online distillation from serving traffic (`serve/online.py`): capture rounds, hot-swap draft versions."""
+    """Online distillation from serving traffic (`serve/online.py`): capture rounds, hot-swap draft versions;
+    `learner` trains on the captured rounds (`learner/online.py`)."""
 
     enabled: bool = Field(False, description="record every chain round's context, draft proposals and the target's "
                           "top-k log-probs into a bounded Ray-side buffer (native engine, chains only)")
@@ -251,6 +274,14 @@ class OnlineConfig(_Strict):
                                  "against the previous version's last rollback_window sequence-rounds")
     rollback_margin: float = Field(0.0, ge=0, le=1, description="roll back when the new version's acceptance α̂ "
                                    "is below the previous one's minus this")
+    learner: OnlineLearnerConfig = Field(default_factory=OnlineLearnerConfig)
+
+    @model_validator(mode="after")
+    def _learner_needs_capture_and_store(self) -> "OnlineConfig":
+        if self.learner.enabled and not (self.enabled and self.weight_store):
+            raise ValueError("serve.online.learner.enabled trains on captured rounds and publishes to a weight "
+                             "store: set serve.online.enabled=true and serve.online.weight_store=<name>")
+        return self
 
 
 class ServeConfig(_Strict):
@@ -320,6 +351,13 @@ class JobConfig(_Strict):
         if self.serve.online.enabled and self.serve.online.top_k_logprobs is None and self.target.top_k_logprobs < 1:
             raise ValueError(f"serve.online.top_k_logprobs: target.top_k_logprobs={self.target.top_k_logprobs} "
                              f"(full vocabulary) is too large to record per round; set serve.online.top_k_logprobs")
+        return self
+
+    @model_validator(mode="after")
+    def _online_learner_form(self) -> "JobConfig":
+        if self.serve.online.learner.enabled and self.distill.form == "sampled":
+            raise ValueError("serve.online.learner: distill.form=sampled needs tokens drawn from q, but served "
+                             "proposals are greedy at temperature 0 (argmax, not draws); use distill.form=exact")
         return self
 
     @property

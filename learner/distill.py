@@ -317,8 +317,9 @@ def _pull_fresh(queue, store, version: int, max_lag: int, counters: dict):
 
 
 @dataclass
-class _Learner:
-    """One learner rank: where it runs, its model and optimizer, and the state a checkpoint saves."""
+class Learner:
+    """One learner rank: where it runs, its model and optimizer, and the state a checkpoint saves. The online
+    learner (learner/online.py) is one such rank outside Ray Train (world 1, `model` is `core`)."""
 
     rank: int
     world: int
@@ -349,7 +350,7 @@ class _Rank0Log:
     prev_t: float  # ... and when they were read
 
 
-def _restore(config: dict, cfg: JobConfig, rank: int, world: int, device, amp) -> _Learner:
+def _restore(config: dict, cfg: JobConfig, rank: int, world: int, device, amp) -> Learner:
     """The draft, optimizer, LR schedule, counters, TVD++ baseline and RNG of this rank: from the
     checkpoint `checkpoint_to_restore` picks (Ray Train's latest after a restart inside this run,
     else the driver's resume_from), else from `init_dir` with fresh state and seed cfg.seed + rank."""
@@ -371,7 +372,7 @@ def _restore(config: dict, cfg: JobConfig, rank: int, world: int, device, amp) -
         lr_factor, warmup=lc.warmup_steps, max_steps=lc.max_steps, min_ratio=lc.min_lr_ratio))
     counters = {"dropped_batches": 0, "rollout_batches_seen": 0, "consumed_batches": 0, "trained_tokens": 0,
                 "global_tokens": 0, "on_policy_rows": 0, "rows": 0, "wait_s": 0.0, "wall_s": 0.0}
-    learner = _Learner(rank, world, device, amp, model, core, tokenizer, opt, sched,
+    learner = Learner(rank, world, device, amp, model, core, tokenizer, opt, sched,
                        BaselineState(decay=cfg.distill.ema_decay), counters, restored_from=ckpt_dir)
     if state is None:
         torch.manual_seed(cfg.seed + rank)
@@ -387,7 +388,7 @@ def _restore(config: dict, cfg: JobConfig, rank: int, world: int, device, amp) -
     return learner
 
 
-def _skip_lost_versions(learner: _Learner, store) -> None:
+def _skip_lost_versions(learner: Learner, store) -> None:
     """Restarted inside a run (a learner worker died): the store holds weights of the lost steps.
     Continue above them so versions keep increasing (the store's rule, actors/rollout.py). Every
     rank reads before the collective and rank 0 publishes after it, so all ranks agree."""
@@ -403,7 +404,7 @@ def _skip_lost_versions(learner: _Learner, store) -> None:
         learner.version = int(seen) + 1
 
 
-def _open_rank0(config: dict, cfg: JobConfig, learner: _Learner, store) -> _Rank0Log:
+def _open_rank0(config: dict, cfg: JobConfig, learner: Learner, store) -> _Rank0Log:
     """Rank 0 at start-up: open TensorBoard (dropping steps after the restored one) and the JSONL log,
     publish the first weights, register the start with the store, and evaluate the held-out set at
     the starting step unless the checkpoint already holds that estimate."""
@@ -434,7 +435,7 @@ def _open_rank0(config: dict, cfg: JobConfig, learner: _Learner, store) -> _Rank
     return _Rank0Log(writer, jlog, attempt, hb, prev_store, time.perf_counter())
 
 
-def _finished(learner: _Learner, max_steps: int, token_budget: int | None) -> bool:
+def _finished(learner: Learner, max_steps: int, token_budget: int | None) -> bool:
     """learner.max_steps reached, or the token budget (all ranks' tokens: every rank agrees) spent."""
     return learner.step >= max_steps or bool(token_budget and learner.counters["global_tokens"] >= token_budget)
 
@@ -451,11 +452,12 @@ def _policy_drift(logits: torch.Tensor, bt: dict, head: DraftHead, temperature: 
     return float((now_lp - bt["draft_logprobs"][on]).abs().mean())
 
 
-def _train_step(learner: _Learner, batch: RolloutBatch, cfg: JobConfig) -> tuple[dict[str, float], float, float]:
+def train_step(learner: Learner, batch: RolloutBatch, cfg: JobConfig) -> tuple[dict[str, float], float, float]:
     """One optimizer step on this rank's batch: count the global tokens (one all-reduce), forward,
     loss normalised by that count × world (DDP's averaging then gives the full-batch mean), backward,
     clip, optimizer and scheduler step; learner.step advances. Returns (this rank's token-weighted
-    sums: loss, tvd, tail_mass, reward_mean, reward_std, tokens, drift; lr used; grad norm)."""
+    sums: loss, tvd, tail_mass, reward_mean, reward_std, tokens, drift; lr used; grad norm).
+    Shared with the online learner (learner/online.py), whose batches come from served rounds."""
     lc, dc = cfg.learner, cfg.distill
     device, amp, opt = learner.device, learner.amp, learner.opt
     bt = batch_tensors(batch, device)
@@ -497,7 +499,7 @@ def _reduce_sums(sums: dict[str, float], device) -> dict[str, float]:
     return dict(zip(keys, total.tolist()))
 
 
-def _step_metrics(sums: dict[str, float], learner: _Learner, lr: float, grad_norm: float, dt: float,
+def _step_metrics(sums: dict[str, float], learner: Learner, lr: float, grad_norm: float, dt: float,
                   waited: float, loss_name: str) -> dict:
     """The step's metrics from the all-ranks sums: token-weighted means per token, per-rank values
     (lag, drift, on-policy share) averaged over ranks, counters summed; throughput over this rank's
@@ -518,7 +520,7 @@ def _step_metrics(sums: dict[str, float], learner: _Learner, lr: float, grad_nor
     return metrics
 
 
-def _rank0_metrics(r0: _Rank0Log, learner: _Learner, queue, store, is_ckpt: bool) -> dict:
+def _rank0_metrics(r0: _Rank0Log, learner: Learner, queue, store, is_ckpt: bool) -> dict:
     """Rank 0's extra metrics: rollout throughput since the previous step (all actors and each one:
     scaling shows up here), queue depth, restart counts, the run's idle share and, at checkpoints,
     the held-out estimate."""
@@ -565,7 +567,7 @@ def _log_step(r0: _Rank0Log, metrics: dict, is_ckpt: bool) -> None:
              + (f" held-out acceptance {heldout:.4f}" if heldout is not None else ""))
 
 
-def _save_checkpoint(learner: _Learner, r0: _Rank0Log | None, config: dict, metrics: dict) -> None:
+def _save_checkpoint(learner: Learner, r0: _Rank0Log | None, config: dict, metrics: dict) -> None:
     """Every rank: gather the ranks' RNG states; rank 0 writes the draft, tokenizer, trainer_state.pt
     and, last, the manifest to a temporary dir; every rank reports `metrics` with it to Ray Train."""
     import ray.train
@@ -613,7 +615,7 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.perf_counter()
         batch, lag, waited = _pull_fresh(queue, store, learner.version, cfg.rollout.max_policy_lag,
                                          learner.counters)
-        sums, lr, grad_norm = _train_step(learner, batch, cfg)
+        sums, lr, grad_norm = train_step(learner, batch, cfg)
         if learner.step % lc.sync_every == 0:  # the version is a function of the step: ranks agree
             learner.version += 1
             if rank == 0:

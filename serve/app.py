@@ -369,6 +369,8 @@ def run_serve(cfg: JobConfig, draft: str | None = None, blocking: bool = True) -
     """Start Ray and Serve, deploy the app and print its URL; block until Ctrl-C when `blocking`.
 
     Returns the base URL (…/v1) when not blocking; the caller then owns `serve.shutdown()`.
+    With serve.online.learner.enabled the online learner (learner/online.py) starts next to the endpoint,
+    as the named actor `learner.online.learner_name(cfg)`.
     """
     import ray
 
@@ -384,6 +386,15 @@ def run_serve(cfg: JobConfig, draft: str | None = None, blocking: bool = True) -
     mode = f"draft {draft_path}, {shape}" if draft_path else "target only"
     print(f"serving {cfg.serve.model_name} ({cfg.serve.engine}: target {target}, {mode}) at {url}",
           flush=True)
+    learner_run = None
+    if cfg.serve.online.learner.enabled:  # trains on the captured rounds, publishes to serve.online.weight_store
+        from learner.online import learner_name, start_online_learner
+
+        _, learner_run = start_online_learner(cfg, draft_path)
+        lo = cfg.serve.online.learner
+        print(f"online learner {learner_name(cfg)}: {lo.records_per_step} served records per step, replay "
+              f"{lo.replay_fraction:.0%}, a version every {lo.steps_per_publish} steps to "
+              f"{cfg.serve.online.weight_store}", flush=True)
     if not blocking:
         return url
 
@@ -394,6 +405,12 @@ def run_serve(cfg: JobConfig, draft: str | None = None, blocking: bool = True) -
     try:
         while True:
             time.sleep(1)
+            if learner_run is not None and ray.wait([learner_run], timeout=0)[0]:
+                try:  # the endpoint keeps serving (with its last draft) whatever the learner did
+                    print(f"online learner stopped at step {ray.get(learner_run)['step']}", flush=True)
+                except Exception as e:  # noqa: BLE001 - reported, not fatal to serving
+                    print(f"online learner failed: {type(e).__name__}: {str(e).splitlines()[0]}", flush=True)
+                learner_run = None
     except KeyboardInterrupt:
         print("shutting down", flush=True)
     finally:

@@ -127,18 +127,25 @@ def round_records(view, top_k: int) -> list[dict]:
             for s in live]
 
 
+def round_rows(records: list[dict]) -> dict[str, list]:
+    """Buffer records → `actors.rollout.build_batch`'s row lists (module docstring: the mapping): prompts,
+    responses, scores, draft_logprobs, one entry per record; the online learner appends replayed rows to them."""
+    return {"prompts": [np.asarray(r["context"]).tolist() for r in records],
+            "responses": [np.asarray(r["draft_tokens"]).tolist() for r in records],
+            "scores": [{"ids": np.asarray(r["target_ids"])[: len(r["draft_tokens"])],
+                        "logprobs": np.asarray(r["target_logprobs"])[: len(r["draft_tokens"])]} for r in records],
+            "draft_logprobs": [np.asarray(r["draft_logprobs"]).tolist() for r in records]}
+
+
 def to_rollout_batch(records: list[dict], pad_id: int, actor_id: int = -1):
     """Buffer records → the stage 3 learner's `RolloutBatch` (module docstring: the mapping)."""
     from actors.rollout import build_batch
 
     if not records:
         raise ValueError("no records to build a batch from")
-    scores = [{"ids": np.asarray(r["target_ids"])[: len(r["draft_tokens"])],
-               "logprobs": np.asarray(r["target_logprobs"])[: len(r["draft_tokens"])]} for r in records]
-    return build_batch([np.asarray(r["context"]).tolist() for r in records],
-                       [np.asarray(r["draft_tokens"]).tolist() for r in records], scores, pad_id=pad_id,
-                       on_policy=[True] * len(records),
-                       draft_logprobs=[np.asarray(r["draft_logprobs"]).tolist() for r in records],
+    rows = round_rows(records)
+    return build_batch(rows["prompts"], rows["responses"], rows["scores"], pad_id=pad_id,
+                       on_policy=[True] * len(records), draft_logprobs=rows["draft_logprobs"],
                        policy_version=min(int(r["policy_version"]) for r in records), actor_id=actor_id)
 
 
