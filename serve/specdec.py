@@ -463,6 +463,28 @@ class SpecDecoder:
                     break
         return new
 
+    def _emit(self, gens: list[Generation], active: list[bool], batch: _Batch, out: torch.Tensor, ks: list[int],
+              g: int, params: SamplingParams, x: torch.Tensor, q: torch.Tensor | None,
+              z: torch.Tensor) -> tuple[list[list[int]], list[int], int]:
+        """After a chain round's verification (either draft kind): sequence s emits out[s, :k_s + 1] up to its
+        stop; the round is counted, the goodput policy and the online observer told; the emitted tokens join
+        the grid (ragged: masked beyond k_s + 1). Returns (tokens committed per sequence, the sequences that
+        were active, n = the widest emission)."""
+        B = len(gens)
+        was_active = list(active)
+        new = self._commit(gens, active, [out[s, :ks[s] + 1].tolist() for s in range(B)], params)
+        live = [s for s in range(B) if was_active[s]]
+        outcomes = [gens[s].record_round(ks[s], g, len(new[s])) for s in live]
+        if self.policy is not None and g:
+            self.policy.observe(sum(a for a, _ in outcomes), sum(r for _, r in outcomes))
+        if self.observer is not None and g:
+            self.observer(RoundView(batch.ids, batch.mask, was_active, x, q, z, ks, outcomes, params,
+                                    self.draft_version))
+        n = max(ks[s] + 1 for s in live)
+        valid = torch.tensor([ks[s] + 1 if was_active[s] else 0 for s in range(B)], device=self.device)
+        batch.append(out[:, :n], valid)
+        return new, live, n
+
     def _finish(self, gens: list[Generation]) -> list[Generation]:
         if self.tokenizer is not None:
             for g in gens:
@@ -596,18 +618,7 @@ class SpecDecoder:
             out = torch.cat([x, x.new_zeros(B, 1)], 1)  # (B, γ+1)
             out[rows, k] = nxt
             ks = k.tolist()
-            was_active = list(active)
-            new = self._commit(gens, active, [out[s, :ks[s] + 1].tolist() for s in range(B)], params)
-            live = [s for s in range(B) if was_active[s]]
-            outcomes = [gens[s].record_round(ks[s], g, len(new[s])) for s in live]
-            if self.policy is not None and g:
-                self.policy.observe(sum(a for a, _ in outcomes), sum(r for _, r in outcomes))
-            if self.observer is not None and g:
-                self.observer(RoundView(batch.ids, batch.mask, was_active, x, q, z, ks, outcomes, params,
-                                        self.draft_version))
-            n = max(ks[s] + 1 for s in live)
-            valid = torch.tensor([ks[s] + 1 if was_active[s] else 0 for s in range(B)], device=self.device)
-            batch.append(out[:, :n], valid)
+            new, live, n = self._emit(gens, active, batch, out, ks, g, params, x, q, z)
             # 4. Roll both caches back to the columns every sequence still agrees with.
             t_len = L + min(ks[s] for s in live)
             _crop(t_cache, t_len)
@@ -775,16 +786,7 @@ class SpecDecoder:
             out = torch.cat([x, x.new_zeros(B, 1)], 1)  # (B, γ+1)
             out[rows, k] = nxt
             ks = k.tolist()
-            was_active = list(active)
-            new = self._commit(gens, active, [out[s, :ks[s] + 1].tolist() for s in range(B)], params)
-            live = [s for s in range(B) if was_active[s]]
-            outcomes = [gens[s].record_round(ks[s], g, len(new[s])) for s in live]
-            if self.observer is not None and g:
-                self.observer(RoundView(batch.ids, batch.mask, was_active, x, q, z, ks, outcomes, params,
-                                        self.draft_version))
-            n = max(ks[s] + 1 for s in live)
-            valid = torch.tensor([ks[s] + 1 if was_active[s] else 0 for s in range(B)], device=self.device)
-            batch.append(out[:, :n], valid)
+            new, live, n = self._emit(gens, active, batch, out, ks, g, params, x, q, z)
             # 4. Roll back: the target to the columns every sequence agrees with, the head to its verified nodes;
             #    the new columns wait with the target's features before them (masked beyond k_s + 1).
             t_len = L + min(ks[s] for s in live)
