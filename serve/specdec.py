@@ -463,6 +463,29 @@ class SpecDecoder:
                     break
         return new
 
+    def _verified_slots(self, batch: _Batch, t_len: int, L: int, g: int) -> torch.Tensor:
+        """Columns of a chain pass's output (fed from column t_len) whose states score the γ + 1 positions:
+        each sequence's last real token, then the grid's draft columns L … L + γ − 1 → (B, γ+1)."""
+        B = batch.ids.shape[0]
+        return torch.cat([(batch.last - t_len).clamp_min(0)[:, None],  # finished rows: any column
+                          L - t_len + torch.arange(g, device=self.device)[None].expand(B, -1)], 1)
+
+    def _verify_chain(self, x: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor, params: SamplingParams,
+                      gen: torch.Generator) -> tuple[torch.Tensor, list[int]]:
+        """Step 3 of a chain round: x (B, γ) against p (B, γ+1, V) → (out (B, γ+1) = x with the recovered or
+        bonus token at k_s, [k_s]). Greedy is the verifier's one-hot special case without its sampling;
+        γ = 0 (no draft this round) is a target step."""
+        B, g = x.shape
+        if g and params.greedy:
+            k, nxt = greedy_verify(x, p.argmax(-1))  # (B,), (B,)
+        elif g:
+            k, nxt = self.verifier(x, q, p, gen)  # (B,), (B,)
+        else:
+            k, nxt = torch.zeros(B, dtype=torch.long, device=self.device), draw(p[:, 0], params, gen)
+        out = torch.cat([x, x.new_zeros(B, 1)], 1)  # (B, γ+1)
+        out[torch.arange(B, device=self.device), k] = nxt
+        return out, k.tolist()
+
     def _emit(self, gens: list[Generation], active: list[bool], batch: _Batch, out: torch.Tensor, ks: list[int],
               g: int, params: SamplingParams, x: torch.Tensor, q: torch.Tensor | None,
               z: torch.Tensor) -> tuple[list[list[int]], list[int], int]:
@@ -602,22 +625,13 @@ class SpecDecoder:
             # 2. Target scores all γ + 1 positions in one pass: after each sequence's last real token,
             #    and after each draft token.
             h = self._timed("target", t_len == 0, self._t.hidden, t_cache, batch, t_len, x)  # (B, n, H)
-            at = torch.cat([(batch.last - t_len).clamp_min(0)[:, None],  # finished rows: any column
-                            L - t_len + torch.arange(g, device=self.device)[None].expand(B, -1)], 1)
+            at = self._verified_slots(batch, t_len, L, g)  # (B, γ+1)
             h = h[rows[:, None], at]  # (B, γ+1, H)
             z = self._t.logits(h)  # (B, γ+1, V)
             p, _ = self._t.probs(h, params, z)  # (B, γ+1, V)
 
             # 3. Verify: accept a prefix, then a recovered or bonus token; sequence s emits k_s + 1 tokens.
-            if g and params.greedy:  # the verifier's special case (one-hot p and q), without its sampling
-                k, nxt = greedy_verify(x, p.argmax(-1))  # (B,), (B,)
-            elif g:
-                k, nxt = self.verifier(x, q, p, gen)  # (B,), (B,)
-            else:  # no draft this round: a target step
-                k, nxt = torch.zeros(B, dtype=torch.long, device=self.device), draw(p[:, 0], params, gen)
-            out = torch.cat([x, x.new_zeros(B, 1)], 1)  # (B, γ+1)
-            out[rows, k] = nxt
-            ks = k.tolist()
+            out, ks = self._verify_chain(x, q, p, params, gen)  # (B, γ+1), k_s per sequence
             new, live, n = self._emit(gens, active, batch, out, ks, g, params, x, q, z)
             # 4. Roll both caches back to the columns every sequence still agrees with.
             t_len = L + min(ks[s] for s in live)
@@ -770,22 +784,13 @@ class SpecDecoder:
             h = self._timed("target", t_len == 0, self._t.hidden, t_cache, batch, t_len, x)  # (B, n, H)
             if pending is None:  # the first pass covers the prompt: column j ← f_{j−1}
                 pending = torch.cat([h.new_zeros(B, 1, h.shape[-1]), h[:, : L - 1]], 1)  # (B, L, H)
-            at = torch.cat([(batch.last - t_len).clamp_min(0)[:, None],  # finished rows: any column
-                            L - t_len + torch.arange(g, device=self.device)[None].expand(B, -1)], 1)
+            at = self._verified_slots(batch, t_len, L, g)  # (B, γ+1)
             hv = h[rows[:, None], at]  # (B, γ+1, H) features at the verified slots
             z = self._t.logits(hv)  # (B, γ+1, V)
             p, _ = self._t.probs(hv, params, z)  # (B, γ+1, V)
 
             # 3. Verify, as `_spec_rounds`.
-            if g and params.greedy:
-                k, nxt = greedy_verify(x, p.argmax(-1))  # (B,), (B,)
-            elif g:
-                k, nxt = self.verifier(x, q, p, gen)  # (B,), (B,)
-            else:
-                k, nxt = torch.zeros(B, dtype=torch.long, device=self.device), draw(p[:, 0], params, gen)
-            out = torch.cat([x, x.new_zeros(B, 1)], 1)  # (B, γ+1)
-            out[rows, k] = nxt
-            ks = k.tolist()
+            out, ks = self._verify_chain(x, q, p, params, gen)  # (B, γ+1), k_s per sequence
             new, live, n = self._emit(gens, active, batch, out, ks, g, params, x, q, z)
             # 4. Roll back: the target to the columns every sequence agrees with, the head to its verified nodes;
             #    the new columns wait with the target's features before them (masked beyond k_s + 1).
