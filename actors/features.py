@@ -129,12 +129,20 @@ def _alternative_pass(target, cache, lengths: list[int], alts: list[list[tuple[i
     return out.last_hidden_state.float()
 
 
-def feature_batch(target, rows: list[dict], *, k: int, feature_sampling: bool = False,
-                  generator: torch.Generator | None = None, pad_id: int = 0) -> FeatureBatch:
-    """Rows of the distillation set (`learner.distill.load_rows`) → one FeatureBatch (module docstring).
+@dataclass
+class RowFeatures:
+    """The target's side of one row (module docstring): all a FeatureBatch needs from the target."""
 
-    k: the top-k kept per position (the set's stored rows are cut to k; rows that store fewer, and every
-    re-drawn node, get the top-k of the target's own softmax(W F))."""
+    F: torch.Tensor  # (L, H) float: features of s_0 … s_{L−1}
+    ids: torch.Tensor  # (R, k) int64: the top-k of each answer token r_j
+    lps: torch.Tensor  # (R, k) float32
+    alts: list[tuple[int, int]]  # re-drawn tokens (d, x): x at position d + 1
+    G: torch.Tensor  # (m, H) float: the target's feature after each re-drawn token
+    g_ids: torch.Tensor  # (m, k) int64: the top-k of softmax(W g)
+    g_lps: torch.Tensor  # (m, k) float32
+
+
+def _check_rows(rows: list[dict], k: int) -> None:
     if not rows:
         raise ValueError("feature_batch: no rows")
     if k < 1:
@@ -142,6 +150,16 @@ def feature_batch(target, rows: list[dict], *, k: int, feature_sampling: bool = 
     for r in rows:
         if len(r["prompt_token_ids"]) < 1 or len(r["response_token_ids"]) < 1:
             raise ValueError(f"row {r.get('prompt_id')!r}: needs a prompt and an answer token")
+
+
+@torch.no_grad()
+def row_features(target, rows: list[dict], *, k: int, feature_sampling: bool = False,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 pad_id: int = 0) -> list[RowFeatures]:
+    """The target's passes over a batch of rows (one causal pass; with feature sampling a second pass of the
+    re-drawn tokens on its KV cache) → one RowFeatures per row. `generator`: one for the batch (drawn row by
+    row) or one per row (a row's draws then do not depend on its batch: the feature store's case)."""
+    _check_rows(rows, k)
     seqs = [list(r["prompt_token_ids"]) + list(r["response_token_ids"]) for r in rows]
     F, cache = _target_pass(target, seqs, pad_id, keep_cache=feature_sampling)  # (B, Lmax, H)
     dists = [_answer_dists(target, r, F[b], k) for b, r in enumerate(rows)]
@@ -151,57 +169,72 @@ def feature_batch(target, rows: list[dict], *, k: int, feature_sampling: bool = 
             P, R = len(r["prompt_token_ids"]), len(r["response_token_ids"])
             if R < 2:
                 continue
-            x = sample_from_topk(dists[b][0][:R - 1], dists[b][1][:R - 1], generator)  # (R−1,) draws for r_0…r_{R−2}
+            gen = generator[b] if isinstance(generator, list) else generator
+            x = sample_from_topk(dists[b][0][:R - 1], dists[b][1][:R - 1], gen)  # (R−1,) draws for r_0…r_{R−2}
             data = torch.tensor(r["response_token_ids"][:R - 1])
             alts[b] = [(P - 1 + j, int(x[j])) for j in (x != data).nonzero()[:, 0].tolist()]
     G = None
     if any(alts):
         G = _alternative_pass(target, cache, [len(s) for s in seqs], alts, F.shape[1], pad_id)  # (B, A, H)
-    return _collate(target, rows, seqs, F, dists, alts, G, k, pad_id)
+    out = []
+    H = F.shape[-1]
+    for b, s in enumerate(seqs):
+        g = G[b, :len(alts[b])] if alts[b] else F.new_zeros(0, H)
+        g_ids, g_lps = topk_from_features(target, g, k)
+        out.append(RowFeatures(F[b, :len(s)], dists[b][0], dists[b][1], alts[b], g, g_ids, g_lps))
+    return out
 
 
-def _collate(target, rows, seqs, F, dists, alts, G, k, pad_id) -> FeatureBatch:
+def feature_batch(target, rows: list[dict], *, k: int, feature_sampling: bool = False,
+                  generator: torch.Generator | None = None, pad_id: int = 0) -> FeatureBatch:
+    """Rows of the distillation set (`learner.distill.load_rows`) → one FeatureBatch (module docstring).
+
+    k: the top-k kept per position (the set's stored rows are cut to k; rows that store fewer, and every
+    re-drawn node, get the top-k of the target's own softmax(W F))."""
+    feats = row_features(target, rows, k=k, feature_sampling=feature_sampling, generator=generator, pad_id=pad_id)
+    return collate(rows, feats, pad_id)
+
+
+def collate(rows: list[dict], feats: list[RowFeatures], pad_id: int = 0) -> FeatureBatch:
     """Lay the rows out as draft nodes (data nodes 0 … L−2, then one node per re-drawn token)."""
-    B, H = len(rows), F.shape[-1]
-    T = max(len(s) - 1 + len(a) for s, a in zip(seqs, alts, strict=True))
-    feats = torch.zeros(B, T, H)
+    seqs = [list(r["prompt_token_ids"]) + list(r["response_token_ids"]) for r in rows]
+    B, H = len(rows), feats[0].F.shape[-1]
+    T = max(len(s) - 1 + len(f.alts) for s, f in zip(seqs, feats, strict=True))
+    x = torch.zeros(B, T, H)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     pos = torch.zeros(B, T, dtype=torch.long)
     allowed = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)  # padding nodes see themselves only
     loss = torch.zeros(B, T, dtype=torch.bool)
     t_feat, t_ids, t_lps, sampled = [], [], [], []
-    for b, (r, s) in enumerate(zip(rows, seqs, strict=True)):
-        P, L, m = len(r["prompt_token_ids"]), len(s), len(alts[b])
+    for b, (r, s, f) in enumerate(zip(rows, seqs, feats, strict=True)):
+        P, L, m = len(r["prompt_token_ids"]), len(s), len(f.alts)
         n = L - 1  # data nodes
-        feats[b, :n] = F[b, :n]
+        x[b, :n] = f.F[:n].float()
         ids[b, :n] = torch.tensor(s[1:])
         pos[b, :n] = torch.arange(n)
         allowed[b, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
-        redrawn = {d for d, _ in alts[b]}
-        for d in range(max(P - 2, 0), L - 2):
-            if d not in redrawn:
-                loss[b, d] = True
-                j = d + 2 - P
-                t_feat.append(F[b, d + 1])
-                t_ids.append(dists[b][0][j])
-                t_lps.append(dists[b][1][j])
-                sampled.append(False)
+        redrawn = torch.tensor([d for d, _ in f.alts], dtype=torch.long)
+        d = torch.arange(max(P - 2, 0), L - 2)  # loss nodes of the data: one per answer token r_j, j = d + 2 − P
+        d = d[~torch.isin(d, redrawn)]
+        loss[b, d] = True
+        t_feat.append(f.F[d + 1].float())
+        t_ids.append(f.ids[d + 2 - P])
+        t_lps.append(f.lps[d + 2 - P].float())
+        sampled.append(torch.zeros(len(d), dtype=torch.bool))
+        for a, (da, xa) in enumerate(f.alts):
+            i = n + a
+            x[b, i], ids[b, i], pos[b, i] = f.F[da].float(), xa, da
+            allowed[b, i, :da] = True
+            loss[b, i] = True
         if m:
-            g = G[b, :m]  # (m, H)
-            g_ids, g_lps = topk_from_features(target, g, k)
-            for a, (d, x) in enumerate(alts[b]):
-                i = n + a
-                feats[b, i], ids[b, i], pos[b, i] = F[b, d], x, d
-                allowed[b, i, :d] = True
-                loss[b, i] = True
-                t_feat.append(g[a])
-                t_ids.append(g_ids[a])
-                t_lps.append(g_lps[a])
-                sampled.append(True)
-    if not t_feat:
+            t_feat.append(f.G.float())
+            t_ids.append(f.g_ids)
+            t_lps.append(f.g_lps.float())
+            sampled.append(torch.ones(m, dtype=torch.bool))
+    if not loss.any():
         raise ValueError("feature_batch: no loss position (answers need a prompt of ≥ 2 tokens or ≥ 2 answer tokens)")
-    return FeatureBatch(feats, ids, pos, allowed, loss, torch.stack(t_feat), torch.stack(t_ids),
-                        torch.stack(t_lps).float(), torch.tensor(sampled))
+    return FeatureBatch(x, ids, pos, allowed, loss, torch.cat(t_feat), torch.cat(t_ids).long(),
+                        torch.cat(t_lps), torch.cat(sampled))
 
 
 def batch_seed(seed: int, step: int, rank: int) -> int:
@@ -231,6 +264,13 @@ class TargetFeatures:
         gen = torch.Generator().manual_seed(batch_seed(self.seed, step, rank))
         return feature_batch(self.target, [self.rows[i] for i in idx], k=self.k,
                              feature_sampling=self.feature_sampling, generator=gen, pad_id=self.pad_id)
+
+    def shard(self, rows: list[dict], first: int) -> dict[str, torch.Tensor]:
+        """Rows `first …` of the train set as one feature-store shard (`actors/feature_store.py`)."""
+        from actors.feature_store import compute_shard
+
+        return compute_shard(self.target, rows, first, k=self.k, feature_sampling=self.feature_sampling,
+                             seed=self.seed, pad_id=self.pad_id)
 
     def fixed_batch(self, rows: list[dict]) -> FeatureBatch:
         """`rows` as they are (no re-drawn tokens): the held-out batch."""

@@ -71,6 +71,10 @@ class FSPADConfig(_Strict):
         0.5, gt=0, le=1, description="partial alignment distillation: feature regression (smooth-L1) on the first "
                                      "ceil(fraction · H) feature dimensions only; 1.0 = EAGLE's full regression. "
                                      "The paper's split was not verified from its text: measure it")
+    feature_store: bool = Field(
+        True, description="run the target over the distillation set once and train on its stored features "
+                          "(actors/feature_store.py: one fixed feature-sampling draw per answer token); false = "
+                          "a target pass per training batch (a fresh draw every step, the head waits on it)")
     feature_weight: float = Field(1.0, ge=0, description="weight of the feature regression term (EAGLE: 1.0)")
     logit_weight: float = Field(0.1, ge=0, description="weight of the logit distillation term (distill.loss on the "
                                                       "target's top-k; EAGLE's cross-entropy weight: 0.1)")

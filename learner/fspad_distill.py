@@ -1,13 +1,15 @@
 """Stage 3 for `draft.kind: fspad`: distil the FSPAD head on the target's features of the distillation set.
 
-    TargetFeatures ×M (HF target, actors/features.py) ──batch(step, rank)──► learner ranks ×W (Ray Train, DDP)
+    TargetFeatures ×M (HF target) ──► fspad_features/ ──► StoredFeatures ──batch(step, rank)──► learner ×W
+                                   (or, streamed: TargetFeatures ──batch(step, rank)──► learner ×W)
 
-Data. Each learner rank asks a feature actor for its FeatureBatch of step s + 1 while it trains on
-step s (one batch in flight per rank: the target's forward and the head's step overlap on separate
-cores). A batch is a pure function of (seed, step, rank), so a resumed or restarted learner sees the
-same batches; nothing is stored. Rows: `rollout.batch_size` distillation-set rows per step (all ranks
-together), every position of the answers; the held-out prompts (`learner.distill.split_heldout`)
-never enter a training batch.
+Data. With `draft.fspad.feature_store` (the default) the target first runs over the whole set once, on all
+the CPUs, into `<run_dir>/fspad_features/` (`actors/feature_store.py`; resumable by shard), and a
+StoredFeatures actor serves batches from it; otherwise TargetFeatures actors compute each batch. Either
+way each learner rank asks for its FeatureBatch of step s + 1 while it trains on step s, and a batch is a
+pure function of (seed, step, rank), so a resumed or restarted learner sees the same batches.
+Rows: `rollout.batch_size` distillation-set rows per step (all ranks together), every position of the
+answers; the held-out prompts (`learner.distill.split_heldout`) never enter a training batch.
 
 Loss (partial alignment distillation, `learner.losses.partial_alignment_loss`), per loss position n:
     L_n = w_f · SmoothL1(f̂_n[:m], f_n[:m]) + w_l · D(p_n ‖ q_n),  q_n = softmax(W f̂_n / T), m = ⌈a·H⌉,
@@ -46,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from actors.feature_store import build_store, create_stored_feature_actor
 from actors.features import FeatureBatch, create_feature_actors
 from draftalign.config import JobConfig
 from draftalign.io import atomic_dir, write_json_atomic
@@ -347,8 +350,13 @@ def run_fspad(cfg: JobConfig, resume: bool = False) -> Path:
         actors = []
         try:
             rows_ref = ray.put(train_rows)  # held until the end: restarted actors re-read their arguments
+            store = build_store(cfg, target_path, train_rows, rdir, say=_say) if cfg.draft.fspad.feature_store else None
             actors = create_feature_actors(cfg, target_path, rows_ref, name_prefix=f"draftalign-{cfg.name}")
             hb = ray.get(actors[0].fixed_batch.remote(held_rows)) if held_rows else None
+            if store is not None:  # the held-out batch was the target actors' last job: the store serves the rest
+                for a in actors:
+                    ray.kill(a, no_restart=True)
+                actors = create_stored_feature_actor(cfg, store, rows_ref, name_prefix=f"draftalign-{cfg.name}")
             tb_dir.mkdir(parents=True, exist_ok=True)
             config = {"cfg": cfg.model_dump(mode="json"), "target_path": target_path, "draft_vocab": draft_vocab,
                       "actors": actors, "heldout_ref": [ray.put(hb)] if hb is not None else [],

@@ -311,6 +311,39 @@ def test_feature_actor_batches_are_a_pure_function_of_the_step(tiny_target_path,
     assert not (first.input_ids.shape == other.input_ids.shape and torch.equal(first.input_ids, other.input_ids))
 
 
+def test_feature_store_serves_the_rows_the_target_computes(target, tmp_path):
+    """A stored shard read back equals the target's own RowFeatures of each row (draws seeded per row, so a row's
+    batch-mates and the shard's length-sorted passes change nothing; features to float16 precision); a sampled
+    store also serves a job without feature sampling."""
+    from safetensors.torch import save_file
+
+    from actors.feature_store import META_FILE, FeatureStore, compute_shard, row_seed, shard_name
+    from actors.features import collate, row_features
+
+    rows = _rows(5, seed=8, k=6, target=target)
+    save_file(compute_shard(target, rows, 0, k=6, feature_sampling=True, seed=3, pass_rows=2),
+              str(tmp_path / shard_name(0)))
+    (tmp_path / META_FILE).write_text(json.dumps({"num_rows": 5, "shard_rows": 5, "num_shards": 1}))
+    store = FeatureStore(tmp_path)
+    gens = [torch.Generator().manual_seed(row_seed(3, i)) for i in range(5)]
+    want = row_features(target, rows, k=6, feature_sampling=True, generator=gens)
+    assert sum(len(w.alts) for w in want) > 0, "the random target's flat top-6 must re-draw some tokens"
+    for i, w in enumerate(want):
+        got = store.row(i)
+        assert got.alts == w.alts and torch.equal(got.ids, w.ids) and torch.equal(got.g_ids, w.g_ids)
+        torch.testing.assert_close(got.F.float(), w.F, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(got.G.float(), w.G, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(got.lps, w.lps)
+    fb, ref = collate(rows, [store.row(i) for i in range(5)]), collate(rows, want)
+    assert torch.equal(fb.loss_mask, ref.loss_mask) and torch.equal(fb.allowed, ref.allowed)
+    assert torch.equal(fb.target_ids, ref.target_ids) and fb.sampled.any()
+    plain = collate(rows, [store.row(i, feature_sampling=False) for i in range(5)])
+    ref = feature_batch(target, rows, k=6)
+    assert torch.equal(plain.loss_mask, ref.loss_mask) and torch.equal(plain.target_ids, ref.target_ids)
+    assert not plain.sampled.any()
+    torch.testing.assert_close(plain.features, ref.features, rtol=2e-3, atol=2e-3)
+
+
 # ------------------------------------------------------------------------------ the stage, on Ray
 
 @pytest.mark.slow
@@ -367,7 +400,8 @@ def ray_local():
 
 @pytest.mark.slow
 def test_fspad_stage_trains_checkpoints_and_resumes(ray_local, job, peaked_target):
-    """Real Ray: a TargetFeatures actor (HF target) feeding a one-worker TorchTrainer; 6 steps with a checkpoint
+    """Real Ray: the feature store (a TargetFeatures actor runs the HF target over the set) feeding a one-worker
+    TorchTrainer through a StoredFeatures actor; 6 steps with a checkpoint
     at 3 and 6, then a resume to 8 from the step-6 checkpoint."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -382,6 +416,7 @@ def test_fspad_stage_trains_checkpoints_and_resumes(ray_local, job, peaked_targe
     assert head.vocab.ids is not None  # the job's draft vocabulary travelled with it
     assert done["heldout_positions"] > 0 and 0.0 <= done["heldout_acceptance"] <= 1.0
     assert done["sampled_frac"] > 0  # feature sampling is on by default and re-drew tokens
+    assert json.loads((cfg.run_path / "fspad_features" / "meta.json").read_text())["num_rows"] > 0  # the store
     log = [json.loads(line) for line in (cfg.run_path / "fspad_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 7))
     assert log[-1]["feature_loss"] < log[0]["feature_loss"], [r["feature_loss"] for r in log]

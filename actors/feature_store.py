@@ -1,0 +1,199 @@
+"""The target's features of the distillation set, computed once and stored: the FSPAD head's epochs read them.
+
+Why. A streamed FeatureBatch (`actors/features.py`) costs one target pass over its rows, plus one over the
+re-drawn tokens: measured on a 2-core EPYC (fp32, SmolLM2-135M, 16 rows of the long job's set) 8–11 s on two
+threads and 17–25 s on one, against ≈ 1.2 s for the head's own step. Streamed, the head waits on the target
+for most of its stage and sees each row once. The store runs every row through the target once, in
+length-sorted batches (little padding), on all the CPUs before the learner starts; the head then trains
+epochs at its own speed. Size: L · H float16 per row (the long job's 3.6k rows × 185 tokens × 576 ≈ 0.77 GB).
+
+Feature sampling in the store. Each answer token's draw is made once, from a generator seeded by (job seed,
+row index), so the store is a fixed augmentation of the set (EAGLE, too, trains on fixed data); streamed
+batches (`draft.fspad.feature_store: false`) re-draw at every step. A store built with sampling also serves a
+job without it (its re-drawn nodes are left out), so the ablation arms share one store.
+
+On disk, `<run_dir>/fspad_features/`: `meta.json` (the fingerprint: target, k, seed, the rows' ids and
+lengths) and `shard-XXXXX.safetensors`, rows [i·S, (i + 1)·S) of the train rows concatenated with their
+counts. Every shard is written atomically; a rerun keeps the shards of the same fingerprint and computes
+only the missing ones (another fingerprint: the old store is removed; it is derived data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from actors.features import FeatureBatch, RowFeatures, collate, row_features
+from draftalign.io import write_json_atomic
+
+STORE_DIR = "fspad_features"
+META_FILE = "meta.json"
+SHARD_ROWS = 256
+PASS_ROWS = 16  # rows per target pass inside a shard (length-sorted)
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+def fingerprint(target_path: str, k: int, seed: int, rows: list[dict]) -> str:
+    """What a store's contents depend on (feature sampling is recorded apart: a sampled store serves both)."""
+    h = hashlib.sha1(json.dumps([str(target_path), k, seed]).encode())
+    for r in rows:
+        h.update(f"{r['prompt_id']}:{len(r['prompt_token_ids'])}:{len(r['response_token_ids'])};".encode())
+    return h.hexdigest()
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The feature-sampling seed of train row `index`: fixed for the store's lifetime."""
+    return int(np.random.SeedSequence([seed, index, 1]).generate_state(1)[0])
+
+
+@torch.no_grad()
+def compute_shard(target, rows: list[dict], first: int, *, k: int, feature_sampling: bool, seed: int,
+                  pad_id: int = 0, pass_rows: int = PASS_ROWS) -> dict[str, torch.Tensor]:
+    """Rows `first …` of the train set → one shard's tensors (module docstring), in the rows' order."""
+    size = [len(r["prompt_token_ids"]) + len(r["response_token_ids"]) for r in rows]
+    order = sorted(range(len(rows)), key=size.__getitem__)
+    feats: list[RowFeatures | None] = [None] * len(rows)
+    for lo in range(0, len(order), pass_rows):
+        idx = order[lo:lo + pass_rows]
+        gens = [torch.Generator().manual_seed(row_seed(seed, first + i)) for i in idx]
+        for i, f in zip(idx, row_features(target, [rows[i] for i in idx], k=k, feature_sampling=feature_sampling,
+                                          generator=gens, pad_id=pad_id), strict=True):
+            feats[i] = f
+    H = feats[0].F.shape[-1]
+    alts = [torch.tensor(f.alts, dtype=torch.long).reshape(-1, 2) for f in feats]
+    return {"lengths": torch.tensor([f.F.shape[0] for f in feats]),
+            "answers": torch.tensor([f.ids.shape[0] for f in feats]),
+            "n_alts": torch.tensor([len(f.alts) for f in feats]),
+            "F": torch.cat([f.F for f in feats]).half(),
+            "ids": torch.cat([f.ids for f in feats]).int(), "lps": torch.cat([f.lps for f in feats]).float(),
+            "alts": torch.cat(alts), "G": torch.cat([f.G.reshape(-1, H) for f in feats]).half(),
+            "g_ids": torch.cat([f.g_ids for f in feats]).int(), "g_lps": torch.cat([f.g_lps for f in feats]).float()}
+
+
+class FeatureStore:
+    """The stored rows, in memory: `row(i)` → the RowFeatures of train row i."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        self.meta = json.loads((path / META_FILE).read_text())
+        self.shards = [load_file(path / shard_name(i)) for i in range(self.meta["num_shards"])]
+        self.offsets = []
+        for s in self.shards:
+            self.offsets.append({key: torch.cat([torch.zeros(1, dtype=torch.long), s[key].cumsum(0)])
+                                 for key in ("lengths", "answers", "n_alts")})
+
+    def __len__(self) -> int:
+        return self.meta["num_rows"]
+
+    def row(self, i: int, feature_sampling: bool = True) -> RowFeatures:
+        s, j = divmod(i, self.meta["shard_rows"])
+        t, o = self.shards[s], self.offsets[s]
+        f0, f1 = int(o["lengths"][j]), int(o["lengths"][j + 1])
+        r0, r1 = int(o["answers"][j]), int(o["answers"][j + 1])
+        a0, a1 = (int(o["n_alts"][j]), int(o["n_alts"][j + 1])) if feature_sampling else (0, 0)
+        return RowFeatures(t["F"][f0:f1], t["ids"][r0:r1].long(), t["lps"][r0:r1],
+                           [tuple(a) for a in t["alts"][a0:a1].tolist()], t["G"][a0:a1],
+                           t["g_ids"][a0:a1].long(), t["g_lps"][a0:a1])
+
+
+def build_store(cfg, target_path: str, rows: list[dict], rdir: Path, say=print) -> Path:
+    """Compute the missing shards of `<rdir>/fspad_features/` on target.num_engines Ray actors, each using an
+    equal share of the cluster's CPUs (the learner has not started); the driver writes each shard atomically."""
+    import ray
+
+    from actors.features import TargetFeatures
+
+    path = Path(rdir) / STORE_DIR
+    k, fs = cfg.target.top_k_logprobs, cfg.draft.fspad.feature_sampling
+    meta = {"fingerprint": fingerprint(target_path, k, cfg.seed, rows), "num_rows": len(rows),
+            "shard_rows": SHARD_ROWS, "num_shards": math.ceil(len(rows) / SHARD_ROWS), "k": k,
+            "feature_sampling": fs}
+    old = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else None
+    if old is not None and (old["fingerprint"] != meta["fingerprint"] or (fs and not old["feature_sampling"])):
+        say(f"feature store {path} was built for other rows/target/k/sampling: rebuilding it")
+        shutil.rmtree(path)
+        old = None
+    if old is not None:
+        meta["feature_sampling"] = old["feature_sampling"]
+    path.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path / META_FILE, meta)
+    todo = [i for i in range(meta["num_shards"]) if not (path / shard_name(i)).is_file()]
+    if not todo:
+        return path
+    t = cfg.target
+    n = max(1, t.num_engines)
+    threads = max(1, int(ray.cluster_resources().get("CPU", 1) // n))
+    cls = ray.remote(TargetFeatures)
+    actors = [cls.options(num_cpus=t.cpus_per_engine, num_gpus=t.gpus_per_engine, resources=dict(t.resources),
+                          max_restarts=2, max_task_retries=2).remote(
+        target_path, t.dtype, [], 1, k, meta["feature_sampling"], cfg.seed, threads=threads) for _ in range(n)]
+    say(f"feature store: {len(todo)} of {meta['num_shards']} shards to compute ({len(rows)} rows, "
+        f"{n} target actor(s) × {threads} threads) -> {path}")
+    t0, done = time.time(), 0
+    try:
+        pending = {}
+        queue = list(todo)
+        while queue or pending:
+            while queue and len(pending) < 2 * n:
+                i = queue.pop(0)
+                a = actors[i % n]
+                pending[a.shard.remote(rows[i * SHARD_ROWS:(i + 1) * SHARD_ROWS], i * SHARD_ROWS)] = i
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ready[0])
+            tensors = ray.get(ready[0])
+            tmp = path / (shard_name(i) + ".tmp")
+            save_file({key: v.contiguous() for key, v in tensors.items()}, str(tmp))
+            tmp.replace(path / shard_name(i))
+            done += 1
+            rate = (time.time() - t0) / done
+            say(f"feature store: shard {i} written ({done}/{len(todo)}, {rate:.0f} s per shard, "
+                f"≈ {rate * (len(todo) - done) / 60:.0f} min left)")
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+    return path
+
+
+class StoredFeatures:
+    """Ray actor (role: features, from the store): `batch(step, rank, world)` as `TargetFeatures.batch`, the same
+    rows per (step, rank), read from the store instead of computed. Runs where the store is (the driver's node)."""
+
+    def __init__(self, path: str, rows: list[dict], batch_size: int, feature_sampling: bool, seed: int,
+                 pad_id: int = 0):
+        from learner.pretrain import BatchSampler
+
+        torch.set_num_threads(1)
+        self.store = FeatureStore(path)
+        if len(self.store) != len(rows):
+            raise ValueError(f"feature store {path} holds {len(self.store)} rows, the job has {len(rows)}")
+        self.rows, self.B, self.feature_sampling, self.pad_id = rows, batch_size, feature_sampling, pad_id
+        self.sampler = BatchSampler(len(rows), seed)
+
+    def batch(self, step: int, rank: int, world: int) -> FeatureBatch:
+        idx = self.sampler.indices(step * self.B, self.B)[rank::world]
+        return collate([self.rows[i] for i in idx], [self.store.row(int(i), self.feature_sampling) for i in idx],
+                       self.pad_id)
+
+
+def create_stored_feature_actor(cfg, path: Path, rows_ref, name_prefix: str = "draftalign") -> list:
+    """One StoredFeatures actor on this (the driver's) node, sized like a target engine."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    t = cfg.target
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    cls = ray.remote(StoredFeatures)
+    return [cls.options(num_cpus=t.cpus_per_engine, scheduling_strategy=here, max_restarts=2, max_task_retries=2,
+                        name=f"{name_prefix}-stored-features").remote(
+        str(path), rows_ref, cfg.rollout.batch_size, cfg.draft.fspad.feature_sampling, cfg.seed)]
