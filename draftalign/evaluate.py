@@ -142,8 +142,8 @@ def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: boo
                             max_new_tokens=ev.max_new_tokens, seed=cfg.seed)
     prompts = eval_prompts(tok, cfg, target.config.max_position_embeddings)
     base = SpecDecoder(target, None, tok)
-    step = {name: None if isinstance(model, FSPADHead) else draft_step_dtype(cfg.draft.step_dtype, model.dtype)
-            for name, (model, _) in drafts.items()}  # an FSPAD head's steps stay float32
+    step = {name: draft_step_dtype(cfg.draft.step_dtype, next(model.parameters()).dtype)
+            for name, (model, _) in drafts.items()}
     engines = {name: SpecDecoder(target, model, tok, gamma=ev.gamma[0], draft_vocab=vocab,
                                  draft_step_dtype=step[name])
                for name, (model, vocab) in drafts.items()}

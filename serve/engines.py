@@ -41,7 +41,7 @@ class NativeEngine:
                         else (None, None))
         tree = s.tree if draft is not None else None
         self.features = isinstance(draft, FSPADHead)  # draft.kind=fspad
-        step = None if self.features else draft_step_dtype(s.draft_step_dtype, dtype, device)
+        step = draft_step_dtype(s.draft_step_dtype, dtype, device)
         self.decoder = SpecDecoder(target, draft, self.tokenizer, gamma=s.gamma, draft_vocab=vocab, tree=tree,
                                    draft_step_dtype=step)
         self.decoder.max_len = min(self.decoder.max_len, context)

@@ -97,6 +97,28 @@ class DecodeLinear(torch.nn.Linear):
         return decode_linear(x, self.weight, self.bias)
 
 
+class OneRowLinear(DecodeLinear):
+    """`DecodeLinear` whose single-row products read `half`, a low-precision copy of the weight
+    (`one_row_linear`): a draft's decoding step. Made by `use_one_row_dtype`."""
+
+    half: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = one_row_linear(x, self.weight, self.half)
+        return y if self.bias is None else y + self.bias
+
+
+def use_one_row_dtype(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """Switch every plain linear layer of a draft to `OneRowLinear` with a `dtype` copy of its weight, in
+    place; dtype None switches them back to `nn.Linear`. The copies are snapshots: call again after the
+    weights change."""
+    for module in model.modules():
+        if type(module) in (torch.nn.Linear, OneRowLinear):
+            module.__class__ = OneRowLinear if dtype is not None else torch.nn.Linear
+            module.half = half_copy(module.weight, dtype) if dtype is not None else None
+    return model
+
+
 def use_decode_matmul(model: torch.nn.Module) -> torch.nn.Module:
     """Switch every `nn.Linear` of `model` to `DecodeLinear` in place (a no-op for GPU models)."""
     for module in model.modules():

@@ -43,7 +43,7 @@ from transformers import DynamicCache
 
 from serve.acceptance import draft_acceptance, per_token_acceptance, round_outcome
 from serve.goodput import GoodputPolicy, StepCosts
-from serve.kernels import half_copy, one_row_linear, use_decode_matmul
+from serve.kernels import half_copy, one_row_linear, use_decode_matmul, use_one_row_dtype
 from serve.lean_llama import KVCache, LeanLlama
 from serve.sampling import SamplingParams, draw, greedy_verify, logits_to_probs, rejection_sample
 from serve.tree import DRAFTING, ancestors, expand, static_tree, verify_greedy, verify_sample
@@ -242,10 +242,10 @@ class _Features(_Rows):
     """An FSPAD head (`learner.fspad.FSPADHead`) as the draft: f̂ = head(features, tokens, positions) on top of
     its own KV cache, read out through the target's frozen LM head rows (its draft vocabulary)."""
 
-    def __init__(self, head):
+    def __init__(self, head, one_row_dtype: torch.dtype | None = None):
         ids = head.vocab.ids
         super().__init__(head.head_weight, None if ids is None else ids.to(head.head_weight.device),
-                         head.shape["vocab_size"])
+                         head.shape["vocab_size"], one_row_dtype)
         self.head = head
 
     def new_cache(self) -> DynamicCache:
@@ -327,7 +327,7 @@ class SpecDecoder:
     torch.float16 on CPU), None = the draft's own. Lossless either way: q is what the draft computed.
     draft may also be an FSPAD head (`learner.fspad.FSPADHead`, draft.kind=fspad): it drafts from the target's
     features of the last verification pass (`_fspad_rounds`); its draft vocabulary is its own (draft_vocab
-    None), and it has no goodput policy, hot-swap or float16 steps.
+    None), and it has no goodput policy or hot-swap; draft_step_dtype applies to its layer and LM-head rows.
     """
 
     def __init__(self, target, draft=None, tokenizer=None, gamma: int = 3, verifier=rejection_sample,
@@ -366,12 +366,14 @@ class SpecDecoder:
             use_decode_matmul(target)
             if draft is not None and not features:
                 use_decode_matmul(draft)
+        if features:
+            use_one_row_dtype(draft, draft_step_dtype)  # the head's layer: single rows in draft_step_dtype
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.gamma, self.verifier = gamma, verifier
         self.device = next(target.parameters()).device
         self._t = _Head(target, lean=lean)
         self._d = _Head(draft, draft_vocab, lean, draft_step_dtype) if draft is not None and not features else None
-        self._f = _Features(draft) if features else None  # the FSPAD head (then _d is None)
+        self._f = _Features(draft, draft_step_dtype) if features else None  # the FSPAD head (then _d is None)
         eos = target.generation_config.eos_token_id if target.generation_config else None
         eos = eos if eos is not None else target.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}

@@ -134,6 +134,27 @@ def test_greedy_equals_hf_generate_with_partial_acceptance(target, ref, trained,
     assert target_only == len(PROMPTS) and sum(hist) == rounds - target_only  # one feature-less first round per request
 
 
+def test_float16_head_steps_stay_lossless(target, ref, trained, target_tokenizer):
+    """draft.step_dtype for a head: its layer's and LM-head rows' single-row products in float16 change q,
+    never the output (greedy == HF generate, rounds both rejected and fully accepted)."""
+    import copy
+
+    from serve.kernels import OneRowLinear
+
+    head = copy.deepcopy(trained)  # the module fixture stays float32
+    engine = SpecDecoder(target, head, target_tokenizer, gamma=3, draft_step_dtype=torch.float16)
+    assert type(head.layer.mlp.down_proj) is OneRowLinear and head.layer.mlp.down_proj.half.dtype == torch.float16
+    assert engine._f.half is not None and engine._f.half.dtype == torch.float16
+    params, eos, hist = SamplingParams(max_new_tokens=24), target_tokenizer.eos_token_id, [0] * 4
+    for p in PROMPTS:
+        got = engine.generate([p], params)[0]
+        assert got.token_ids == hf_greedy(ref, p, 24, eos)
+        hist = [a + b for a, b in zip(hist, got.accepted_histogram)]
+    assert hist[0] > 0 and hist[3] > 0, hist
+    SpecDecoder(target, head, target_tokenizer, gamma=3)  # None switches the head back
+    assert type(head.layer.mlp.down_proj) is torch.nn.Linear
+
+
 def test_ragged_batch_equals_single(target, trained):
     engine = SpecDecoder(target, trained, None, gamma=3)
     params = SamplingParams(max_new_tokens=20)
@@ -188,6 +209,15 @@ def test_three_token_sampling_matches_target_distribution(gamma, vocab):
     prompt, params = [1, 5, 2], SamplingParams(temperature=1.0)
     engine = SpecDecoder(target, head, None, gamma=gamma)
     counts = empirical(engine, prompt, params, n=8000, batch=500, seed0=1000 * gamma, gamma=gamma, tokens=3)
+    assert chi2_p(counts, exact_three_token_dist(target, prompt, params)) > P_MIN
+
+
+def test_three_token_sampling_with_float16_head_steps_matches_target_distribution():
+    target = small_lm(0, 60.0)
+    head = FSPADHead.from_target(target, seed=1)
+    prompt, params = [1, 5, 2], SamplingParams(temperature=1.0)
+    engine = SpecDecoder(target, head, None, gamma=3, draft_step_dtype=torch.float16)
+    counts = empirical(engine, prompt, params, n=8000, batch=500, seed0=5000, gamma=3, tokens=3)
     assert chi2_p(counts, exact_three_token_dist(target, prompt, params)) > P_MIN
 
 
