@@ -133,8 +133,10 @@ def _run(engine: SpecDecoder, prompt: list[int], params: SamplingParams, gamma: 
     return _record(g, time.perf_counter() - t0, engine)
 
 
-def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: bool = True) -> dict:
-    """Every arm on every prompt, interleaved. drafts: {name: (model, vocabulary or None)}.
+def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: bool = True,
+            trees_for: set[str] | None = None) -> dict:
+    """Every arm on every prompt, interleaved. drafts: {name: (model, vocabulary or None)}; eval.trees are
+    measured for the drafts in `trees_for` (None: every draft).
     Returns {"prompts": {task: [ids]}, "records": {arm: {task: [record per prompt]}}} with arm
     "target" for target-only decoding and "<name>@<γ>" for speculative decoding."""
     ev = cfg.eval
@@ -150,7 +152,7 @@ def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: boo
     arms = [("target", base, None)] + [(f"{name}@{g}", engines[name], g) for name in drafts for g in ev.gamma]
     arms += [(f"{name}@{tree_label(t)}", SpecDecoder(target, model, tok, draft_vocab=vocab, tree=t,
                                                       draft_step_dtype=step[name]), len(t))
-             for name, (model, vocab) in drafts.items() for t in ev.trees]
+             for name, (model, vocab) in drafts.items() for t in ev.trees if trees_for is None or name in trees_for]
     # warm-up: every arm, so the first timed prompt runs like the last (allocator, thread pool, caches)
     warm = next(iter(prompts.values()))[0]
     for _ in range(WARMUP_ROUNDS):
@@ -279,7 +281,8 @@ def format_table(summary: dict) -> str:
 def _eval_json(cfg: JobConfig, name: str, draft: str, summary: dict, dtype, info: dict) -> dict:
     """One draft's results in the eval schema (first γ at the top level, every γ under by_gamma)."""
     cells = {g: summary["arms"][f"{name}@{g}"] for g in cfg.eval.gamma}
-    trees = {tree_label(t): summary["arms"][f"{name}@{tree_label(t)}"] for t in cfg.eval.trees}
+    trees = {tree_label(t): summary["arms"][arm] for t in cfg.eval.trees
+             if (arm := f"{name}@{tree_label(t)}") in summary["arms"]}
     first = cells[cfg.eval.gamma[0]]
     return {"target": cfg.target.model, "draft": draft, "gamma": cfg.eval.gamma[0],
             "temperature": cfg.eval.temperature, "tasks": first["tasks"], "overall": first["overall"],
@@ -294,7 +297,8 @@ def _eval_json(cfg: JobConfig, name: str, draft: str, summary: dict, dtype, info
 
 
 def run_eval(cfg: JobConfig, drafts: dict[str, str | None] | str | None = None,
-             out: Path | str | dict[str, Path | str] | None = None, threads: int | None = None) -> dict:
+             out: Path | str | dict[str, Path | str] | None = None, threads: int | None = None,
+             trees_for: set[str] | None = None) -> dict:
     """Evaluate drafts (name → path, 'new', or None for the job's newest trained draft) against the job's
     target in one interleaved run. Writes one eval JSON per draft: `out` is a path (one draft) or
     {name: path}. Returns {name: eval JSON}."""
@@ -309,7 +313,7 @@ def run_eval(cfg: JobConfig, drafts: dict[str, str | None] | str | None = None,
     print(f"eval: target={cfg.target.model} drafts={', '.join(f'{n}={d[2]}' for n, d in loaded.items())} "
           f"γ={cfg.eval.gamma} T={cfg.eval.temperature} dtype={dtype} threads={info['threads']} ({info['cpu']})",
           flush=True)
-    measured = measure(target, {n: (m, v) for n, (m, v, _) in loaded.items()}, tok, cfg)
+    measured = measure(target, {n: (m, v) for n, (m, v, _) in loaded.items()}, tok, cfg, trees_for=trees_for)
     summary = summarize(measured, cfg)
     print(format_table(summary), flush=True)
     results = {name: _eval_json(cfg, name, d[2], summary, dtype, info) for name, d in loaded.items()}

@@ -69,6 +69,9 @@ def test_tree_arms_are_measured_beside_the_chains(tmp_path, tiny_target_path):
         row = res["by_tree"][label]["overall"]
         assert row["acceptance_rate"] == 1.0 and row["block_efficiency"] > depth
     assert res["lossless_greedy"] == {"checked": 6, "mismatches": 0}
+    both = run_eval(cfg, {"self": tiny_target_path, "chain": tiny_target_path}, trees_for={"self"})
+    assert both["chain"]["by_tree"] == {} and set(both["self"]["by_tree"]) == {"tree:2-1", "tree:1-1-1"}
+    assert both["chain"]["interleaved_with"] == ["self@3", "chain@3", "self@tree:2-1", "self@tree:1-1-1"]
 
 
 def test_eval_out_is_checked_before_the_eval_runs(tmp_path):
