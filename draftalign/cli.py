@@ -87,6 +87,8 @@ def eval(job: Path = JobArg, target: str = typer.Option(None, help="target model
          gamma: list[int] = typer.Option(None, help="γ (repeatable)"),
          tree: list[str] = typer.Option(None, help="a token tree to evaluate too, its branching per depth, "
                                                  "e.g. 2,2,1 (repeatable)"),
+         tree_for: list[str] = typer.Option(None, help="measure the trees for this draft NAME only "
+                                                     "(repeatable; default every draft)"),
          temperature: float = typer.Option(None), prompts_per_task: int = typer.Option(None),
          max_new_tokens: int = typer.Option(None),
          out: Path = typer.Option(None, help="a .json path (one draft), or an existing directory: eval_<NAME>.json "
@@ -110,8 +112,11 @@ def eval(job: Path = JobArg, target: str = typer.Option(None, help="target model
             name, _, path = spec.partition("=") if spec and "=" in spec else (f"draft{i}" if len(specs) > 1
                                                                               else "draft", "", spec)
             drafts[name] = path
+        unknown = sorted(set(tree_for or []) - set(drafts))
+        if unknown:
+            raise ConfigError(f"--tree-for {', '.join(unknown)}: no such draft (drafts: {', '.join(drafts)})")
         dest = eval_destinations(out, list(drafts))
-        run_eval(cfg, drafts, out=dest)
+        run_eval(cfg, drafts, out=dest, trees_for=set(tree_for) if tree_for else None)
 
     _guard(go)
 
