@@ -1,7 +1,7 @@
 """`draftalign run`: every stage in order, skipping stages whose outputs are complete.
 
     generate → pretrain → distill → eval (target-only, pretrained, distilled) → report
-    generate → fspad (draft.kind=fspad: the feature-level head; no stage 1, no eval yet)
+    generate → fspad → eval (draft.kind=fspad: the feature-level head; no stage 1)
 
 Generation comes first: the target's answers need nothing from the draft, and the draft's vocabulary
 (`draftalign.vocab`) and, optionally, stage 1's text (`pretrain.corpus: [run:distill_set]`) come
@@ -119,19 +119,28 @@ def run_pipeline(cfg: JobConfig) -> Path:
 
 
 def _run_fspad(cfg: JobConfig, out: Path, t0: float) -> Path:
-    """draft.kind=fspad: generate → fspad (the head on the target's features) → stop.
+    """draft.kind=fspad: generate → fspad (the head on the target's features) → eval → report.
 
     No stage 1: the head only exists on top of the target's features, and the target's own answers are what
-    it learns from (learner/fspad_distill.py). No eval in the run yet (`draftalign eval --draft
-    <run>/draft_fspad` decodes with the head); its teacher-forced held-out acceptance is in fspad_done.json."""
+    it learns from (learner/fspad_distill.py). The eval decodes with the head (`eval_distilled.json`: the
+    draft this run distilled), chains at eval.gamma and the trees of eval.trees."""
+    from draftalign.evaluate import run_eval
+    from draftalign.report import write_report
     from learner.fspad_distill import DONE_FILE, run_fspad
 
     print("[run] pretrain: skipped for draft.kind=fspad (the head trains on the target's features of the "
           "distillation set)", flush=True)
     _stage("fspad", out / DONE_FILE, lambda: run_fspad(cfg, resume=_has_checkpoint(out / "ray_results" / "fspad")))
     done = json.loads((out / DONE_FILE).read_text())
-    print(f"[run] eval: not run for draft.kind=fspad (`draftalign eval --draft {done['draft']}` runs it); held-out "
-          f"teacher-forced acceptance {done.get('heldout_acceptance')}, greedy {done.get('heldout_greedy_acceptance')}",
-          flush=True)
-    print(f"[run] finished in {time.time() - t0:.0f} s; head: {done['draft']}", flush=True)
+
+    def evaluate() -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()  # idle Ray workers and agents must not share the cores being timed
+        run_eval(cfg, {"distilled": done["draft"]}, out={"distilled": out / "eval_distilled.json"})
+
+    _stage("eval", out / "eval_distilled.json", evaluate)
+    report = write_report(out)
+    print(f"[run] finished in {time.time() - t0:.0f} s; head: {done['draft']}; report: {report}", flush=True)
     return out

@@ -68,8 +68,9 @@ def write_report(run: Path) -> Path:
     import matplotlib.pyplot as plt
 
     evals = {name: ev for name in ("pretrained", "distilled") if (ev := _load(run / f"eval_{name}.json"))}
-    distill = _load(run / "distill_done.json") or {}
-    curves = {stage: _scalars(run, stage) for stage in ("pretrain", "distill")}
+    stage3 = "fspad" if (run / "fspad_done.json").is_file() else "distill"  # draft.kind=fspad: no stage 1
+    distill = _load(run / f"{stage3}_done.json") or {}
+    curves = {stage: _scalars(run, stage) for stage in ("pretrain", stage3)}
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     ax = axes[0, 0]
@@ -89,11 +90,11 @@ def write_report(run: Path) -> Path:
     ax.set_ylabel("P(accepted at i)")
     ax.set_title("Acceptance by draft position")
     ax.legend()
-    for ax, (stage, key) in zip(axes[1], [("pretrain", "loss"), ("distill", "loss")]):
+    for ax, (stage, key) in zip(axes[1], [("pretrain", "loss"), (stage3, "loss")]):
         s = curves[stage].get(key, [])
         if s:
             ax.plot(*zip(*s), label=f"{stage} {key}")
-        if stage == "distill":
+        if stage == stage3:
             for extra in ("heldout_acceptance", "acceptance"):
                 if extra in curves[stage]:
                     ax2 = ax.twinx()
@@ -121,6 +122,15 @@ def write_report(run: Path) -> Path:
                              f"{rb['block_efficiency']:.2f}{_ci(rb, 'block_efficiency')} after stage 3 (distilled); "
                              f"α {ra['acceptance_rate']:.3f} → {rb['acceptance_rate']:.3f}; speedup over target-only "
                              f"{ra['speedup']:.2f}x → {rb['speedup']:.2f}x{_ci(rb, 'speedup')}")
+    if len(evals) == 1 and "distilled" in evals:
+        g = headline_gamma(run, evals)
+        b = _at(evals["distilled"], g)
+        for task in ("chat", "overall"):
+            rb = b["tasks"].get(task) if task != "overall" else b["overall"]
+            if rb:
+                lines.append(f"- **{task}** (γ = {g}, {stage3}): block efficiency τ {rb['block_efficiency']:.2f}"
+                             f"{_ci(rb, 'block_efficiency')}; α {rb['acceptance_rate']:.3f}; speedup over "
+                             f"target-only {rb['speedup']:.2f}x{_ci(rb, 'speedup')}")
     measured = evals.get("distilled", {}).get("overall", {})
     if distill and measured:
         # Same definition on both sides: greedy eval ↔ argmax agreement, sampled eval ↔ 1 − TVD.

@@ -350,7 +350,8 @@ def test_feature_store_serves_the_rows_the_target_computes(target, tmp_path):
 @pytest.mark.timeout(600)
 def test_draftalign_run_kind_fspad_generates_then_trains_the_head(tmp_path, tiny_target_path):
     """The CLI, as a user runs it: `draftalign run JOB --set draft.kind=fspad` = generate (vLLM, the set stores
-    the target's top-k) → no stage 1 → the fspad stage; a rerun skips both. (Before the Ray fixture below: the
+    the target's top-k) → no stage 1 → the fspad stage → eval with the head (chain and tree) → report; a rerun
+    skips them all. (Before the Ray fixture below: the
     subprocess starts its own Ray.)"""
     import os
     import subprocess
@@ -368,6 +369,8 @@ def test_draftalign_run_kind_fspad_generates_then_trains_the_head(tmp_path, tiny
         "generate": {"num_prompts": 12, "shard_size": 6, "max_tokens": 12},
         "rollout": {"batch_size": 4},
         "learner": {"max_steps": 4, "checkpoint_every": 2, "warmup_steps": 1},
+        "eval": {"tasks": ["chat"], "prompts_per_task": {"chat": 2}, "gamma": [2], "trees": [[2, 1]],
+                 "max_new_tokens": 8},
         "cluster": {"nodes": [{"cpus": 2}]}}))
     env = {**os.environ, "PYTHONPATH": str(root)}
 
@@ -385,7 +388,12 @@ def test_draftalign_run_kind_fspad_generates_then_trains_the_head(tmp_path, tiny
     done = json.loads((rdir / "fspad_done.json").read_text())
     assert done["steps"] == 4 and done["fspad"]["feature_sampling"] is True
     FSPADHead.load(rdir / "draft_fspad", load_causal_lm(tiny_target_path))
-    assert "fspad: complete (fspad_done.json), skipped" in run("second.log")
+    ev = json.loads((rdir / "eval_distilled.json").read_text())  # the eval decoded with the head: chain and tree
+    assert ev["draft"] == str(rdir / "draft_fspad") and "tree:2-1" in ev["by_tree"]
+    assert ev["lossless_greedy"]["mismatches"] == 0 and ev["lossless_greedy"]["checked"] > 0
+    assert "fspad" in (rdir / "report.md").read_text()
+    again = run("second.log")
+    assert "fspad: complete (fspad_done.json), skipped" in again and "eval: complete" in again
 
 
 
