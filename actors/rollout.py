@@ -129,11 +129,13 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]], scores: li
                 pad_id: int, on_policy: list[bool] | None = None,
                 draft_logprobs: list[list[float]] | None = None, policy_version: int = 0,
                 actor_id: int = -1, prompt_ids: list[str] | None = None,
-                timing: dict | None = None) -> RolloutBatch:
+                timing: dict | None = None, loss_masks: list | None = None) -> RolloutBatch:
     """Pad rows and place each row's target scores at its response positions.
 
     `scores[i]` is a TargetEngine.score result for prompts[i] + responses[i] with start =
     len(prompts[i]): {"ids": (R, k) or None, "logprobs": (R, k) or (R, V)}, R = len(responses[i]).
+    `loss_masks[i]` (R,) bool, when given and not None, keeps the loss at those response positions only
+    (a served request's positions no round scored: `serve.online.request_rows`); default all R.
     """
     B = len(prompts)
     assert B == len(responses) == len(scores) and B > 0
@@ -154,7 +156,7 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]], scores: li
         P, L = len(p), lens[i]
         input_ids[i, :L] = p + r
         attn[i, :L] = True
-        loss_mask[i, P:L] = True
+        loss_mask[i, P:L] = True if loss_masks is None or loss_masks[i] is None else np.asarray(loss_masks[i], bool)
         lp = np.asarray(s["logprobs"], dtype=np.float32)
         assert lp.shape[0] == len(r), f"row {i}: {lp.shape[0]} scored positions for {len(r)} response tokens"
         t_lp[i, P:L] = lp[:, :width]

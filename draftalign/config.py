@@ -239,8 +239,9 @@ class OnlineLearnerConfig(_Strict):
 
     enabled: bool = Field(False, description="`draftalign serve` starts the learner next to the endpoint (needs "
                           "serve.online.enabled and serve.online.weight_store)")
-    records_per_step: int = Field(32, ge=1, description="served records (one sequence-round each: γ positions) "
-                                  "per optimizer step; the learner waits until the buffer has delivered them")
+    records_per_step: int = Field(4, ge=1, description="served records (one request each: one row, the loss at "
+                                  "every position its rounds scored) per optimizer step; the learner waits until "
+                                  "the buffer has delivered them")
     replay_fraction: float = Field(0.25, ge=0, lt=1, description="share of each step's rows replayed from the "
                                    "distillation set (its recorded target top-k), against forgetting; 0 = none")
     steps_per_publish: int = Field(4, ge=1, description="publish a new draft version every N optimizer steps")
@@ -260,8 +261,8 @@ class OnlineConfig(_Strict):
 
     enabled: bool = Field(False, description="record every chain round's context, draft proposals and the target's "
                           "top-k log-probs into a bounded Ray-side buffer (native engine, chains only)")
-    buffer_rounds: int = Field(4096, ge=1, description="records (one per sequence per round) the buffer holds; "
-                               "the oldest are dropped, and counted, when it is full")
+    buffer_rounds: int = Field(4096, ge=1, description="records (one per request: its rounds, one training row) "
+                               "the buffer holds; the oldest are dropped, and counted, when it is full")
     spill_dir: str | None = Field(None, description="also write every record to append-only JSONL shards here "
                                   "(atomic renames); None = request content stays in memory only")
     top_k_logprobs: int | None = Field(None, ge=1, description="target log-probs per verified position; "
@@ -269,7 +270,8 @@ class OnlineConfig(_Strict):
     buffer_name: str = Field("draftalign-online-buffer", description="named Ray actor the replicas push to "
                              "and the online learner reads (`get_batch`)")
     namespace: str = Field("draftalign", description="Ray namespace of the buffer and the weight store")
-    push_every: int = Field(32, ge=1, description="records a replica collects before one asynchronous push")
+    push_every: int = Field(32, ge=1, description="records (finished requests) a replica collects before one "
+                            "asynchronous push")
     push_interval_s: float = Field(1.0, gt=0, description="push fewer records once they are this old")
     weight_store: str | None = Field(None, description="named `WeightStore` actor (actors/rollout.py) polled for "
                                      "new draft versions to hot-swap; None = no polling")

@@ -4,21 +4,24 @@
           ▲ install between rounds (serve/online.py)                      │ every steps_per_publish steps
           └──── poll ◄──── WeightStore (serve.online.weight_store) ◄──────┘ publish_weights(store, draft, v)
 
-Batch. A step trains on n_s = serve.online.learner.records_per_step served records and
+Batch. A step trains on n_s = serve.online.learner.records_per_step served records (one per request) and
 n_r = round(n_s · f / (1 − f)) rows replayed from the distillation set (f = replay_fraction):
 
-    served row    prompt = context c, response = the draft's proposals x_1 … x_γ, target = the target's raw
-                  top-k at the γ verified positions (serve.online.round_rows)
+    served row    one request: its sequence (prompt + served tokens), the loss at the N positions its rounds
+                  scored — accepted proposals and recovered / bonus tokens, with the target's raw top-k
+                  recorded there (serve.online.request_rows): one forward pass for all of its rounds
     replayed row  a span of the target's answer y to a train-split prompt x: a cut j ~ U{0 … |y| − 1},
-                  prompt = x + y[:j], response = y[j : j + L] with L = the step's mean γ, target = the top-k
+                  prompt = x + y[:j], response = y[j : j + L] with L = the step's mean N, target = the top-k
                   vLLM recorded while generating y (stage 2, `actors.rollout.cached_score`)
 
-so f is the replayed share of the step's rows and, spans being as long as proposals, of its positions.
+so f is the replayed share of the step's rows and, spans being as long as a served row's scored positions,
+about its share of positions.
 Both kinds go into one RolloutBatch (`actors.rollout.build_batch`) and one call of stage 3's
 `learner.distill.train_step`: loss = Σ_t D(p_t ‖ q_t) / N over the N response positions, D = distill.loss
 (TVD++ by default; FKL, RKL, TVD, JSD) in its exact form — an expectation over the k + 1 buckets of the
 target's top-k and tail, on the served draft's vocabulary (`learner.draft_head`, its draft_vocab.json).
-Served proposals are the states the draft itself reaches (on-policy data, Liu et al. 2024); the exact form
+Served positions are the states the draft itself reached while serving (on-policy data, Liu et al. 2024),
+exactly those the target scored on the served sequence; the exact form
 needs no behaviour probabilities, so records proposed by older versions are used as they are.
 
 Versions. Replicas serve the draft on disk as version 0. The learner starts from that checkpoint and
@@ -51,7 +54,7 @@ from learner.distill import Learner, ResponseLogits, publish_weights, train_step
 from learner.draft_head import DraftHead
 from learner.losses import BaselineState
 from learner.trainer import adamw, autocast_dtype, lr_factor, param_groups
-from serve.online import OnlineSettings, get_buffer, round_rows
+from serve.online import OnlineSettings, get_buffer, request_rows
 
 HISTORY = 256  # per-step metrics kept for stats()
 
@@ -99,17 +102,18 @@ def replay_spans(rows: list[dict], n: int, length: int, k: int, rng: random.Rand
 
 def mixed_batch(records: list[dict], replay: list[dict], replay_fraction: float, k: int, pad_id: int,
                 rng: random.Random, version: int = 0):
-    """One training batch: the served `records` (on-policy rows) + round(n_s · f / (1 − f)) replayed spans
-    (off-policy rows) as one RolloutBatch (module docstring)."""
-    if not records:
-        raise ValueError("no served records to train on")
-    served = round_rows(records)
-    n_r = round(len(records) * replay_fraction / (1 - replay_fraction)) if replay else 0
-    span = max(1, round(float(np.mean([len(x) for x in served["responses"]]))))
+    """One training batch: the served `records` (on-policy rows, one per request) + round(n_s · f / (1 − f))
+    replayed spans (off-policy rows) as one RolloutBatch (module docstring)."""
+    served = request_rows(records)
+    n_s = len(served["prompts"])
+    if n_s == 0:
+        raise ValueError("no served records with a scored position to train on")
+    n_r = round(n_s * replay_fraction / (1 - replay_fraction)) if replay else 0
+    span = max(1, round(float(np.mean([m.sum() for m in served["loss_masks"]]))))
     rep = replay_spans(replay, n_r, span, k, rng)
     return build_batch(served["prompts"] + rep["prompts"], served["responses"] + rep["responses"],
                        served["scores"] + rep["scores"], pad_id=pad_id,
-                       on_policy=[True] * len(records) + [False] * n_r,
+                       on_policy=[True] * n_s + [False] * n_r, loss_masks=served["loss_masks"] + [None] * n_r,
                        draft_logprobs=served["draft_logprobs"] + [None] * n_r, policy_version=version)
 
 
@@ -160,7 +164,7 @@ class OnlineLearnerWorker:
             if self._stop.is_set():
                 return None
             more = ray.get(self.buffer.get_batch.remote(self.lo.records_per_step - len(got)))
-            got += [r for r in more if len(r["draft_tokens"]) > 0]
+            got += [r for r in more if len(r["positions"]) > 0]
             if len(got) < self.lo.records_per_step:
                 self._stop.wait(self.lo.poll_interval_s)
         return got
@@ -176,7 +180,7 @@ class OnlineLearnerWorker:
             lrn.version += 1
             publish_weights(self.store, lrn.core.lm, lrn.version)
             self.published.append({"version": lrn.version, "step": lrn.step, "time": time.time()})
-        served_tokens = sum(len(r["draft_tokens"]) for r in records)
+        served_tokens = sum(len(r["positions"]) for r in records)
         for r in records:
             v = int(r["policy_version"])
             self.records_per_version[v] = self.records_per_version.get(v, 0) + 1

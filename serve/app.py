@@ -392,7 +392,7 @@ def run_serve(cfg: JobConfig, draft: str | None = None, blocking: bool = True) -
 
         _, learner_run = start_online_learner(cfg, draft_path)
         lo = cfg.serve.online.learner
-        print(f"online learner {learner_name(cfg)}: {lo.records_per_step} served records per step, replay "
+        print(f"online learner {learner_name(cfg)}: {lo.records_per_step} served requests per step, replay "
               f"{lo.replay_fraction:.0%}, a version every {lo.steps_per_publish} steps to "
               f"{cfg.serve.online.weight_store}", flush=True)
     if not blocking:

@@ -3,14 +3,18 @@
 Capture. Every chain round already holds what Online Speculative Decoding (Liu et al., ICML 2024) distils
 on: the draft's own proposals x_1 … x_γ (on-policy states) and the target's distribution at the γ + 1
 verified positions. `SpecDecoder.observer` hands the round's tensors over (`serve.specdec.RoundView`,
-references, no target pass added) and `RoundCapture` turns each live sequence's round into one record:
+references, no target pass added) and `round_records` turns each live sequence's round into a round record:
 
-    context          (L,)       int32    prompt + tokens emitted so far (the state the round drafted from)
+    request          str                 "call.row": the decoding call (`SpecDecoder.stream`) and its row
+    context          (c,)       int32    prompt + tokens committed so far (the state the round drafted from)
+    start            int                 c
     draft_tokens     (γ,)       int32    x_1 … x_γ
     draft_logprobs   (γ,)       float32  log q(x_i) under the request's sampling params (0 at greedy: q one-hot)
     target_ids       (γ + 1, k) int32    top-k of log p(· | context, x_<i), i = 1 … γ + 1
     target_logprobs  (γ + 1, k) float32  their log-probs, sorted descending
-    num_accepted     int                 k_s of the round;  policy_version  int: the draft that proposed
+    committed        (m,)       int32    the tokens the round kept: x_1 … x_κ, then the recovered or bonus token
+                                         (m = κ + 1, fewer when a stop ended the request)
+    num_accepted     int                 κ;  policy_version  int: the draft that proposed
     temperature      float               the request's (0 = greedy)
 
 `target_logprobs` are log_softmax of the RAW logits (temperature 1, no top-k/top-p), the same distribution
@@ -18,23 +22,50 @@ the distillation set and `TargetActor.score` record; the learner tempers it with
 request's processed p (one-hot at greedy) would carry no distillation signal. k = serve.online.top_k_logprobs
 (default target.top_k_logprobs).
 
+One record per request (`request_records`): a training row re-reads its whole context, so a request's rounds
+form ONE row — its served sequence with the target's top-k at every position a round scored on it. Round r
+(context length c_r, m_r tokens kept) scored position c_r + i with its row i for i < m_r: the accepted
+proposals, then the recovered or bonus token (same state as the first rejected proposal, so the same
+exact-form loss). Its rows after a rejection condition on a token the sequence does not contain, and a
+proposal there can never be accepted: they are not kept. The record:
+
+    request          str
+    tokens           (T,)       int32    the first round's context + every token committed since
+    positions        (N,)       int32    the scored t: target row = log p(· | tokens[:t]), tokens[t] served there
+    target_ids       (N, k)     int32    (rounds in order, each row as recorded)
+    target_logprobs  (N, k)     float32
+    draft_logprobs   (N,)       float32  log q(tokens[t]) at accepted proposals, 0 at recovered / bonus tokens
+    draft_versions   (N,)       int32    the draft version of the round that scored t
+    policy_version   int                 the oldest of them;  rounds, accepted  int;  temperature  float
+
+Tokens of rounds the goodput policy ran without a draft (γ = 0: not observed) stay in the row unscored.
+Grouping happens in the replica when the decoding call ends (`SpecDecoder.call_done`), not in the learner's
+batch: one buffer record is then one training row (the learner keeps no per-request state and never splits a
+request over steps), and a context crosses to the buffer once per request instead of once per round (round
+records by the buffer would cost O(c · rounds) per request, request records O(T + N · k)), so the buffer stays
+a plain bounded FIFO of whole rows. The price: a request reaches the learner when its call ends — a batch's
+requests return together anyway, a stream at its last round — and the rounds of calls in flight wait in the
+replica (only each request's latest context is kept). `RoundCapture.flush()` also closes requests in flight
+(tests, shutdown); one that goes on continues in a new record, which re-reads its context.
+
 Cost per round on the engine thread: the target's logits are computed once and shared with the sampler (no
 extra pass); the observer adds log_softmax + top-k over (B_live, γ + 1, V), a gather of q at x, and numpy
-copies of B_live contexts. Records are pushed to the buffer in batches (`push_every`, or after
-`push_interval_s`) with a fire-and-forget actor call; at most `MAX_INFLIGHT_PUSHES` pushes wait for the
-buffer, beyond that a batch is dropped and counted (serving never waits for the buffer). Records not yet
-pushed (fewer than push_every, younger than push_interval_s) are lost with their replica.
+copies of B_live contexts; at the call's end `request_records` concatenates each request's rows. Records are
+pushed to the buffer in batches (`push_every`, or after `push_interval_s`) with a fire-and-forget actor call;
+at most `MAX_INFLIGHT_PUSHES` pushes wait for the buffer, beyond that a batch is dropped and counted (serving
+never waits for the buffer). Records not yet pushed, and the rounds of calls in flight, are lost with their
+replica.
 
 Buffer. `RoundBuffer`, one named Ray actor shared by the replicas (serve.online.buffer_name, detached so
-a learner outlives replica restarts): a deque of serve.online.buffer_rounds records, drop-oldest with a
-count, `get_batch(n)` takes the oldest n (FIFO), `stats()`. With serve.online.spill_dir every `put` is also
-written as one JSONL shard (temp file + rename: a reader sees whole shards only); without it request
-content stays in memory.
+a learner outlives replica restarts): a deque of serve.online.buffer_rounds records (one per request),
+drop-oldest with a count, `get_batch(n)` takes the oldest n (FIFO), `stats()`. With serve.online.spill_dir
+every `put` is also written as one JSONL shard (temp file + rename: a reader sees whole shards only); without
+it request content stays in memory.
 
-To the learner. `to_rollout_batch(records, pad_id)` builds the stage 3 `RolloutBatch`: prompt = context,
-response = draft_tokens, scores = the first γ rows of the top-k (row i predicts x_{i+1}; the (γ + 1)-th row
-predicts a token the draft did not propose and is kept for a learner that appends the emitted token),
-draft_logprobs = behaviour log q, on_policy = True, policy_version = the oldest record's version.
+To the learner. `request_rows` gives `actors.rollout.build_batch`'s row lists: prompt = tokens[:t_1],
+response = tokens[t_1 : t_N + 1] (t_1, t_N: the first and last scored positions), the top-k placed at the
+positions, a loss mask over the response marking them, draft_logprobs = behaviour log q. `to_rollout_batch`
+builds the stage 3 `RolloutBatch` from them: on_policy = True, policy_version = the oldest record's version.
 
 Hot-swap. A version is a `{name: float ndarray}` dict keyed like the draft's state dict (the format of
 `learner.distill.publish_weights` into `actors.rollout.WeightStore`). `OnlineDraft.install` runs on the
@@ -108,7 +139,7 @@ class OnlineSettings:
 
 # ====================================================================== records
 def round_records(view, top_k: int) -> list[dict]:
-    """One record per live sequence of a `RoundView` (module docstring: the format)."""
+    """One round record per live sequence of a `RoundView` (module docstring: the format)."""
     live = [s for s, a in enumerate(view.live) if a]
     if not live:
         return []
@@ -121,32 +152,85 @@ def round_records(view, top_k: int) -> list[dict]:
     x = x.cpu().numpy().astype(np.int32)
     ids, mask = view.ids.cpu().numpy(), view.mask.cpu().numpy().astype(bool)
     now = time.time()
-    return [{"context": ids[s][mask[s]].astype(np.int32), "draft_tokens": x[s], "draft_logprobs": q_x[s],
-             "target_ids": top_ids[s], "target_logprobs": top_lp[s], "num_accepted": view.num_accepted[s],
-             "policy_version": view.draft_version, "temperature": view.params.temperature, "time": now}
-            for s in live]
+    out = []
+    for s in live:
+        context = ids[s][mask[s]].astype(np.int32)
+        out.append({"request": f"{view.call}.{s}", "context": context, "start": len(context), "draft_tokens": x[s],
+                    "draft_logprobs": q_x[s], "target_ids": top_ids[s], "target_logprobs": top_lp[s],
+                    "committed": np.asarray(view.committed[s] if view.committed else [], np.int32),
+                    "num_accepted": view.num_accepted[s], "policy_version": view.draft_version,
+                    "temperature": view.params.temperature, "time": now})
+    return out
 
 
-def round_rows(records: list[dict]) -> dict[str, list]:
-    """Buffer records → `actors.rollout.build_batch`'s row lists (module docstring: the mapping): prompts,
-    responses, scores, draft_logprobs, one entry per record; the online learner appends replayed rows to them."""
-    return {"prompts": [np.asarray(r["context"]).tolist() for r in records],
-            "responses": [np.asarray(r["draft_tokens"]).tolist() for r in records],
-            "scores": [{"ids": np.asarray(r["target_ids"])[: len(r["draft_tokens"])],
-                        "logprobs": np.asarray(r["target_logprobs"])[: len(r["draft_tokens"])]} for r in records],
-            "draft_logprobs": [np.asarray(r["draft_logprobs"]).tolist() for r in records]}
+def request_records(rounds: list[dict]) -> list[dict]:
+    """Round records of interleaved requests → one record per request, in order of first round (module
+    docstring: "One record per request"). Per request, rounds in order; only the last one's context is read:
+
+        tokens = context_last + committed_last,   round r → positions start_r + i, rows i, for i < m_r
+    """
+    by: dict[str, list[dict]] = {}
+    for r in rounds:
+        by.setdefault(r["request"], []).append(r)
+    return [_request_record(rs) for rs in by.values()]
+
+
+def _request_record(rounds: list[dict]) -> dict:
+    last = rounds[-1]
+    tokens = np.concatenate([np.asarray(last["context"], np.int32), np.asarray(last["committed"], np.int32)])
+    pos, ids, lps, q, ver = [], [], [], [], []
+    for r in rounds:
+        c, kept = int(r["start"]), np.asarray(r["committed"], np.int32)
+        m, kappa = len(kept), min(int(r["num_accepted"]), len(kept))
+        assert np.array_equal(tokens[c: c + m], kept), f"request {r['request']}: its rounds do not chain"
+        pos.append(c + np.arange(m))
+        ids.append(np.asarray(r["target_ids"])[:m])
+        lps.append(np.asarray(r["target_logprobs"])[:m])
+        q.append(np.concatenate([np.asarray(r["draft_logprobs"], np.float32)[:kappa], np.zeros(m - kappa, np.float32)]))
+        ver.append(np.full(m, int(r["policy_version"]), np.int32))
+    positions = np.concatenate(pos).astype(np.int32)
+    assert np.all(np.diff(positions) > 0), f"request {last['request']}: rounds out of order"
+    return {"request": last["request"], "tokens": tokens, "positions": positions,
+            "target_ids": np.concatenate(ids).astype(np.int32),
+            "target_logprobs": np.concatenate(lps).astype(np.float32), "draft_logprobs": np.concatenate(q),
+            "draft_versions": np.concatenate(ver), "policy_version": min(int(r["policy_version"]) for r in rounds),
+            "rounds": len(rounds), "accepted": sum(min(int(r["num_accepted"]), len(r["committed"])) for r in rounds),
+            "temperature": last["temperature"], "time": last["time"]}
+
+
+def request_rows(records: list[dict]) -> dict[str, list]:
+    """Request records → `actors.rollout.build_batch`'s row lists (module docstring: "To the learner"): prompts,
+    responses, scores, draft_logprobs, loss_masks, one entry per record with a scored position; the online
+    learner appends replayed rows to them. Response positions no round scored get zero rows, masked out."""
+    out: dict[str, list] = {"prompts": [], "responses": [], "scores": [], "draft_logprobs": [], "loss_masks": []}
+    for r in records:
+        tokens, pos = np.asarray(r["tokens"]), np.asarray(r["positions"])
+        if len(pos) == 0:
+            continue
+        t0, rel = int(pos[0]), pos - pos[0]
+        R, k = int(rel[-1]) + 1, np.asarray(r["target_ids"]).shape[1]
+        ids, lps = np.zeros((R, k), np.int32), np.zeros((R, k), np.float32)
+        q, mask = np.zeros(R, np.float32), np.zeros(R, bool)
+        ids[rel], lps[rel], q[rel], mask[rel] = r["target_ids"], r["target_logprobs"], r["draft_logprobs"], True
+        out["prompts"].append(tokens[:t0].tolist())
+        out["responses"].append(tokens[t0: t0 + R].tolist())
+        out["scores"].append({"ids": ids, "logprobs": lps})
+        out["draft_logprobs"].append(q.tolist())
+        out["loss_masks"].append(mask)
+    return out
 
 
 def to_rollout_batch(records: list[dict], pad_id: int, actor_id: int = -1):
-    """Buffer records → the stage 3 learner's `RolloutBatch` (module docstring: the mapping)."""
+    """Buffer records → the stage 3 learner's `RolloutBatch` (module docstring: "To the learner")."""
     from actors.rollout import build_batch
 
-    if not records:
-        raise ValueError("no records to build a batch from")
-    rows = round_rows(records)
+    rows = request_rows(records)
+    if not rows["prompts"]:
+        raise ValueError("no records with a scored position to build a batch from")
     return build_batch(rows["prompts"], rows["responses"], rows["scores"], pad_id=pad_id,
-                       on_policy=[True] * len(records), draft_logprobs=rows["draft_logprobs"],
-                       policy_version=min(int(r["policy_version"]) for r in records), actor_id=actor_id)
+                       on_policy=[True] * len(rows["prompts"]), draft_logprobs=rows["draft_logprobs"],
+                       loss_masks=rows["loss_masks"], actor_id=actor_id,
+                       policy_version=min(int(r["policy_version"]) for r in records))
 
 
 def _jsonable(record: dict) -> dict:
@@ -207,29 +291,45 @@ def get_buffer(s: OnlineSettings):
 
 
 class RoundCapture:
-    """The engine-side observer's capture half: records per round, pushed to the buffer in batches."""
+    """The engine-side observer's capture half: each decoding call's rounds held until the call ends, then one
+    record per request (`request_records`), pushed to the buffer in batches."""
 
     def __init__(self, buffer, top_k: int, push_every: int, push_interval_s: float):
         self.buffer, self.top_k = buffer, top_k
         self.push_every, self.push_interval_s = push_every, push_interval_s
+        self._open: dict[int, dict[str, list[dict]]] = {}  # call → request → its rounds so far
         self._pending: list[dict] = []
         self._oldest = 0.0
         self._inflight: list = []
         self._lock = threading.Lock()
-        self.counts = {"records": 0, "pushes": 0, "dropped_in_replica": 0, "errors": 0}
+        self.counts = {"rounds": 0, "records": 0, "pushes": 0, "dropped_in_replica": 0, "errors": 0}
 
     def observe(self, view) -> None:
+        """`SpecDecoder.observer`: hold the round's records with their requests'."""
         recs = round_records(view, self.top_k)
         with self._lock:
-            if not self._pending:
-                self._oldest = time.monotonic()
-            self._pending.extend(recs)
-            self.counts["records"] += len(recs)
+            requests = self._open.setdefault(view.call, {})
+            for r in recs:
+                rounds = requests.setdefault(r["request"], [])
+                if rounds:
+                    rounds[-1]["context"] = None  # `request_records` reads the last round's context only
+                rounds.append(r)
+            self.counts["rounds"] += len(recs)
+
+    def call_done(self, call: int) -> None:
+        """`SpecDecoder.call_done`: the call's requests get no more rounds; one record each."""
+        with self._lock:
+            self._close(call)
             if len(self._pending) >= self.push_every:
                 self._push()
 
     def flush(self, stale_only: bool = False) -> None:
+        """Push the pending records (stale_only: once push_interval_s old); without stale_only, close the calls
+        in flight first (their requests continue in new records)."""
         with self._lock:
+            if not stale_only:
+                for call in list(self._open):
+                    self._close(call)
             if self._pending and (not stale_only or time.monotonic() - self._oldest >= self.push_interval_s):
                 self._push()
 
@@ -238,6 +338,14 @@ class RoundCapture:
         with self._lock:
             refs = list(self._inflight)
         ray.wait(refs, num_returns=len(refs), timeout=timeout)
+
+    def _close(self, call: int) -> None:
+        rounds = [r for rs in self._open.pop(call, {}).values() for r in rs]
+        recs = request_records(rounds) if rounds else []
+        if recs and not self._pending:
+            self._oldest = time.monotonic()
+        self._pending.extend(recs)
+        self.counts["records"] += len(recs)
 
     def _push(self) -> None:
         if self._inflight:
@@ -303,6 +411,7 @@ class OnlineDraft:
         self.rounds_per_version: dict[int, int] = {}
         self._lock = threading.Lock()
         decoder.observer = self.observe
+        decoder.call_done = self.call_done
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="online-draft", daemon=True)
         self._thread.start()
@@ -319,6 +428,14 @@ class OnlineDraft:
             except Exception:  # a capture bug must not fail a request
                 self.capture.counts["errors"] += 1
                 logger.exception("online capture failed; the round is served, not recorded")
+
+    def call_done(self, call: int) -> None:
+        if self.capture is not None:
+            try:
+                self.capture.call_done(call)
+            except Exception:  # as in observe: the request is served, its rounds not recorded
+                self.capture.counts["errors"] += 1
+                logger.exception("online capture failed to close decoding call %d", call)
 
     def _snapshot(self) -> dict:
         return {k: v.detach().float().cpu().numpy().copy() for k, v in self.decoder.draft.state_dict().items()}

@@ -34,6 +34,7 @@ frequency-ranked vocabulary when it has one (q = 0 outside it: lossless).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -114,6 +115,8 @@ class RoundView:
     outcomes: list[tuple[int, int]]  # (accepted, rejected) of each live sequence (`round_outcome`)
     params: SamplingParams
     draft_version: int
+    committed: list[list[int]] = field(default_factory=list)  # tokens s kept: out[s, :k_s + 1] up to its stop
+    call: int = -1  # the decoding call (`SpecDecoder.stream`): (call, s) names one request
 
 
 @dataclass
@@ -132,7 +135,8 @@ class Timing:
 class _Batch:
     """The column grid of a batch: token ids, attention mask, and each sequence's last real column."""
 
-    def __init__(self, prompts: list[list[int]], pad_id: int, device):
+    def __init__(self, prompts: list[list[int]], pad_id: int, device, call: int = -1):
+        self.call = call  # SpecDecoder.stream's call number (RoundView.call)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt must hold at least one token")
         width = max(len(p) for p in prompts)
@@ -383,8 +387,11 @@ class SpecDecoder:
         self.policy = policy
         # Online serving (`serve.online`): observer(RoundView) once per chain round with a draft (γ > 0), on the
         # engine thread; draft_version names the weights `refresh_draft` installed (0 = the loaded checkpoint).
+        # call_done(call) once a decoding call ends (finished, cancelled or failed): its requests get no more rounds.
         self.observer = None
+        self.call_done = None
         self.draft_version = 0
+        self._calls = itertools.count()
 
     def refresh_draft(self, version: int) -> None:
         """Rebuild the draft's derived weights after its parameters were overwritten in place (a new version):
@@ -504,7 +511,7 @@ class SpecDecoder:
             self.policy.observe(sum(a for a, _ in outcomes), sum(r for _, r in outcomes))
         if self.observer is not None and g:
             self.observer(RoundView(batch.ids, batch.mask, was_active, x, q, z, ks, outcomes, params,
-                                    self.draft_version))
+                                    self.draft_version, new, batch.call))
         n = max(ks[s] + 1 for s in live)
         valid = torch.tensor([ks[s] + 1 if was_active[s] else 0 for s in range(B)], device=self.device)
         batch.append(out[:, :n], valid)
@@ -563,10 +570,18 @@ class SpecDecoder:
                use_draft: bool = True) -> Iterator[tuple[list[list[int]], list[Generation]]]:
         """The decoding loop. Yields after every target pass: (tokens each sequence committed, generations);
         a last ([] per sequence, finished generations) yield sets `text` and `finish_reason`."""
+        call = next(self._calls)
+        try:
+            yield from self._call(call, prompts, params, gamma, use_draft)
+        finally:
+            if self.call_done is not None:
+                self.call_done(call)
+
+    def _call(self, call: int, prompts: list[list[int]], params: SamplingParams, gamma: int | None, use_draft: bool):
         with torch.inference_mode():
             gen = torch.Generator(self.device)
             gen.manual_seed(params.seed if params.seed is not None else torch.seed())
-            batch = _Batch(prompts, self.pad_id, self.device)
+            batch = _Batch(prompts, self.pad_id, self.device, call)
             if self.draft is None or not use_draft:
                 yield from self._target_rounds(batch, params, gen)
             elif self.tree is not None:

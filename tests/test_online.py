@@ -180,7 +180,9 @@ def test_buffer_drops_the_oldest_and_counts(server, tmp_path):
 
 
 # ---------------------------------------------------------------------- capture
-def test_capture_records_every_round(server, client, reference, target_tokenizer, target_model):
+def test_capture_records_one_row_per_request(server, client, reference, target_tokenizer, target_model):
+    """Each request's rounds reach the buffer as one record: the served sequence, and at every position a round
+    scored on it (with the fixed γ policy: every served token) the target's raw top-k there."""
     import torch
 
     from serve.online import to_rollout_batch
@@ -193,27 +195,25 @@ def test_capture_records_every_round(server, client, reference, target_tokenizer
     client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=6, temperature=0.8, seed=3)
     recs = _records(server)
     p_ids = _ids(target_tokenizer, prompt)
-    mine = [x for x in recs if list(x["context"][: len(p_ids)]) == p_ids]
-    other = [x for x in recs if list(x["context"][: len(p_ids)]) != p_ids]
-    assert len(mine) == r.model_extra["spec_decoding"]["rounds"]  # one record per round of the request
-    assert other and all(x["temperature"] == 0.8 for x in other)
-    assert list(mine[0]["context"]) == p_ids
-    for x in mine:
-        assert x["draft_tokens"].shape == (GAMMA,) and x["draft_logprobs"].shape == (GAMMA,)
-        assert x["target_ids"].shape == (GAMMA + 1, TOP_K) and x["target_logprobs"].shape == (GAMMA + 1, TOP_K)
-        assert list(x["context"][len(p_ids):]) == ref.token_ids[: len(x["context"]) - len(p_ids)]
-        assert x["policy_version"] == 0 and x["temperature"] == 0 and 0 <= x["num_accepted"] <= GAMMA
-        assert np.all(np.diff(x["target_logprobs"], axis=1) <= 0) and np.all(x["draft_logprobs"] == 0)
-    # The stored rows are the target's raw distribution at context, context + x_1, …, context + x_γ.
-    x = mine[len(mine) // 2]
-    seq = torch.tensor([list(x["context"]) + list(x["draft_tokens"])])
+    mine = [x for x in recs if list(x["tokens"][: len(p_ids)]) == p_ids]
+    other = [x for x in recs if list(x["tokens"][: len(p_ids)]) != p_ids]
+    assert len(mine) == 1 and len(other) == 1 and other[0]["temperature"] == 0.8  # one record per request
+    (x,) = mine
+    assert x["rounds"] == r.model_extra["spec_decoding"]["rounds"] and x["accepted"] == r.model_extra[
+        "spec_decoding"]["accepted"]
+    assert list(x["tokens"]) == p_ids + ref.token_ids
+    assert list(x["positions"]) == list(range(len(p_ids), len(x["tokens"])))  # every served token was scored
+    assert x["target_ids"].shape == (12, TOP_K) and x["target_logprobs"].shape == (12, TOP_K)
+    assert x["policy_version"] == 0 and list(x["draft_versions"]) == [0] * 12 and x["temperature"] == 0
+    assert np.all(np.diff(x["target_logprobs"], axis=1) <= 0) and np.all(x["draft_logprobs"] == 0)
+    # The stored rows are the target's raw distribution at each scored position: one forward pass checks them all.
     with torch.no_grad():
-        lp = torch.log_softmax(target_model(seq).logits[0, len(x["context"]) - 1:].float(), -1)  # (γ+1, V)
-    top_lp, top_ids = lp.topk(TOP_K, -1)
+        lp = torch.log_softmax(target_model(torch.tensor([list(x["tokens"])])).logits[0].float(), -1)  # (T, V)
+    top_lp, top_ids = lp[x["positions"] - 1].topk(TOP_K, -1)  # row t − 1 predicts token t
     assert np.array_equal(x["target_ids"][:, 0], top_ids[:, 0].numpy())
     np.testing.assert_allclose(x["target_logprobs"], top_lp.numpy(), atol=1e-4)
     batch = to_rollout_batch(mine, pad_id=0)
-    assert batch.n_tokens == GAMMA * len(mine) and batch.target_ids.shape[2] == TOP_K
+    assert batch.n_tokens == 12 and batch.input_ids.shape[0] == 1 and batch.target_ids.shape[2] == TOP_K
     assert batch.on_policy.all() and batch.policy_version == 0
 
 
@@ -298,8 +298,9 @@ def test_swap_under_concurrent_load_is_lossless(server, reference, versions, tar
     recs = _records(server)
     for prompt in STREAMS:
         p_ids = _ids(target_tokenizer, prompt)
-        mine = [x["policy_version"] for x in recs if list(x["context"][: len(p_ids)]) == p_ids]
-        assert mine[0] == 0 and mine[-1] == 1 and mine == sorted(mine), mine  # one stream, both drafts, in order
+        (mine,) = [x for x in recs if list(x["tokens"][: len(p_ids)]) == p_ids]  # one stream, one record
+        v = list(mine["draft_versions"])
+        assert v[0] == 0 and v[-1] == 1 and v == sorted(v) and mine["policy_version"] == 0, v  # both drafts, in order
 
 
 def test_new_version_is_kept_when_acceptance_rises(server, client, reference):

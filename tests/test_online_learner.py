@@ -123,29 +123,84 @@ def test_replay_without_a_scored_set_is_a_config_error(tmp_path, tiny_target_pat
     assert replay_rows(_cfg(tmp_path / "run", tiny_target_path, "no-set", {"replay_fraction": 0}), TOP_K) == []
 
 
+def _round(request: str, context: list[int], kept: list[int], accepted: int, version: int = 0, seed: int = 0) -> dict:
+    """A hand-made round record (`serve.online.round_records`' format) with distinct top-k rows."""
+    rng = np.random.default_rng(seed)
+    return {"request": request, "context": np.asarray(context, np.int32), "start": len(context),
+            "draft_tokens": np.asarray(kept[:accepted] + [900 + i for i in range(GAMMA - accepted)], np.int32)[:GAMMA],
+            "draft_logprobs": -rng.random(GAMMA).astype(np.float32),
+            "target_ids": rng.permutation(1000)[: (GAMMA + 1) * TOP_K].reshape(GAMMA + 1, TOP_K).astype(np.int32),
+            "target_logprobs": np.sort(rng.normal(size=(GAMMA + 1, TOP_K)).astype(np.float32))[:, ::-1],
+            "committed": np.asarray(kept, np.int32), "num_accepted": accepted, "policy_version": version,
+            "temperature": 0.0, "time": 0.0}
+
+
+def test_rounds_of_interleaved_requests_become_one_row_each():
+    """`request_records` on a hand-made history of two interleaved requests: each request is one row, its tokens
+    the served sequence, its loss positions exactly the positions its rounds scored on that sequence (accepted
+    proposals, then the recovered or bonus token) with those rounds' top-k rows; rows after a rejection and past a
+    stop are dropped, and a token emitted by a round without a draft (γ = 0) stays unscored."""
+    from serve.online import request_records, to_rollout_batch
+
+    a = [_round("0.0", [11, 12, 13], [21, 31], accepted=1, seed=1),  # 22 rejected: 31 recovered
+         _round("0.0", [11, 12, 13, 21, 31], [24, 25, 26, 32], accepted=3, seed=2),  # all accepted + bonus 32
+         _round("0.0", [11, 12, 13, 21, 31, 24, 25, 26, 32], [27], accepted=2, version=1, seed=3)]  # stop at 27
+    b = [_round("0.1", [41, 42], [51], accepted=0, seed=4),
+         _round("0.1", [41, 42, 51, 52], [53, 54], accepted=1, seed=5)]  # 52: a γ = 0 round, not observed
+    history = [a[0], b[0], a[1], b[1], a[2]]
+    ra, rb = request_records(history)
+    assert ra["request"] == "0.0" and rb["request"] == "0.1"
+    assert ra["tokens"].tolist() == [11, 12, 13, 21, 31, 24, 25, 26, 32, 27]
+    assert ra["positions"].tolist() == [3, 4, 5, 6, 7, 8, 9]
+    rows_a = [(a[0], 0), (a[0], 1), (a[1], 0), (a[1], 1), (a[1], 2), (a[1], 3), (a[2], 0)]  # (round, row i)
+    assert np.array_equal(ra["target_ids"], np.stack([r["target_ids"][i] for r, i in rows_a]))
+    assert np.array_equal(ra["target_logprobs"], np.stack([r["target_logprobs"][i] for r, i in rows_a]))
+    q = [a[0]["draft_logprobs"][0], 0, *a[1]["draft_logprobs"], 0, a[2]["draft_logprobs"][0]]  # 0: not drafted
+    np.testing.assert_array_equal(ra["draft_logprobs"], np.asarray(q, np.float32))
+    assert ra["draft_versions"].tolist() == [0] * 6 + [1] and ra["policy_version"] == 0
+    assert (ra["rounds"], ra["accepted"]) == (3, 1 + 3 + 1)
+    assert rb["tokens"].tolist() == [41, 42, 51, 52, 53, 54] and rb["positions"].tolist() == [2, 4, 5]
+    assert np.array_equal(rb["target_ids"], np.stack([b[0]["target_ids"][0], *b[1]["target_ids"][:2]]))
+    # In the batch, each request is one row: its sequence once, the loss at exactly its scored positions.
+    batch = to_rollout_batch([ra, rb], pad_id=0)
+    assert batch.input_ids.shape[0] == 2 and batch.n_tokens == 7 + 3
+    for i, r in enumerate((ra, rb)):
+        assert batch.input_ids[i, : len(r["tokens"])].tolist() == r["tokens"].tolist()
+        assert np.flatnonzero(batch.loss_mask[i]).tolist() == r["positions"].tolist()
+        assert np.array_equal(batch.target_ids[i, r["positions"]], r["target_ids"])
+        np.testing.assert_array_equal(batch.draft_logprobs[i, r["positions"]], r["draft_logprobs"])
+    # A request closed mid-call (`RoundCapture.flush`) continues in a new record: the same rows, two records.
+    first, rest = request_records(history[:3]), request_records(history[3:])
+    assert [r["positions"].tolist() for r in first + rest] == [[3, 4, 5, 6, 7, 8], [2], [4, 5], [9]]
+
+
 def test_mixed_batch_places_served_rows_and_replayed_spans(tmp_path, peaked_target, target_tokenizer):
-    """Served records become on-policy rows (context → proposals, the first γ top-k rows); n_s · f / (1 − f)
-    replayed rows are spans of the target's answers carrying the top-k recorded at exactly those positions."""
+    """Served records become on-policy rows (one per request: its sequence, the loss at its scored positions);
+    n_s · f / (1 − f) replayed rows are spans of the target's answers carrying the top-k recorded at exactly
+    those positions."""
     from learner.online import mixed_batch, replay_rows
+    from serve.online import request_records
 
     run = tmp_path / "run"
     write_scored_set(run, peaked_target, target_tokenizer, REPLAY_PROMPTS[:4], answer_tokens=8)
     rows = replay_rows(_cfg(run, peaked_target, "mix"), TOP_K)
     assert len(rows) == 4 and rows[0]["target_ids"].shape[1] == TOP_K
     rng = np.random.default_rng(0)
-    records = [{"context": rng.integers(10, 999, 5 + i).astype(np.int32),
-                "draft_tokens": rng.integers(10, 999, GAMMA).astype(np.int32),
-                "draft_logprobs": np.zeros(GAMMA, np.float32),
-                "target_ids": rng.integers(0, 999, (GAMMA + 1, TOP_K)).astype(np.int32),
-                "target_logprobs": np.sort(rng.normal(size=(GAMMA + 1, TOP_K)).astype(np.float32))[:, ::-1],
-                "policy_version": 0} for i in range(6)]
+    history = []
+    for i in range(6):  # request i: two rounds, accepting i % 4 then 0
+        context = rng.integers(10, 999, 5 + i).tolist()
+        kept = rng.integers(10, 999, min(i % 4, GAMMA) + 1).tolist()
+        history += [_round(f"0.{i}", context, kept, accepted=len(kept) - 1, seed=i),
+                    _round(f"0.{i}", context + kept, [7], accepted=0, seed=10 + i)]
+    records = request_records(history)
     b = mixed_batch(records, rows, 0.25, TOP_K, pad_id=0, rng=random.Random(0))
     assert list(b.on_policy) == [True] * 6 + [False] * 2  # round(6 · 0.25 / 0.75) = 2 replayed rows
-    assert b.loss_mask[:6].sum() == 6 * GAMMA and b.loss_mask[6:].sum(1).min() >= 1  # a span may end with y
+    assert b.loss_mask[6:].sum(1).min() >= 1  # a span may end with y
     for i, r in enumerate(records):
-        L = len(r["context"])
-        assert list(b.input_ids[i, L: L + GAMMA]) == list(r["draft_tokens"]) and b.loss_mask[i].sum() == GAMMA
-        assert np.array_equal(b.target_ids[i, L: L + GAMMA], r["target_ids"][:GAMMA])
+        assert list(b.input_ids[i, : len(r["tokens"])]) == list(r["tokens"])
+        assert np.flatnonzero(b.loss_mask[i]).tolist() == r["positions"].tolist() == list(
+            range(5 + i, len(r["tokens"])))  # every served token was scored
+        assert np.array_equal(b.target_ids[i, r["positions"]], r["target_ids"])
     by_ids = {tuple(r["prompt_token_ids"]): r for r in rows}
     for i in (6, 7):
         pos = np.flatnonzero(b.loss_mask[i])
@@ -179,8 +234,8 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def learned(ray_local, tmp_path_factory, peaked_target, anti_draft, target_tokenizer):
-    """A real engine serves 8 greedy prompts with capture on; the learner actor trains 4 steps on the captured rounds
-    (+ replay) and publishes versions 1 and 2, each grabbed from the store as it appears."""
+    """A real engine serves 8 greedy prompts with capture on; the learner actor trains 4 steps on the captured requests
+    (2 per step, one row each, + replay) and publishes versions 1 and 2, each grabbed from the store as it appears."""
     from draftalign.models import load_causal_lm
     from learner.online import start_online_learner
     from serve.online import OnlineSettings, RoundCapture, get_buffer
@@ -189,19 +244,19 @@ def learned(ray_local, tmp_path_factory, peaked_target, anti_draft, target_token
     ray = ray_local
     run = tmp_path_factory.mktemp("learned") / "run"
     write_scored_set(run, peaked_target, target_tokenizer, REPLAY_PROMPTS)
-    cfg = _cfg(run, peaked_target, "learned")
+    cfg = _cfg(run, peaked_target, "learned", {"records_per_step": 2})
     target, draft = load_causal_lm(peaked_target), load_causal_lm(anti_draft)
     buffer = get_buffer(OnlineSettings.from_config(cfg))
     capture = RoundCapture(buffer, TOP_K, push_every=10**6, push_interval_s=60)  # one push, at flush()
     decoder = SpecDecoder(target, draft, target_tokenizer, gamma=GAMMA)
-    decoder.observer = capture.observe
+    decoder.observer, decoder.call_done = capture.observe, capture.call_done
     prompts = [_ids(target_tokenizer, p) for p in PROMPTS]
     decoder.generate(prompts, SamplingParams(max_new_tokens=12))
     capture.flush()
     capture.wait()
     records = ray.get(buffer.get_batch.remote(10**6))  # a copy to evaluate on, put back for the learner
     ray.get(buffer.put.remote(records))
-    assert capture.counts["dropped_in_replica"] == 0 and len(records) >= 4 * 16, (capture.counts, len(records))
+    assert capture.counts["dropped_in_replica"] == 0 and len(records) == 8, (capture.counts, len(records))
     t0 = time.perf_counter()
     actor, run_ref = start_online_learner(cfg, anti_draft)
     store = ray.get_actor(cfg.serve.online.weight_store, namespace=NAMESPACE)
@@ -228,15 +283,17 @@ def test_learner_trains_on_captured_rounds_and_publishes_versions(learned, anti_
     from serve.online import to_rollout_batch
 
     st, n = learned.stats, len(learned.records)
-    assert n == 8 * 12  # one round per token: the anti-draft is never accepted
+    assert n == 8  # one record per request
+    for r in learned.records:  # one round per token: the anti-draft is never accepted; every token scored
+        assert r["rounds"] == len(r["positions"]) == 12 and r["accepted"] == 0
     assert st["step"] == 4 and [p["version"] for p in st["published"]] == [1, 2] == sorted(learned.versions)
     assert [p["step"] for p in st["published"]] == [2, 4]  # every steps_per_publish steps
-    assert st["records"] == 4 * 16 and st["records_per_version"] == {0: 4 * 16}
-    assert st["replayed_rows"] == 4 * 5  # round(16 · 0.25 / 0.75) per step
+    assert st["records"] == 4 * 2 and st["records_per_version"] == {0: 4 * 2}
+    assert st["served_tokens"] == 8 * 12 and st["replayed_rows"] == 4 * 1  # round(2 · 0.25 / 0.75) per step
     assert learned.seconds < 60
     for v in (1, 2):
         assert any(not np.array_equal(w, learned.v0[k]) for k, w in learned.versions[v].items())
-    # Teacher-forced acceptance 1 − TVD(p, q) of the draft on the served rounds rises with the learned weights.
+    # Teacher-forced acceptance 1 − TVD(p, q) of the draft on the served positions rises with the learned weights.
     batch = to_rollout_batch(learned.records, pad_id=0)
     draft = load_causal_lm(anti_draft)
     before = evaluate_heldout(ResponseLogits(draft), batch, torch.device("cpu"), None)
@@ -278,7 +335,7 @@ def endpoint(ray_local, tmp_path_factory, peaked_target, anti_draft, target_toke
 
     run = tmp_path_factory.mktemp("endpoint") / "run"
     write_scored_set(run, peaked_target, target_tokenizer, REPLAY_PROMPTS)
-    cfg = _cfg(run, peaked_target, "endpoint", {"records_per_step": 16, "steps_per_publish": 1, "max_steps": None})
+    cfg = _cfg(run, peaked_target, "endpoint", {"records_per_step": 4, "steps_per_publish": 1, "max_steps": None})
     try:
         url = run_serve(cfg, draft=anti_draft, blocking=False)
         yield SimpleNamespace(url=url, cfg=cfg,
@@ -351,7 +408,7 @@ def test_endpoint_swaps_in_the_learners_version_mid_stream(endpoint, peaked_targ
     install = next(e for e in stats["events"] if e["event"] == "install")
     learner = ray.get(ray.get_actor(learner_name(endpoint.cfg), namespace=NAMESPACE).stats.remote())
     assert install["version"] in [p["version"] for p in learner["published"]]
-    assert learner["records"] >= 16 and learner["replayed_rows"] > 0
+    assert learner["records"] >= 4 and learner["replayed_rows"] > 0
     assert first < install["time"] < last, (first, install["time"], last)  # the stream straddles the swap
     assert stats["rounds_per_version"].get(0, 0) > 0 and stats["rounds_per_version"].get(install["version"], 0) > 0
     assert text == ref_text("Once upon a time", 300)
