@@ -82,15 +82,15 @@ def _stage(name: str, marker: Path, fn) -> None:
     print(f"[run] {name}: done in {time.time() - t0:.0f} s", flush=True)
 
 
-def _eval_both(cfg: JobConfig, out: Path) -> None:
+def _eval_drafts(cfg: JobConfig, out: Path, drafts: dict[str, str]) -> None:
+    """Evaluate drafts {name: path} in one interleaved run, `<out>/eval_<name>.json` each, Ray shut down first."""
     import ray
 
     from draftalign.evaluate import run_eval
 
     if ray.is_initialized():
         ray.shutdown()  # idle Ray workers and agents must not share the cores being timed
-    names = ("pretrained", "distilled")
-    run_eval(cfg, {n: str(out / f"draft_{n}") for n in names}, out={n: out / f"eval_{n}.json" for n in names})
+    run_eval(cfg, drafts, out={n: out / f"eval_{n}.json" for n in drafts})
 
 
 def run_pipeline(cfg: JobConfig) -> Path:
@@ -112,7 +112,8 @@ def run_pipeline(cfg: JobConfig) -> Path:
            lambda: run_pretrain(cfg, resume=_has_checkpoint(out / "ray_results" / "pretrain")))
     _stage("distill", out / "distill_done.json",
            lambda: run_distill(cfg, resume=_has_checkpoint(out / "ray_results" / "distill")))
-    _stage("eval", out / "eval_distilled.json", lambda: _eval_both(cfg, out))
+    _stage("eval", out / "eval_distilled.json",
+           lambda: _eval_drafts(cfg, out, {n: str(out / f"draft_{n}") for n in ("pretrained", "distilled")}))
     report = write_report(out)
     print(f"[run] finished in {time.time() - t0:.0f} s; report: {report}", flush=True)
     return out
@@ -124,7 +125,6 @@ def _run_fspad(cfg: JobConfig, out: Path, t0: float) -> Path:
     No stage 1: the head only exists on top of the target's features, and the target's own answers are what
     it learns from (learner/fspad_distill.py). The eval decodes with the head (`eval_distilled.json`: the
     draft this run distilled), chains at eval.gamma and the trees of eval.trees."""
-    from draftalign.evaluate import run_eval
     from draftalign.report import write_report
     from learner.fspad_distill import DONE_FILE, run_fspad
 
@@ -133,14 +133,7 @@ def _run_fspad(cfg: JobConfig, out: Path, t0: float) -> Path:
     _stage("fspad", out / DONE_FILE, lambda: run_fspad(cfg, resume=_has_checkpoint(out / "ray_results" / "fspad")))
     done = json.loads((out / DONE_FILE).read_text())
 
-    def evaluate() -> None:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()  # idle Ray workers and agents must not share the cores being timed
-        run_eval(cfg, {"distilled": done["draft"]}, out={"distilled": out / "eval_distilled.json"})
-
-    _stage("eval", out / "eval_distilled.json", evaluate)
+    _stage("eval", out / "eval_distilled.json", lambda: _eval_drafts(cfg, out, {"distilled": done["draft"]}))
     report = write_report(out)
     print(f"[run] finished in {time.time() - t0:.0f} s; head: {done['draft']}; report: {report}", flush=True)
     return out
