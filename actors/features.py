@@ -52,6 +52,11 @@ class FeatureBatch:
     target_ids: torch.Tensor  # (N, k) int64: the target's top-k of the token after it
     target_logprobs: torch.Tensor  # (N, k) float32
     sampled: torch.Tensor  # (N,) bool: the position's token was re-drawn (an extra node)
+    # the data's own continuation of every data node d (training-time test, `learner.fspad_distill.unrolled_loss`):
+    # the top-k of s_{d+2} (the feature target F_{d+1} is `features[:, d + 1]`), whether d's token was re-drawn or not
+    next_ids: torch.Tensor  # (B, T, k) int64
+    next_lps: torch.Tensor  # (B, T, k) float32
+    next_mask: torch.Tensor  # (B, T) bool: d ∈ [P − 2, L − 3], the data nodes with an answer token two ahead
 
     @property
     def n_tokens(self) -> int:
@@ -205,6 +210,10 @@ def collate(rows: list[dict], feats: list[RowFeatures], pad_id: int = 0) -> Feat
     pos = torch.zeros(B, T, dtype=torch.long)
     allowed = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)  # padding nodes see themselves only
     loss = torch.zeros(B, T, dtype=torch.bool)
+    k = feats[0].ids.shape[-1]
+    next_ids = torch.zeros(B, T, k, dtype=torch.long)
+    next_lps = torch.zeros(B, T, k)
+    next_mask = torch.zeros(B, T, dtype=torch.bool)
     t_feat, t_ids, t_lps, sampled = [], [], [], []
     for b, (r, s, f) in enumerate(zip(rows, seqs, feats, strict=True)):
         P, L, m = len(r["prompt_token_ids"]), len(s), len(f.alts)
@@ -215,6 +224,7 @@ def collate(rows: list[dict], feats: list[RowFeatures], pad_id: int = 0) -> Feat
         allowed[b, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
         redrawn = torch.tensor([d for d, _ in f.alts], dtype=torch.long)
         d = torch.arange(max(P - 2, 0), L - 2)  # loss nodes of the data: one per answer token r_j, j = d + 2 − P
+        next_ids[b, d], next_lps[b, d], next_mask[b, d] = f.ids[d + 2 - P], f.lps[d + 2 - P].float(), True
         d = d[~torch.isin(d, redrawn)]
         loss[b, d] = True
         t_feat.append(f.F[d + 1].float())
@@ -234,7 +244,7 @@ def collate(rows: list[dict], feats: list[RowFeatures], pad_id: int = 0) -> Feat
     if not loss.any():
         raise ValueError("feature_batch: no loss position (answers need a prompt of ≥ 2 tokens or ≥ 2 answer tokens)")
     return FeatureBatch(x, ids, pos, allowed, loss, torch.cat(t_feat), torch.cat(t_ids).long(),
-                        torch.cat(t_lps), torch.cat(sampled))
+                        torch.cat(t_lps), torch.cat(sampled), next_ids, next_lps, next_mask)
 
 
 def batch_seed(seed: int, step: int, rank: int) -> int:

@@ -75,6 +75,14 @@ class FSPADConfig(_Strict):
         True, description="run the target over the distillation set once and train on its stored features "
                           "(actors/feature_store.py: one fixed feature-sampling draw per answer token); false = "
                           "a target pass per training batch (a fresh draw every step, the head waits on it)")
+    unroll: int = Field(
+        1, ge=1, le=8, description="training-time test (EAGLE-3 / HASS): chain steps 1 … unroll are trained, steps "
+                                   "≥ 2 on the head's own predicted features as in decoding (1 = teacher-forced "
+                                   "only); each extra step costs about one more head pass per batch")
+    unroll_from_step: int = Field(
+        0, ge=0, description="steps before this one train teacher-forced only (step 1); from it on, chain steps "
+                             "1 … unroll: the unrolled steps cost ≈ unroll× a step, so they are spent on a head "
+                             "that already predicts step 1 well")
     feature_weight: float = Field(1.0, ge=0, description="weight of the feature regression term (EAGLE: 1.0)")
     logit_weight: float = Field(0.1, ge=0, description="weight of the logit distillation term (distill.loss on the "
                                                       "target's top-k; EAGLE's cross-entropy weight: 0.1)")

@@ -16,8 +16,11 @@ Loss (partial alignment distillation, `learner.losses.partial_alignment_loss`), 
 D = `distill.loss` (TVD++ by default, FKL/RKL/TVD/JSD) on the target's top-k buckets restricted to the
 draft vocabulary exactly as the standalone draft's stage 3 (`learner.distill.distill_loss`, tempered
 by `distill.temperature`), w_f, w_l, a = `draft.fspad.feature_weight`, `logit_weight`,
-`aligned_fraction`. The sum is divided by the global count of loss positions (one all-reduce) times
-the world size, so DDP's averaging gives the full-batch mean whatever the split.
+`aligned_fraction`. With `draft.fspad.unroll` = K > 1 (from step `unroll_from_step` on) the chain steps
+2 … K are trained too, each on the head's own predicted features as it decodes them (`unrolled_steps`,
+EAGLE-3's training-time test), and their positions join the mean. The sum is divided by the global
+count of loss positions (one all-reduce) times the world size, so DDP's averaging gives the full-batch
+mean whatever the split.
 
 Held-out estimate. Rank 0 evaluates the head teacher-forced on the held-out answers (target
 features, data tokens) at step 0, at every checkpoint and at the end: `heldout_acceptance` = 1 − TVD
@@ -42,7 +45,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -90,56 +93,141 @@ def _to(fb: FeatureBatch, device) -> FeatureBatch:
     return FeatureBatch(*(getattr(fb, f).to(device) for f in FeatureBatch.__dataclass_fields__))
 
 
-def head_loss(model, core: FSPADHead, fb: FeatureBatch, cfg: JobConfig,
-              baseline_state: BaselineState | None) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """Per-position loss (N,), float stats and the logits (N, n) of one FeatureBatch (module docstring).
-    `model` is the (possibly DDP-wrapped) head whose forward runs; `core` the unwrapped one."""
+def _losses(core: FSPADHead, f_hat: torch.Tensor, t_feat: torch.Tensor, t_ids: torch.Tensor, t_lps: torch.Tensor,
+            cfg: JobConfig, baseline_state: BaselineState | None) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """f̂ (N, H) against the target's next feature (N, H) and top-k (N, k) → per-position loss (N,), stats, logits."""
     fs = cfg.draft.fspad
-    f_hat = model(fb.features, fb.input_ids, fb.position_ids, fb.allowed)[fb.loss_mask]  # (N, H)
     logits = core.logits(f_hat)  # (N, n)
     n = logits.shape[0]
-    bt = {"on_policy": torch.zeros(n, dtype=torch.bool, device=logits.device), "target_ids": fb.target_ids,
-          "target_logprobs": fb.target_logprobs, "tokens": torch.zeros(n, dtype=torch.long, device=logits.device)}
+    bt = {"on_policy": torch.zeros(n, dtype=torch.bool, device=logits.device), "target_ids": t_ids,
+          "target_logprobs": t_lps, "tokens": torch.zeros(n, dtype=torch.long, device=logits.device)}
     logit_loss, stats = distill_loss(logits.float(), bt, cfg.distill, baseline_state, core.vocab)  # (N,)
-    per_pos, pad = partial_alignment_loss(f_hat, fb.target_features, logit_loss, aligned_fraction=fs.aligned_fraction,
+    per_pos, pad = partial_alignment_loss(f_hat, t_feat, logit_loss, aligned_fraction=fs.aligned_fraction,
                                           feature_weight=fs.feature_weight, logit_weight=fs.logit_weight)
     return per_pos, {**stats, **pad}, logits
 
 
+def head_loss(model, core: FSPADHead, fb: FeatureBatch, cfg: JobConfig, baseline_state: BaselineState | None,
+              cache=None) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+    """Teacher-forced step (chain step 1): per-position loss (N,), float stats, the logits (N, n) and f̂ (B, T, H)
+    of one FeatureBatch (module docstring). `model` is the (possibly DDP-wrapped) head whose forward runs; `core`
+    the unwrapped one; `cache` (a DynamicCache) keeps the nodes' keys for `unrolled_steps`."""
+    f_hat = model(fb.features, fb.input_ids, fb.position_ids, fb.allowed, past_key_values=cache)  # (B, T, H)
+    per_pos, stats, logits = _losses(core, f_hat[fb.loss_mask], fb.target_features, fb.target_ids,
+                                     fb.target_logprobs, cfg, baseline_state)
+    return per_pos, stats, logits, f_hat
+
+
+@dataclass
+class UnrolledStep:
+    """Chain step k ≥ 2 of the training-time test, at its N_k loss positions."""
+
+    k: int
+    loss: torch.Tensor  # (N_k,) per-position loss
+    stats: dict
+    logits: torch.Tensor  # (N_k, n)
+    target_ids: torch.Tensor  # (N_k, k_top)
+    target_logprobs: torch.Tensor  # (N_k, k_top)
+
+
+def unrolled_steps(core: FSPADHead, fb: FeatureBatch, f_hat: torch.Tensor, cache, depth: int, cfg: JobConfig,
+                   baseline_state: BaselineState | None) -> list[UnrolledStep]:
+    """Training-time test (EAGLE-3, Li et al. 2025, arXiv 2503.01840, §3; HASS, Zhang et al. 2024, arXiv
+    2408.15766): chain steps 2 … K are trained on the head's own predictions, as they are decoded.
+
+    After step 1 (`head_loss`, data node d reads (F_d, s_{d+1}) and gives f̂¹_{d+1}), step k of base node d is a
+    node at rotary position d + k − 1 that reads (f̂^{k−1}, s_{d+k}) and attends to the data nodes ≤ d (the
+    verified context, real features, from `cache`), to base d's own nodes of steps 2 … k − 1 and to itself:
+
+        f̂^k_{d+k} = head(f̂^{k−1}_{d+k−1}, s_{d+k}; position d + k − 1)
+
+    exactly what `serve.fspad_proposer.draft_chain` computes at its k-th step when the first k − 1 proposals
+    were the data tokens (accepted). Its targets are data node (d + k − 1)'s: F_{d+k} and the top-k of
+    s_{d+k+1}; loss positions are the base nodes with d ≥ P − 2 and d + k − 1 ≤ L − 3. Gradients flow through
+    f̂^{k−1} and the cached keys, so earlier steps learn to leave a feature later steps can use. Cost: one
+    extra head pass per step over the answer window (queries) against T + (k − 1)·Q keys."""
+    B, T, H = fb.features.shape
+    cols = fb.next_mask.any(0).nonzero()[:, 0]
+    if depth < 2 or cols.numel() == 0:
+        return []
+    lo, hi = int(cols[0]), int(cols[-1]) + 1
+    Q, dev = hi - lo, fb.features.device
+    d = torch.arange(lo, hi, device=dev)  # (Q,) base nodes
+    data_keys = torch.arange(T, device=dev)[None, :] <= d[:, None]  # (Q, T): data nodes ≤ d
+    own = torch.eye(Q, dtype=torch.bool, device=dev)  # (Q, Q): base d's node of one step
+    f_prev, out = f_hat[:, lo:hi], []
+    for k in range(2, depth + 1):
+        src = d + k - 1  # (Q,) the data node whose input token and targets step k uses
+        fits = src < T
+        src = src.clamp(max=T - 1)
+        valid = fb.next_mask[:, lo:hi] & fb.next_mask[:, src] & fits[None]  # (B, Q)
+        allowed = torch.cat([data_keys] + [own] * (k - 1), 1)[None].expand(B, Q, T + (k - 1) * Q)
+        f_k = core(f_prev, fb.input_ids[:, src], (d + k - 1)[None].expand(B, Q), allowed,
+                   past_key_values=cache)  # (B, Q, H)
+        if valid.any():
+            t_feat = fb.features[:, (src + 1).clamp(max=T - 1)][valid]  # F_{d+k}
+            t_ids, t_lps = fb.next_ids[:, src][valid], fb.next_lps[:, src][valid]
+            loss, stats, logits = _losses(core, f_k[valid], t_feat, t_ids, t_lps, cfg, baseline_state)
+            out.append(UnrolledStep(k, loss, stats, logits, t_ids, t_lps))
+        f_prev = f_k
+    return out
+
+
 @torch.no_grad()
-def acceptance(core: FSPADHead, logits: torch.Tensor, fb: FeatureBatch) -> dict:
-    """Summed per-token acceptance of the first draft step over a batch's N positions: 1 − TVD(p, q) on the
-    buckets (q on the draft vocabulary) and greedy agreement argmax q = argmax p."""
-    sub, target = core.vocab.restrict(logits.float(), TargetDist(fb.target_logprobs, fb.target_ids))
-    p_arg = fb.target_ids.gather(-1, fb.target_logprobs.argmax(-1, keepdim=True)).squeeze(-1)  # (N,)
+def acceptance(core: FSPADHead, logits: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor) -> dict:
+    """Summed per-token acceptance of one draft step over N positions: 1 − TVD(p, q) on the buckets (q on the
+    draft vocabulary) and greedy agreement argmax q = argmax p."""
+    sub, target = core.vocab.restrict(logits.float(), TargetDist(target_logprobs, target_ids))
+    p_arg = target_ids.gather(-1, target_logprobs.argmax(-1, keepdim=True)).squeeze(-1)  # (N,)
     return {"tvd": float(tvd(sub, target).sum()),
             "greedy": float((core.vocab.full_ids(logits.argmax(-1)) == p_arg).sum()), "n": logits.shape[0]}
 
 
+HELDOUT_DEPTH = 3  # held-out acceptance is reported for chain steps 1 … 3 whatever the training depth
+
+
+def _slice_rows(hb: FeatureBatch, i: int, j: int, offsets: torch.Tensor) -> FeatureBatch:
+    lo, hi = int(offsets[i]), int(offsets[j])
+    return FeatureBatch(hb.features[i:j], hb.input_ids[i:j], hb.position_ids[i:j], hb.allowed[i:j],
+                        hb.loss_mask[i:j], hb.target_features[lo:hi], hb.target_ids[lo:hi],
+                        hb.target_logprobs[lo:hi], hb.sampled[lo:hi], hb.next_ids[i:j], hb.next_lps[i:j],
+                        hb.next_mask[i:j])
+
+
 @torch.no_grad()
 def evaluate_heldout(core: FSPADHead, hb: FeatureBatch, cfg: JobConfig, device, rows_per_chunk: int = 8) -> dict:
-    """Teacher-forced held-out estimate (module docstring), chunked by rows."""
+    """Held-out estimate, chunked by rows: step 1 teacher-forced (`heldout_acceptance`, `heldout_greedy_acceptance`)
+    and steps 2 … HELDOUT_DEPTH on the head's own f̂ (`heldout_acceptance_<k>`, `heldout_greedy_acceptance_<k>`):
+    the per-token acceptance at draft position k given positions < k were accepted (the data tokens)."""
+    from transformers import DynamicCache
+
     was = core.training
     core.eval()
     tot = {"tvd": 0.0, "greedy": 0.0, "n": 0, "feature": 0.0}
+    deep = {k: {"tvd": 0.0, "greedy": 0.0, "n": 0} for k in range(2, HELDOUT_DEPTH + 1)}
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), hb.loss_mask.sum(1).cumsum(0)])  # (B + 1,)
     for i in range(0, hb.features.shape[0], rows_per_chunk):
-        j = min(i + rows_per_chunk, hb.features.shape[0])
-        lo, hi = int(offsets[i]), int(offsets[j])
-        part = FeatureBatch(hb.features[i:j], hb.input_ids[i:j], hb.position_ids[i:j], hb.allowed[i:j],
-                            hb.loss_mask[i:j], hb.target_features[lo:hi], hb.target_ids[lo:hi],
-                            hb.target_logprobs[lo:hi], hb.sampled[lo:hi])
-        part = _to(part, device)
-        per_pos, stats, logits = head_loss(core, core, part, cfg, BaselineState(decay=cfg.distill.ema_decay))
-        acc = acceptance(core, logits, part)
+        part = _to(_slice_rows(hb, i, min(i + rows_per_chunk, hb.features.shape[0]), offsets), device)
+        cache, bs = DynamicCache(), BaselineState(decay=cfg.distill.ema_decay)
+        per_pos, stats, logits, f_hat = head_loss(core, core, part, cfg, bs, cache)
+        acc = acceptance(core, logits, part.target_ids, part.target_logprobs)
         for key in ("tvd", "greedy", "n"):
             tot[key] += acc[key]
         tot["feature"] += stats["feature_loss"] * acc["n"]
+        for st in unrolled_steps(core, part, f_hat, cache, HELDOUT_DEPTH, cfg, bs):
+            a = acceptance(core, st.logits, st.target_ids, st.target_logprobs)
+            for key in ("tvd", "greedy", "n"):
+                deep[st.k][key] += a[key]
     core.train(was)
     n = max(1, tot["n"])
-    return {"heldout_tvd": tot["tvd"] / n, "heldout_acceptance": 1.0 - tot["tvd"] / n,
-            "heldout_greedy_acceptance": tot["greedy"] / n, "heldout_feature_loss": tot["feature"] / n,
-            "heldout_positions": tot["n"]}
+    out = {"heldout_tvd": tot["tvd"] / n, "heldout_acceptance": 1.0 - tot["tvd"] / n,
+           "heldout_greedy_acceptance": tot["greedy"] / n, "heldout_feature_loss": tot["feature"] / n,
+           "heldout_positions": tot["n"]}
+    for k, t in deep.items():
+        if t["n"]:
+            out[f"heldout_acceptance_{k}"] = 1.0 - t["tvd"] / t["n"]
+            out[f"heldout_greedy_acceptance_{k}"] = t["greedy"] / t["n"]
+    return out
 
 
 # ----------------------------------------------------------------------------- worker loop
@@ -188,9 +276,11 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
     from torch.utils.tensorboard import SummaryWriter
+    from transformers import DynamicCache
 
     cfg, rank, world, device = worker_setup(config)
     lc = cfg.learner
+    fs = cfg.draft.fspad
     actors = config["actors"]
 
     with checkpoint_to_restore(config["resume_from"], say=_say) as ckpt_dir:  # None: fresh start
@@ -223,7 +313,8 @@ def train_loop_per_worker(config: dict) -> None:
         hb = ray.get(config["heldout_ref"][0]) if config["heldout_ref"] else None
         _say(f"rank 0/{world}: {'resuming at step ' + str(step) if step else 'starting'}; head "
              f"{core.num_parameters() / 1e6:.2f}M parameters, loss {cfg.distill.loss}, feature sampling "
-             f"{cfg.draft.fspad.feature_sampling}, aligned fraction {cfg.draft.fspad.aligned_fraction}, held-out "
+             f"{fs.feature_sampling}, aligned fraction {fs.aligned_fraction}, chain steps trained {fs.unroll} "
+             f"(from step {fs.unroll_from_step}), held-out "
              f"{0 if hb is None else hb.n_tokens} positions")
         if hb is not None and heldout_start is None:
             heldout_start = evaluate_heldout(core, hb, cfg, device)["heldout_acceptance"]
@@ -238,30 +329,39 @@ def train_loop_per_worker(config: dict) -> None:
         fb = _to(ray.get(nxt), device)
         waited = time.perf_counter() - t0
         nxt = request(step + 1) if step + 1 < lc.max_steps else None  # the target works while the head trains
-        n_global = float(all_reduce(torch.tensor(float(fb.n_tokens), dtype=torch.float64, device=device)))
-        per_pos, stats, logits = head_loss(model, core, fb, cfg, baseline_state)
-        (masked_mean(per_pos, None, global_count=n_global) * world).backward()
+        depth = fs.unroll if step >= fs.unroll_from_step else 1
+        cache = DynamicCache() if depth > 1 else None
+        per_pos, stats, logits, f_hat = head_loss(model, core, fb, cfg, baseline_state, cache)
+        deep = unrolled_steps(core, fb, f_hat, cache, depth, cfg, baseline_state)
+        all_pos = torch.cat([per_pos] + [st.loss for st in deep])  # every chain step's loss positions
+        n_global = float(all_reduce(torch.tensor(float(all_pos.shape[0]), dtype=torch.float64, device=device)))
+        (masked_mean(all_pos, None, global_count=n_global) * world).backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), lc.grad_clip))
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        acc = acceptance(core, logits, fb)
+        acc = acceptance(core, logits, fb.target_ids, fb.target_logprobs)
+        deep_acc = [acceptance(core, st.logits, st.target_ids, st.target_logprobs) for st in deep]
         n = float(fb.n_tokens)
         keys = ["loss", "feature_loss", "logit_loss", "tvd", "greedy", "tail_mass", "sampled", "tokens", "wait_s",
-                "step_s"]
-        local = [float(per_pos.detach().sum()), stats["feature_loss"] * n, stats["logit_loss"] * n, acc["tvd"],
+                "step_s", "positions", "deep_tvd", "deep_greedy", "deep_n"]
+        local = [float(all_pos.detach().sum()), stats["feature_loss"] * n, stats["logit_loss"] * n, acc["tvd"],
                  acc["greedy"], stats["tail_mass"] * n, float(fb.sampled.sum()), n, waited,
-                 time.perf_counter() - t0]
+                 time.perf_counter() - t0, float(all_pos.shape[0]), sum(a["tvd"] for a in deep_acc),
+                 sum(a["greedy"] for a in deep_acc), float(sum(a["n"] for a in deep_acc))]
         tot = dict(zip(keys, all_reduce(torch.tensor(local, dtype=torch.float64, device=device)).tolist()))
         tokens = tot["tokens"]
-        metrics = {"step": step, "loss": tot["loss"] / tokens, "feature_loss": tot["feature_loss"] / tokens,
+        metrics = {"step": step, "loss": tot["loss"] / tot["positions"], "feature_loss": tot["feature_loss"] / tokens,
                    "logit_loss": tot["logit_loss"] / tokens, "tvd": tot["tvd"] / tokens,
                    "acceptance": 1.0 - tot["tvd"] / tokens, "greedy_acceptance": tot["greedy"] / tokens,
                    "tail_mass": tot["tail_mass"] / tokens, "sampled_frac": tot["sampled"] / tokens,
                    "tokens_per_s": tokens / max(tot["step_s"] / world, 1e-9),
                    "target_wait_frac": tot["wait_s"] / max(tot["step_s"], 1e-9), "lr": lr, "grad_norm": grad_norm}
+        if tot["deep_n"]:  # chain steps 2 … depth, on the head's own f̂ (training-time test)
+            metrics.update(unrolled_acceptance=1.0 - tot["deep_tvd"] / tot["deep_n"],
+                           unrolled_greedy_acceptance=tot["deep_greedy"] / tot["deep_n"])
         is_ckpt = step % lc.checkpoint_every == 0 or step == lc.max_steps
         if rank == 0:
             if is_ckpt and hb is not None:
@@ -275,11 +375,13 @@ def train_loop_per_worker(config: dict) -> None:
             jlog.flush()
             if step % PRINT_EVERY == 0 or is_ckpt:
                 ha = metrics.get("heldout_acceptance")
+                deeper = [metrics.get(f"heldout_greedy_acceptance_{k}") for k in range(2, HELDOUT_DEPTH + 1)]
                 _say(f"step {step}: loss {metrics['loss']:.4f} (feature {metrics['feature_loss']:.4f}, logit "
                      f"{metrics['logit_loss']:.4f}) acceptance {metrics['acceptance']:.4f} greedy "
                      f"{metrics['greedy_acceptance']:.4f} {metrics['tokens_per_s']:,.0f} tok/s target wait "
                      f"{metrics['target_wait_frac']:.2f}"
-                     + (f" held-out acceptance {ha:.4f}" if ha is not None else ""))
+                     + (f" held-out acceptance {ha:.4f}" if ha is not None else "")
+                     + (" greedy at steps 2…: " + " ".join(f"{g:.3f}" for g in deeper) if None not in deeper else ""))
         if is_ckpt:
             _save_checkpoint(core, opt, sched, baseline_state, step, rank, world, config, metrics, writer)
     if rank == 0:
@@ -381,6 +483,8 @@ def run_fspad(cfg: JobConfig, resume: bool = False) -> Path:
             "heldout_acceptance_start": metrics.get("heldout_acceptance_start"),
             "heldout_greedy_acceptance": metrics.get("heldout_greedy_acceptance"),
             "heldout_feature_loss": metrics.get("heldout_feature_loss"),
+            **{f"heldout_{g}acceptance_{k}": metrics.get(f"heldout_{g}acceptance_{k}")
+               for k in range(2, HELDOUT_DEPTH + 1) for g in ("", "greedy_")},
             "heldout_positions": metrics.get("heldout_positions"), "tokens_per_s": metrics.get("tokens_per_s"),
             "target_wait_frac": metrics.get("target_wait_frac"), "fspad": cfg.draft.fspad.model_dump(),
             "loss_name": cfg.distill.loss, "skipped_checkpoints": skipped, "resumed_from_step": start_step,

@@ -472,6 +472,18 @@ class SpecDecoder:
                     break
         return new
 
+    def _score_chain(self, t_cache, batch: _Batch, t_len: int, x: torch.Tensor, L: int, g: int,
+                     params: SamplingParams):
+        """A chain round's verification: one target pass over the columns from t_len and the γ proposals x →
+        h (B, n, H) every fed column's state, hv (B, γ+1, H) the states that score the γ + 1 positions, their
+        logits z and distributions p (B, γ+1, V)."""
+        h = self._timed("target", t_len == 0, self._t.hidden, t_cache, batch, t_len, x)  # (B, n, H)
+        rows = torch.arange(h.shape[0], device=self.device)
+        hv = h[rows[:, None], self._verified_slots(batch, t_len, L, g)]  # (B, γ+1, H)
+        z = self._t.logits(hv)  # (B, γ+1, V)
+        p, _ = self._t.probs(hv, params, z)  # (B, γ+1, V)
+        return h, hv, z, p
+
     def _verified_slots(self, batch: _Batch, t_len: int, L: int, g: int) -> torch.Tensor:
         """Columns of a chain pass's output (fed from column t_len) whose states score the γ + 1 positions:
         each sequence's last real token, then the grid's draft columns L … L + γ − 1 → (B, γ+1)."""
@@ -641,11 +653,7 @@ class SpecDecoder:
 
             # 2. Target scores all γ + 1 positions in one pass: after each sequence's last real token,
             #    and after each draft token.
-            h = self._timed("target", t_len == 0, self._t.hidden, t_cache, batch, t_len, x)  # (B, n, H)
-            at = self._verified_slots(batch, t_len, L, g)  # (B, γ+1)
-            h = h[rows[:, None], at]  # (B, γ+1, H)
-            z = self._t.logits(h)  # (B, γ+1, V)
-            p, _ = self._t.probs(h, params, z)  # (B, γ+1, V)
+            _, _, z, p = self._score_chain(t_cache, batch, t_len, x, L, g, params)  # (B, γ+1, V) each
 
             # 3. Verify: accept a prefix, then a recovered or bonus token; sequence s emits k_s + 1 tokens.
             out, ks = self._verify_chain(x, q, p, params, gen)  # (B, γ+1), k_s per sequence
@@ -773,7 +781,6 @@ class SpecDecoder:
         t_len = h_len = 0
         pending = None  # (B, L − h_len, H); None before the first target pass
         B = batch.ids.shape[0]
-        rows = torch.arange(B, device=self.device)
         first = batch.mask.argmax(1)  # (B,) each sequence's first real column (left padding)
         gens = [Generation([], accepted_per_position=[0] * gamma, accepted_histogram=[0] * (gamma + 1))
                 for _ in range(B)]
@@ -798,13 +805,9 @@ class SpecDecoder:
             q = torch.stack(draft_probs, 1) if g else None  # (B, γ, V)
 
             # 2. Target scores all γ + 1 positions in one pass; its features there are the head's next inputs.
-            h = self._timed("target", t_len == 0, self._t.hidden, t_cache, batch, t_len, x)  # (B, n, H)
+            h, hv, z, p = self._score_chain(t_cache, batch, t_len, x, L, g, params)  # hv: features at the slots
             if pending is None:  # the first pass covers the prompt: column j ← f_{j−1}
                 pending = torch.cat([h.new_zeros(B, 1, h.shape[-1]), h[:, : L - 1]], 1)  # (B, L, H)
-            at = self._verified_slots(batch, t_len, L, g)  # (B, γ+1)
-            hv = h[rows[:, None], at]  # (B, γ+1, H) features at the verified slots
-            z = self._t.logits(hv)  # (B, γ+1, V)
-            p, _ = self._t.probs(hv, params, z)  # (B, γ+1, V)
 
             # 3. Verify, as `_spec_rounds`.
             out, ks = self._verify_chain(x, q, p, params, gen)  # (B, γ+1), k_s per sequence

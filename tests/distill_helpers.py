@@ -59,7 +59,7 @@ def write_distill_set(rdir: Path, tok, n_prompts: int = 40, resp_len: int = 24) 
 
 def make_job(tmp_path: Path, name: str, target: str, draft: str, **over) -> JobConfig:
     """A tiny distill job (one target engine, one rollout actor, one learner worker: 2 CPUs);
-    `section__field=value` overrides one field."""
+    `section__field=value` (or `section__sub__field=value`) overrides one field."""
     data = {
         "name": name, "run_dir": str(tmp_path / name), "seed": 0,
         "target": {"model": target, "dtype": "float32", "num_engines": 1, "cpus_per_engine": 0.5,
@@ -72,8 +72,11 @@ def make_job(tmp_path: Path, name: str, target: str, draft: str, **over) -> JobC
         "distill": {"loss": "tvd_pp"},
     }
     for key, value in over.items():
-        section, field = key.split("__")
-        data[section][field] = value
+        *path, field = key.split("__")
+        node = data
+        for part in path:
+            node = node.setdefault(part, {})
+        node[field] = value
     return JobConfig.model_validate(data)
 
 

@@ -272,6 +272,48 @@ def test_tree_nodes_of_the_head_equal_their_own_chains(target):
                 torch.testing.assert_close(out[b, i], alone[0, -1], rtol=1e-4, atol=1e-5)
 
 
+def test_unrolled_steps_are_the_decoded_chain(target):
+    """Training-time test: chain step k of base node d equals a cache-free chain on the head's own f̂ — data nodes
+    ≤ d with the target's features, then nodes (f̂^{j−1}, s_{d+j}) at positions d + j − 1 — with data node
+    (d + k − 1)'s targets, at every loss position (rows of different prompt lengths, feature sampling on)."""
+    from transformers import DynamicCache
+
+    from draftalign.config import JobConfig
+    from learner.fspad_distill import head_loss, unrolled_steps
+
+    cfg = JobConfig.model_validate({"draft": {"kind": "fspad"}, "distill": {"loss": "fkl"}})
+    rows = _rows(3, seed=4, prompt=(3, 9), k=6, target=target)
+    fb = feature_batch(target, rows, k=6, feature_sampling=True, generator=torch.Generator().manual_seed(1))
+    plain = feature_batch(target, rows, k=6)  # without re-drawn nodes, next_* are the step-1 targets
+    assert torch.equal(plain.next_mask, plain.loss_mask)
+    assert torch.equal(plain.next_ids[plain.next_mask], plain.target_ids)
+    head = FSPADHead.from_target(target, seed=0).eval()
+    with torch.no_grad():
+        cache = DynamicCache()
+        _, _, _, f_hat = head_loss(head, head, fb, cfg, None, cache)
+        steps = unrolled_steps(head, fb, f_hat, cache, 3, cfg, None)
+        assert [st.k for st in steps] == [2, 3]
+        for st in steps:
+            want_logits, want_ids = [], []
+            for b in range(len(rows)):
+                for d in range(fb.features.shape[1]):
+                    if not (d + st.k - 1 < fb.features.shape[1] and fb.next_mask[b, d]
+                            and fb.next_mask[b, d + st.k - 1]):
+                        continue
+                    feats, ids = fb.features[b, :d + 1], fb.input_ids[b, :d + 1]
+                    for j in range(1, st.k + 1):  # j = 1: the data nodes; j ≥ 2: one more node on f̂^{j−1}
+                        out = head(feats[None], ids[None], torch.arange(d + j)[None])[0, -1]
+                        if j < st.k:
+                            feats = torch.cat([feats, out[None]])
+                            ids = torch.cat([ids, fb.input_ids[b, d + j:d + j + 1]])
+                    want_logits.append(head.logits(out))
+                    want_ids.append(fb.next_ids[b, d + st.k - 1])
+            assert len(want_logits) == st.logits.shape[0] > 0
+            torch.testing.assert_close(st.logits, torch.stack(want_logits), rtol=1e-4, atol=1e-4)
+            assert torch.equal(st.target_ids, torch.stack(want_ids))
+            assert st.loss.shape == (len(want_logits),) and torch.isfinite(st.loss).all()
+
+
 def test_a_few_steps_reduce_the_loss(peaked_target):
     """AdamW on one batch of a (peaked) tiny target's features: the partial-alignment loss (FKL logit term) falls,
     both its terms with it."""
@@ -286,7 +328,7 @@ def test_a_few_steps_reduce_the_loss(peaked_target):
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=3e-3)
     losses, terms = [], []
     for _ in range(12):
-        per_pos, stats, _ = head_loss(head, head, fb, cfg, None)
+        per_pos, stats, _, _ = head_loss(head, head, fb, cfg, None)
         loss = per_pos.mean()
         opt.zero_grad()
         loss.backward()
@@ -410,13 +452,13 @@ def ray_local():
 def test_fspad_stage_trains_checkpoints_and_resumes(ray_local, job, peaked_target):
     """Real Ray: the feature store (a TargetFeatures actor runs the HF target over the set) feeding a one-worker
     TorchTrainer through a StoredFeatures actor; 6 steps with a checkpoint
-    at 3 and 6, then a resume to 8 from the step-6 checkpoint."""
+    at 3 and 6 (chain steps 1 … 3 trained from the fifth step on), then a resume to 8 from the step-6 checkpoint."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from learner.fspad_distill import run_fspad
 
     cfg = job("fspad", draft__kind="fspad", learner__max_steps=6, learner__checkpoint_every=3,
-              learner__lr=3e-3, rollout__batch_size=4)
+              learner__lr=3e-3, rollout__batch_size=4, draft__fspad__unroll=3, draft__fspad__unroll_from_step=4)
     out = run_fspad(cfg)
     done = json.loads((cfg.run_path / "fspad_done.json").read_text())
     assert out == cfg.run_path.resolve() / "draft_fspad" and done["steps"] == 6 and done["resumed_from_step"] == 0
@@ -427,6 +469,8 @@ def test_fspad_stage_trains_checkpoints_and_resumes(ray_local, job, peaked_targe
     assert json.loads((cfg.run_path / "fspad_features" / "meta.json").read_text())["num_rows"] > 0  # the store
     log = [json.loads(line) for line in (cfg.run_path / "fspad_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 7))
+    assert [("unrolled_acceptance" in r) for r in log] == [False] * 4 + [True] * 2  # the training-time test's steps
+    assert 0.0 <= done["heldout_greedy_acceptance_2"] <= 1.0 and 0.0 <= done["heldout_acceptance_3"] <= 1.0
     assert log[-1]["feature_loss"] < log[0]["feature_loss"], [r["feature_loss"] for r in log]
     acc = EventAccumulator(str(cfg.run_path / "tensorboard" / "fspad"))
     acc.Reload()
