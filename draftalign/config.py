@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 EMBEDDED_TARGET = "embedded:smollm2-135m-instruct"
 
@@ -269,8 +269,10 @@ class OnlineConfig(_Strict):
 
     enabled: bool = Field(False, description="record every chain round's context, draft proposals and the target's "
                           "top-k log-probs into a bounded Ray-side buffer (native engine, chains only)")
-    buffer_rounds: int = Field(4096, ge=1, description="records (one per request: its rounds, one training row) "
-                               "the buffer holds; the oldest are dropped, and counted, when it is full")
+    buffer_records: int = Field(4096, ge=1, validation_alias=AliasChoices("buffer_records", "buffer_rounds"),
+                                description="records (one per request: its rounds, one training row) the buffer "
+                                            "holds; the oldest are dropped, and counted, when it is full "
+                                            "(`buffer_rounds`, its name when a record was a round, still reads)")
     spill_dir: str | None = Field(None, description="also write every record to append-only JSONL shards here "
                                   "(atomic renames); None = request content stays in memory only")
     top_k_logprobs: int | None = Field(None, ge=1, description="target log-probs per verified position; "

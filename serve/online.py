@@ -57,7 +57,7 @@ never waits for the buffer). Records not yet pushed, and the rounds of calls in 
 replica.
 
 Buffer. `RoundBuffer`, one named Ray actor shared by the replicas (serve.online.buffer_name, detached so
-a learner outlives replica restarts): a deque of serve.online.buffer_rounds records (one per request),
+a learner outlives replica restarts): a deque of serve.online.buffer_records records (one per request),
 drop-oldest with a count, `get_batch(n)` takes the oldest n (FIFO), `stats()`. With serve.online.spill_dir
 every `put` is also written as one JSONL shard (temp file + rename: a reader sees whole shards only); without
 it request content stays in memory.
@@ -113,7 +113,7 @@ class OnlineSettings:
 
     capture: bool
     top_k: int
-    buffer_rounds: int
+    buffer_records: int
     spill_dir: str | None
     buffer_name: str
     namespace: str
@@ -131,7 +131,7 @@ class OnlineSettings:
         if not o.enabled and o.weight_store is None:
             return None
         return cls(capture=o.enabled, top_k=o.top_k_logprobs or cfg.target.top_k_logprobs,
-                   buffer_rounds=o.buffer_rounds, spill_dir=o.spill_dir, buffer_name=o.buffer_name,
+                   buffer_records=o.buffer_records, spill_dir=o.spill_dir, buffer_name=o.buffer_name,
                    namespace=o.namespace, push_every=o.push_every, push_interval_s=o.push_interval_s,
                    weight_store=o.weight_store, poll_interval_s=o.poll_interval_s,
                    rollback_window=o.rollback_window, rollback_margin=o.rollback_margin)
@@ -287,7 +287,7 @@ class RoundBuffer:
 def get_buffer(s: OnlineSettings):
     """The job's named buffer actor, created by the first replica that asks."""
     return RoundBuffer.options(name=s.buffer_name, namespace=s.namespace, get_if_exists=True,
-                               lifetime="detached").remote(s.buffer_rounds, s.spill_dir)
+                               lifetime="detached").remote(s.buffer_records, s.spill_dir)
 
 
 class RoundCapture:

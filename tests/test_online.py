@@ -75,7 +75,7 @@ def server(tiny_target_path, versions):
     from actors.rollout import WeightStore
     from serve.app import run_serve
 
-    cfg = _cfg(tiny_target_path, enabled=True, top_k_logprobs=TOP_K, buffer_rounds=100_000, buffer_name=BUFFER,
+    cfg = _cfg(tiny_target_path, enabled=True, top_k_logprobs=TOP_K, buffer_records=100_000, buffer_name=BUFFER,
                namespace=NAMESPACE, push_every=4, push_interval_s=0.2, weight_store=STORE, poll_interval_s=0.2,
                rollback_window=WINDOW)
     try:
@@ -136,7 +136,8 @@ def _online(server) -> dict:
 @pytest.mark.parametrize("serve_cfg, match", [
     ({"engine": "vllm", "online": {"enabled": True}}, "needs serve.engine=native"),
     ({"tree": [2, 1], "online": {"enabled": True}}, "unset serve.tree"),
-    ({"online": {"enabled": True, "buffer_rounds": 0}}, "buffer_rounds"),
+    ({"online": {"enabled": True, "buffer_records": 0}}, "buffer_records"),
+    ({"online": {"enabled": True, "buffer_rounds": 0}}, "buffer_rounds"),  # the field's earlier name still reads
     ({"online": {"enabled": True, "top_k_logprobs": 0}}, "top_k_logprobs"),
 ])
 def test_bad_online_config_names_the_field(serve_cfg, match):
