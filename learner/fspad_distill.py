@@ -281,6 +281,7 @@ def train_loop_per_worker(config: dict) -> None:
     cfg, rank, world, device = worker_setup(config)
     lc = cfg.learner
     fs = cfg.draft.fspad
+    unroll_from = fs.unroll_start(lc.max_steps)
     actors = config["actors"]
 
     with checkpoint_to_restore(config["resume_from"], say=_say) as ckpt_dir:  # None: fresh start
@@ -314,7 +315,7 @@ def train_loop_per_worker(config: dict) -> None:
         _say(f"rank 0/{world}: {'resuming at step ' + str(step) if step else 'starting'}; head "
              f"{core.num_parameters() / 1e6:.2f}M parameters, loss {cfg.distill.loss}, feature sampling "
              f"{fs.feature_sampling}, aligned fraction {fs.aligned_fraction}, chain steps trained {fs.unroll} "
-             f"(from step {fs.unroll_from_step}), held-out "
+             f"(from step {unroll_from}), held-out "
              f"{0 if hb is None else hb.n_tokens} positions")
         if hb is not None and heldout_start is None:
             heldout_start = evaluate_heldout(core, hb, cfg, device)["heldout_acceptance"]
@@ -329,7 +330,7 @@ def train_loop_per_worker(config: dict) -> None:
         fb = _to(ray.get(nxt), device)
         waited = time.perf_counter() - t0
         nxt = request(step + 1) if step + 1 < lc.max_steps else None  # the target works while the head trains
-        depth = fs.unroll if step >= fs.unroll_from_step else 1
+        depth = fs.unroll if step >= unroll_from else 1
         cache = DynamicCache() if depth > 1 else None
         per_pos, stats, logits, f_hat = head_loss(model, core, fb, cfg, baseline_state, cache)
         deep = unrolled_steps(core, fb, f_hat, cache, depth, cfg, baseline_state)

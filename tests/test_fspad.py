@@ -314,6 +314,20 @@ def test_unrolled_steps_are_the_decoded_chain(target):
             assert st.loss.shape == (len(want_logits),) and torch.isfinite(st.loss).all()
 
 
+def test_unroll_schedule_defaults_to_the_last_share_of_the_steps():
+    """draft.fspad.unroll_from_step: unset = the last 12% of learner.max_steps (the measured curriculum), else as
+    given; a negative step or an unroll of 0 is refused by name."""
+    from draftalign.config import JobConfig
+
+    fs = JobConfig.model_validate({"draft": {"kind": "fspad"}}).draft.fspad
+    assert fs.unroll == 3 and fs.unroll_start(1530) == 1346 and fs.unroll_start(200) == 176
+    fs = JobConfig.model_validate({"draft": {"kind": "fspad", "fspad": {"unroll_from_step": 1350}}}).draft.fspad
+    assert fs.unroll_start(1530) == 1350
+    for bad, field in (({"unroll_from_step": -1}, "unroll_from_step"), ({"unroll": 0}, "unroll")):
+        with pytest.raises(Exception, match=field):
+            JobConfig.model_validate({"draft": {"kind": "fspad", "fspad": bad}})
+
+
 def test_a_few_steps_reduce_the_loss(peaked_target):
     """AdamW on one batch of a (peaked) tiny target's features: the partial-alignment loss (FKL logit term) falls,
     both its terms with it."""
