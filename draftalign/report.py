@@ -140,6 +140,13 @@ def write_report(run: Path) -> Path:
             lines.append(f"- acceptance estimated in training on held-out target answers ({key}): "
                          f"{distill[key]:.3f}; measured by the engine on the eval prompts: "
                          f"{measured['acceptance_rate']:.3f}; gap {distill[key] - measured['acceptance_rate']:+.3f}")
+        steps = [distill.get(key)] + [distill.get(f"{key}_{k}") for k in (2, 3)]
+        pos = measured.get("acceptance_per_position") or []
+        if None not in steps and len(pos) >= 2:  # the head's training-time test logs steps 2, 3 on its own f̂
+            cond = [pos[0]] + [pos[i] / pos[i - 1] if pos[i - 1] else 0.0 for i in range(1, min(3, len(pos)))]
+            lines.append(f"- acceptance by chain step k, held-out in training (steps ≥ 2 on the head's own "
+                         f"features): {' / '.join(f'{a:.3f}' for a in steps)}; the engine's P(accepted at k | "
+                         f"accepted at k − 1): {' / '.join(f'{a:.3f}' for a in cond)}")
     if any(ev.get("interleaved_with") for ev in evals.values()):
         ev = next(iter(evals.values()))
         m = ev.get("machine", {})

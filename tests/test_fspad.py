@@ -448,6 +448,7 @@ def test_draftalign_run_kind_fspad_generates_then_trains_the_head(tmp_path, tiny
     assert ev["draft"] == str(rdir / "draft_fspad") and "tree:2-1" in ev["by_tree"]
     assert ev["lossless_greedy"]["mismatches"] == 0 and ev["lossless_greedy"]["checked"] > 0
     assert "fspad" in (rdir / "report.md").read_text()
+    assert "acceptance by chain step k" in (rdir / "report.md").read_text()  # training-time test vs engine, by depth
     again = run("second.log")
     assert "fspad: complete (fspad_done.json), skipped" in again and "eval: complete" in again
 
