@@ -32,10 +32,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from actors.features import FeatureBatch, RowFeatures, collate, row_features
-from draftalign.io import write_json_atomic
+from draftalign.io import write_atomic, write_json_atomic
 
 STORE_DIR = "fspad_features"
 META_FILE = "meta.json"
+HELDOUT_FILE = "heldout.pt"  # the held-out rows' FeatureBatch (no feature sampling), kept with the store
 SHARD_ROWS = 256
 PASS_ROWS = 16  # rows per target pass inside a shard (length-sorted)
 
@@ -163,6 +164,20 @@ def build_store(cfg, target_path: str, rows: list[dict], rdir: Path, say=print) 
         for a in actors:
             ray.kill(a, no_restart=True)
     return path
+
+
+def load_heldout(path: Path, key: str) -> FeatureBatch | None:
+    """The store's held-out batch when it was computed for `key` (`fingerprint` of the held-out rows), else None."""
+    f = Path(path) / HELDOUT_FILE
+    if not f.is_file():
+        return None
+    saved = torch.load(f, map_location="cpu", weights_only=False)
+    return saved["batch"] if saved.get("fingerprint") == key else None
+
+
+def save_heldout(path: Path, key: str, batch: FeatureBatch) -> None:
+    """Keep the held-out batch with the store (atomically), so a resumed or re-run job needs no target for it."""
+    write_atomic(Path(path) / HELDOUT_FILE, lambda tmp: torch.save({"fingerprint": key, "batch": batch}, tmp))
 
 
 class StoredFeatures:

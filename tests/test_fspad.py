@@ -482,6 +482,12 @@ def test_fspad_stage_trains_checkpoints_and_resumes(ray_local, job, peaked_targe
     assert done["heldout_positions"] > 0 and 0.0 <= done["heldout_acceptance"] <= 1.0
     assert done["sampled_frac"] > 0  # feature sampling is on by default and re-drew tokens
     assert json.loads((cfg.run_path / "fspad_features" / "meta.json").read_text())["num_rows"] > 0  # the store
+    from actors.feature_store import load_heldout  # the held-out batch is kept with the store: no target on resume
+
+    saved = torch.load(cfg.run_path / "fspad_features" / "heldout.pt", weights_only=False)
+    assert saved["batch"].n_tokens == done["heldout_positions"]
+    assert load_heldout(cfg.run_path / "fspad_features", saved["fingerprint"]) is not None
+    assert load_heldout(cfg.run_path / "fspad_features", "other rows") is None
     log = [json.loads(line) for line in (cfg.run_path / "fspad_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 7))
     assert [("unrolled_acceptance" in r) for r in log] == [False] * 4 + [True] * 2  # the training-time test's steps
