@@ -52,7 +52,7 @@ class FeatureBatch:
     target_ids: torch.Tensor  # (N, k) int64: the target's top-k of the token after it
     target_logprobs: torch.Tensor  # (N, k) float32
     sampled: torch.Tensor  # (N,) bool: the position's token was re-drawn (an extra node)
-    # the data's own continuation of every data node d (training-time test, `learner.fspad_distill.unrolled_loss`):
+    # the data's own continuation of every data node d (training-time test, `learner.fspad_distill.unrolled_steps`):
     # the top-k of s_{d+2} (the feature target F_{d+1} is `features[:, d + 1]`), whether d's token was re-drawn or not
     next_ids: torch.Tensor  # (B, T, k) int64
     next_lps: torch.Tensor  # (B, T, k) float32

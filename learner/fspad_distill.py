@@ -25,7 +25,8 @@ mean whatever the split.
 Held-out estimate. Rank 0 evaluates the head teacher-forced on the held-out answers (target
 features, data tokens) at step 0, at every checkpoint and at the end: `heldout_acceptance` = 1 − TVD
 on the buckets and `heldout_greedy_acceptance` (argmax q = argmax p) — the per-token acceptance of
-the first draft step; deeper steps read the head's own f̂ instead of f.
+the first draft step — and, whatever `unroll`, chain steps 2 and 3 on the head's own f̂ as decoded
+(`heldout_acceptance_<k>`, `heldout_greedy_acceptance_<k>`).
 
 Stage 1. There is none for this kind: the head only exists on top of the target's features, and the
 target's own answers are the data it learns from (EAGLE trains on fixed conversations with no
@@ -146,7 +147,7 @@ def unrolled_steps(core: FSPADHead, fb: FeatureBatch, f_hat: torch.Tensor, cache
     s_{d+k+1}; loss positions are the base nodes with d ≥ P − 2 and d + k − 1 ≤ L − 3. Gradients flow through
     f̂^{k−1} and the cached keys, so earlier steps learn to leave a feature later steps can use. Cost: one
     extra head pass per step over the answer window (queries) against T + (k − 1)·Q keys."""
-    B, T, H = fb.features.shape
+    B, T = fb.next_mask.shape
     cols = fb.next_mask.any(0).nonzero()[:, 0]
     if depth < 2 or cols.numel() == 0:
         return []
