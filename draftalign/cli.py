@@ -55,15 +55,19 @@ def _guard(fn):
         _fail(str(e))
 
 
-def _branching(text: str) -> list[int]:
-    """"2,2,1" → [2, 2, 1], or a clear error."""
+def _branching(text: str) -> list[int] | dict:
+    """"2,2,1" → [2, 2, 1]; "dynamic:5,3,12" → {depth: 5, topk: 3, nodes: 12} (EAGLE-2); else a clear error."""
+    kind, _, shape = text.rpartition(":")
     try:
-        tree = [int(k) for k in text.split(",")]
+        ks = [int(k) for k in shape.split(",")]
     except ValueError:
-        tree = []
-    if not tree or min(tree) < 1:
-        raise typer.BadParameter(f"--tree {text!r}: give the branching per depth as integers ≥ 1, e.g. 2,2,1")
-    return tree
+        ks = []
+    if kind == "dynamic" and len(ks) == 3 and min(ks) >= 1:
+        return dict(zip(("depth", "topk", "nodes"), ks))
+    if kind or not ks or min(ks) < 1:
+        raise typer.BadParameter(f"--tree {text!r}: give a static tree's branching per depth as integers ≥ 1, "
+                                 f"e.g. 2,2,1, or a dynamic tree as dynamic:DEPTH,TOPK,NODES, e.g. dynamic:5,3,12")
+    return ks
 
 
 def eval_destinations(out: Path | None, names: list[str]) -> dict[str, Path]:
@@ -86,7 +90,8 @@ def eval(job: Path = JobArg, target: str = typer.Option(None, help="target model
                                                   "or NAME=PATH; repeat to compare drafts in one interleaved run"),
          gamma: list[int] = typer.Option(None, help="γ (repeatable)"),
          tree: list[str] = typer.Option(None, help="a token tree to evaluate too, its branching per depth, "
-                                                 "e.g. 2,2,1 (repeatable)"),
+                                                 "e.g. 2,2,1, or dynamic:DEPTH,TOPK,NODES (EAGLE-2, FSPAD heads "
+                                                 "only), e.g. dynamic:5,3,12 (repeatable)"),
          tree_for: list[str] = typer.Option(None, help="measure the trees for this draft NAME only "
                                                      "(repeatable; default every draft)"),
          temperature: float = typer.Option(None), prompts_per_task: int = typer.Option(None),

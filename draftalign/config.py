@@ -217,14 +217,38 @@ class DistillConfig(_Strict):
                                                       "softmax(logits/T); T < 1 leans toward greedy serving")
 
 
+class DynamicTreeConfig(_Strict):
+    """EAGLE-2's context-aware token tree (serve.tree.DynamicTree; FSPAD heads): expand the `topk` most confident
+    nodes per depth by their top-`topk` children, up to `depth`, then verify the `nodes` most confident."""
+    depth: int = Field(ge=1)
+    topk: int = Field(ge=1)
+    nodes: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "DynamicTreeConfig":
+        from serve.tree import DynamicTree
+
+        DynamicTree(self.depth, self.topk, self.nodes)  # nodes ≤ the candidates the expansion drafts
+        return self
+
+
+TreeShape = list[int] | DynamicTreeConfig
+
+
+def _check_trees(trees: list, where: str) -> None:
+    if any(isinstance(t, list) and (not t or any(k < 1 for k in t)) for t in trees):
+        raise ValueError(f"{where}: a static tree is a non-empty list of branchings ≥ 1, got {trees}")
+
+
 class EvalConfig(_Strict):
     tasks: list[Literal["chat", "code", "summarize"]] = Field(
         default_factory=lambda: ["chat", "code", "summarize"])
     prompts_per_task: int | dict[str, int] = Field(
         16, description="held-out prompts per task: one number for every task, or {task: number}")
     gamma: list[int] = Field(default_factory=lambda: [3], description="γ values to evaluate")
-    trees: list[list[int]] = Field(default_factory=list, description="token trees evaluated besides the chains, "
-                                   "each its branching per depth, e.g. [2, 2, 1] (serve.tree): arm <draft>@tree:2-2-1")
+    trees: list[TreeShape] = Field(default_factory=list, description="token trees evaluated besides the chains, "
+                                   "each its branching per depth, e.g. [2, 2, 1] (serve.tree): arm <draft>@tree:2-2-1, "
+                                   "or a dynamic tree {depth: 5, topk: 3, nodes: 12}: arm <draft>@dtree:5-3-12")
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
@@ -234,8 +258,7 @@ class EvalConfig(_Strict):
     def _gammas(self) -> "EvalConfig":
         if not self.gamma or any(g < 1 for g in self.gamma):
             raise ValueError(f"eval.gamma must be a non-empty list of integers ≥ 1, got {self.gamma}")
-        if any(not t or any(k < 1 for k in t) for t in self.trees):
-            raise ValueError(f"eval.trees: each tree is a non-empty list of branchings ≥ 1, got {self.trees}")
+        _check_trees(self.trees, "eval.trees")
         counts = self.prompts_per_task if isinstance(self.prompts_per_task, dict) else {}
         for task, n in counts.items():
             if task not in self.tasks or n < 1:
@@ -319,8 +342,9 @@ class ServeConfig(_Strict):
     cpus_per_replica: float = Field(1, ge=0)
     gpus_per_replica: float = Field(0, ge=0)
     gamma: int = Field(3, ge=1, description="draft tokens per round (the most, under gamma_policy=goodput)")
-    tree: list[int] | None = Field(None, description="native engine: verify a static token tree per round, its "
-                                   "branching per depth, e.g. [2, 2, 1] (serve.tree); None = a chain of gamma tokens")
+    tree: TreeShape | None = Field(None, description="native engine: verify a token tree per round: a static one, "
+                                   "its branching per depth, e.g. [2, 2, 1], or (FSPAD heads) a dynamic one, e.g. "
+                                   "{depth: 5, topk: 3, nodes: 12} (serve.tree); None = a chain of gamma tokens")
     gamma_policy: Literal["goodput", "fixed"] = Field(
         "goodput", description="goodput: each round drafts the γ ≤ gamma that maximises expected tokens/s for "
         "its batch size, from step costs measured at replica start (0 = a plain target step when the batch is "
@@ -333,9 +357,10 @@ class ServeConfig(_Strict):
 
     @model_validator(mode="after")
     def _tree(self) -> "ServeConfig":
-        if self.tree is not None and (self.engine != "native" or not self.tree or any(k < 1 for k in self.tree)):
-            raise ValueError(f"serve.tree={self.tree}: a non-empty list of branchings ≥ 1, with serve.engine=native "
-                             f"(vLLM verifies chains only)")
+        if self.tree is not None:
+            _check_trees([self.tree], "serve.tree")
+            if self.engine != "native":
+                raise ValueError(f"serve.tree={self.tree}: needs serve.engine=native (vLLM verifies chains only)")
         online = self.online.enabled or self.online.weight_store is not None
         if online and self.engine != "native":
             raise ValueError("serve.online (capture, hot-swap) needs serve.engine=native: vLLM hides its rounds")

@@ -20,6 +20,7 @@ Greedy arms are checked token for token against the target-only arm on every pro
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import time
@@ -46,6 +47,7 @@ from learner.fspad import FSPADHead
 from serve.acceptance import draft_acceptance, expected_block_efficiency, per_token_acceptance
 from serve.sampling import SamplingParams
 from serve.specdec import Generation, SpecDecoder
+from serve.tree import DynamicTree, tree_depth, tree_spec
 
 METRICS = ("n_prompts", "acceptance_rate", "draft_acceptance_rate", "block_efficiency",
            "expected_block_efficiency", "cost_ratio_c", "verify_cost_v", "target_tokens_per_s",
@@ -107,14 +109,21 @@ def machine() -> dict:
 
 # ------------------------------------------------------------------------------ measuring
 
-def tree_label(tree: list[int]) -> str:
-    """An arm's label for a token tree: [2, 2, 1] → "tree:2-2-1"."""
-    return "tree:" + "-".join(str(k) for k in tree)
+def tree_label(tree) -> str:
+    """An arm's label for a token tree: [2, 2, 1] → "tree:2-2-1"; dynamic depth 5, topk 3, 12 nodes → "dtree:5-3-12"."""
+    spec = tree_spec(tree)
+    if isinstance(spec, DynamicTree):
+        return f"dtree:{spec.depth}-{spec.topk}-{spec.nodes}"
+    return "tree:" + "-".join(str(k) for k in spec)
 
 
-def parse_tree_label(label: str) -> list[int] | None:
+def parse_tree_label(label: str) -> list[int] | DynamicTree | None:
     """The tree of a `tree_label`, None for a chain's γ label."""
-    return [int(k) for k in label.removeprefix("tree:").split("-")] if label.startswith("tree:") else None
+    kind, _, shape = label.partition(":")
+    if kind not in ("tree", "dtree") or not shape:
+        return None
+    ks = [int(k) for k in shape.split("-")]
+    return DynamicTree(*ks) if kind == "dtree" else ks
 
 
 def _record(g: Generation, seconds: float, engine: SpecDecoder) -> dict:
@@ -136,7 +145,7 @@ def _run(engine: SpecDecoder, prompt: list[int], params: SamplingParams, gamma: 
 def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: bool = True,
             trees_for: set[str] | None = None) -> dict:
     """Every arm on every prompt, interleaved. drafts: {name: (model, vocabulary or None)}; eval.trees are
-    measured for the drafts in `trees_for` (None: every draft).
+    measured for the drafts in `trees_for` (None: every draft); dynamic trees for FSPAD heads only.
     Returns {"prompts": {task: [ids]}, "records": {arm: {task: [record per prompt]}}} with arm
     "target" for target-only decoding and "<name>@<γ>" for speculative decoding."""
     ev = cfg.eval
@@ -150,9 +159,10 @@ def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: boo
                                  draft_step_dtype=step[name])
                for name, (model, vocab) in drafts.items()}
     arms = [("target", base, None)] + [(f"{name}@{g}", engines[name], g) for name in drafts for g in ev.gamma]
-    arms += [(f"{name}@{tree_label(t)}", SpecDecoder(target, model, tok, draft_vocab=vocab, tree=t,
-                                                      draft_step_dtype=step[name]), len(t))
-             for name, (model, vocab) in drafts.items() for t in ev.trees if trees_for is None or name in trees_for]
+    arms += [(f"{name}@{tree_label(t)}", SpecDecoder(target, model, tok, draft_vocab=vocab, tree=tree_spec(t),
+                                                      draft_step_dtype=step[name]), tree_depth(t))
+             for name, (model, vocab) in drafts.items() for t in ev.trees if (trees_for is None or name in trees_for)
+             and (isinstance(model, FSPADHead) or not isinstance(tree_spec(t), DynamicTree))]  # dynamic: heads only
     # warm-up: every arm, so the first timed prompt runs like the last (allocator, thread pool, caches)
     warm = next(iter(prompts.values()))[0]
     for _ in range(WARMUP_ROUNDS):
@@ -244,8 +254,8 @@ def summarize(measured: dict, cfg: JobConfig) -> dict:
             continue
         label = arm.rsplit("@", 1)[1]
         tree = parse_tree_label(label)
-        gamma = len(tree) if tree else int(label)  # a tree's depth: one draft pass per depth
-        cell = {"gamma": gamma, "tree": tree,
+        gamma = tree_depth(tree) if tree else int(label)  # a tree's depth: one draft pass per depth
+        cell = {"gamma": gamma, "tree": dataclasses.asdict(tree) if isinstance(tree, DynamicTree) else tree,
                 "tasks": {t: _row(base[t], by_task[t], gamma, seed=cfg.seed) for t in tasks}}
         flat_s = [r for t in tasks for r in by_task[t]]
         cell["overall"] = _row(flat_b, flat_s, gamma, strata=strata, seed=cfg.seed)

@@ -40,6 +40,7 @@ from serve.protocol import (
 )
 from serve.replica import EngineRequest, ReplicaSettings, SpecDecodeReplica
 from serve.sampling import SamplingParams
+from serve.tree import tree_depth, tree_spec
 
 logger = logging.getLogger("ray.serve")
 
@@ -337,7 +338,7 @@ def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch
         raise ValueError(f"draft {draft_path} is an FSPAD head: only serve.engine=native decodes it, without "
                          f"serve.online (capture and hot-swap are for Llama drafts)")
     settings = ReplicaSettings(engine=sc.engine, gamma=sc.gamma, gamma_policy=sc.gamma_policy,
-                               tree=tuple(sc.tree) if sc.tree else None, dtype=cfg.target.dtype,
+                               tree=tree_spec(sc.tree) if sc.tree else None, dtype=cfg.target.dtype,
                                draft_step_dtype=cfg.draft.step_dtype,
                                max_model_len=cfg.target.max_model_len, max_batch_size=sc.max_batch_size,
                                batch_wait_timeout_s=sc.batch_wait_timeout_s, torch_threads=threads,
@@ -350,7 +351,8 @@ def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch
         ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": sc.gpus_per_replica},
     ).bind(target_path, draft_path, settings, context)
     ingress = IngressSettings(model_name=sc.model_name, target_path=target_path, draft_path=draft_path,
-                              engine=sc.engine, gamma=(len(sc.tree) if sc.tree else sc.gamma) if draft_path else 0,
+                              engine=sc.engine,
+                              gamma=(tree_depth(sc.tree) if sc.tree else sc.gamma) if draft_path else 0,
                               max_tokens_cap=sc.max_tokens_cap, context=context)
     return OpenAIIngress.bind(replica, ingress)
 

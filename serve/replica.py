@@ -17,6 +17,7 @@ from serve.detokenize import TextStream
 from serve.engines import NativeEngine, VLLMEngine
 from serve.metrics import SpecDecodeMetrics
 from serve.sampling import SamplingParams
+from serve.tree import DynamicTree, tree_depth
 
 if TYPE_CHECKING:
     from serve.online import OnlineSettings
@@ -31,7 +32,7 @@ class ReplicaSettings:
     engine: Literal["native", "vllm"] = "native"
     gamma: int = 3
     gamma_policy: Literal["goodput", "fixed"] = "goodput"
-    tree: tuple[int, ...] | None = None
+    tree: list[int] | tuple[int, ...] | DynamicTree | None = None  # `serve.tree.tree_spec` of serve.tree
     dtype: str = "auto"
     draft_step_dtype: str = "auto"  # draft.step_dtype
     max_model_len: int = 1024
@@ -70,7 +71,7 @@ class SpecDecodeReplica:
 
     def __init__(self, target_path: str, draft_path: str | None, settings: ReplicaSettings, context: int):
         self.settings = settings
-        self.gamma = (len(settings.tree) if settings.tree else settings.gamma) if draft_path else 0
+        self.gamma = (tree_depth(settings.tree) if settings.tree else settings.gamma) if draft_path else 0
         self.speculative = draft_path is not None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
         engine_cls = VLLMEngine if settings.engine == "vllm" else NativeEngine

@@ -47,7 +47,7 @@ from serve.goodput import GoodputPolicy, StepCosts
 from serve.kernels import half_copy, one_row_linear, use_decode_matmul, use_one_row_dtype
 from serve.lean_llama import KVCache, LeanLlama
 from serve.sampling import SamplingParams, draw, greedy_verify, logits_to_probs, rejection_sample
-from serve.tree import DRAFTING, ancestors, expand, static_tree, verify_greedy, verify_sample
+from serve.tree import DRAFTING, DynamicTree, Tree, ancestors, expand, rerank, static_tree, verify_greedy, verify_sample
 
 
 @dataclass
@@ -346,18 +346,25 @@ class SpecDecoder:
                 raise ValueError("an FSPAD head carries its own draft vocabulary: pass draft_vocab=None")
             check_target(draft.shape, target.config, "given to the engine")
             draft_vocab = None if draft.vocab.ids is None else draft.vocab.ids.tolist()
+        self.tree, self.dynamic = None, None
         if tree is not None:
             if draft is None:
                 raise ValueError("a token tree needs a draft model")
-            width = max(int(k) for k in tree) if tree else 0
+            dynamic = isinstance(tree, DynamicTree)
+            if dynamic and not features:
+                raise ValueError(f"{tree}: dynamic trees are drafted by an FSPAD head (draft.kind=fspad); "
+                                 "give the Llama draft a static tree, e.g. [2, 1, 1]")
+            width = tree.topk if dynamic else max(int(k) for k in tree) if tree else 0
             vocab = (len(draft_vocab) if draft_vocab is not None else
                      draft.shape["vocab_size"] if features else draft.config.vocab_size)
             if width > vocab:
                 raise ValueError(f"tree branching {width} exceeds the draft's vocabulary of {vocab} tokens")
-            self.tree = static_tree(list(tree))  # validates the shape
-            gamma = self.tree.max_depth
-        else:
-            self.tree = None
+            if dynamic:
+                self.dynamic = tree
+                gamma = tree.depth
+            else:
+                self.tree = static_tree(list(tree))  # validates the shape
+                gamma = self.tree.max_depth
         if drafting not in DRAFTING:
             raise ValueError(f"drafting must be one of {DRAFTING}, got {drafting!r}")
         self.drafting = drafting
@@ -596,7 +603,7 @@ class SpecDecoder:
             batch = _Batch(prompts, self.pad_id, self.device, call)
             if self.draft is None or not use_draft:
                 yield from self._target_rounds(batch, params, gen)
-            elif self.tree is not None:
+            elif self.tree is not None or self.dynamic is not None:
                 if gamma not in (None, self.gamma):
                     raise ValueError(f"gamma={gamma}: in tree mode gamma is the tree's depth {self.gamma}")
                 yield from (self._tree_rounds if self._f is None else self._fspad_tree_rounds)(batch, params, gen)
@@ -823,24 +830,22 @@ class SpecDecoder:
 
     def _fspad_tree_rounds(self, batch: _Batch, params: SamplingParams, gen: torch.Generator):
         """Token-tree rounds drafted by an FSPAD head: `_fspad_rounds`' head columns and cache invariant, the tree
-        drafted and verified as in `_tree_rounds`. Node i is the head node (f̂ at its parent's slot, its token) at
-        column L + i, position pos(last) − 1 + depth(i), seeing the verified nodes and its ancestors; one head pass
-        per depth over the frontier (the leaves are never fed). After verification the head is cropped to its
-        verified nodes (no compaction: the accepted path is re-fed with the target's features at its slots)."""
-        shape = self.tree
-        drafting = "topk" if params.greedy else self.drafting
-        D, N = shape.max_depth, shape.num_nodes
+        drafted and verified as in `_tree_rounds`. A static tree (`_fspad_draft_static`) has the same shape every
+        round; a dynamic one (`_fspad_draft_dynamic`, EAGLE-2) is expanded and reranked per round. Either way the
+        head's drafting nodes sit after the verified columns, one head pass per depth, and the head is cropped to
+        its verified nodes after verification (no compaction: the accepted path is re-fed with the target's
+        features at its slots)."""
+        drafting = "topk" if params.greedy or self.dynamic is not None else self.drafting
+        D = self.gamma  # the tree's (largest) depth: proposals counted per round, as for a chain of D
         t_cache, f_cache = self._t.new_cache(batch), self._f.new_cache()
         t_len = h_len = 0
         pending = None
         B = batch.ids.shape[0]
         rows = torch.arange(B, device=self.device)
-        nodes = torch.arange(N, device=self.device)
-        parents = shape.parents.to(self.device)
-        ranks = shape.ranks.to(self.device)
-        anc = ancestors(shape.parents).to(self.device)  # (N, N): node i sees node j iff anc[i, j]
-        depths = shape.depths.to(self.device)
         first = batch.mask.argmax(1)  # (B,)
+        if self.tree is not None:
+            shape = self.tree
+            anc = ancestors(shape.parents).to(self.device)  # (N, N): node i sees node j iff anc[i, j]
         gens = [Generation([], accepted_per_position=[0] * D, accepted_histogram=[0] * (D + 1)) for _ in range(B)]
         active = [True] * B
         while any(active) and batch.length + D + 1 <= self.max_len:
@@ -859,35 +864,22 @@ class SpecDecoder:
                 t_len, pending = L, torch.cat([pending, hv], 1)
                 yield new, gens
                 continue
-            # 1. Draft, one head pass per depth: the pending verified nodes (→ f̂ at the root) at depth 1, else the
-            #    nodes at depth − 1, each with its parent's f̂, on top of the head cache with their tree rows.
+            # 1. Draft: the pending verified nodes (→ f̂ at the root), then one head pass per depth.
             fh, keys, pos = self._fspad_root(f_cache, batch, pending, h_len, first, 0)
             h_len, pending = L, pending[:, :0]
-            fhat = fh[:, None]  # (B, slots so far, H): slot 0 = root, 1 + i = node i
             base = pos[rows, batch.last][:, None]  # (B, 1) the root node's position
-            tokens = torch.empty(B, 0, dtype=torch.long, device=self.device)  # (B, nodes so far)
             qs = []
-            for depth in range(1, D + 1):
-                if depth > 1:
-                    above = shape.level(depth - 1)
-                    seen = torch.cat([keys[:, None, :L].expand(-1, above.stop - above.start, -1),
-                                      anc[None, above, : above.stop].expand(B, -1, -1)], 2)  # (B, n, L + stop)
-                    f = self._timed("draft", False, self._f.hidden, f_cache, fhat[:, parents[above] + 1],
-                                    tokens[:, above], base + depths[above][None], seen)  # (B, n, H)
-                    fhat = torch.cat([fhat, f], 1)
-                fr = fhat[:, shape.frontier(depth).to(self.device)]  # (B, F, H)
-                if drafting == "topk":
-                    new_tokens = self._f.token(expand(shape, depth, self._f.logits(fr)))  # (B, n_depth)
-                else:
-                    q, _ = self._f.probs(fr, params)  # (B, F, V)
-                    new_tokens = expand(shape, depth, q, drafting, gen)
-                    qs.append(q)
-                tokens = torch.cat([tokens, new_tokens], 1)
+            if self.dynamic is not None:
+                shape, tokens = self._fspad_draft_dynamic(f_cache, fh, keys[:, :L], base)
+                anc = ancestors(shape.parents).to(self.device)
+            else:
+                tokens, qs = self._fspad_draft_static(f_cache, fh, keys[:, :L], base, anc, params, gen, drafting)
+            N = shape.num_nodes
 
             # 2. Target scores every slot in one pass; its features there are the head's next inputs.
             h = self._timed("target", False, self._t.hidden, t_cache, batch, t_len, tokens, anc)
             at = torch.cat([(batch.last - t_len).clamp_min(0)[:, None],  # finished rows: any column
-                            (L - t_len + nodes)[None].expand(B, -1)], 1)  # (B, N+1)
+                            (L - t_len + torch.arange(N, device=self.device))[None].expand(B, -1)], 1)  # (B, N+1)
             hs = h[rows[:, None], at]  # (B, N+1, H)
             p, _ = self._t.probs(hs, params)  # (B, N+1, V)
 
@@ -898,14 +890,14 @@ class SpecDecoder:
             else:
                 q = None
                 if qs:
-                    q = torch.cat(qs, 1)  # (B, 1 + nodes above depth D, V)
+                    q = torch.cat(qs, 1)  # (B, 1 + nodes above the last depth, V)
                     q = torch.cat([q, q.new_zeros(B, N + 1 - q.shape[1], q.shape[2])], 1)  # (B, N+1, V)
                 out = verify_sample(t, p, q, gen, drafting)
-            path = out.path.clamp_min(0)  # (B, D)
-            emit = torch.cat([tokens.gather(1, path), torch.zeros_like(path[:, :1])], 1)  # (B, D+1)
+            path = out.path.clamp_min(0)  # (B, depth of this round's tree)
+            emit = torch.cat([tokens.gather(1, path), torch.zeros_like(path[:, :1])], 1)
             emit[rows, out.num_accepted] = out.next_token
             ks = out.num_accepted.tolist()
-            side = (ranks[path] > 0).tolist()
+            side = (shape.ranks.to(self.device)[path] > 0).tolist()
             new = self._commit(gens, active, [emit[s, : ks[s] + 1].tolist() for s in range(B)], params)
             for s in range(B):
                 if was_active[s]:
@@ -923,7 +915,78 @@ class SpecDecoder:
             _keep(t_cache, keep)
             t_len = L + m
             _crop(f_cache, h_len)
-            before = torch.cat([torch.zeros_like(path[:, :1]), path + 1], 1)  # (B, D+1) slot before new column i
+            before = torch.cat([torch.zeros_like(path[:, :1]), path + 1], 1)  # slot before new column i
             pending = torch.cat([pending, hs[rows[:, None], before[:, :n]]], 1)
             yield new, gens
         yield [[] for _ in gens], self._finish(gens)
+
+    def _fspad_draft_static(self, f_cache, fh: torch.Tensor, keys: torch.Tensor, base: torch.Tensor,
+                            anc: torch.Tensor, params: SamplingParams, gen: torch.Generator, drafting: str):
+        """The static tree `self.tree`, level by level: node i is the head node (f̂ at its parent's slot, its token)
+        at column L + i, position base + depth(i), seeing the verified nodes `keys` (B, L) and its ancestors; one
+        head pass per depth over the frontier (the leaves are never fed). → (tokens (B, N), q per frontier slot
+        for the sampled drafting schemes, else [])."""
+        shape = self.tree
+        B, L = keys.shape
+        parents, depths = shape.parents.to(self.device), shape.depths.to(self.device)
+        fhat = fh[:, None]  # (B, slots so far, H): slot 0 = root, 1 + i = node i
+        tokens = torch.empty(B, 0, dtype=torch.long, device=self.device)  # (B, nodes so far)
+        qs = []
+        for depth in range(1, shape.max_depth + 1):
+            if depth > 1:
+                above = shape.level(depth - 1)
+                seen = torch.cat([keys[:, None].expand(-1, above.stop - above.start, -1),
+                                  anc[None, above, : above.stop].expand(B, -1, -1)], 2)  # (B, n, L + stop)
+                f = self._timed("draft", False, self._f.hidden, f_cache, fhat[:, parents[above] + 1],
+                                tokens[:, above], base + depths[above][None], seen)  # (B, n, H)
+                fhat = torch.cat([fhat, f], 1)
+            fr = fhat[:, shape.frontier(depth).to(self.device)]  # (B, F, H)
+            if drafting == "topk":
+                new_tokens = self._f.token(expand(shape, depth, self._f.logits(fr)))  # (B, n_depth)
+            else:
+                q, _ = self._f.probs(fr, params)  # (B, F, V)
+                new_tokens = expand(shape, depth, q, drafting, gen)
+                qs.append(q)
+            tokens = torch.cat([tokens, new_tokens], 1)
+        return tokens, qs
+
+    def _fspad_draft_dynamic(self, f_cache, fh: torch.Tensor, keys: torch.Tensor,
+                             base: torch.Tensor) -> tuple[Tree, torch.Tensor]:
+        """EAGLE-2's expansion and reranking (`serve.tree.DynamicTree`) with the head. Candidates carry their
+        path's log confidence log V = Σ log q over the path (the draft's unprocessed distribution); at each depth
+        the `topk` candidates of the depth above with the largest Σ_b V (one shape for the batch: EAGLE-2's own
+        rule at B = 1) are fed — each as (f̂ at its parent, its token) at position base + its depth, seeing the
+        verified nodes `keys` (B, L) and its fed ancestors — and give `topk` children each. The `nodes`
+        candidates of largest Σ_b V form the round's tree (`serve.tree.rerank`). → (Tree, tokens (B, N))."""
+        spec = self.dynamic
+        B, k = fh.shape[0], spec.topk
+        logp, idx = torch.log_softmax(self._f.logits(fh).float(), -1).topk(k, -1)  # (B, k)
+        tok, score = self._f.token(idx), logp  # per candidate (B, P)
+        parents = [-1] * k
+        level = list(range(k))  # candidates at the current depth
+        col: dict[int, int] = {}  # fed candidate → its head column among the fed (its f̂ in f_fed)
+        f_fed = fh.new_zeros(B, 0, fh.shape[-1])
+        anc = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # ancestors among the fed, self included
+        for depth in range(2, spec.depth + 1):
+            value = score[:, level].exp().sum(0)  # (|level|,)
+            beam = [level[j] for j in value.topk(min(k, len(level))).indices.tolist()]
+            n0, b = len(col), len(beam)
+            rows = torch.zeros(b, n0 + b, dtype=torch.bool, device=self.device)
+            for r, i in enumerate(beam):
+                if parents[i] >= 0:
+                    rows[r, :n0] = anc[col[parents[i]]]
+                rows[r, n0 + r] = True
+            anc = torch.cat([torch.nn.functional.pad(anc, (0, b)), rows], 0)
+            feats = torch.stack([fh if parents[i] < 0 else f_fed[:, col[parents[i]]] for i in beam], 1)  # (B, b, H)
+            col.update({i: n0 + r for r, i in enumerate(beam)})
+            seen = torch.cat([keys[:, None].expand(-1, b, -1), rows[None].expand(B, -1, -1)], 2)  # (B, b, L + n0 + b)
+            f = self._timed("draft", False, self._f.hidden, f_cache, feats, tok[:, beam],
+                            (base + depth - 1).expand(B, b), seen)  # (B, b, H)
+            f_fed = torch.cat([f_fed, f], 1)
+            logp, idx = torch.log_softmax(self._f.logits(f).float(), -1).topk(k, -1)  # (B, b, k)
+            level = list(range(len(parents), len(parents) + b * k))
+            parents += [i for i in beam for _ in range(k)]
+            tok = torch.cat([tok, self._f.token(idx).reshape(B, b * k)], 1)
+            score = torch.cat([score, (score[:, beam, None] + logp).reshape(B, b * k)], 1)
+        picked, shape = rerank(parents, score.exp().sum(0), spec.nodes)
+        return shape, tok[:, picked]

@@ -142,6 +142,77 @@ def static_tree(branching: list[int]) -> Tree:
     return Tree(torch.tensor(parents))
 
 
+@dataclass(frozen=True)
+class DynamicTree:
+    """A context-aware token tree (EAGLE-2, Li et al. 2024, arXiv 2406.16858 §4), shaped anew each round.
+
+    Expansion: depth 1 holds the draft's top-`topk` tokens after the root; at each depth d ≥ 2 the `topk` nodes
+    of depth d − 1 with the largest value are fed to the draft and each gets its top-`topk` children, up to
+    `depth`. A node's value is its path's draft confidence V(i) = Π_{j ∈ path(i)} q(t_j | ancestors), the
+    draft's estimate of the probability that the target accepts the path to i. Reranking: the `nodes` pool
+    nodes of largest value become the round's tree (`rerank`); V(child) ≤ V(parent), so they form a subtree.
+    The tree's tokens are the draft's top-k candidates: verified by the "topk" rule, lossless for any tree.
+    """
+
+    depth: int
+    topk: int
+    nodes: int
+
+    def __post_init__(self):
+        if self.depth < 1 or self.topk < 1 or self.nodes < 1:
+            raise ValueError(f"a dynamic tree needs depth, topk and nodes ≥ 1, got {self}")
+        if self.nodes > self.topk + (self.depth - 1) * self.topk ** 2:
+            raise ValueError(f"{self}: nodes exceeds the {self.topk + (self.depth - 1) * self.topk ** 2} "
+                             f"candidates that depth {self.depth} × topk {self.topk} expands")
+
+
+def tree_spec(tree) -> list[int] | DynamicTree:
+    """A configured tree (`eval.trees`, `serve.tree`) as the engine takes it: a static tree's branching per depth
+    (a list), or a DynamicTree (from anything with depth, topk and nodes: the config's model, a dict)."""
+    if isinstance(tree, DynamicTree):
+        return tree
+    if isinstance(tree, dict):
+        return DynamicTree(**tree)
+    if hasattr(tree, "topk"):
+        return DynamicTree(tree.depth, tree.topk, tree.nodes)
+    return [int(k) for k in tree]
+
+
+def tree_depth(tree) -> int:
+    """The most draft tokens a round of `tree` proposes along one path: γ of the tree."""
+    spec = tree_spec(tree)
+    return spec.depth if isinstance(spec, DynamicTree) else len(spec)
+
+
+def rerank(parents: list[int], values: torch.Tensor, n: int) -> tuple[list[int], Tree]:
+    """EAGLE-2's reranking: the n candidates of largest value, closed under ancestors, as a breadth-first Tree.
+
+    parents: each candidate's parent candidate (−1 = the root), parents before children; values (P,) with
+    values[child] ≤ values[parent]. Ties go to the shallower node, and a node whose parent was not taken is
+    skipped, so the selection is a subtree. Returns (candidate index of each tree node, the Tree), siblings
+    in candidate order.
+    """
+    P = len(parents)
+    depth = [0] * P
+    for i, p in enumerate(parents):
+        depth[i] = 1 if p < 0 else depth[p] + 1
+    order = sorted(range(P), key=lambda i: (-float(values[i]), depth[i], i))
+    taken: set[int] = set()
+    for i in order:
+        if len(taken) == n:
+            break
+        if parents[i] < 0 or parents[i] in taken:
+            taken.add(i)
+    new_index: dict[int, int] = {}
+    picked: list[int] = []
+    for d in range(1, max(depth[i] for i in taken) + 1):  # breadth-first: by depth, then by parent, then in order
+        level = sorted((i for i in taken if depth[i] == d), key=lambda i: (new_index.get(parents[i], -1), i))
+        for i in level:
+            new_index[i] = len(picked)
+            picked.append(i)
+    return picked, Tree(torch.tensor([new_index.get(parents[i], -1) for i in picked]))
+
+
 def ancestors(parents: torch.Tensor) -> torch.Tensor:
     """(N,) parents → (N, N) bool: [i, j] is True iff node j is on the path from the root to node i (j = i included)."""
     parents = torch.as_tensor(parents, dtype=torch.long)

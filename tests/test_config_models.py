@@ -49,6 +49,28 @@ def test_overrides_apply_and_validate():
         load_config(None, ["learner.lr"])
 
 
+def test_token_tree_settings_are_validated():
+    """Static trees as branching lists, dynamic (EAGLE-2) trees as {depth, topk, nodes}; both from the CLI too."""
+    import typer
+
+    from draftalign.cli import _branching
+
+    cfg = load_config(None, ["eval.trees=[[2, 1], {depth: 5, topk: 3, nodes: 12}]",
+                             "serve.tree={depth: 4, topk: 2, nodes: 8}"])
+    assert cfg.eval.trees[0] == [2, 1] and cfg.eval.trees[1].nodes == 12 and cfg.serve.tree.depth == 4
+    with pytest.raises(ConfigError, match="nodes exceeds the 6 candidates"):
+        load_config(None, ["eval.trees=[{depth: 2, topk: 2, nodes: 7}]"])
+    with pytest.raises(ConfigError, match="eval.trees: a static tree"):
+        load_config(None, ["eval.trees=[[2, 0]]"])
+    with pytest.raises(ConfigError, match="serve.engine=native"):
+        load_config(None, ["serve.engine=vllm", "serve.tree=[2, 1]"])
+    assert _branching("2,2,1") == [2, 2, 1]
+    assert _branching("dynamic:5,3,12") == {"depth": 5, "topk": 3, "nodes": 12}
+    for bad in ("dynamic:5,3", "2,x", "static:2,1", "dynamic:5,0,4"):
+        with pytest.raises(typer.BadParameter, match="dynamic:DEPTH,TOPK,NODES"):
+            _branching(bad)
+
+
 def test_resources_beyond_the_declared_cluster_are_rejected():
     cfg = load_config(None, ["rollout.num_actors=8", "rollout.cpus_per_actor=1"])
     with pytest.raises(ConfigError, match="requests .* CPU"):

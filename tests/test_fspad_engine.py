@@ -21,6 +21,7 @@ from learner.fspad import FSPADHead
 from serve.fspad_proposer import draft_chain
 from serve.sampling import SamplingParams, sample
 from serve.specdec import SpecDecoder
+from serve.tree import DynamicTree
 
 P_MIN = 0.01  # χ² p-value above which the empirical distribution is accepted as the target's
 
@@ -285,6 +286,76 @@ def test_tree_sampling_matches_target_distribution(branching, drafting):
     assert chi2_p(counts, exact_three_token_dist(target, prompt, params)) > P_MIN
 
 
+# ---------------------------------------------------------------- dynamic trees (EAGLE-2)
+
+
+@pytest.mark.parametrize("spec", [DynamicTree(4, 3, 8), DynamicTree(5, 2, 6)], ids=["d4k3n8", "d5k2n6"])
+def test_greedy_dynamic_tree_equals_hf_generate(target, ref, trained, target_tokenizer, spec):
+    engine = SpecDecoder(target, trained, target_tokenizer, tree=spec)
+    params = SamplingParams(max_new_tokens=24)
+    hist, siblings, nodes = [0] * (spec.depth + 1), 0, 0
+    for p in PROMPTS[:12]:
+        got = engine.generate([p], params)[0]
+        assert got.token_ids == hf_greedy(ref, p, 24, target_tokenizer.eos_token_id)
+        assert got.proposed == spec.depth * (got.rounds - 1)
+        hist = [a + b for a, b in zip(hist, got.accepted_histogram)]
+        siblings, nodes = siblings + got.accepted_siblings, nodes + got.tree_nodes
+    assert hist[0] > 0 and sum(hist[2:]) > 0, hist  # rejections and deep paths
+    assert siblings > 0  # a path through the head's non-first choice was accepted
+    assert 0 < nodes <= spec.nodes * sum(hist)  # never more than `nodes` per round
+
+
+def test_dynamic_tree_of_width_one_is_the_chain(target, trained):
+    """topk 1: the candidates form one chain and the head feeds exactly the chain's nodes (same columns,
+    features, positions), so rounds equal the chain engine's, whose proposals are tested against the proposer."""
+    params = SamplingParams(max_new_tokens=20)
+    chain = SpecDecoder(target, trained, None, gamma=3)
+    dyn = SpecDecoder(target, trained, None, tree=DynamicTree(3, 1, 3))
+    for p in PROMPTS[:6]:
+        a, b = chain.generate([p], params)[0], dyn.generate([p], params)[0]
+        assert b.token_ids == a.token_ids
+        assert (b.rounds, b.accepted, b.rejected, b.accepted_histogram) == (
+            a.rounds, a.accepted, a.rejected, a.accepted_histogram)
+
+
+def test_full_dynamic_tree_of_depth_two_is_the_static_tree(target, trained):
+    """depth 2, topk k, all k + k² candidates kept: the static tree [k, k], drafted through the beam code."""
+    params = SamplingParams(max_new_tokens=20)
+    static = SpecDecoder(target, trained, None, tree=[2, 2])
+    dyn = SpecDecoder(target, trained, None, tree=DynamicTree(2, 2, 6))
+    for p in PROMPTS[6:12]:
+        a, b = static.generate([p], params)[0], dyn.generate([p], params)[0]
+        assert b.token_ids == a.token_ids
+        assert (b.rounds, b.accepted_histogram, b.accepted_siblings, b.tree_nodes) == (
+            a.rounds, a.accepted_histogram, a.accepted_siblings, a.tree_nodes)
+
+
+def test_ragged_batch_of_dynamic_trees_equals_target(target, ref, trained, target_tokenizer):
+    """One tree shape per round for the batch (values summed over sequences): still each sequence's own
+    greedy continuation."""
+    engine = SpecDecoder(target, trained, target_tokenizer, tree=DynamicTree(4, 3, 8))
+    params = SamplingParams(max_new_tokens=20)
+    prompts = PROMPTS[12:20]
+    batched = engine.generate(prompts, params)
+    assert len({tuple(g.accepted_histogram) for g in batched}) > 1
+    for p, b in zip(prompts, batched):
+        assert b.token_ids == hf_greedy(ref, p, 20, target_tokenizer.eos_token_id)
+
+
+def test_dynamic_tree_sampling_matches_target_distribution():
+    target = small_lm(0, 60.0)
+    head = FSPADHead.from_target(target, seed=1)
+    prompt, params = [1, 5, 2], SamplingParams(temperature=1.0)
+    engine = SpecDecoder(target, head, None, tree=DynamicTree(3, 2, 5))
+    counts = empirical(engine, prompt, params, n=6000, batch=500, tokens=3, seed0=9000)
+    assert chi2_p(counts, exact_three_token_dist(target, prompt, params)) > P_MIN
+
+
+def test_dynamic_tree_needs_an_fspad_head(target):
+    with pytest.raises(ValueError, match="dynamic trees are drafted by an FSPAD head"):
+        SpecDecoder(target, target, None, tree=DynamicTree(3, 2, 5))
+
+
 # ---------------------------------------------------------------- from a checkpoint: eval and the replica engine
 
 
@@ -297,11 +368,13 @@ def test_eval_and_native_engine_load_an_fspad_checkpoint(tmp_path, tiny_target_p
     path = str(trained.save(tmp_path / "head"))
     cfg = load_config(None, [f"target.model={tiny_target_path}", f"run_dir={tmp_path / 'run'}", "eval.tasks=[chat]",
                              "eval.prompts_per_task=2", "eval.max_new_tokens=8", "target.max_model_len=512",
-                             "eval.trees=[[2, 1]]"])
+                             "eval.trees=[[2, 1], {depth: 3, topk: 2, nodes: 4}]"])
     res = run_eval(cfg, {"fspad": path}, threads=1)["fspad"]
-    assert res["interleaved_with"] == ["fspad@3", "fspad@tree:2-1"]
-    assert res["lossless_greedy"] == {"checked": 4, "mismatches": 0}
+    assert res["interleaved_with"] == ["fspad@3", "fspad@tree:2-1", "fspad@dtree:3-2-4"]
+    assert res["lossless_greedy"] == {"checked": 6, "mismatches": 0}
     assert res["overall"]["draft_step_ms"] > 0 and sum(res["overall"]["accepted_histogram"]) > 0
+    dyn = res["by_tree"]["dtree:3-2-4"]
+    assert dyn["tree"] == {"depth": 3, "topk": 2, "nodes": 4} and dyn["overall"]["block_efficiency"] >= 1
 
     engine = NativeEngine(tiny_target_path, path, ReplicaSettings(gamma=3, gamma_policy="goodput"), context=512)
     assert engine.features and engine.decoder.policy is None  # a fixed γ: the policy measures Llama drafts
@@ -311,6 +384,13 @@ def test_eval_and_native_engine_load_an_fspad_checkpoint(tmp_path, tiny_target_p
     assert got.token_ids == engine.decoder.generate_target_only([prompt], params)[0].token_ids
     streamed = [tok for new, _ in engine.stream(prompt, params) for tok in new]
     assert streamed == got.token_ids
+
+    from serve.tree import tree_spec  # serve.tree as configured: a dynamic tree reaches the replica's engine
+
+    tree = tree_spec(cfg.eval.trees[1])
+    engine = NativeEngine(tiny_target_path, path, ReplicaSettings(gamma=3, tree=tree), context=512)
+    assert engine.decoder.dynamic == tree and engine.decoder.gamma == 3
+    assert engine.generate([prompt], params)[0].token_ids == got.token_ids
 
 
 def test_serve_checks_an_fspad_checkpoint_before_deploying(tmp_path, tiny_target_path, trained):

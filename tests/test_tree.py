@@ -20,11 +20,13 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import serve.tree as tree_mod
 from serve.tree import (
+    DynamicTree,
     Tree,
     draft_tree,
     emitted,
     kv_keep_index,
     path_to,
+    rerank,
     static_tree,
     tree_attention_mask,
     tree_positions,
@@ -64,6 +66,50 @@ def test_bad_trees_are_named():
             Tree(torch.tensor(parents, dtype=torch.long))
     with pytest.raises(ValueError, match="branching"):
         static_tree([2, 0])
+
+
+def test_rerank_hand_written():
+    #   candidates: 0 (.6) ─ 2 (.5) ─ 4 (.45)      values fall along a path; 3 hangs under 1
+    #               1 (.3) ─ 3 (.2)
+    parents, values = [-1, -1, 0, 1, 2], torch.tensor([0.6, 0.3, 0.5, 0.2, 0.45])
+    picked, t = rerank(parents, values, 4)
+    assert picked == [0, 1, 2, 4]  # the four largest values, breadth-first
+    assert t.parents.tolist() == [-1, -1, 0, 2]
+    picked, t = rerank(parents, values, 2)
+    assert picked == [0, 2] and t.parents.tolist() == [-1, 0]  # a chain when one path dominates
+    # a tie goes to the shallower node; a candidate whose parent was not taken is skipped
+    picked, _ = rerank([-1, 0, -1], torch.tensor([0.5, 0.5, 0.5]), 2)
+    assert picked == [0, 2]
+
+
+def test_rerank_is_the_best_subtree():
+    """Against brute force: the picked set is closed under ancestors and has the largest total value of all
+    such subtrees of its size (values fall along paths, as products of confidences do)."""
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        P = 9
+        parents = [-1, -1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(2, P)]
+        conf = torch.rand(P, generator=g, dtype=torch.float64)
+        values = conf.clone()
+        for i, p in enumerate(parents):
+            if p >= 0:
+                values[i] = values[p] * conf[i]
+        n = 1 + trial % 5
+        picked, t = rerank(parents, values, n)
+        assert len(picked) == n and all(parents[i] < 0 or parents[i] in picked for i in picked)
+        assert [parents[i] for i in picked] == [picked[j] if j >= 0 else -1 for j in t.parents.tolist()]
+        best = max(sum(values[list(c)]) for c in itertools.combinations(range(P), n)
+                   if all(parents[i] < 0 or parents[i] in c for i in c))
+        assert float(values[picked].sum()) == pytest.approx(float(best))
+
+
+def test_bad_dynamic_trees_are_named():
+    with pytest.raises(ValueError, match="depth, topk and nodes"):
+        DynamicTree(4, 0, 8)
+    with pytest.raises(ValueError, match="nodes exceeds the 6 candidates"):
+        DynamicTree(2, 2, 7)
 
 
 def test_mask_and_positions_hand_written():
