@@ -536,6 +536,42 @@ class SpecDecoder:
         batch.append(out[:, :n], valid)
         return new, live, n
 
+    def _verify_tree(self, gens: list[Generation], active: list[bool], batch: _Batch, shape: Tree,
+                     tokens: torch.Tensor, qs: list[torch.Tensor], p: torch.Tensor, params: SamplingParams,
+                     gen: torch.Generator, drafting: str):
+        """After a tree pass (either draft kind): walk down the tree (`verify_greedy` at T = 0, else recursive
+        rejection over siblings, `verify_sample`); sequence s emits its accepted path (k_s nodes) + 1 token up to
+        its stop; the round is counted (as γ = the engine's depth) and the emitted tokens join the grid.
+        tokens (B, N); qs: the draft's distributions per frontier slot of the sampled drafting schemes (else []);
+        p (B, N + 1, V) the target's per slot. Returns (tokens committed per sequence, path (B, depth) root-first,
+        k per sequence, the sequences that were active, n = the widest emission)."""
+        B, N = tokens.shape
+        t = shape.with_tokens(tokens)
+        if params.greedy:
+            out = verify_greedy(t, p.argmax(-1))
+        else:
+            q = None
+            if qs:  # per slot; the leaves have no children, their rows are unused
+                q = torch.cat(qs, 1)  # (B, 1 + nodes above the last depth, V)
+                q = torch.cat([q, q.new_zeros(B, N + 1 - q.shape[1], q.shape[2])], 1)  # (B, N+1, V)
+            out = verify_sample(t, p, q, gen, drafting)
+        path = out.path.clamp_min(0)  # (B, depth)
+        emit = torch.cat([tokens.gather(1, path), torch.zeros_like(path[:, :1])], 1)  # (B, depth + 1)
+        emit[torch.arange(B, device=self.device), out.num_accepted] = out.next_token
+        ks = out.num_accepted.tolist()
+        side = (shape.ranks.to(self.device)[path] > 0).tolist()  # accepted node was not the draft's first choice
+        was_active = list(active)
+        new = self._commit(gens, active, [emit[s, : ks[s] + 1].tolist() for s in range(B)], params)
+        live = [s for s in range(B) if was_active[s]]
+        for s in live:
+            acc, _ = gens[s].record_round(ks[s], self.gamma, len(new[s]))
+            gens[s].tree_nodes += N
+            gens[s].accepted_siblings += sum(side[s][:acc])
+        n = max(ks[s] + 1 for s in live)
+        valid = torch.tensor([ks[s] + 1 if was_active[s] else 0 for s in range(B)], device=self.device)
+        batch.append(emit[:, :n], valid)
+        return new, path, ks, live, n
+
     def _finish(self, gens: list[Generation]) -> list[Generation]:
         if self.tokenizer is not None:
             for g in gens:
@@ -684,7 +720,6 @@ class SpecDecoder:
         B = batch.ids.shape[0]
         rows = torch.arange(B, device=self.device)
         nodes = torch.arange(N, device=self.device)
-        ranks = shape.ranks.to(self.device)
         anc = ancestors(shape.parents).to(self.device)  # (N, N): node i sees node j iff anc[i, j]
         gens = [Generation([], accepted_per_position=[0] * D, accepted_histogram=[0] * (D + 1)) for _ in range(B)]
         active = [True] * B
@@ -721,30 +756,7 @@ class SpecDecoder:
             p, _ = self._t.probs(h[rows[:, None], at], params)  # (B, N+1, V)
 
             # 3. Verify: walk down the tree; sequence s emits its accepted path (k_s nodes) + 1 token.
-            t = shape.with_tokens(tokens)
-            if params.greedy:
-                out = verify_greedy(t, p.argmax(-1))
-            else:
-                q = None
-                if qs:  # per slot; the leaves have no children, their rows are unused
-                    q = torch.cat(qs, 1)  # (B, 1 + nodes above depth D, V)
-                    q = torch.cat([q, q.new_zeros(B, N + 1 - q.shape[1], q.shape[2])], 1)  # (B, N+1, V)
-                out = verify_sample(t, p, q, gen, drafting)
-            path = out.path.clamp_min(0)  # (B, D)
-            emit = torch.cat([tokens.gather(1, path), torch.zeros_like(path[:, :1])], 1)  # (B, D+1)
-            emit[rows, out.num_accepted] = out.next_token
-            ks = out.num_accepted.tolist()
-            side = (ranks[path] > 0).tolist()  # (B, D): accepted node was not the draft's first choice
-            was_active = list(active)
-            new = self._commit(gens, active, [emit[s, : ks[s] + 1].tolist() for s in range(B)], params)
-            for s in range(B):
-                if was_active[s]:
-                    acc, _ = gens[s].record_round(ks[s], D, len(new[s]))
-                    gens[s].tree_nodes += N
-                    gens[s].accepted_siblings += sum(side[s][:acc])
-            live = [s for s in range(B) if was_active[s]]
-            valid = torch.tensor([ks[s] + 1 if was_active[s] else 0 for s in range(B)], device=self.device)
-            batch.append(emit[:, : max(ks[s] + 1 for s in live)], valid)
+            new, path, ks, live, _ = self._verify_tree(gens, active, batch, shape, tokens, qs, p, params, gen, drafting)
             # 4. Compact both caches to the grid ++ the first m accepted nodes (m = the batch's shortest path):
             #    column L + j ← L + path[j] (`serve.tree.kv_keep_index`); the draft never fed the leaves.
             m = min(ks[s] for s in live)
@@ -850,7 +862,6 @@ class SpecDecoder:
         active = [True] * B
         while any(active) and batch.length + D + 1 <= self.max_len:
             L = batch.length
-            was_active = list(active)
             if pending is None:  # no features yet: a target step over the prompt gives every column's
                 h = self._timed("target", True, self._t.hidden, t_cache, batch, 0)  # (B, L, H)
                 pending = torch.cat([h.new_zeros(B, 1, h.shape[-1]), h[:, : L - 1]], 1)  # column j ← f_{j−1}
@@ -884,30 +895,7 @@ class SpecDecoder:
             p, _ = self._t.probs(hs, params)  # (B, N+1, V)
 
             # 3. Verify, as `_tree_rounds`.
-            t = shape.with_tokens(tokens)
-            if params.greedy:
-                out = verify_greedy(t, p.argmax(-1))
-            else:
-                q = None
-                if qs:
-                    q = torch.cat(qs, 1)  # (B, 1 + nodes above the last depth, V)
-                    q = torch.cat([q, q.new_zeros(B, N + 1 - q.shape[1], q.shape[2])], 1)  # (B, N+1, V)
-                out = verify_sample(t, p, q, gen, drafting)
-            path = out.path.clamp_min(0)  # (B, depth of this round's tree)
-            emit = torch.cat([tokens.gather(1, path), torch.zeros_like(path[:, :1])], 1)
-            emit[rows, out.num_accepted] = out.next_token
-            ks = out.num_accepted.tolist()
-            side = (shape.ranks.to(self.device)[path] > 0).tolist()
-            new = self._commit(gens, active, [emit[s, : ks[s] + 1].tolist() for s in range(B)], params)
-            for s in range(B):
-                if was_active[s]:
-                    acc, _ = gens[s].record_round(ks[s], D, len(new[s]))
-                    gens[s].tree_nodes += N
-                    gens[s].accepted_siblings += sum(side[s][:acc])
-            live = [s for s in range(B) if was_active[s]]
-            n = max(ks[s] + 1 for s in live)
-            valid = torch.tensor([ks[s] + 1 if was_active[s] else 0 for s in range(B)], device=self.device)
-            batch.append(emit[:, :n], valid)
+            new, path, ks, live, n = self._verify_tree(gens, active, batch, shape, tokens, qs, p, params, gen, drafting)
             # 4. The target cache compacted to the grid ++ the shortest accepted path (`_tree_rounds`), the head
             #    cropped to its verified nodes; new column i waits with the target's feature at the slot before it.
             m = min(ks[s] for s in live)
