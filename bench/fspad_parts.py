@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", action="append", default=[], help="NAME=PATH of a draft evaluated alongside")
     ap.add_argument("--resume", action="store_true", help="reuse arms whose head already exists")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value")
+    ap.add_argument("--eval-set", dest="eval_overrides", action="append", default=[],
+                    help="key.path=value for the eval only (e.g. target.dtype=float32 after a bf16 store)")
     ap.add_argument("--out", type=Path, required=True, help="write the ablation JSON here (.json)")
     args = ap.parse_args(argv)
     if args.out.suffix != ".json":
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if ray.is_initialized():
         ray.shutdown()  # no idle Ray workers on the cores the eval times
-    cfg = base.model_copy(deep=True)
+    cfg = load_config(args.job, ["draft.kind=fspad", *args.overrides, *args.eval_overrides])
     cfg.eval.trees = [[int(k) for k in t.split(",")] for t in args.trees]
     evals = run_eval(cfg, {**heads, **baselines}, trees_for={"fspad"} & set(heads))  # tree vs chain: the full head
     table = format_table(evals, trained)
