@@ -45,12 +45,20 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
-def fingerprint(target_path: str, k: int, seed: int, rows: list[dict]) -> str:
-    """What a store's contents depend on (feature sampling is recorded apart: a sampled store serves both)."""
-    h = hashlib.sha1(json.dumps([str(target_path), k, seed]).encode())
+def fingerprint(target_path: str, k: int, seed: int, rows: list[dict], dtype: str = "float32") -> str:
+    """What a store's contents depend on: the target and the dtype it ran in (bf16 features differ from fp32
+    ones), k, the seed and the rows (feature sampling is recorded apart: a sampled store serves both)."""
+    h = hashlib.sha1(json.dumps([str(target_path), k, seed] + ([] if dtype == "float32" else [dtype])).encode())
     for r in rows:
         h.update(f"{r['prompt_id']}:{len(r['prompt_token_ids'])}:{len(r['response_token_ids'])};".encode())
     return h.hexdigest()
+
+
+def store_dtype(cfg) -> str:
+    """The dtype the target computes the store's features in on this machine (`target.dtype`, auto resolved)."""
+    from draftalign.models import pick_dtype
+
+    return str(pick_dtype(cfg.target.dtype)).removeprefix("torch.")
 
 
 def row_seed(seed: int, index: int) -> int:
@@ -117,12 +125,12 @@ def build_store(cfg, target_path: str, rows: list[dict], rdir: Path, say=print) 
 
     path = Path(rdir) / STORE_DIR
     k, fs = cfg.target.top_k_logprobs, cfg.draft.fspad.feature_sampling
-    meta = {"fingerprint": fingerprint(target_path, k, cfg.seed, rows), "num_rows": len(rows),
+    meta = {"fingerprint": fingerprint(target_path, k, cfg.seed, rows, store_dtype(cfg)), "num_rows": len(rows),
             "shard_rows": SHARD_ROWS, "num_shards": math.ceil(len(rows) / SHARD_ROWS), "k": k,
             "feature_sampling": fs}
     old = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else None
     if old is not None and (old["fingerprint"] != meta["fingerprint"] or (fs and not old["feature_sampling"])):
-        say(f"feature store {path} was built for other rows/target/k/sampling: rebuilding it")
+        say(f"feature store {path} was built for other rows/target/dtype/k/sampling: rebuilding it")
         shutil.rmtree(path)
         old = None
     if old is not None:

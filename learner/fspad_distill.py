@@ -52,7 +52,14 @@ from pathlib import Path
 
 import torch
 
-from actors.feature_store import build_store, create_stored_feature_actor, fingerprint, load_heldout, save_heldout
+from actors.feature_store import (
+    build_store,
+    create_stored_feature_actor,
+    fingerprint,
+    load_heldout,
+    save_heldout,
+    store_dtype,
+)
 from actors.features import FeatureBatch, create_feature_actors
 from draftalign.config import JobConfig
 from draftalign.io import atomic_dir, write_json_atomic
@@ -455,7 +462,7 @@ def run_fspad(cfg: JobConfig, resume: bool = False) -> Path:
         try:
             rows_ref = ray.put(train_rows)  # held until the end: restarted actors re-read their arguments
             store = build_store(cfg, target_path, train_rows, rdir, say=_say) if cfg.draft.fspad.feature_store else None
-            held_key = fingerprint(target_path, cfg.target.top_k_logprobs, cfg.seed, held_rows)
+            held_key = fingerprint(target_path, cfg.target.top_k_logprobs, cfg.seed, held_rows, store_dtype(cfg))
             hb = load_heldout(store, held_key) if store is not None and held_rows else None
             if store is None or (held_rows and hb is None):  # a target to stream from, or for the held-out rows
                 actors = create_feature_actors(cfg, target_path, rows_ref, name_prefix=f"draftalign-{cfg.name}")

@@ -367,6 +367,19 @@ def test_feature_actor_batches_are_a_pure_function_of_the_step(tiny_target_path,
     assert not (first.input_ids.shape == other.input_ids.shape and torch.equal(first.input_ids, other.input_ids))
 
 
+def test_store_fingerprint_names_the_dtype_the_features_were_computed_in():
+    """bf16 features are not fp32 ones: a store built in one dtype is rebuilt for the other (an fp32 store keeps
+    the fingerprint it had before the dtype was recorded)."""
+    from actors.feature_store import fingerprint, store_dtype
+    from draftalign.config import load_config
+
+    rows = [{"prompt_id": "a", "prompt_token_ids": [1, 2], "response_token_ids": [3]}]
+    fp32 = fingerprint("t", 20, 0, rows)
+    assert fingerprint("t", 20, 0, rows, "float32") == fp32 != fingerprint("t", 20, 0, rows, "bfloat16")
+    assert store_dtype(load_config(None, ["target.dtype=bfloat16"])) == "bfloat16"
+    assert store_dtype(load_config(None, ["target.dtype=float32"])) == "float32"
+
+
 def test_feature_store_serves_the_rows_the_target_computes(target, tmp_path):
     """A stored shard read back equals the target's own RowFeatures of each row (draws seeded per row, so a row's
     batch-mates and the shard's length-sorted passes change nothing; features to float16 precision); a sampled
