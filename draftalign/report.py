@@ -103,7 +103,8 @@ def write_report(run: Path) -> Path:
                     break
         ax.set_xlabel("step")
         ax.set_title(f"{stage} curves")
-        ax.legend(loc="upper right")
+        if ax.get_legend_handles_labels()[0]:  # an FSPAD run has no stage-1 loss curve to label
+            ax.legend(loc="upper right")
     fig.tight_layout()
     png = run / "report.png"
     fig.savefig(png, dpi=90)
