@@ -31,7 +31,6 @@ class NativeEngine:
         from learner.fspad import FSPADHead
         from serve.goodput import GoodputPolicy
         from serve.specdec import SpecDecoder
-        from serve.tree import tree_spec
 
         torch.set_num_threads(s.torch_threads)
         device = "cuda" if s.use_gpu and torch.cuda.is_available() else "cpu"
@@ -40,7 +39,7 @@ class NativeEngine:
         target = load_causal_lm(target_path, dtype, device)
         draft, vocab = (load_engine_draft(draft_path, target, self.tokenizer, dtype, device) if draft_path
                         else (None, None))
-        tree = tree_spec(s.tree) if draft is not None and s.tree else None
+        tree = s.tree if draft is not None else None  # already the engine's spec (`serve.tree.tree_spec`)
         self.features = isinstance(draft, FSPADHead)  # draft.kind=fspad
         step = draft_step_dtype(s.draft_step_dtype, dtype, device)
         self.decoder = SpecDecoder(target, draft, self.tokenizer, gamma=s.gamma, draft_vocab=vocab, tree=tree,
