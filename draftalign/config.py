@@ -144,8 +144,8 @@ class PretrainConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     autocast: Literal["auto", "bfloat16", "off"] = Field(
-        "auto", description="bf16 autocast: auto = on for bf16-capable GPUs, off on CPU "
-                            "(measured slower than fp32 here: bench note in README)")
+        "auto", description="bf16 autocast: auto = on for bf16-capable GPUs and CPUs with AMX, "
+                            "off on other CPUs (measured slower than fp32 there: learner.trainer.autocast_dtype)")
 
 
 class GenerateConfig(_Strict):
@@ -201,8 +201,8 @@ class LearnerConfig(_Strict):
     checkpoint_every: int = Field(50, ge=1)
     max_failures: int = Field(2, ge=0, description="Ray Train FailureConfig: worker failures to recover from")
     autocast: Literal["auto", "bfloat16", "off"] = Field(
-        "auto", description="bf16 autocast: auto = on for bf16-capable GPUs, off on CPU "
-                            "(measured slower than fp32 here: bench note in README)")
+        "auto", description="bf16 autocast: auto = on for bf16-capable GPUs and CPUs with AMX, "
+                            "off on other CPUs (measured slower than fp32 there: learner.trainer.autocast_dtype)")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker")
 
 
@@ -287,6 +287,8 @@ class OnlineLearnerConfig(_Strict):
     replay_fraction: float = Field(0.25, ge=0, lt=1, description="share of each step's rows replayed from the "
                                    "distillation set (its recorded target top-k), against forgetting; 0 = none")
     steps_per_publish: int = Field(4, ge=1, description="publish a new draft version every N optimizer steps")
+    epochs: int = Field(1, ge=1, description="optimizer steps on each collected batch of served records (fresh "
+                        "replay spans each time): the update-to-data ratio, to learn more from scarce traffic")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate, constant after warmup_steps")
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps; None = until stopped")

@@ -35,6 +35,7 @@ from draftalign.io import write_json_atomic
 from draftalign.models import (
     ModelError,
     build_draft,
+    cpu_flags,
     default_draft,
     draft_step_dtype,
     load_causal_lm,
@@ -102,9 +103,10 @@ def machine() -> dict:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
                  platform.processor())
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    flags = cpu_flags()
     return {"cpu": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "bf16_native": any(f in flags for f in ("amx_bf16", "avx512_bf16")), "torch": torch.__version__}
+            "bf16_native": bool(flags & {"amx_bf16", "avx512_bf16"}), "amx": "amx_bf16" in flags,
+            "torch": torch.__version__}
 
 
 # ------------------------------------------------------------------------------ measuring

@@ -98,6 +98,12 @@ def resolve_target(spec: str) -> str:
     return spec  # a Hugging Face id
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+
+
 def pick_dtype(name: str = "auto", device: str | torch.device = "cpu") -> torch.dtype:
     """bf16 where the device computes it natively, else fp32."""
     if name == "float32":
@@ -106,8 +112,7 @@ def pick_dtype(name: str = "auto", device: str | torch.device = "cpu") -> torch.
         return torch.bfloat16
     if torch.device(device).type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+    return torch.bfloat16 if cpu_flags() & {"avx512_bf16", "amx_bf16"} else torch.float32
 
 
 def draft_step_dtype(name: str, draft_dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.dtype | None:

@@ -24,6 +24,10 @@ Served positions are the states the draft itself reached while serving (on-polic
 exactly those the target scored on the served sequence; the exact form
 needs no behaviour probabilities, so records proposed by older versions are used as they are.
 
+Epochs. Each collected batch of records is stepped on serve.online.learner.epochs times (fresh replay spans
+each time; the exact loss needs no importance weights), as PPO-style trainers reuse a rollout batch: traffic
+is the scarce resource, and the learner's CPU is idle between batches.
+
 Versions. Replicas serve the draft on disk as version 0. The learner starts from that checkpoint and
 publishes v = max(store version, 0) + 1, + 2, … every steps_per_publish steps (fp32 ndarrays keyed like
 the state dict: `learner.distill.publish_weights`); replicas install a version between rounds, judge it
@@ -169,8 +173,9 @@ class OnlineLearnerWorker:
                 self._stop.wait(self.lo.poll_interval_s)
         return got
 
-    def step(self, records: list[dict]) -> dict:
-        """One optimizer step on `records` + replay; publishes a version every steps_per_publish steps."""
+    def step(self, records: list[dict], fresh: bool = True) -> dict:
+        """One optimizer step on `records` + replay; publishes a version every steps_per_publish steps.
+        `fresh`: the records' first step (counted once in the record / token counters)."""
         t0 = time.perf_counter()
         lrn = self.learner
         batch = mixed_batch(records, self.replay, self.lo.replay_fraction, self.k, self.pad_id, self.rng,
@@ -181,12 +186,13 @@ class OnlineLearnerWorker:
             publish_weights(self.store, lrn.core.lm, lrn.version)
             self.published.append({"version": lrn.version, "step": lrn.step, "time": time.time()})
         served_tokens = sum(len(r["positions"]) for r in records)
-        for r in records:
-            v = int(r["policy_version"])
-            self.records_per_version[v] = self.records_per_version.get(v, 0) + 1
-        self.counts["records"] += len(records)
+        if fresh:
+            for r in records:
+                v = int(r["policy_version"])
+                self.records_per_version[v] = self.records_per_version.get(v, 0) + 1
+            self.counts["records"] += len(records)
+            self.counts["served_tokens"] += served_tokens
         self.counts["replayed_rows"] += int((~batch.on_policy).sum())
-        self.counts["served_tokens"] += served_tokens
         metrics = {"step": lrn.step, "policy_version": lrn.version, "loss": sums["loss"] / sums["tokens"],
                    "acceptance": 1.0 - sums["tvd"] / sums["tokens"], "tokens": int(sums["tokens"]),
                    "served_tokens": served_tokens, "lr": lr, "grad_norm": grad_norm,
@@ -204,7 +210,10 @@ class OnlineLearnerWorker:
             if records is None:
                 break
             self.counts["wait_s"] += time.perf_counter() - t0
-            self.step(records)
+            for epoch in range(self.lo.epochs):
+                if self._stop.is_set() or (self.lo.max_steps is not None and self.learner.step >= self.lo.max_steps):
+                    break
+                self.step(records, fresh=epoch == 0)
         return self.stats()
 
     def stop(self) -> None:

@@ -103,6 +103,7 @@ def _cfg(run_dir, target: str, name: str, learner: dict | None = None, **online)
     (["serve.online.enabled=true", "serve.online.learner.enabled=true"], "serve.online.weight_store"),
     (["serve.online.learner.replay_fraction=1"], "replay_fraction"),
     (["serve.online.learner.steps_per_publish=0"], "steps_per_publish"),
+    (["serve.online.learner.epochs=0"], "epochs"),
     (["serve.online.enabled=true", "serve.online.weight_store=w", "serve.online.learner.enabled=true",
       "distill.form=sampled"], "distill.form=exact"),
 ])
@@ -234,8 +235,9 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def learned(ray_local, tmp_path_factory, peaked_target, anti_draft, target_tokenizer):
-    """A real engine serves 8 greedy prompts with capture on; the learner actor trains 4 steps on the captured requests
-    (2 per step, one row each, + replay) and publishes versions 1 and 2, each grabbed from the store as it appears."""
+    """A real engine serves 8 greedy prompts with capture on; the learner actor collects the captured requests 2 at a
+    time (one row each, + replay), steps twice on each collection (epochs 2: 8 steps) and publishes versions 1 … 4,
+    each grabbed from the store as it appears."""
     from draftalign.models import load_causal_lm
     from learner.online import start_online_learner
     from serve.online import OnlineSettings, RoundCapture, get_buffer
@@ -244,7 +246,7 @@ def learned(ray_local, tmp_path_factory, peaked_target, anti_draft, target_token
     ray = ray_local
     run = tmp_path_factory.mktemp("learned") / "run"
     write_scored_set(run, peaked_target, target_tokenizer, REPLAY_PROMPTS)
-    cfg = _cfg(run, peaked_target, "learned", {"records_per_step": 2})
+    cfg = _cfg(run, peaked_target, "learned", {"records_per_step": 2, "epochs": 2, "max_steps": 8})
     target, draft = load_causal_lm(peaked_target), load_causal_lm(anti_draft)
     buffer = get_buffer(OnlineSettings.from_config(cfg))
     capture = RoundCapture(buffer, TOP_K, push_every=10**6, push_interval_s=60)  # one push, at flush()
@@ -286,10 +288,10 @@ def test_learner_trains_on_captured_rounds_and_publishes_versions(learned, anti_
     assert n == 8  # one record per request
     for r in learned.records:  # one round per token: the anti-draft is never accepted; every token scored
         assert r["rounds"] == len(r["positions"]) == 12 and r["accepted"] == 0
-    assert st["step"] == 4 and [p["version"] for p in st["published"]] == [1, 2] == sorted(learned.versions)
-    assert [p["step"] for p in st["published"]] == [2, 4]  # every steps_per_publish steps
-    assert st["records"] == 4 * 2 and st["records_per_version"] == {0: 4 * 2}
-    assert st["served_tokens"] == 8 * 12 and st["replayed_rows"] == 4 * 1  # round(2 · 0.25 / 0.75) per step
+    assert st["step"] == 8 and [p["version"] for p in st["published"]] == [1, 2, 3, 4] == sorted(learned.versions)
+    assert [p["step"] for p in st["published"]] == [2, 4, 6, 8]  # every steps_per_publish steps
+    assert st["records"] == 4 * 2 and st["records_per_version"] == {0: 4 * 2}  # each record counted once
+    assert st["served_tokens"] == 8 * 12 and st["replayed_rows"] == 8 * 1  # round(2 · 0.25 / 0.75) per step
     assert learned.seconds < 60
     for v in (1, 2):
         assert any(not np.array_equal(w, learned.v0[k]) for k, w in learned.versions[v].items())
@@ -297,7 +299,7 @@ def test_learner_trains_on_captured_rounds_and_publishes_versions(learned, anti_
     batch = to_rollout_batch(learned.records, pad_id=0)
     draft = load_causal_lm(anti_draft)
     before = evaluate_heldout(ResponseLogits(draft), batch, torch.device("cpu"), None)
-    check_and_load_weights(draft, learned.versions[2])
+    check_and_load_weights(draft, learned.versions[4])
     after = evaluate_heldout(ResponseLogits(draft), batch, torch.device("cpu"), None)
     assert after["heldout_acceptance"] > 1.5 * before["heldout_acceptance"], (before, after)
     assert after["heldout_greedy_acceptance"] > before["heldout_greedy_acceptance"] == 0, (before, after)

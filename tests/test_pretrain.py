@@ -82,6 +82,19 @@ def test_pack_predicts_every_token_once():
     assert np.concatenate([b[1:] for b in blocks]).tolist() == list(range(1, 10))
 
 
+@pytest.mark.parametrize("flags, mode, want", [
+    ({"avx2"}, "auto", None), ({"avx512_bf16"}, "auto", None),  # no AMX: fp32 measured faster
+    ({"avx512_bf16", "amx_bf16"}, "auto", "bfloat16"), ({"amx_bf16"}, "off", None), ({"avx2"}, "bfloat16", "bfloat16"),
+])
+def test_cpu_autocast_is_on_with_amx_only(monkeypatch, flags, mode, want):
+    import torch
+
+    import learner.trainer as trainer
+
+    monkeypatch.setattr(trainer, "cpu_flags", lambda: flags)
+    assert trainer.autocast_dtype(torch.device("cpu"), mode) == (want and getattr(torch, want))
+
+
 def test_sampler_is_a_deterministic_permutation_per_epoch():
     s = BatchSampler(7, seed=3)
     first = np.concatenate([s.indices(c, 3) for c in range(0, 21, 3)])  # 3 epochs in batches of 3
