@@ -43,6 +43,7 @@ from draftalign.evaluate import machine  # noqa: E402
 from draftalign.io import write_json_atomic  # noqa: E402
 from serve.acceptance import per_token_acceptance  # noqa: E402
 
+QUIET = {"enable_access_log": False}  # the bench prints its own windows; Serve's access log is noise here
 ARMS = ("static", "online")
 
 
@@ -184,15 +185,15 @@ def main() -> None:
               "online_config": online.serve.online.model_dump(mode="json"), "machine": machine(), "arms": {}}
     init_ray(cfg)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=QUIET)
         # target-only greedy answers: the reference every speculative answer must equal
-        serve.run(build_app(cfg, target, None), name="reference", route_prefix="/reference")
+        serve.run(build_app(cfg, target, None), name="reference", route_prefix="/reference", logging_config=QUIET)
         reference = [asyncio.run(_window(f"{url}/reference/v1", model, w["prompts"], knobs["clients"],
                                          knobs["max_tokens"])) for w in windows]
         serve.delete("reference")
         for arm in ARMS:
             arm_cfg = online if arm == "online" else cfg
-            serve.run(build_app(arm_cfg, target, draft), name=arm, route_prefix=f"/{arm}")
+            serve.run(build_app(arm_cfg, target, draft), name=arm, route_prefix=f"/{arm}", logging_config=QUIET)
             learner = start_online_learner(arm_cfg, draft)[0] if arm == "online" else None
             replica = serve.get_deployment_handle("SpecDecodeReplica", app_name=arm)
             served, out = 0, []
