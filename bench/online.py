@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from draftalign.config import load_config  # noqa: E402
-from draftalign.data import chat_messages, code_messages, summarize_messages  # noqa: E402
+from draftalign.data import chat_messages, chat_prompt_ids, code_messages, summarize_messages  # noqa: E402
 from draftalign.evaluate import machine  # noqa: E402
 from draftalign.io import write_json_atomic  # noqa: E402
 from serve.acceptance import per_token_acceptance  # noqa: E402
@@ -53,13 +53,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def schedule(chat_windows: int, shifted_windows: int, per_window: int, seed: int = 1) -> list[dict]:
+def schedule(chat_windows: int, shifted_windows: int, per_window: int, seed: int = 1,
+             fits=lambda messages: True) -> list[dict]:
     """Windows [{"phase", "prompts": [messages, …]}]: chat, shifted (code and summarize alternating), chat again.
-    The two chat phases use different held-out prompts."""
+    The two chat phases use different held-out prompts; prompts failing `fits` (too long for the context: the
+    endpoint rightly answers 400) are left out, so a failed request means a failure."""
     n_chat, n_shift = 2 * chat_windows * per_window, shifted_windows * per_window
-    chat = [m["messages"] for m in chat_messages("eval", n_chat, seed=seed)]
-    code = [m["messages"] for m in code_messages((n_shift + 1) // 2)]
-    summ = [m["messages"] for m in summarize_messages("eval", n_shift // 2 + 1, seed=seed)]
+
+    def take(source, n: int) -> list:
+        kept = [m["messages"] for m in source(2 * n + 8) if fits(m["messages"])]
+        if len(kept) < n:
+            raise ValueError(f"only {len(kept)} of the {n} prompts needed fit the context")
+        return kept[:n]
+
+    chat = take(lambda n: chat_messages("eval", n, seed=seed), n_chat)
+    code = take(code_messages, (n_shift + 1) // 2)
+    summ = take(lambda n: summarize_messages("eval", n, seed=seed), n_shift // 2 + 1)
     shifted = [(code if i % 2 == 0 else summ)[i // 2] for i in range(n_shift)]
     out = []
     for phase, prompts, count in (("chat", chat[: n_chat // 2], chat_windows), ("shifted", shifted, shifted_windows),
@@ -165,14 +174,17 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from draftalign.models import default_draft, resolve_target
+    from draftalign.models import default_draft, load_tokenizer, resolve_target
     from draftalign.runtime import init_ray
     from learner.online import start_online_learner
     from serve.app import build_app
 
     target = resolve_target(cfg.target.model)
     draft = str(Path(args.draft).expanduser().resolve()) if args.draft else default_draft(cfg)
-    windows = schedule(knobs["chat_windows"], knobs["shifted_windows"], knobs["per_window"])
+    tok = load_tokenizer(target)
+    room = cfg.target.max_model_len - cfg.serve.gamma - knobs["max_tokens"]  # serve/app.py's context check
+    windows = schedule(knobs["chat_windows"], knobs["shifted_windows"], knobs["per_window"],
+                       fits=lambda m: len(chat_prompt_ids(tok, m)) <= room)
     print(f"bench: target={cfg.target.model} draft={draft} gamma={cfg.serve.gamma} windows={len(windows)} × "
           f"{knobs['per_window']} requests, {knobs['clients']} clients, max_tokens={knobs['max_tokens']}", flush=True)
     online = cfg.model_copy(deep=True)
