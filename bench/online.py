@@ -177,12 +177,13 @@ def main() -> None:
     from draftalign.models import default_draft, load_tokenizer, resolve_target
     from draftalign.runtime import init_ray
     from learner.online import start_online_learner
-    from serve.app import build_app
+    from serve.app import build_app, context_window
 
     target = resolve_target(cfg.target.model)
     draft = str(Path(args.draft).expanduser().resolve()) if args.draft else default_draft(cfg)
     tok = load_tokenizer(target)
-    room = cfg.target.max_model_len - cfg.serve.gamma - knobs["max_tokens"]  # serve/app.py's context check
+    # the endpoint's own bound (serve/app.py `_params`): prompt + max_tokens + γ within the replica's context
+    room = context_window(target, draft, cfg.target.max_model_len) - cfg.serve.gamma - knobs["max_tokens"]
     windows = schedule(knobs["chat_windows"], knobs["shifted_windows"], knobs["per_window"],
                        fits=lambda m: len(chat_prompt_ids(tok, m)) <= room)
     print(f"bench: target={cfg.target.model} draft={draft} gamma={cfg.serve.gamma} windows={len(windows)} × "

@@ -201,17 +201,21 @@ class OnlineLearnerWorker:
         self.history.append(metrics)
         return metrics
 
+    def _finished(self) -> bool:
+        """stop() was called or serve.online.learner.max_steps were taken."""
+        return self._stop.is_set() or (self.lo.max_steps is not None and self.learner.step >= self.lo.max_steps)
+
     def run(self) -> dict:
         """Train until stop() or serve.online.learner.max_steps; returns stats()."""
         self.learner.version = max(0, ray.get(self.store.version.remote()))  # replicas serve the disk draft as 0
-        while not self._stop.is_set() and (self.lo.max_steps is None or self.learner.step < self.lo.max_steps):
+        while not self._finished():
             t0 = time.perf_counter()
             records = self._collect()
             if records is None:
                 break
             self.counts["wait_s"] += time.perf_counter() - t0
             for epoch in range(self.lo.epochs):
-                if self._stop.is_set() or (self.lo.max_steps is not None and self.learner.step >= self.lo.max_steps):
+                if self._finished():
                     break
                 self.step(records, fresh=epoch == 0)
         return self.stats()
