@@ -19,12 +19,18 @@ Resume: the plan is a pure function of the config and the tokenizer (same prompt
 same shard boundaries), so a rerun answers exactly the shards whose files are missing. No
 prompt is lost or answered twice. Each prompt has its own sampling seed (hashed from job seed
 and prompt id), so its answers do not depend on which engine or batch served it.
+
+Growing a set (`generate.reuse_from`): the prompt list of num_prompts = N is the first N of one
+seeded order, so a bigger set's plan starts with a smaller one's. A new run copies every shard of
+the other set that answers the same prompt ids with the same target, sampling and shard size
+(`reusable_shards`: all its full shards; a partial last shard is answered again) and generates the rest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import time
 from collections import Counter, deque
@@ -119,7 +125,40 @@ def _check_plan(d: Path, plan: dict) -> None:
     if old != plan:
         diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
         raise PlanMismatch(f"{d} holds a distillation set made with a different plan (differs in: "
-                           f"{', '.join(diff)}); use another run_dir or delete {d}")
+                           f"{', '.join(diff)}); use another run_dir or delete {d} (to grow a set: a new "
+                           f"run_dir with generate.reuse_from={d.parent})")
+
+
+PLAN_BASIS = ("schema_version", "target", "sampling", "prompt_source", "shard_size")
+
+
+def reusable_shards(old: dict, new: dict) -> list[int]:
+    """Indices i whose shard is the same in both plans: equal `PLAN_BASIS` (else PlanMismatch naming the
+    difference) and prompt_ids[i·S : (i+1)·S] equal, S the shard size."""
+    diff = [k for k in PLAN_BASIS if old.get(k) != new.get(k)]
+    if diff:
+        raise PlanMismatch(f"generate.reuse_from: that set was made with a different {', '.join(diff)}; "
+                           "its answers are not this job's")
+    S, a, b = new["shard_size"], old["prompt_ids"], new["prompt_ids"]
+    return [i for i in range(min(old["num_shards"], new["num_shards"])) if a[i * S:(i + 1) * S] == b[i * S:(i + 1) * S]]
+
+
+def reuse_shards(src: str | Path, d: Path, plan: dict) -> int:
+    """Copy into `d` the shards of the set at `src` (a run_dir or its distill_set/) that `reusable_shards`
+    allows and `d` lacks (atomically: a copy is whole or absent); returns how many were copied."""
+    src = Path(src).expanduser()
+    src = distill_dir(src) if (distill_dir(src) / "plan.json").is_file() else src
+    if not (src / "plan.json").is_file():
+        raise ConfigError(f"generate.reuse_from={str(src)!r}: no distillation set there (no plan.json)")
+    if src.resolve() == d.resolve():
+        return 0
+    copied = 0
+    for i in reusable_shards(json.loads((src / "plan.json").read_text()), plan):
+        name = shard_name(i)
+        if (src / name).is_file() and not (d / name).exists():
+            write_atomic(d / name, lambda tmp, f=src / name: shutil.copyfile(f, tmp))
+            copied += 1
+    return copied
 
 
 def _rows(prompts: list[dict], answers: list[list[dict]]) -> pa.Table:
@@ -197,6 +236,7 @@ def run_generate(cfg: JobConfig) -> Path:
     for stale in d.glob(".*.tmp-*"):  # left by a killed writer; never a finished shard
         stale.unlink(missing_ok=True)
     _check_plan(d, plan)
+    copied = reuse_shards(g.reuse_from, d, plan) if g.reuse_from else 0
 
     shards = [prompts[i: i + g.shard_size] for i in range(0, len(prompts), g.shard_size)]
     pending = deque(i for i in range(len(shards)) if not (d / shard_name(i)).exists())
@@ -263,7 +303,8 @@ def run_generate(cfg: JobConfig) -> Path:
     rate = (f"{new_prompts / gen_seconds:.2f} prompts/s, {new_tokens / gen_seconds:.1f} generated tok/s"
             if gen_seconds else "nothing to generate")
     print(f"generate: {len(prompts)} prompts ({len(skipped)} too long, skipped) → {counts['num_rows']} "
-          f"answers, {counts['num_response_tokens']} tokens in {len(shards)} shards ({reused} reused) | "
+          f"answers, {counts['num_response_tokens']} tokens in {len(shards)} shards ({reused} reused"
+          f"{f', {copied} of them copied from {g.reuse_from}' if copied else ''}) | "
           f"{rate} | {time.perf_counter() - t0:.1f} s | {d}", flush=True)
     return d
 

@@ -158,6 +158,11 @@ class GenerateConfig(_Strict):
     max_tokens: int = Field(128, ge=1)
     responses_per_prompt: int = Field(1, ge=1)
     shard_size: int = Field(64, ge=1, description="prompts per parquet shard (the resume unit)")
+    reuse_from: str | None = Field(
+        None, description="another job's run_dir (or its distill_set/): its shards that answer the same prompts "
+                          "with the same target, sampling and shard size are copied instead of generated — a "
+                          "bigger num_prompts shares every full shard of a smaller set (the prompt list grows "
+                          "at its end)")
 
 
 class RolloutConfig(_Strict):

@@ -82,6 +82,22 @@ def test_plan_change_is_refused(tmp_path, target_tokenizer, tiny_target_path):
         gen._check_plan(tmp_path, make_plan(cfg, prompts, skipped))
 
 
+def test_a_bigger_plan_shares_every_full_shard_of_a_smaller_one(target_tokenizer, tiny_target_path):
+    def plan(n: int, *overrides: str) -> dict:
+        cfg = load_config(None, [f"target.model={tiny_target_path}", f"generate.num_prompts={n}",
+                                 "generate.shard_size=4", *overrides])
+        return make_plan(cfg, *build_prompts(cfg, target_tokenizer))
+
+    small, big = plan(30), plan(40)
+    assert big["prompt_ids"][:30] == small["prompt_ids"]  # the prompt list grows at its end
+    assert gen.reusable_shards(small, big) == list(range(7))  # shard 7 of the small plan holds 2 prompts, not 4
+    assert gen.reusable_shards(big, small) == list(range(7))  # and the other way round
+    with pytest.raises(PlanMismatch, match="sampling"):
+        gen.reusable_shards(small, plan(40, "generate.temperature=1.0"))
+    with pytest.raises(PlanMismatch, match="shard_size"):
+        gen.reusable_shards(small, plan(40, "generate.shard_size=5"))
+
+
 def test_rows_one_per_answer_in_prompt_order():
     prompts = [{"prompt_id": f"p{i}", "prompt": f"text {i}", "prompt_token_ids": [1, i]} for i in range(3)]
     answers = [[{"token_ids": [i, j], "text": f"a{i}{j}", "finish_reason": "length"} for j in range(2)]
@@ -279,3 +295,25 @@ def test_rerun_of_complete_set_is_a_noop(resumed_run):
     assert _shards(d) == resumed_run["after_resume"]
     assert (d / "metadata.json").stat().st_mtime_ns == meta_mtime
     assert "nothing to generate" in out.getvalue()
+
+
+@pytest.mark.slow
+def test_reuse_from_copies_the_shards_of_another_set(resumed_run, tmp_path):
+    """A smaller job over the same prompt order takes its shards from the finished set: no engine starts."""
+    from actors.generate import run_generate
+
+    n = 7 * SHARD_SIZE
+    cfg = load_config(resumed_run["job"], [f"run_dir={tmp_path / 'small'}", f"generate.num_prompts={n}",
+                                           f"generate.reuse_from={resumed_run['dir'].parent}"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        d = run_generate(cfg)
+    assert "nothing to generate" in out.getvalue() and "7 of them copied" in out.getvalue()
+    ds, old = load_distill_set(d.parent), load_distill_set(resumed_run["dir"].parent)
+    assert ds["prompt_id"] == old["prompt_id"][:n]
+    assert ds["response_token_ids"] == old["response_token_ids"][:n]
+    assert json.loads((d / "metadata.json").read_text())["num_rows"] == n
+    bad = load_config(resumed_run["job"], [f"run_dir={tmp_path / 'other'}", "generate.temperature=0.0",
+                                           f"generate.reuse_from={resumed_run['dir'].parent}"])
+    with pytest.raises(PlanMismatch, match="sampling"):
+        run_generate(bad)
