@@ -295,6 +295,16 @@ class OnlineLearnerConfig(_Strict):
     epochs: int = Field(1, ge=1, description="optimizer steps on each collected batch of served records (fresh "
                         "replay spans each time): the update-to-data ratio, to learn more from scarce traffic")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate, constant after warmup_steps")
+    gate: bool = Field(True, description="publish a version only if it beats the last published one on held-out "
+                       "data (learner/online.py `gate_verdict`): served requests the learner never trained on, "
+                       "and held-out rows of the distillation set (no forgetting beyond max_forgetting)")
+    probe_every: int = Field(8, ge=2, description="gate: every N-th served record joins the served probe instead "
+                             "of a training batch")
+    probe_records: int = Field(32, ge=1, description="gate: the served probe keeps the newest N held-out records")
+    probe_replay_rows: int = Field(32, ge=0, description="gate: held-out distillation-set spans in the replay probe "
+                                   "(0 = judge on served requests only)")
+    max_forgetting: float = Field(0.01, ge=0, description="gate: the largest acceptance drop on the replay probe a "
+                                  "published version may have against the last published one")
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps; None = until stopped")
     poll_interval_s: float = Field(0.5, gt=0, description="seconds between buffer reads while a step's records "

@@ -28,6 +28,19 @@ Epochs. Each collected batch of records is stepped on serve.online.learner.epoch
 each time; the exact loss needs no importance weights), as PPO-style trainers reuse a rollout batch: traffic
 is the scarce resource, and the learner's CPU is idle between batches.
 
+Gate. A version is published only if it beats the last published one (version 0: the disk draft) on data
+neither trained on (`gate_verdict`, serve.online.learner.gate): every probe_every-th served record is held out
+into a served probe (the newest probe_records), and probe_replay_rows spans of the distillation set's held-out
+prompts form a fixed replay probe. With a(·) the teacher-forced acceptance (`learner.distill.evaluate_heldout`:
+1{argmax q = argmax p} when the probe's requests were greedy, else 1 − TVD(p, q)) and b(·) the other of the two,
+of the candidate c and the published draft u on the same positions (a paired comparison),
+
+    publish c  iff  [a_served(c) > a_served(u)  or  a_served(c) = a_served(u) and b_served(c) ≥ b_served(u)]
+              and  a_replay(c) ≥ a_replay(u) − max_forgetting,
+
+else c is held back (counted) and training goes on from it. The replica's rollback (below) judges live rounds
+of different requests; the gate judges the same requests, before any replica serves the version.
+
 Versions. Replicas serve the draft on disk as version 0. The learner starts from that checkpoint and
 publishes v = max(store version, 0) + 1, + 2, … every steps_per_publish steps (fp32 ndarrays keyed like
 the state dict: `learner.distill.publish_weights`); replicas install a version between rounds, judge it
@@ -40,6 +53,7 @@ independently of the replicas. Not built yet: several learner ranks (DDP), check
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import threading
@@ -58,7 +72,7 @@ from learner.distill import Learner, ResponseLogits, publish_weights, train_step
 from learner.draft_head import DraftHead
 from learner.losses import BaselineState
 from learner.trainer import adamw, autocast_dtype, lr_factor, param_groups
-from serve.online import OnlineSettings, get_buffer, request_rows
+from serve.online import OnlineSettings, get_buffer, request_rows, to_rollout_batch
 
 HISTORY = 256  # per-step metrics kept for stats()
 
@@ -68,21 +82,22 @@ def learner_name(cfg: JobConfig) -> str:
     return f"draftalign-{cfg.name}-online-learner"
 
 
-def replay_rows(cfg: JobConfig, k: int) -> list[dict]:
+def replay_rows(cfg: JobConfig, k: int, heldout: bool = False) -> list[dict]:
     """Train-split rows of the job's distillation set that carry the target's top-k (≥ k) at every answer
     position — what the online learner replays; [] when serve.online.learner.replay_fraction is 0.
-    Raises ConfigError naming the setting when replay is asked for and no row qualifies."""
+    Raises ConfigError naming the setting when replay is asked for and no row qualifies.
+    heldout: the held-out split instead (the gate's replay probe; [] when there is none, never an error)."""
     from learner.distill import filter_rows, load_rows, split_heldout
 
     f = cfg.serve.online.learner.replay_fraction
-    if f == 0:
+    if f == 0 and not heldout:
         return []
     src = cfg.run_path / "distill_set"
     rows = []
     if (src / "metadata.json").is_file():  # a finished set (actors.generate)
-        train, _ = split_heldout(filter_rows(load_rows(cfg.run_path), cfg.target.max_model_len, 0))
-        rows = [r for r in train if cached_score(r, k) is not None]
-    if not rows:
+        train, held = split_heldout(filter_rows(load_rows(cfg.run_path), cfg.target.max_model_len, 0))
+        rows = [r for r in (held if heldout else train) if cached_score(r, k) is not None]
+    if not rows and not heldout:
         raise ConfigError(f"serve.online.learner.replay_fraction={f} replays distillation-set rows with the "
                          f"target's top-{k} recorded (stage 2: `draftalign generate`), but {src} has none; "
                          f"generate the set or set serve.online.learner.replay_fraction=0")
@@ -121,10 +136,23 @@ def mixed_batch(records: list[dict], replay: list[dict], replay_fraction: float,
                        draft_logprobs=served["draft_logprobs"] + [None] * n_r, policy_version=version)
 
 
+def gate_verdict(new: dict[str, tuple[float, float]], published: dict[str, tuple[float, float]],
+                 max_forgetting: float) -> bool:
+    """The gate (module docstring): {"served": (a, b), "replay": (a, b)} of the candidate vs the published draft
+    (a: the acceptance of the probe's decoding mode, b: the other one, the tie-break); a probe missing from either
+    dict is not judged."""
+    ok = True
+    if "served" in new and "served" in published:
+        ok = tuple(new["served"]) >= tuple(published["served"])  # lexicographic: a, then b on a tie
+    if "replay" in new and "replay" in published:
+        ok = ok and new["replay"][0] >= published["replay"][0] - max_forgetting
+    return ok
+
+
 class OnlineLearnerWorker:
     """The online learner without Ray's actor wrapper: `run` pulls records, steps, publishes; `stop`, `stats`."""
 
-    def __init__(self, cfg: dict, draft_path: str, replay: list[dict]):
+    def __init__(self, cfg: dict, draft_path: str, replay: list[dict], heldout: list[dict] | None = None):
         from draftalign.models import load_causal_lm, load_tokenizer
         from draftalign.vocab import load_draft_vocab
 
@@ -156,10 +184,22 @@ class OnlineLearnerWorker:
         self.store = WeightStore.options(name=self.settings.weight_store, namespace=self.settings.namespace,
                                          get_if_exists=True, lifetime="detached").remote()
         self._stop = threading.Event()
-        self.counts = {"records": 0, "replayed_rows": 0, "served_tokens": 0, "wait_s": 0.0, "step_s": 0.0}
+        self.counts = {"records": 0, "replayed_rows": 0, "served_tokens": 0, "wait_s": 0.0, "step_s": 0.0,
+                       "probe_records": 0, "held_back": 0, "gate_s": 0.0}
         self.records_per_version: dict[int, int] = {}
         self.published: list[dict] = []
         self.history: deque = deque(maxlen=HISTORY)
+        # the gate: the published draft (a copy of the disk draft = version 0 until the first publish) and probes
+        self.reference = copy.deepcopy(core).eval() if self.lo.gate else None
+        self.probe: deque = deque(maxlen=self.lo.probe_records)
+        self.replay_probe = None
+        if self.lo.gate and heldout and self.lo.probe_replay_rows:
+            spans = replay_spans(heldout, self.lo.probe_replay_rows, 16, self.k, random.Random(cfg.seed + 1))
+            self.replay_probe = build_batch(spans["prompts"], spans["responses"], spans["scores"], pad_id=self.pad_id,
+                                            on_policy=[False] * len(spans["prompts"]))
+        self._reference_replay: tuple | None = None  # a_replay(published): fixed probe, fixed weights — cached
+        self._seen = 0
+        self.gates: deque = deque(maxlen=HISTORY)
 
     def _collect(self) -> list[dict] | None:
         """records_per_step records from the buffer (oldest first), waiting for traffic; None once stopped."""
@@ -168,7 +208,15 @@ class OnlineLearnerWorker:
             if self._stop.is_set():
                 return None
             more = ray.get(self.buffer.get_batch.remote(self.lo.records_per_step - len(got)))
-            got += [r for r in more if len(r["positions"]) > 0]
+            for r in more:
+                if len(r["positions"]) == 0:
+                    continue
+                self._seen += 1
+                if self.reference is not None and self._seen % self.lo.probe_every == 0:
+                    self.probe.append(r)  # held out: the gate judges versions on it
+                    self.counts["probe_records"] += 1
+                else:
+                    got.append(r)
             if len(got) < self.lo.records_per_step:
                 self._stop.wait(self.lo.poll_interval_s)
         return got
@@ -181,7 +229,7 @@ class OnlineLearnerWorker:
         batch = mixed_batch(records, self.replay, self.lo.replay_fraction, self.k, self.pad_id, self.rng,
                             lrn.version)
         sums, lr, grad_norm = train_step(lrn, batch, self.cfg)
-        if lrn.step % self.lo.steps_per_publish == 0:
+        if lrn.step % self.lo.steps_per_publish == 0 and self._gate():
             lrn.version += 1
             publish_weights(self.store, lrn.core.lm, lrn.version)
             self.published.append({"version": lrn.version, "step": lrn.step, "time": time.time()})
@@ -200,6 +248,41 @@ class OnlineLearnerWorker:
         self.counts["step_s"] += metrics["step_s"]
         self.history.append(metrics)
         return metrics
+
+    def _acceptance(self, core, batch, greedy: bool) -> tuple[float, float]:
+        """(a, b): the acceptance of the decoding mode (greedy or sampled) first, the other second."""
+        from learner.distill import evaluate_heldout
+
+        a = evaluate_heldout(core, batch, self.learner.device, self.learner.amp)
+        pair = (a["heldout_greedy_acceptance"], a["heldout_acceptance"])
+        return pair if greedy else pair[::-1]
+
+    def _gate(self) -> bool:
+        """True = publish the learner's weights now (module docstring "Gate"); they become the reference."""
+        if self.reference is None:
+            return True
+        t0 = time.perf_counter()
+        greedy = all(float(r["temperature"]) == 0 for r in self.probe)
+        new, ref = {}, {}
+        if self.probe:
+            served = to_rollout_batch(list(self.probe), pad_id=self.pad_id)
+            new["served"] = self._acceptance(self.learner.core, served, greedy)
+            ref["served"] = self._acceptance(self.reference, served, greedy)
+        if self.replay_probe is not None:
+            new["replay"] = self._acceptance(self.learner.core, self.replay_probe, greedy)
+            if self._reference_replay is None:
+                self._reference_replay = self._acceptance(self.reference, self.replay_probe, greedy)
+            ref["replay"] = self._reference_replay
+        ok = gate_verdict(new, ref, self.lo.max_forgetting)
+        if ok:
+            self.reference.load_state_dict(self.learner.core.state_dict())
+            self._reference_replay = new.get("replay")
+        else:
+            self.counts["held_back"] += 1
+        self.counts["gate_s"] += time.perf_counter() - t0
+        self.gates.append({"step": self.learner.step, "publish": ok, "candidate": new, "published": ref,
+                           "probe_records": len(self.probe), "greedy": greedy})
+        return ok
 
     def _finished(self) -> bool:
         """stop() was called or serve.online.learner.max_steps were taken."""
@@ -226,6 +309,7 @@ class OnlineLearnerWorker:
     def stats(self) -> dict:
         return {"step": self.learner.step, "policy_version": self.learner.version, **self.counts,
                 "records_per_version": dict(self.records_per_version), "published": list(self.published),
+                "gates": list(self.gates),
                 "last": self.history[-1] if self.history else None, "history": list(self.history)}
 
 
@@ -239,9 +323,10 @@ def start_online_learner(cfg: JobConfig, draft_path: str | Path):
     lo = cfg.serve.online.learner
     k = cfg.serve.online.top_k_logprobs or cfg.target.top_k_logprobs
     replay = replay_rows(cfg, k)  # read here: the driver sees the run dir, the actor's node may not
+    heldout = replay_rows(cfg, k, heldout=True) if lo.gate and lo.probe_replay_rows else []
     o = cfg.serve.online  # the store exists before the learner starts: replicas and callers find it by name
     WeightStore.options(name=o.weight_store, namespace=o.namespace, get_if_exists=True, lifetime="detached").remote()
     actor = OnlineLearner.options(name=learner_name(cfg), namespace=cfg.serve.online.namespace,
                                   num_cpus=lo.cpus, num_gpus=lo.gpus, resources=dict(lo.resources) or None
-                                  ).remote(cfg.model_dump(mode="json"), str(draft_path), replay)
+                                  ).remote(cfg.model_dump(mode="json"), str(draft_path), replay, heldout)
     return actor, actor.run.remote()
