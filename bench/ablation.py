@@ -6,7 +6,10 @@ are evaluated in ONE interleaved `draftalign.evaluate.run_eval` per decoding tem
 default greedy and T = 1: greedy acceptance is argmax agreement, sampled acceptance is 1 − TVD, and the
 best loss can differ between them). Arms:
 FKL, RKL, JSD, TVD, TVD++ with its three baseline scopes (position / batch / EMA), plus `start`,
-the undistilled draft, as the reference row.
+the undistilled draft, as the reference row; `fkl_branch` / `tvd_pp_branch` add on-policy rollouts (half of each
+batch: short draft branches after prefixes of target answers, scored by a vLLM target — issue #13's "on-policy
+where it matters"), compared by τ and by each arm's wall time (acceptance per CPU-minute).
+An arm's spec sets distill.* fields by bare name and any other section by a dotted path.
 
     python bench/ablation.py cluster/jobs/local.yaml --quick --out bench/results/ablation_quick.json
 
@@ -38,6 +41,8 @@ ARMS: dict[str, dict] = {
     "tvd_pp": {"loss": "tvd_pp", "baseline": "position"},
     "tvd_pp_batch": {"loss": "tvd_pp", "baseline": "batch"},
     "tvd_pp_ema": {"loss": "tvd_pp", "baseline": "ema"},
+    "fkl_branch": {"loss": "fkl", "rollout.on_policy_fraction": 0.5, "rollout.on_policy_mode": "branch"},
+    "tvd_pp_branch": {"loss": "tvd_pp", "rollout.on_policy_fraction": 0.5, "rollout.on_policy_mode": "branch"},
 }
 QUICK = ["learner.max_steps=12", "learner.checkpoint_every=1000", "learner.sync_every=2",
          "rollout.max_new_tokens=24", "rollout.batch_size=4", "eval.prompts_per_task=3",
@@ -50,7 +55,8 @@ def _arm_cfg(base, arm: str, spec: dict, draft: Path, root: Path):
     cfg.run_dir = str(root / arm)
     cfg.draft.model = str(draft)
     for k, v in spec.items():
-        setattr(cfg.distill, k, v)
+        section, _, field = k.rpartition(".")
+        setattr(cfg.distill if not section else getattr(cfg, section), field, v)
     return cfg
 
 
@@ -130,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     for arm in arms:
         cfg = _arm_cfg(base, arm, ARMS[arm], draft, root)
         arm_dir = Path(cfg.run_dir)
-        entry: dict = {"distill_config": cfg.distill.model_dump()}
+        entry: dict = {"distill_config": cfg.distill.model_dump(),
+                       "rollout": {k: v for k, v in cfg.rollout.model_dump().items() if k.startswith("on_policy")}}
         path = draft
         if arm != "start":
             _link_distill_set(src_run, arm_dir)
