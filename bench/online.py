@@ -30,27 +30,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.clients import QUIET, free_port, run_clients  # noqa: E402
 from draftalign.config import load_config  # noqa: E402
 from draftalign.data import chat_messages, chat_prompt_ids, code_messages, summarize_messages  # noqa: E402
 from draftalign.evaluate import machine  # noqa: E402
 from draftalign.io import write_json_atomic  # noqa: E402
 from serve.acceptance import per_token_acceptance  # noqa: E402
 
-QUIET = {"enable_access_log": False}  # the bench prints its own windows; Serve's access log is noise here
 ARMS = ("static", "online")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def schedule(chat_windows: int, shifted_windows: int, per_window: int, seed: int = 1,
@@ -78,30 +70,11 @@ def schedule(chat_windows: int, shifted_windows: int, per_window: int, seed: int
 
 
 async def _window(url: str, model: str, prompts: list[list[dict]], clients: int, max_tokens: int) -> dict:
-    """The window's requests split among `clients` concurrent clients; per-request records and wall time."""
-    from openai import AsyncOpenAI
-
-    async def one(i: int) -> list[dict]:
-        c = AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=900)
-        out = []
-        try:
-            for k in range(i, len(prompts), clients):
-                try:
-                    r = await c.chat.completions.create(model=model, messages=prompts[k], max_tokens=max_tokens,
-                                                        temperature=0)
-                except Exception as e:  # counted: failed requests are a result
-                    out.append({"prompt": k, "error": f"{type(e).__name__}: {e}"})
-                    continue
-                out.append({"prompt": k, "text": r.choices[0].message.content,
-                            "completion_tokens": r.usage.completion_tokens, **r.model_extra["spec_decoding"]})
-        finally:
-            await c.close()
-        return out
-
-    t0 = time.perf_counter()
-    per = await asyncio.gather(*(one(i) for i in range(clients)))
-    return {"wall_s": time.perf_counter() - t0, "records": sorted((r for rs in per for r in rs),
-                                                                  key=lambda r: r["prompt"])}
+    """The window's requests split among `clients` concurrent clients (client i: prompts i, i + clients, …);
+    per-request records in prompt order, and the wall time."""
+    got = await run_clients(url, model, prompts, [list(range(i, len(prompts), clients)) for i in range(clients)],
+                            max_tokens)
+    return {"wall_s": got["wall_s"], "records": sorted(got["records"], key=lambda r: r["prompt"])}
 
 
 def _summary(run: dict) -> dict:
@@ -192,7 +165,7 @@ def main() -> None:
     online.serve.online = type(cfg.serve.online).model_validate({
         **base_online, "enabled": True, "weight_store": base_online["weight_store"] or f"bench-{cfg.name}-weights",
         "learner": {**base_online["learner"], "enabled": True}})
-    port, model = _free_port(), cfg.serve.model_name
+    port, model = free_port(), cfg.serve.model_name
     url = f"http://127.0.0.1:{port}"
     result = {"target": cfg.target.model, "draft": draft, "gamma": cfg.serve.gamma, **knobs,
               "online_config": online.serve.online.model_dump(mode="json"), "machine": machine(), "arms": {}}

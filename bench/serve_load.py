@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.clients import QUIET, free_port, run_clients  # noqa: E402
 from draftalign.config import load_config  # noqa: E402
 from draftalign.data import chat_messages  # noqa: E402
 from draftalign.evaluate import machine  # noqa: E402
@@ -44,12 +44,6 @@ from serve.acceptance import draft_acceptance, per_token_acceptance  # noqa: E40
 
 ARMS = ("spec", "fixed", "base")  # goodput γ, fixed γ, target only
 SPEC_ARMS = ARMS[:-1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -61,31 +55,10 @@ def _pct(xs: list[float], q: float) -> float:
 
 async def _load(base_url: str, model: str, prompts: list[list[dict]], clients: int, per_client: int,
                 max_tokens: int) -> dict:
-    """N clients × M sequential requests each; returns per-request records and the wall time."""
-    from openai import AsyncOpenAI
-
-    async def one(i: int) -> list[dict]:
-        c = AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
-        out = []
-        try:
-            for j in range(per_client):
-                k = (i * per_client + j) % len(prompts)
-                t0 = time.perf_counter()
-                try:
-                    r = await c.chat.completions.create(model=model, messages=prompts[k], max_tokens=max_tokens,
-                                                        temperature=0)
-                except Exception as e:  # counted, not fatal: the table reports errors
-                    out.append({"prompt": k, "error": f"{type(e).__name__}: {e}"})
-                    continue
-                out.append({"prompt": k, "latency_s": time.perf_counter() - t0, "text": r.choices[0].message.content,
-                            "completion_tokens": r.usage.completion_tokens, **r.model_extra["spec_decoding"]})
-        finally:
-            await c.close()
-        return out
-
-    t0 = time.perf_counter()
-    per = await asyncio.gather(*(one(i) for i in range(clients)))
-    return {"wall_s": time.perf_counter() - t0, "records": [r for rs in per for r in rs]}
+    """N clients × M sequential requests each (client i: prompts i·M … i·M + M − 1, wrapping); per-request
+    records and the wall time."""
+    assignment = [[(i * per_client + j) % len(prompts) for j in range(per_client)] for i in range(clients)]
+    return await run_clients(base_url, model, prompts, assignment, max_tokens, timeout=600)
 
 
 def _summary(runs: list[dict]) -> dict:
@@ -200,16 +173,19 @@ def main() -> None:
         print(f"bench: target={cfg.target.model} draft={draft_label} gamma={cfg.serve.gamma} "
               f"dtype={cfg.target.dtype} clients={knobs['clients']} requests/level={knobs['requests']} "
               f"max_tokens={knobs['max_tokens']} rounds={knobs['rounds']} torch_threads={cores}", flush=True)
-        port = _free_port()
+        port = free_port()
         init_ray(cfg, num_cpus=max(len(ARMS), cores))  # one logical CPU per replica
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=QUIET)
             t0 = time.perf_counter()
-            serve.run(build_app(cfg, target, draft, torch_threads=cores), name="spec", route_prefix="/spec")
+            serve.run(build_app(cfg, target, draft, torch_threads=cores), name="spec", route_prefix="/spec",
+                      logging_config=QUIET)
             fixed = cfg.model_copy(deep=True)
             fixed.serve.gamma_policy = "fixed"
-            serve.run(build_app(fixed, target, draft, torch_threads=cores), name="fixed", route_prefix="/fixed")
-            serve.run(build_app(cfg, target, None, torch_threads=cores), name="base", route_prefix="/base")
+            serve.run(build_app(fixed, target, draft, torch_threads=cores), name="fixed", route_prefix="/fixed",
+                      logging_config=QUIET)
+            serve.run(build_app(cfg, target, None, torch_threads=cores), name="base", route_prefix="/base",
+                      logging_config=QUIET)
             print(f"deployed the endpoints in {time.perf_counter() - t0:.1f} s", flush=True)
             urls = {arm: f"http://127.0.0.1:{port}/{arm}/v1" for arm in ARMS}
             model = cfg.serve.model_name
