@@ -56,7 +56,11 @@ def _guard(fn):
 
 
 def _branching(text: str) -> list[int] | dict:
-    """"2,2,1" → [2, 2, 1]; "dynamic:5,3,12" → {depth: 5, topk: 3, nodes: 12} (EAGLE-2); else a clear error."""
+    """"2,2,1" → [2, 2, 1]; "dynamic:5,3,12" → {depth: 5, topk: 3, nodes: 12} (EAGLE-2); else a clear error.
+    The labels the eval prints are accepted too: "tree:2-2-1", "dtree:5-3-12" (`draftalign.evaluate.tree_label`)."""
+    if text.startswith(("tree:", "dtree:")):  # a result label typed back in
+        kind, _, shape = text.partition(":")
+        text = ("dynamic:" if kind == "dtree" else "") + shape.replace("-", ",")
     kind, _, shape = text.rpartition(":")
     try:
         ks = [int(k) for k in shape.split(",")]

@@ -66,6 +66,8 @@ def test_token_tree_settings_are_validated():
         load_config(None, ["serve.engine=vllm", "serve.tree=[2, 1]"])
     assert _branching("2,2,1") == [2, 2, 1]
     assert _branching("dynamic:5,3,12") == {"depth": 5, "topk": 3, "nodes": 12}
+    assert _branching("dtree:5-3-12") == _branching("dynamic:5,3,12")  # the eval's labels, typed back in
+    assert _branching("tree:2-2-1") == _branching("2,2,1") == [2, 2, 1]
     for bad in ("dynamic:5,3", "2,x", "static:2,1", "dynamic:5,0,4"):
         with pytest.raises(typer.BadParameter, match="dynamic:DEPTH,TOPK,NODES"):
             _branching(bad)
