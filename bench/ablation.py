@@ -13,9 +13,11 @@ An arm's spec sets distill.* fields by bare name and any other section by a dott
 
     python bench/ablation.py cluster/jobs/local.yaml --quick --out bench/results/ablation_quick.json
 
-Each arm runs in `<run_dir>/ablation/<arm>/` (the job's distillation set is linked in); an arm
-whose eval JSON exists is reused with --resume, so an interrupted ablation continues. Prints a table
-of block efficiency per task and γ (plus held-out acceptance and trained tokens) and writes JSON.
+Each arm runs in `<run_dir>/ablation/<arm>/` (the job's distillation set is linked in); with
+--resume an arm whose distilled draft exists is not retrained, and a temperature whose eval JSONs all exist is
+not re-evaluated, so an interrupted ablation continues. Prints a table
+of block efficiency per task and γ — each arm with its paired Δτ to the column's best arm (same prompts, 95%
+interval) — plus held-out acceptance and trained tokens, and writes JSON.
 """
 
 from __future__ import annotations
@@ -76,8 +78,11 @@ def _eval_rows(ev: dict) -> dict[str, dict[str, dict]]:
     by_gamma = ev.get("by_gamma") or {str(ev.get("gamma")): {"tasks": ev.get("tasks", {})}}
     for g, block in by_gamma.items():
         for task, row in block.get("tasks", {}).items():
-            out.setdefault(task, {})[str(g)] = {k: row.get(k) for k in
-                                                ("block_efficiency", "acceptance_rate", "speedup")}
+            cell = {k: row.get(k) for k in ("block_efficiency", "acceptance_rate", "speedup")}
+            # paired Δτ (this − other arm, same prompts) with its 95% interval, keyed by the other arm's name
+            cell["paired_tau"] = {other.rsplit("@", 1)[0]: by_task[task]["block_efficiency"]
+                                  for other, by_task in block.get("paired", {}).items() if task in by_task}
+            out.setdefault(task, {})[str(g)] = cell
     return out
 
 
@@ -86,11 +91,14 @@ def format_table(arms: dict) -> str:
                    for g in gs})
     head = ["arm", *[f"{m} {t} τ (γ={g})" for m, t, g in cols], "held-out greedy α", "held-out 1 − TVD", "tokens"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    cell = lambda a, m, t, g: a["eval"].get(m, {}).get(t, {}).get(g, {})
+    best = {c: max(arms, key=lambda n: cell(arms[n], *c).get("block_efficiency") or 0.0) for c in cols}
     for name, a in arms.items():
         cells = [name]
-        for m, t, g in cols:
-            v = a["eval"].get(m, {}).get(t, {}).get(g, {}).get("block_efficiency")
-            cells.append("-" if v is None else f"{v:.3f}")
+        for c in cols:
+            v, d = cell(a, *c).get("block_efficiency"), cell(a, *c).get("paired_tau", {}).get(best[c])
+            cells.append("-" if v is None else f"**{v:.3f}**" if name == best[c] else f"{v:.3f}" if not d else
+                         f"{v:.3f} (Δ {d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}])")
         for key in ("heldout_greedy_acceptance", "heldout_acceptance"):
             ha = a.get("distill", {}).get(key)
             cells.append("-" if ha is None else f"{ha:.3f}")
@@ -108,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token-budget", type=int, default=None,
                     help="stop each arm after this many trained response tokens (default: learner.max_steps "
                          "× rollout.batch_size × rollout.max_new_tokens / 2)")
-    ap.add_argument("--resume", action="store_true", help="reuse arms whose distilled draft already exists")
+    ap.add_argument("--resume", action="store_true", help="reuse finished arms and finished temperatures' evals")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="eval temperatures")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value")
     ap.add_argument("--out", type=Path, required=True, help="write the ablation JSON here")
@@ -159,7 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     for temp in args.temperatures:
         cfg = base.model_copy(deep=True)
         cfg.eval.temperature = temp
-        evals = run_eval(cfg, paths, out={a: root / a / f"eval_T{temp:g}.json" for a in arms})
+        outs = {a: root / a / f"eval_T{temp:g}.json" for a in arms}
+        if args.resume and all(o.is_file() for o in outs.values()):
+            print(f"[ablation] T={temp:g}: reusing {len(outs)} eval JSONs", flush=True)
+            evals = {a: json.loads(o.read_text()) for a, o in outs.items()}
+        else:  # one interleaved run: arms compared on the same machine state
+            evals = run_eval(cfg, paths, out=outs)
         for arm, ev in evals.items():
             results[arm].setdefault("eval", {})[f"T={temp:g}"] = _eval_rows(ev)
             results[arm].setdefault("eval_overall", {})[f"T={temp:g}"] = ev.get("overall")

@@ -13,7 +13,10 @@ denominator come from the same prompts, minutes apart at most. Definitions (serv
 * step costs, in ms, measured in this run (prefill passes excluded): target step t₁ (target-only),
   verification pass t_v over γ + 1 tokens, draft step t_d; c = t_d / t₁, v = t_v / t₁;
 * speedup = speculative tokens/s ÷ target-only tokens/s, next to its bound τ / (γc + v);
-* intervals: 95% percentile bootstrap over prompts (ratios of sums recomputed on every resample).
+* intervals: 95% percentile bootstrap over prompts (ratios of sums recomputed on every resample);
+* paired differences: for drafts measured at the same γ (or tree), Δ = this − other of τ, α and speedup with a
+  bootstrap that resamples the *same* prompts for both arms — prompt difficulty cancels, so two drafts whose
+  own intervals overlap can still be told apart (`paired` in each cell).
 
 Greedy arms are checked token for token against the target-only arm on every prompt.
 """
@@ -187,10 +190,13 @@ def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: boo
 
 # ------------------------------------------------------------------------------ statistics
 
-def _sums(recs: list[dict]) -> dict:
-    keys = ("tokens", "seconds", "rounds", "accepted", "rejected", "proposed", "draft_s", "draft_steps",
+SUM_KEYS = ("tokens", "seconds", "rounds", "accepted", "rejected", "proposed", "draft_s", "draft_steps",
             "target_s", "target_steps")
-    return {k: sum(r[k] for r in recs) for k in keys}
+PAIRED = ("block_efficiency", "acceptance_rate", "speedup")
+
+
+def _sums(recs: list[dict]) -> dict:
+    return {k: sum(r[k] for r in recs) for k in SUM_KEYS}
 
 
 def _point(base: dict, spec: dict, gamma: int) -> dict:
@@ -241,6 +247,31 @@ def _row(base_recs: list[dict], spec_recs: list[dict], gamma: int, strata: list[
     return row
 
 
+def paired_difference(base_recs: list[dict], a_recs: list[dict], b_recs: list[dict], gamma_a: int, gamma_b: int,
+                      strata: list[int] | None = None, seed: int = 0) -> dict:
+    """Δ = metric(a) − metric(b) for two arms run on the same prompts, with a 95% paired bootstrap interval:
+    every resample draws one set of prompt indices and recomputes both arms (and the shared target-only
+    denominator of speedup) on it. {metric: {"delta": Δ, "ci95": [lo, hi]}} for τ, α and speedup."""
+    n = len(a_recs)
+    if not (len(base_recs) == n == len(b_recs)):
+        raise ValueError(f"paired arms need the same prompts: {len(base_recs)}, {n}, {len(b_recs)} records")
+    arr = {name: np.array([[r[k] for k in SUM_KEYS] for r in recs], dtype=float).reshape(n, len(SUM_KEYS))
+           for name, recs in (("base", base_recs), ("a", a_recs), ("b", b_recs))}
+
+    def delta(idx) -> dict:
+        sums = {name: dict(zip(SUM_KEYS, m[idx].sum(0))) for name, m in arr.items()}
+        pa, pb = _point(sums["base"], sums["a"], gamma_a), _point(sums["base"], sums["b"], gamma_b)
+        return {k: pa[k] - pb[k] for k in PAIRED}
+
+    point = delta(np.arange(n))
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(n)] if strata is None else [np.flatnonzero(np.asarray(strata) == s) for s in set(strata)]
+    draws = [delta(np.concatenate([rng.choice(g, len(g)) for g in groups])) for _ in range(BOOTSTRAP if n > 1 else 0)]
+    return {k: {"delta": point[k],
+                "ci95": [float(np.percentile([d[k] for d in draws], q)) for q in (2.5, 97.5)] if draws else None}
+            for k in PAIRED}
+
+
 def summarize(measured: dict, cfg: JobConfig) -> dict:
     """{"arms": {arm: {"gamma", "tasks": {task: row}, "overall": row, "lossless_greedy"}}, "target_only"}."""
     rec, greedy = measured["records"], cfg.eval.temperature == 0
@@ -264,7 +295,25 @@ def summarize(measured: dict, cfg: JobConfig) -> dict:
         mismatches = sum(a["token_ids"] != b["token_ids"] for a, b in zip(flat_b, flat_s)) if greedy else None
         cell["lossless_greedy"] = {"checked": len(flat_s) if greedy else 0, "mismatches": mismatches or 0}
         out["arms"][arm] = cell
+    _add_paired(out["arms"], rec, tasks, strata, cfg.seed)
     return out
+
+
+def _add_paired(cells: dict, rec: dict, tasks: list[str], strata: list[int], seed: int) -> None:
+    """cell["paired"][other] = paired Δ (this − other) per task and overall, for arms at the same γ / tree."""
+    arms = list(cells)
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            if a.rsplit("@", 1)[1] != b.rsplit("@", 1)[1]:
+                continue
+            ga, gb = cells[a]["gamma"], cells[b]["gamma"]
+            rows = {t: paired_difference(rec["target"][t], rec[a][t], rec[b][t], ga, gb, seed=seed) for t in tasks}
+            rows["overall"] = paired_difference([r for t in tasks for r in rec["target"][t]],
+                                                [r for t in tasks for r in rec[a][t]],
+                                                [r for t in tasks for r in rec[b][t]], ga, gb, strata, seed)
+            cells[a].setdefault("paired", {})[b] = rows
+            flip = lambda d: {"delta": -d["delta"], "ci95": [-d["ci95"][1], -d["ci95"][0]] if d["ci95"] else None}
+            cells[b].setdefault("paired", {})[a] = {t: {k: flip(d) for k, d in row.items()} for t, row in rows.items()}
 
 
 def format_table(summary: dict) -> str:
@@ -283,6 +332,15 @@ def format_table(summary: dict) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |"
     out = [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+    seen: dict[str, str] = {}  # label → the first draft arm measured at it: every other arm is paired with it
+    for arm, cell in summary["arms"].items():
+        ref = seen.setdefault(arm.rsplit("@", 1)[1], arm)
+        if ref != arm and ref in cell.get("paired", {}):
+            d = cell["paired"][ref]["overall"]
+            out.append(f"{arm} − {ref} (paired over prompts): " + ", ".join(
+                f"Δ{sym} {d[k]['delta']:+.3f} [{d[k]['ci95'][0]:+.3f}, {d[k]['ci95'][1]:+.3f}]" if d[k]["ci95"]
+                else f"Δ{sym} {d[k]['delta']:+.3f}" for k, sym in (("block_efficiency", "τ"),
+                                                                  ("acceptance_rate", "α"), ("speedup", "speedup"))))
     for arm, cell in summary["arms"].items():
         lg = cell["lossless_greedy"]
         if lg["checked"]:
@@ -298,9 +356,11 @@ def _eval_json(cfg: JobConfig, name: str, draft: str, summary: dict, dtype, info
     first = cells[cfg.eval.gamma[0]]
     return {"target": cfg.target.model, "draft": draft, "gamma": cfg.eval.gamma[0],
             "temperature": cfg.eval.temperature, "tasks": first["tasks"], "overall": first["overall"],
-            "by_gamma": {str(g): {"tasks": c["tasks"], "overall": c["overall"]} for g, c in cells.items()},
-            "by_tree": {label: {"tree": c["tree"], "tasks": c["tasks"], "overall": c["overall"]}
-                        for label, c in trees.items()},
+            "paired": first.get("paired", {}),
+            "by_gamma": {str(g): {"tasks": c["tasks"], "overall": c["overall"], "paired": c.get("paired", {})}
+                         for g, c in cells.items()},
+            "by_tree": {label: {"tree": c["tree"], "tasks": c["tasks"], "overall": c["overall"],
+                                "paired": c.get("paired", {})} for label, c in trees.items()},
             "lossless_greedy": {k: sum(c["lossless_greedy"][k] for c in [*cells.values(), *trees.values()])
                                 for k in ("checked", "mismatches")},
             "max_new_tokens": cfg.eval.max_new_tokens, "dtype": str(dtype).removeprefix("torch."),

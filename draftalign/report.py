@@ -27,6 +27,15 @@ def _scalars(run: Path, stage: str) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(v) for k, v in series.items()}
 
 
+def _stage3_adds(distilled: dict, task: str, gamma: int) -> str:
+    """"; stage 3 adds Δτ [paired CI]" from the distilled eval's paired difference with the pretrained arm."""
+    paired = distilled.get("paired", {}).get(f"pretrained@{gamma}", {})
+    d = paired.get(task, {}).get("block_efficiency")
+    if not d or not d.get("ci95"):
+        return ""
+    return f"; stage 3 adds Δτ {d['delta']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] (paired over prompts)"
+
+
 def _ci(r: dict, key: str, fmt: str = "{:.2f}") -> str:
     lo_hi = r.get("ci95", {}).get(key)
     return f" [{fmt.format(lo_hi[0])}, {fmt.format(lo_hi[1])}]" if lo_hi else ""
@@ -122,7 +131,8 @@ def write_report(run: Path) -> Path:
                              f"{_ci(ra, 'block_efficiency')} after stage 1 (pretrained) → "
                              f"{rb['block_efficiency']:.2f}{_ci(rb, 'block_efficiency')} after stage 3 (distilled); "
                              f"α {ra['acceptance_rate']:.3f} → {rb['acceptance_rate']:.3f}; speedup over target-only "
-                             f"{ra['speedup']:.2f}x → {rb['speedup']:.2f}x{_ci(rb, 'speedup')}")
+                             f"{ra['speedup']:.2f}x → {rb['speedup']:.2f}x{_ci(rb, 'speedup')}"
+                             + _stage3_adds(b, task, g))
     if len(evals) == 1 and "distilled" in evals:
         g = headline_gamma(run, evals)
         b = _at(evals["distilled"], g)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from draftalign.config import load_config
-from draftalign.evaluate import run_eval
+from draftalign.evaluate import paired_difference, run_eval
 from serve.acceptance import expected_block_efficiency, round_outcome, summarize_rounds
 
 
@@ -37,6 +37,31 @@ def test_drafts_share_one_interleaved_target_only_arm(tmp_path, tiny_target_path
         assert lo <= r["block_efficiency"] <= hi
         assert r["target_step_ms"] > 0 and r["verify_step_ms"] > 0 and r["draft_step_ms"] > 0
         assert sum(r["accepted_histogram"]) > 0
+    # the paired difference is the difference of the two cells, antisymmetric between the two drafts
+    d = same["paired"]["small@3"]["overall"]["block_efficiency"]
+    assert d["delta"] == pytest.approx(same["overall"]["block_efficiency"] - small["overall"]["block_efficiency"])
+    assert small["paired"]["self@3"]["overall"]["block_efficiency"]["delta"] == pytest.approx(-d["delta"])
+    assert d["ci95"][0] <= d["delta"] <= d["ci95"][1]
+
+
+def _rec(tokens: int, rounds: int, accepted: int, rejected: int, seconds: float) -> dict:
+    return {"tokens": tokens, "seconds": seconds, "rounds": rounds, "accepted": accepted, "rejected": rejected,
+            "proposed": 3 * rounds, "draft_s": 0.01 * rounds, "draft_steps": 3 * rounds,
+            "target_s": seconds, "target_steps": rounds}
+
+
+def test_paired_difference_cancels_prompt_difficulty():
+    """Two drafts on prompts of very different difficulty, b always one token per round behind a on the same
+    prompt: each arm's own τ spans 2 to 4 over resamples, their paired Δτ stays near 1."""
+    base = [_rec(12, 12, 0, 0, 1.2) for _ in range(8)]
+    a = [_rec(12, 12 // t, 12 - 12 // t, 0, 0.1 * (12 // t)) for t in (2, 3, 4, 2, 3, 4, 2, 3)]
+    b = [_rec(12, 12 // (t - 1), 12 - 12 // (t - 1), 0, 0.1 * (12 // (t - 1))) for t in (2, 3, 4, 2, 3, 4, 2, 3)]
+    d = paired_difference(base, a, b, 3, 3)
+    assert d["block_efficiency"]["ci95"][1] - d["block_efficiency"]["ci95"][0] < 0.6  # τ(a) − τ(b) ∈ [1, 1.4]
+    assert d["block_efficiency"]["delta"] > 0 and d["block_efficiency"]["ci95"][0] > 0
+    assert d["speedup"]["delta"] > 0 and d["speedup"]["ci95"][0] > 0
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_difference(base, a, b[:3], 3, 3)
 
 
 def test_acceptance_metrics_on_a_hand_worked_history():
