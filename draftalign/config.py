@@ -121,6 +121,10 @@ class DraftConfig(_Strict):
     draft_vocab_size: int = Field(
         8192, ge=0, description="FR-Spec: the draft's LM head is restricted (in training and decoding) to the "
                                 "N most frequent tokens of the target's answers; 0 = the full vocabulary")
+    draft_vocab_fill: bool = Field(
+        True, description="when the distillation set holds fewer than draft_vocab_size distinct tokens, fill the "
+                          "head up to the size in token-id order (BPE merge order ≈ the tokenizer corpus's "
+                          "frequency), so tokens of traffic the set never showed (code) stay proposable")
     step_dtype: Literal["auto", "float16", "bfloat16", "off"] = Field(
         "auto", description="dtype of the draft's single-row products when decoding (serve.kernels.one_row_linear; "
                             "lossless: the verifier uses the q the draft computed): auto = float16 for a float32 "

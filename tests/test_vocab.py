@@ -15,6 +15,9 @@ def test_frequent_tokens_keeps_the_most_frequent_and_the_special_ones():
     assert frequent_tokens(seqs, 2) == [5, 7]
     assert frequent_tokens(seqs, 3, always=[0]) == [0, 5, 7]  # EOS-like ids first, then by frequency
     assert coverage(seqs, [5, 7]) == pytest.approx(7 / 9)
+    # fewer distinct ids than the size: the counted ones first, then the prior order (skipping repeats)
+    assert frequent_tokens(seqs, 7, always=[0], fill=range(100)) == [0, 1, 2, 5, 7, 9, 11]
+    assert frequent_tokens(seqs, 2, fill=range(100)) == [5, 7]  # enough counted ids: the fill is not reached
 
 
 def test_vocab_file_round_trip_and_bad_files(tmp_path):
