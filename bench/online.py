@@ -16,7 +16,9 @@ request), per-token α = accepted / (accepted + rejected), completion tokens/s o
 failed requests, and the draft version the replica served at the window's end. Every answer is compared
 with target-only greedy decoding of the same prompt (a third app without a draft, run once per prompt).
 Summary (`online.json`): shifted τ of the first and last shifted window (`tau_before`, `tau_after`), chat τ of
-the first and last chat phase, for both arms; failed requests and greedy mismatches; the learner's counters.
+the first and last chat phase, for both arms; `vs_static`: online ÷ static τ pooled over the same windows (the
+last shifted one, the shifted phase's second half, the second chat phase) — paired, since both arms serve the same
+prompts per window; failed requests and greedy mismatches; the learner's counters.
 Goal of the issue: shifted τ +30% within the run, chat τ within −5%, no failure, no mismatch. The PNG plots
 τ and tokens/s per window against requests served.
 
@@ -84,13 +86,22 @@ def _summary(run: dict) -> dict:
     return {"requests": len(run["records"]), "failed": len(run["records"]) - len(ok),
             "errors": [r["error"] for r in run["records"] if "error" in r][:3],
             "tau": tokens / rounds if rounds else None, "alpha": per_token_acceptance(accepted, rejected),
-            "completion_tokens": tokens, "wall_s": run["wall_s"],
+            "completion_tokens": tokens, "rounds": rounds, "wall_s": run["wall_s"],
             "tokens_per_s": tokens / run["wall_s"] if run["wall_s"] else 0.0}
 
 
 def _phase_tau(windows: list[dict], phase: str, which: int) -> float | None:
     taus = [w["tau"] for w in windows if w["phase"] == phase]
     return taus[which] if taus else None
+
+
+def vs_static(online: list[dict], static: list[dict], phase: str, last: int | None = None) -> float | None:
+    """τ(online) / τ(static) pooled over a phase's windows (its `last` ones): both arms served the same prompts in
+    the same windows, so the ratio is paired — what the learner added, net of which prompts a window drew."""
+    pick = lambda ws: [w for w in ws if w["phase"] == phase][-last if last else 0:]  # noqa: E731
+    on, st = pick(online), pick(static)
+    tau = lambda ws: sum(w["completion_tokens"] for w in ws) / max(1, sum(w["rounds"] for w in ws))  # noqa: E731
+    return tau(on) / tau(st) if on and st and tau(st) else None
 
 
 def plot(result: dict, path: Path) -> None:
@@ -218,6 +229,11 @@ def main() -> None:
                                 "chat": {"tau_before": _phase_tau(ws, "chat", 0),
                                          "tau_after": _phase_tau(ws, "chat_again", -1)}}
     on = result["arms"]["online"]
+    won, wst = on["windows"], result["arms"]["static"]["windows"]
+    half = max(1, sum(w["phase"] == "shifted" for w in won) // 2)
+    result["vs_static"] = {"shifted_last_window": vs_static(won, wst, "shifted", 1),
+                           "shifted_second_half": vs_static(won, wst, "shifted", half),
+                           "chat_again": vs_static(won, wst, "chat_again")}
     result |= {"shifted": on["shifted"], "chat": on["chat"],
                "failed_requests": sum(w["failed"] for a in ARMS for w in result["arms"][a]["windows"]),
                "greedy_mismatches": sum(w["greedy_mismatches"] for a in ARMS for w in result["arms"][a]["windows"]),
@@ -230,6 +246,8 @@ def main() -> None:
         print(f"| {arm} | {f(a['shifted']['tau_before'])} → {f(a['shifted']['tau_after'])} | "
               f"{f(a['chat']['tau_before'])} → {f(a['chat']['tau_after'])} | "
               f"{sum(w['failed'] for w in a['windows'])} | {sum(w['greedy_mismatches'] for w in a['windows'])} |")
+    print("online ÷ static τ on the same windows' prompts: " + ", ".join(
+        f"{k} {v:.3f}" if v else f"{k} n/a" for k, v in result["vs_static"].items()))
     out = Path(args.out)
     write_json_atomic(out, result)
     plot(result, out.with_suffix(".png"))
