@@ -192,11 +192,20 @@ def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: boo
 
 SUM_KEYS = ("tokens", "seconds", "rounds", "accepted", "rejected", "proposed", "draft_s", "draft_steps",
             "target_s", "target_steps")
-PAIRED = ("block_efficiency", "acceptance_rate", "speedup")
+CI_KEYS = ("block_efficiency", "acceptance_rate", "speedup")  # the metrics given intervals (and paired Δ)
 
 
 def _sums(recs: list[dict]) -> dict:
     return {k: sum(r[k] for r in recs) for k in SUM_KEYS}
+
+
+def _bootstrap_ci95(stat, n: int, strata: list[int] | None = None, seed: int = 0) -> dict[str, list[float]]:
+    """95% percentile intervals of stat(idx)[k] for k in CI_KEYS over BOOTSTRAP resamples idx of the n prompts
+    (drawn within `strata`, e.g. tasks, when given); {} for a single prompt."""
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(n)] if strata is None else [np.flatnonzero(np.asarray(strata) == s) for s in set(strata)]
+    draws = [stat(np.concatenate([rng.choice(g, len(g)) for g in groups])) for _ in range(BOOTSTRAP if n > 1 else 0)]
+    return {k: [float(np.percentile([d[k] for d in draws], q)) for q in (2.5, 97.5)] for k in CI_KEYS} if draws else {}
 
 
 def _point(base: dict, spec: dict, gamma: int) -> dict:
@@ -235,15 +244,8 @@ def _row(base_recs: list[dict], spec_recs: list[dict], gamma: int, strata: list[
                                       for x in zip(*(r["per_position"] for r in spec_recs))]
     row["accepted_histogram"] = [sum(x) for x in zip(*(r["histogram"] for r in spec_recs))]
     row["generated_tokens"] = sum(r["tokens"] for r in spec_recs)
-    rng = np.random.default_rng(seed)
-    groups = [np.arange(n)] if strata is None else [np.flatnonzero(np.asarray(strata) == s) for s in set(strata)]
-    draws = {k: [] for k in ("block_efficiency", "acceptance_rate", "speedup")}
-    for _ in range(BOOTSTRAP if n > 1 else 0):
-        idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
-        pt = _point(_sums([base_recs[i] for i in idx]), _sums([spec_recs[i] for i in idx]), gamma)
-        for k in draws:
-            draws[k].append(pt[k])
-    row["ci95"] = {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in draws.items() if v}
+    row["ci95"] = _bootstrap_ci95(lambda idx: _point(_sums([base_recs[i] for i in idx]),
+                                                     _sums([spec_recs[i] for i in idx]), gamma), n, strata, seed)
     return row
 
 
@@ -261,15 +263,10 @@ def paired_difference(base_recs: list[dict], a_recs: list[dict], b_recs: list[di
     def delta(idx) -> dict:
         sums = {name: dict(zip(SUM_KEYS, m[idx].sum(0))) for name, m in arr.items()}
         pa, pb = _point(sums["base"], sums["a"], gamma_a), _point(sums["base"], sums["b"], gamma_b)
-        return {k: pa[k] - pb[k] for k in PAIRED}
+        return {k: pa[k] - pb[k] for k in CI_KEYS}
 
-    point = delta(np.arange(n))
-    rng = np.random.default_rng(seed)
-    groups = [np.arange(n)] if strata is None else [np.flatnonzero(np.asarray(strata) == s) for s in set(strata)]
-    draws = [delta(np.concatenate([rng.choice(g, len(g)) for g in groups])) for _ in range(BOOTSTRAP if n > 1 else 0)]
-    return {k: {"delta": point[k],
-                "ci95": [float(np.percentile([d[k] for d in draws], q)) for q in (2.5, 97.5)] if draws else None}
-            for k in PAIRED}
+    point, ci = delta(np.arange(n)), _bootstrap_ci95(delta, n, strata, seed)
+    return {k: {"delta": point[k], "ci95": ci.get(k)} for k in CI_KEYS}
 
 
 def summarize(measured: dict, cfg: JobConfig) -> dict:
@@ -302,15 +299,14 @@ def summarize(measured: dict, cfg: JobConfig) -> dict:
 def _add_paired(cells: dict, rec: dict, tasks: list[str], strata: list[int], seed: int) -> None:
     """cell["paired"][other] = paired Δ (this − other) per task and overall, for arms at the same γ / tree."""
     arms = list(cells)
+    flat = lambda arm: [r for t in tasks for r in rec[arm][t]]  # noqa: E731  (every task's prompts, in order)
     for i, a in enumerate(arms):
         for b in arms[i + 1:]:
             if a.rsplit("@", 1)[1] != b.rsplit("@", 1)[1]:
                 continue
             ga, gb = cells[a]["gamma"], cells[b]["gamma"]
             rows = {t: paired_difference(rec["target"][t], rec[a][t], rec[b][t], ga, gb, seed=seed) for t in tasks}
-            rows["overall"] = paired_difference([r for t in tasks for r in rec["target"][t]],
-                                                [r for t in tasks for r in rec[a][t]],
-                                                [r for t in tasks for r in rec[b][t]], ga, gb, strata, seed)
+            rows["overall"] = paired_difference(*(flat(arm) for arm in ("target", a, b)), ga, gb, strata, seed)
             cells[a].setdefault("paired", {})[b] = rows
             flip = lambda d: {"delta": -d["delta"], "ci95": [-d["ci95"][1], -d["ci95"][0]] if d["ci95"] else None}
             cells[b].setdefault("paired", {})[a] = {t: {k: flip(d) for k, d in row.items()} for t, row in rows.items()}

@@ -109,7 +109,6 @@ def job_draft_vocab(cfg, rdir: Path, fallback: Iterable[Iterable[int]] | None = 
         sequences, source = fallback, "pretraining text"
     tok = load_tokenizer(target_path)
     special = [tok.eos_token_id, tok.bos_token_id, tok.pad_token_id, *tok.all_special_ids]
-    sequences = [list(seq) for seq in sequences]
     # a small set holds fewer distinct tokens than `size`: fill the head by token id, which in BPE and
     # SentencePiece vocabularies follows merge / score order — frequency in the tokenizer's own corpus (code,
     # other languages), so traffic the set never showed is not cut off (issue #16: 2,349 counted ids covered
