@@ -56,7 +56,6 @@ role asked for and what the learner workers were granted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -93,6 +92,7 @@ from draftalign.models import (
 from draftalign.runtime import init_ray, run_dir
 from draftalign.vocab import job_draft_vocab
 from learner.draft_head import DraftHead
+from learner.heldout import split_heldout
 from learner.losses import BaselineState, TargetDist, compute_loss, masked_mean, temper, tvd
 from learner.trainer import (
     STATE_FILE,
@@ -117,8 +117,6 @@ from learner.trainer import (
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "distill"
-HELDOUT_MAX_PROMPTS = 16  # held-out prompts (teacher-forced acceptance estimate)
-HELDOUT_FRACTION = 0.1  # ... but never more than this share of the distillation set
 QUEUE_POLL_S = 2.0  # learner's queue.get timeout, between checks of the rollout error flag
 STALL_S = 600.0  # no fresh batch for this long = the rollout side is stuck: fail loudly
 PRINT_EVERY = 10
@@ -160,16 +158,6 @@ def filter_rows(rows: list[dict], max_model_len: int, max_new_tokens: int) -> li
         if p and resp and len(p) + max(len(resp), max_new_tokens) < max_model_len:
             keep.append(r)
     return keep
-
-
-def split_heldout(rows: list[dict], max_prompts: int = HELDOUT_MAX_PROMPTS,
-                  fraction: float = HELDOUT_FRACTION) -> tuple[list[dict], list[dict]]:
-    """(train rows, held-out rows), split by prompt_id (all responses of a prompt go together);
-    the held-out prompts are the ones with the smallest md5 of their id: stable across runs."""
-    ids = sorted({r["prompt_id"] for r in rows}, key=lambda s: hashlib.md5(s.encode()).hexdigest())
-    n = min(max_prompts, int(len(ids) * fraction))
-    held = set(ids[:n])
-    return [r for r in rows if r["prompt_id"] not in held], [r for r in rows if r["prompt_id"] in held]
 
 
 def heldout_batch(rows: list[dict], pool: TargetPool, k: int, pad_id: int) -> RolloutBatch | None:
@@ -758,8 +746,9 @@ def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | Non
     if start == "done":
         return final
 
-    rows = filter_rows(load_rows(rdir), cfg.target.max_model_len, cfg.rollout.max_new_tokens)
-    train_rows, held_rows = split_heldout(rows)
+    all_rows = load_rows(rdir)
+    rows = filter_rows(all_rows, cfg.target.max_model_len, cfg.rollout.max_new_tokens)
+    train_rows, held_rows = split_heldout(rows, universe=[r["prompt_id"] for r in all_rows])
     if not train_rows:
         raise ValueError(f"the distillation set under {rdir / 'distill_set'} has no row that fits "
                          f"target.max_model_len={cfg.target.max_model_len} with rollout.max_new_tokens="

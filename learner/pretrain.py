@@ -62,6 +62,7 @@ from draftalign.models import (
 from draftalign.runtime import init_ray, quiet, run_dir
 from draftalign.vocab import job_draft_vocab
 from learner.draft_head import DraftHead, DraftLM
+from learner.heldout import heldout_prompt_ids
 from learner.trainer import (
     STATE_FILE,
     adamw,
@@ -103,8 +104,9 @@ def _text_column_docs(ds, src: str) -> list[str]:
 
 def load_documents(sources: list[str], run_path: Path | None = None) -> list[str]:
     """Documents of every corpus entry: `embedded:chitchat`, `run:distill_set` (this run's target
-    answers, each with its chat-templated prompt: sequence-level KD), .txt / .jsonl / .parquet files or
-    directories of them, or a `datasets` name (`name` or `name:config`, split train)."""
+    answers, each with its chat-templated prompt: sequence-level KD; not the held-out prompts, learner.heldout),
+    .txt / .jsonl / .parquet files or directories of them, or a `datasets` name (`name` or `name:config`, split
+    train)."""
     from draftalign.data import pretrain_texts
 
     docs: list[str] = []
@@ -115,8 +117,9 @@ def load_documents(sources: list[str], run_path: Path | None = None) -> list[str
 
             if run_path is None:
                 raise ValueError("pretrain.corpus entry run:distill_set needs the run directory")
-            data = load_distill_set(run_path).select_columns(["prompt", "response_text"])
-            docs += [r["prompt"] + r["response_text"] for r in data.to_list()]
+            data = load_distill_set(run_path).select_columns(["prompt_id", "prompt", "response_text"]).to_list()
+            held = heldout_prompt_ids(r["prompt_id"] for r in data)  # stage 3 measures acceptance on them
+            docs += [r["prompt"] + r["response_text"] for r in data if str(r["prompt_id"]) not in held]
         elif src.startswith("embedded:") or (p.is_file() and p.suffix in (".txt", ".jsonl")):
             docs += pretrain_texts([src])
         elif p.is_dir() or (p.is_file() and p.suffix == ".parquet"):

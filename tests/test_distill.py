@@ -20,7 +20,8 @@ from distill_helpers import done as _done
 
 from actors.rollout import RolloutBatch, TargetPool, WeightStore, build_batch
 from draftalign.weights import check_and_load_weights
-from learner.distill import ResponseLogits, batch_tensors, distill_loss, split_heldout
+from learner.distill import ResponseLogits, batch_tensors, distill_loss
+from learner.heldout import split_heldout
 
 # ------------------------------------------------------------------------------ pure functions
 

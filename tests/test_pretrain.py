@@ -120,6 +120,22 @@ def test_load_documents_reads_txt_jsonl_parquet_and_directories(tmp_path):
         load_documents([str(tmp_path / "missing")])
 
 
+def test_stage1_on_the_distill_set_leaves_the_heldout_prompts_out(tmp_path, target_tokenizer):
+    """Stage 3 measures its held-out acceptance on these prompts' answers: stage 1 must not have seen them."""
+    from actors.generate import load_distill_set
+    from learner.distill import load_rows
+    from learner.heldout import split_heldout
+    from learner.pretrain import load_documents
+    from tests.distill_helpers import write_distill_set
+
+    write_distill_set(tmp_path, target_tokenizer, n_prompts=40)
+    train, held = split_heldout(load_rows(tmp_path))
+    assert len(held) == 4 and len(train) == 36
+    text = {r["prompt_id"]: r["prompt"] + r["response_text"] for r in load_distill_set(tmp_path).to_list()}
+    docs = load_documents(["run:distill_set"], tmp_path)
+    assert sorted(docs) == sorted(text[r["prompt_id"]] for r in train)
+
+
 # ------------------------------------------------------------------------------------ with Ray
 
 def test_loss_decreases_and_checkpoints_load(trained, target_tokenizer):
