@@ -160,6 +160,13 @@ def filter_rows(rows: list[dict], max_model_len: int, max_new_tokens: int) -> li
     return keep
 
 
+def load_split(rdir: Path, max_model_len: int, max_new_tokens: int) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows) of the distillation set: split over every prompt of the set
+    (`learner.heldout`, the split stage 1 leaves out), then each side filtered by `filter_rows`."""
+    train, held = split_heldout(load_rows(rdir))
+    return filter_rows(train, max_model_len, max_new_tokens), filter_rows(held, max_model_len, max_new_tokens)
+
+
 def heldout_batch(rows: list[dict], pool: TargetPool, k: int, pad_id: int) -> RolloutBatch | None:
     """The held-out rows (target responses) with their target scores, as one RolloutBatch."""
     if not rows:
@@ -746,9 +753,7 @@ def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | Non
     if start == "done":
         return final
 
-    all_rows = load_rows(rdir)
-    rows = filter_rows(all_rows, cfg.target.max_model_len, cfg.rollout.max_new_tokens)
-    train_rows, held_rows = split_heldout(rows, universe=[r["prompt_id"] for r in all_rows])
+    train_rows, held_rows = load_split(rdir, cfg.target.max_model_len, cfg.rollout.max_new_tokens)
     if not train_rows:
         raise ValueError(f"the distillation set under {rdir / 'distill_set'} has no row that fits "
                          f"target.max_model_len={cfg.target.max_model_len} with rollout.max_new_tokens="

@@ -9,7 +9,7 @@ StoredFeatures actor serves batches from it; otherwise TargetFeatures actors com
 way each learner rank asks for its FeatureBatch of step s + 1 while it trains on step s, and a batch is a
 pure function of (seed, step, rank), so a resumed or restarted learner sees the same batches.
 Rows: `rollout.batch_size` distillation-set rows per step (all ranks together), every position of the
-answers; the held-out prompts (`learner.heldout`) never enter a training batch.
+answers; the held-out prompts (`learner.heldout`, `learner.distill.load_split`) never enter a training batch.
 
 Loss (partial alignment distillation, `learner.losses.partial_alignment_loss`), per loss position n:
     L_n = w_f · SmoothL1(f̂_n[:m], f_n[:m]) + w_l · D(p_n ‖ q_n),  q_n = softmax(W f̂_n / T), m = ⌈a·H⌉,
@@ -66,9 +66,8 @@ from draftalign.io import atomic_dir, write_json_atomic
 from draftalign.models import load_causal_lm, load_tokenizer, resolve_target
 from draftalign.runtime import init_ray, run_dir
 from draftalign.vocab import job_draft_vocab
-from learner.distill import distill_loss, filter_rows, load_rows
+from learner.distill import distill_loss, load_split
 from learner.fspad import CONFIG_FILE, WEIGHTS_FILE, FSPADHead
-from learner.heldout import split_heldout
 from learner.losses import BaselineState, TargetDist, masked_mean, partial_alignment_loss, tvd
 from learner.trainer import (
     STATE_FILE,
@@ -441,9 +440,7 @@ def run_fspad(cfg: JobConfig, resume: bool = False) -> Path:
         log_path=log_path, skipped=skipped, fallback="a fresh head", say=_say)
     if start == "done":
         return final
-    all_rows = load_rows(rdir)
-    rows = filter_rows(all_rows, cfg.target.max_model_len, 0)
-    train_rows, held_rows = split_heldout(rows, universe=[r["prompt_id"] for r in all_rows])
+    train_rows, held_rows = load_split(rdir, cfg.target.max_model_len, 0)
     if not train_rows:
         raise ValueError(f"the distillation set under {rdir / 'distill_set'} has no row that fits "
                          f"target.max_model_len={cfg.target.max_model_len}")

@@ -22,8 +22,7 @@ def heldout_prompt_ids(prompt_ids: Iterable[str], max_prompts: int = HELDOUT_MAX
     return set(ids[:min(max_prompts, int(len(ids) * fraction))])
 
 
-def split_heldout(rows: list[dict], universe: Iterable[str] | None = None) -> tuple[list[dict], list[dict]]:
-    """(train rows, held-out rows) by prompt_id; `universe` = every prompt id of the set when `rows` were
-    filtered from it (default: the ids of `rows`)."""
-    held = heldout_prompt_ids(r["prompt_id"] for r in rows) if universe is None else heldout_prompt_ids(universe)
+def split_heldout(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows) by prompt_id, `rows` being every row of the set (filter after splitting)."""
+    held = heldout_prompt_ids(r["prompt_id"] for r in rows)
     return [r for r in rows if r["prompt_id"] not in held], [r for r in rows if r["prompt_id"] in held]

@@ -87,8 +87,7 @@ def replay_rows(cfg: JobConfig, k: int, heldout: bool = False) -> list[dict]:
     position — what the online learner replays; [] when serve.online.learner.replay_fraction is 0.
     Raises ConfigError naming the setting when replay is asked for and no row qualifies.
     heldout: the held-out split instead (the gate's replay probe; [] when there is none, never an error)."""
-    from learner.distill import filter_rows, load_rows
-    from learner.heldout import split_heldout
+    from learner.distill import load_split
 
     f = cfg.serve.online.learner.replay_fraction
     if f == 0 and not heldout:
@@ -96,9 +95,7 @@ def replay_rows(cfg: JobConfig, k: int, heldout: bool = False) -> list[dict]:
     src = cfg.run_path / "distill_set"
     rows = []
     if (src / "metadata.json").is_file():  # a finished set (actors.generate)
-        all_rows = load_rows(cfg.run_path)
-        train, held = split_heldout(filter_rows(all_rows, cfg.target.max_model_len, 0),
-                                    universe=[r["prompt_id"] for r in all_rows])
+        train, held = load_split(cfg.run_path, cfg.target.max_model_len, 0)
         rows = [r for r in (held if heldout else train) if cached_score(r, k) is not None]
     if not rows and not heldout:
         raise ConfigError(f"serve.online.learner.replay_fraction={f} replays distillation-set rows with the "

@@ -122,11 +122,12 @@ def test_load_documents_reads_txt_jsonl_parquet_and_directories(tmp_path):
 
 def test_stage1_on_the_distill_set_leaves_the_heldout_prompts_out(tmp_path, target_tokenizer):
     """Stage 3 measures its held-out acceptance on these prompts' answers: stage 1 must not have seen them."""
+    from distill_helpers import write_distill_set
+
     from actors.generate import load_distill_set
     from learner.distill import load_rows
     from learner.heldout import split_heldout
     from learner.pretrain import load_documents
-    from tests.distill_helpers import write_distill_set
 
     write_distill_set(tmp_path, target_tokenizer, n_prompts=40)
     train, held = split_heldout(load_rows(tmp_path))
