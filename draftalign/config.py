@@ -249,6 +249,20 @@ def _check_trees(trees: list, where: str) -> None:
         raise ValueError(f"{where}: a static tree is a non-empty list of branchings ≥ 1, got {trees}")
 
 
+class SampledEvalConfig(_Strict):
+    """A second eval of the job's drafts at a sampling temperature: the mode a sampled endpoint serves (greedy
+    acceptance says little about it — DistillSpec). Written as eval_<draft>_t<T>.json beside the greedy ones."""
+
+    temperature: float = Field(1.0, gt=0)
+    tasks: list[Literal["chat", "code", "summarize"]] = Field(default_factory=lambda: ["chat"])
+    gamma: list[int] = Field(default_factory=lambda: [3])
+
+    @property
+    def suffix(self) -> str:
+        """File-name tag: T = 1.0 → 't1', T = 0.7 → 't0.7'."""
+        return f"t{self.temperature:g}"
+
+
 class EvalConfig(_Strict):
     tasks: list[Literal["chat", "code", "summarize"]] = Field(
         default_factory=lambda: ["chat", "code", "summarize"])
@@ -262,12 +276,17 @@ class EvalConfig(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     max_new_tokens: int = Field(64, ge=1)
+    sampled: SampledEvalConfig | None = Field(None, description="also evaluate the job's drafts at this "
+                                               "sampling temperature (a second interleaved eval)")
 
     @model_validator(mode="after")
     def _gammas(self) -> "EvalConfig":
         if not self.gamma or any(g < 1 for g in self.gamma):
             raise ValueError(f"eval.gamma must be a non-empty list of integers ≥ 1, got {self.gamma}")
         _check_trees(self.trees, "eval.trees")
+        if self.sampled and (not self.sampled.gamma or any(g < 1 for g in self.sampled.gamma)):
+            raise ValueError(f"eval.sampled.gamma must be a non-empty list of integers ≥ 1, "
+                             f"got {self.sampled.gamma}")
         counts = self.prompts_per_task if isinstance(self.prompts_per_task, dict) else {}
         for task, n in counts.items():
             if task not in self.tasks or n < 1:
@@ -276,6 +295,12 @@ class EvalConfig(_Strict):
         if isinstance(self.prompts_per_task, int) and self.prompts_per_task < 1:
             raise ValueError(f"eval.prompts_per_task must be ≥ 1, got {self.prompts_per_task}")
         return self
+
+    def at_temperature(self) -> "EvalConfig":
+        """The eval that `sampled` asks for: its temperature, tasks and γ; chains only."""
+        s = self.sampled
+        return self.model_copy(update={"temperature": s.temperature, "tasks": list(s.tasks),
+                                       "gamma": list(s.gamma), "trees": [], "sampled": None})
 
     def count(self, task: str) -> int:
         """Prompts of `task` (a task missing from a prompts_per_task mapping gets 4)."""

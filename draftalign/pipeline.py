@@ -7,7 +7,8 @@ Generation comes first: the target's answers need nothing from the draft, and th
 (`draftalign.vocab`) and, optionally, stage 1's text (`pretrain.corpus: [run:distill_set]`) come
 from them. One eval measures both drafts against target-only decoding, interleaved per prompt, after
 Ray has been shut down (no idle workers on the cores being timed); it writes `eval_pretrained.json`
-and `eval_distilled.json`.
+and `eval_distilled.json`, and with `eval.sampled` a second one at that temperature
+(`eval_<draft>_t1.json` for T = 1).
 
 Each stage writes a completion marker only after its outputs are in place (atomically), so a rerun
 after a kill continues at the first incomplete stage; stages that were cut mid-way resume from
@@ -82,15 +83,25 @@ def _stage(name: str, marker: Path, fn) -> None:
     print(f"[run] {name}: done in {time.time() - t0:.0f} s", flush=True)
 
 
-def _eval_drafts(cfg: JobConfig, out: Path, drafts: dict[str, str]) -> None:
-    """Evaluate drafts {name: path} in one interleaved run, `<out>/eval_<name>.json` each, Ray shut down first."""
+def _eval_drafts(cfg: JobConfig, out: Path, drafts: dict[str, str], suffix: str = "") -> None:
+    """Evaluate drafts {name: path} in one interleaved run, `<out>/eval_<name><suffix>.json` each, Ray shut
+    down first."""
     import ray
 
     from draftalign.evaluate import run_eval
 
     if ray.is_initialized():
         ray.shutdown()  # idle Ray workers and agents must not share the cores being timed
-    run_eval(cfg, drafts, out={n: out / f"eval_{n}.json" for n in drafts})
+    run_eval(cfg, drafts, out={n: out / f"eval_{n}{suffix}.json" for n in drafts})
+
+
+def _evals(cfg: JobConfig, out: Path, drafts: dict[str, str]) -> None:
+    """The eval stage (eval.temperature, every task and γ), then eval.sampled's when the job asks for it."""
+    _stage("eval", out / "eval_distilled.json", lambda: _eval_drafts(cfg, out, drafts))
+    if (s := cfg.eval.sampled) is not None:
+        sampled = cfg.model_copy(update={"eval": cfg.eval.at_temperature()})
+        _stage(f"eval at T = {s.temperature:g}", out / f"eval_distilled_{s.suffix}.json",
+               lambda: _eval_drafts(sampled, out, drafts, suffix=f"_{s.suffix}"))
 
 
 def run_pipeline(cfg: JobConfig) -> Path:
@@ -112,8 +123,7 @@ def run_pipeline(cfg: JobConfig) -> Path:
            lambda: run_pretrain(cfg, resume=_has_checkpoint(out / "ray_results" / "pretrain")))
     _stage("distill", out / "distill_done.json",
            lambda: run_distill(cfg, resume=_has_checkpoint(out / "ray_results" / "distill")))
-    _stage("eval", out / "eval_distilled.json",
-           lambda: _eval_drafts(cfg, out, {n: str(out / f"draft_{n}") for n in ("pretrained", "distilled")}))
+    _evals(cfg, out, {n: str(out / f"draft_{n}") for n in ("pretrained", "distilled")})
     report = write_report(out)
     print(f"[run] finished in {time.time() - t0:.0f} s; report: {report}", flush=True)
     return out
@@ -133,7 +143,7 @@ def _run_fspad(cfg: JobConfig, out: Path, t0: float) -> Path:
     _stage("fspad", out / DONE_FILE, lambda: run_fspad(cfg, resume=_has_checkpoint(out / "ray_results" / "fspad")))
     done = json.loads((out / DONE_FILE).read_text())
 
-    _stage("eval", out / "eval_distilled.json", lambda: _eval_drafts(cfg, out, {"distilled": done["draft"]}))
+    _evals(cfg, out, {"distilled": done["draft"]})
     report = write_report(out)
     print(f"[run] finished in {time.time() - t0:.0f} s; head: {done['draft']}; report: {report}", flush=True)
     return out

@@ -70,6 +70,67 @@ def _at(ev: dict, g: int) -> dict:
     return ev.get("by_gamma", {}).get(str(g), ev)
 
 
+def _sampled_evals(run: Path) -> dict[str, dict]:
+    """eval.sampled's evals ({draft: eval JSON}, e.g. eval_distilled_t1.json), when the job ran one."""
+    job = (_load(run / "job.json") or {}).get("eval", {}).get("sampled")
+    if not job:
+        return {}
+    tag = f"t{job['temperature']:g}"
+    return {name: ev for name in ("pretrained", "distilled") if (ev := _load(run / f"eval_{name}_{tag}.json"))}
+
+
+def _headlines(run: Path, evals: dict[str, dict], stage3: str) -> list[str]:
+    """τ, α and speedup on chat and overall at the headline γ: stage 1 → stage 3 with stage 3's paired gain, or the
+    one draft of an FSPAD run."""
+    if not evals:
+        return []
+    g = headline_gamma(run, evals)
+    t = next(iter(evals.values()))["temperature"]
+    mode = f"γ = {g}" + (f", T = {t:g}" if t else "")
+    lines = []
+    b = _at(evals["distilled"], g) if "distilled" in evals else None
+    a = _at(evals["pretrained"], g) if "pretrained" in evals else None
+    for task in ("chat", "overall"):
+        rb = (b["tasks"].get(task) if task != "overall" else b["overall"]) if b else None
+        ra = (a["tasks"].get(task) if task != "overall" else a["overall"]) if a else None
+        if ra and rb:
+            lines.append(f"- **{task}** ({mode}): block efficiency τ {ra['block_efficiency']:.2f}"
+                         f"{_ci(ra, 'block_efficiency')} after stage 1 (pretrained) → "
+                         f"{rb['block_efficiency']:.2f}{_ci(rb, 'block_efficiency')} after stage 3 (distilled); "
+                         f"α {ra['acceptance_rate']:.3f} → {rb['acceptance_rate']:.3f}; speedup over target-only "
+                         f"{ra['speedup']:.2f}x → {rb['speedup']:.2f}x{_ci(rb, 'speedup')}"
+                         + _stage3_adds(evals["distilled"], task, g))
+        elif rb and len(evals) == 1:
+            lines.append(f"- **{task}** ({mode}, {stage3}): block efficiency τ {rb['block_efficiency']:.2f}"
+                         f"{_ci(rb, 'block_efficiency')}; α {rb['acceptance_rate']:.3f}; speedup over "
+                         f"target-only {rb['speedup']:.2f}x{_ci(rb, 'speedup')}")
+    return lines
+
+
+def _train_serve_gap(distill: dict, ev: dict | None) -> list[str]:
+    """The training-side held-out acceptance beside the engine's, same definition on both sides: a greedy eval
+    ↔ argmax agreement, a sampled eval ↔ 1 − TVD."""
+    measured = (ev or {}).get("overall", {})
+    if not distill or not measured:
+        return []
+    greedy = ev["temperature"] == 0
+    key = "heldout_greedy_acceptance" if greedy else "heldout_acceptance"
+    at = "" if greedy else f" at T = {ev['temperature']:g}"
+    lines = []
+    if distill.get(key) is not None:
+        lines.append(f"- acceptance estimated in training on held-out target answers ({key}): "
+                     f"{distill[key]:.3f}; measured by the engine on the eval prompts{at}: "
+                     f"{measured['acceptance_rate']:.3f}; gap {distill[key] - measured['acceptance_rate']:+.3f}")
+    steps = [distill.get(key)] + [distill.get(f"{key}_{k}") for k in (2, 3)]
+    pos = measured.get("acceptance_per_position") or []
+    if None not in steps and len(pos) >= 2:  # the head's training-time test logs steps 2, 3 on its own f̂
+        cond = [pos[0]] + [pos[i] / pos[i - 1] if pos[i - 1] else 0.0 for i in range(1, min(3, len(pos)))]
+        lines.append(f"- acceptance by chain step k, held-out in training (steps ≥ 2 on the head's own "
+                     f"features): {' / '.join(f'{a:.3f}' for a in steps)}; the engine's P(accepted at k | "
+                     f"accepted at k − 1): {' / '.join(f'{a:.3f}' for a in cond)}")
+    return lines
+
+
 def write_report(run: Path) -> Path:
     import matplotlib
 
@@ -119,45 +180,11 @@ def write_report(run: Path) -> Path:
     fig.savefig(png, dpi=90)
     plt.close(fig)
 
-    lines = [f"# draftalign report: {run.name}", ""]
-    if len(evals) == 2:
-        g = headline_gamma(run, evals)
-        a, b = _at(evals["pretrained"], g), _at(evals["distilled"], g)
-        for task in ("chat", "overall"):
-            ra = a["tasks"].get(task) if task != "overall" else a["overall"]
-            rb = b["tasks"].get(task) if task != "overall" else b["overall"]
-            if ra and rb:
-                lines.append(f"- **{task}** (γ = {g}): block efficiency τ {ra['block_efficiency']:.2f}"
-                             f"{_ci(ra, 'block_efficiency')} after stage 1 (pretrained) → "
-                             f"{rb['block_efficiency']:.2f}{_ci(rb, 'block_efficiency')} after stage 3 (distilled); "
-                             f"α {ra['acceptance_rate']:.3f} → {rb['acceptance_rate']:.3f}; speedup over target-only "
-                             f"{ra['speedup']:.2f}x → {rb['speedup']:.2f}x{_ci(rb, 'speedup')}"
-                             + _stage3_adds(b, task, g))
-    if len(evals) == 1 and "distilled" in evals:
-        g = headline_gamma(run, evals)
-        b = _at(evals["distilled"], g)
-        for task in ("chat", "overall"):
-            rb = b["tasks"].get(task) if task != "overall" else b["overall"]
-            if rb:
-                lines.append(f"- **{task}** (γ = {g}, {stage3}): block efficiency τ {rb['block_efficiency']:.2f}"
-                             f"{_ci(rb, 'block_efficiency')}; α {rb['acceptance_rate']:.3f}; speedup over "
-                             f"target-only {rb['speedup']:.2f}x{_ci(rb, 'speedup')}")
-    measured = evals.get("distilled", {}).get("overall", {})
-    if distill and measured:
-        # Same definition on both sides: greedy eval ↔ argmax agreement, sampled eval ↔ 1 − TVD.
-        greedy = evals["distilled"]["temperature"] == 0
-        key = "heldout_greedy_acceptance" if greedy else "heldout_acceptance"
-        if distill.get(key) is not None:
-            lines.append(f"- acceptance estimated in training on held-out target answers ({key}): "
-                         f"{distill[key]:.3f}; measured by the engine on the eval prompts: "
-                         f"{measured['acceptance_rate']:.3f}; gap {distill[key] - measured['acceptance_rate']:+.3f}")
-        steps = [distill.get(key)] + [distill.get(f"{key}_{k}") for k in (2, 3)]
-        pos = measured.get("acceptance_per_position") or []
-        if None not in steps and len(pos) >= 2:  # the head's training-time test logs steps 2, 3 on its own f̂
-            cond = [pos[0]] + [pos[i] / pos[i - 1] if pos[i - 1] else 0.0 for i in range(1, min(3, len(pos)))]
-            lines.append(f"- acceptance by chain step k, held-out in training (steps ≥ 2 on the head's own "
-                         f"features): {' / '.join(f'{a:.3f}' for a in steps)}; the engine's P(accepted at k | "
-                         f"accepted at k − 1): {' / '.join(f'{a:.3f}' for a in cond)}")
+    lines = [f"# draftalign report: {run.name}", "", *_headlines(run, evals, stage3),
+             *_train_serve_gap(distill, evals.get("distilled"))]
+    sampled = _sampled_evals(run)
+    if sampled:
+        lines += [*_headlines(run, sampled, stage3), *_train_serve_gap(distill, sampled.get("distilled"))]
     if any(ev.get("interleaved_with") for ev in evals.values()):
         ev = next(iter(evals.values()))
         m = ev.get("machine", {})
@@ -165,7 +192,11 @@ def write_report(run: Path) -> Path:
                      f"turn ({', '.join(ev['interleaved_with'])}), batch 1, {ev['dtype']}, "
                      f"{m.get('threads')} threads on {m.get('cores')} cores ({m.get('cpu')}); intervals are "
                      f"95% bootstrap over prompts")
-    lines += ["", *_table(evals), "", "![report](report.png)", ""]
+    lines += ["", *_table(evals), ""]
+    if sampled:
+        t = next(iter(sampled.values()))["temperature"]
+        lines += [f"Sampled at T = {t:g} (eval.sampled; its own interleaved run):", "", *_table(sampled), ""]
+    lines += ["![report](report.png)", ""]
     if distill:
         lines += ["## Distillation counters", "", "```json", json.dumps(distill, indent=2), "```", ""]
     md = run / "report.md"

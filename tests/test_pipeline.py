@@ -35,7 +35,8 @@ def _job(tmp: Path, target: str) -> Path:
         "generate": {"num_prompts": 48, "shard_size": 6, "max_tokens": 16},
         "rollout": {"num_actors": 1, "cpus_per_actor": 0.5, "max_new_tokens": 8, "batch_size": 4},
         "learner": {"max_steps": 6, "checkpoint_every": 3, "sync_every": 2, "warmup_steps": 1},
-        "eval": {"tasks": ["chat", "code", "summarize"], "prompts_per_task": 2, "max_new_tokens": 8},
+        "eval": {"tasks": ["chat", "code", "summarize"], "prompts_per_task": 2, "max_new_tokens": 8,
+                 "sampled": {"temperature": 1.0, "tasks": ["chat"], "gamma": [2]}},
         "cluster": {"nodes": [{"cpus": 2}]},
     }
     path = tmp / "job.yaml"
@@ -86,13 +87,19 @@ def test_run_killed_during_generation_then_rerun_completes(tmp_path, tiny_target
     pre, post = (json.loads((run / n).read_text()) for n in ("eval_pretrained.json", "eval_distilled.json"))
     assert post["target_only"] == pre["target_only"]  # one interleaved target-only arm for both drafts
     assert pre["interleaved_with"] == post["interleaved_with"] == ["pretrained@3", "distilled@3"]
-    assert (run / "report.md").is_file() and (run / "report.png").stat().st_size > 0
+    for name in ("eval_pretrained_t1.json", "eval_distilled_t1.json"):  # eval.sampled: its own interleaved run
+        ev = json.loads((run / name).read_text())
+        assert ev["temperature"] == 1.0 and set(ev["tasks"]) == {"chat"} and ev["gamma"] == 2
+        assert EVAL_KEYS <= set(ev["overall"]) and ev["interleaved_with"] == ["pretrained@2", "distilled@2"]
+    report = (run / "report.md").read_text()
+    assert "(γ = 2, T = 1)" in report and "Sampled at T = 1" in report
+    assert (run / "report.png").stat().st_size > 0
     assert (run / "draft_distilled" / "config.json").is_file()
 
     third = subprocess.run([sys.executable, "-m", "draftalign.cli", "run", str(job)], cwd=ROOT, capture_output=True,
                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
-    for stage in ("generate", "pretrain", "distill", "eval"):
+    for stage in ("generate", "pretrain", "distill", "eval", "eval at T = 1"):
         assert f"[run] {stage}: complete" in third.stdout
 
 
