@@ -106,12 +106,12 @@ def main() -> None:
     import ray
 
     from draftalign.evaluate import load_target, machine
-    from draftalign.models import default_draft
+    from draftalign.models import default_draft, load_tokenizer, resolve_target
     from learner.online import OnlineLearnerWorker, replay_rows
 
     torch.set_num_threads(2)
     draft = str(Path(args.draft).expanduser().resolve()) if args.draft else default_draft(cfg)
-    target, tok = load_target(cfg)
+    tok = load_tokenizer(resolve_target(cfg.target.model))
     k = cfg.serve.online.top_k_logprobs or cfg.target.top_k_logprobs
     room = cfg.target.max_model_len - cfg.serve.gamma - args.max_tokens
     windows = schedule(args.chat_windows, args.shifted_windows, args.per_window,
@@ -122,7 +122,7 @@ def main() -> None:
     if cache.is_file():
         per_window = torch.load(cache, weights_only=False)
     else:
-        flat = greedy_records(target, tok, [p for w in prompts for p in w], args.max_tokens, k)
+        flat = greedy_records(load_target(cfg)[0], tok, [p for w in prompts for p in w], args.max_tokens, k)
         per_window, i = [], 0
         for w in prompts:
             per_window.append(flat[i: i + len(w)])
@@ -130,7 +130,6 @@ def main() -> None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(per_window, cache.with_suffix(".tmp"))
         cache.with_suffix(".tmp").replace(cache)
-    del target
 
     lo = cfg.serve.online.learner
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace=cfg.serve.online.namespace)
@@ -139,24 +138,19 @@ def main() -> None:
         worker = OnlineLearnerWorker(cfg.model_dump(mode="json"), draft, replay_rows(cfg, k), heldout)
         static = copy.deepcopy(worker.learner.core).eval()  # the disk draft: what the static arm serves throughout
         served = copy.deepcopy(static)  # the version a replica would serve: 0 = the disk draft until a publish
-        n_published, pending, seen, rows, t0 = 0, [], 0, [], time.time()
+        n_published, pending, rows, t0 = 0, [], [], time.time()
         for w, recs in zip(windows, per_window):
             alpha, base = window_acceptance(worker, served, recs), window_acceptance(worker, static, recs)
             rows.append({"phase": w["phase"], "alpha_tf": alpha, "alpha_tf_static": base, "version":
                          len(worker.published) and worker.published[-1]["version"], "step": worker.learner.step})
             print(f"window {len(rows):2d} {w['phase']:10s} α_tf {alpha:.3f} (static {base:.3f})  version "
                   f"{rows[-1]['version']}  step {worker.learner.step}  ({time.time() - t0:.0f} s)", flush=True)
-            for r in recs:
-                seen += 1
-                if worker.reference is not None and seen % lo.probe_every == 0:
-                    worker.probe.append(r)
-                    worker.counts["probe_records"] += 1
-                else:
+            for r in recs:  # as `OnlineLearnerWorker.run` takes them from the buffer
+                if worker.admit(r):
                     pending.append(r)
                 if len(pending) >= lo.records_per_step:
                     batch, pending = pending[: lo.records_per_step], pending[lo.records_per_step:]
-                    for epoch in range(lo.epochs):
-                        worker.step(batch, fresh=epoch == 0)
+                    worker.train_on(batch)
                     if len(worker.published) > n_published:
                         n_published = len(worker.published)
                         served.load_state_dict(worker.learner.core.state_dict())

@@ -244,6 +244,11 @@ class DynamicTreeConfig(_Strict):
 TreeShape = list[int] | DynamicTreeConfig
 
 
+def _check_gammas(gammas: list[int], where: str) -> None:
+    if not gammas or any(g < 1 for g in gammas):
+        raise ValueError(f"{where} must be a non-empty list of integers ≥ 1, got {gammas}")
+
+
 def _check_trees(trees: list, where: str) -> None:
     if any(isinstance(t, list) and (not t or any(k < 1 for k in t)) for t in trees):
         raise ValueError(f"{where}: a static tree is a non-empty list of branchings ≥ 1, got {trees}")
@@ -281,12 +286,10 @@ class EvalConfig(_Strict):
 
     @model_validator(mode="after")
     def _gammas(self) -> "EvalConfig":
-        if not self.gamma or any(g < 1 for g in self.gamma):
-            raise ValueError(f"eval.gamma must be a non-empty list of integers ≥ 1, got {self.gamma}")
+        _check_gammas(self.gamma, "eval.gamma")
         _check_trees(self.trees, "eval.trees")
-        if self.sampled and (not self.sampled.gamma or any(g < 1 for g in self.sampled.gamma)):
-            raise ValueError(f"eval.sampled.gamma must be a non-empty list of integers ≥ 1, "
-                             f"got {self.sampled.gamma}")
+        if self.sampled:
+            _check_gammas(self.sampled.gamma, "eval.sampled.gamma")
         counts = self.prompts_per_task if isinstance(self.prompts_per_task, dict) else {}
         for task, n in counts.items():
             if task not in self.tasks or n < 1:

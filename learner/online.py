@@ -208,18 +208,29 @@ class OnlineLearnerWorker:
             if self._stop.is_set():
                 return None
             more = ray.get(self.buffer.get_batch.remote(self.lo.records_per_step - len(got)))
-            for r in more:
-                if len(r["positions"]) == 0:
-                    continue
-                self._seen += 1
-                if self.reference is not None and self._seen % self.lo.probe_every == 0:
-                    self.probe.append(r)  # held out: the gate judges versions on it
-                    self.counts["probe_records"] += 1
-                else:
-                    got.append(r)
+            got += [r for r in more if self.admit(r)]
             if len(got) < self.lo.records_per_step:
                 self._stop.wait(self.lo.poll_interval_s)
         return got
+
+    def admit(self, record: dict) -> bool:
+        """True: the record trains. False: it has no scored position, or it is every probe_every-th served
+        record, held out into the gate's probe (the gate judges versions on it)."""
+        if len(record["positions"]) == 0:
+            return False
+        self._seen += 1
+        if self.reference is not None and self._seen % self.lo.probe_every == 0:
+            self.probe.append(record)
+            self.counts["probe_records"] += 1
+            return False
+        return True
+
+    def train_on(self, records: list[dict]) -> None:
+        """serve.online.learner.epochs steps on one collected batch (fewer once stopped / at max_steps)."""
+        for epoch in range(self.lo.epochs):
+            if self._finished():
+                break
+            self.step(records, fresh=epoch == 0)
 
     def step(self, records: list[dict], fresh: bool = True) -> dict:
         """One optimizer step on `records` + replay; publishes a version every steps_per_publish steps.
@@ -297,10 +308,7 @@ class OnlineLearnerWorker:
             if records is None:
                 break
             self.counts["wait_s"] += time.perf_counter() - t0
-            for epoch in range(self.lo.epochs):
-                if self._finished():
-                    break
-                self.step(records, fresh=epoch == 0)
+            self.train_on(records)
         return self.stats()
 
     def stop(self) -> None:
