@@ -373,6 +373,8 @@ class OnlineConfig(_Strict):
                                  "against the previous version's last rollback_window sequence-rounds")
     rollback_margin: float = Field(0.0, ge=0, le=1, description="roll back when the new version's acceptance α̂ "
                                    "is below the previous one's minus this")
+    rollback_z: float = Field(1.645, ge=0, description="and by more than this many standard errors of the "
+                              "difference (one-sided two-proportion z-test: 1.645 = 95%; 0 = any shortfall)")
     learner: OnlineLearnerConfig = Field(default_factory=OnlineLearnerConfig)
 
     @model_validator(mode="after")

@@ -79,9 +79,13 @@ proposed, never which are emitted.
 
 Rollback (`VersionTrial`). Acceptance α̂ = accepted / (accepted + rejected) (serve.acceptance) over
 sequence-rounds. Installing v over u starts a trial: baseline α̂_u over u's last W = rollback_window
-sequence-rounds; after v has served W sequence-rounds, α̂_v < α̂_u − rollback_margin reinstalls u (kept as a
-weight copy during the trial) and v is never installed again; otherwise v is kept. No version is installed
-while a trial runs.
+sequence-rounds; after v has served W sequence-rounds, v is rolled back when it is worse beyond noise:
+    α̂_v < α̂_u − rollback_margin − z · SE,   SE = √(ᾱ(1 − ᾱ)(1/n_u + 1/n_v))
+(a one-sided two-proportion z-test; n = accepted + rejected draft tokens of each window, ᾱ their pooled α̂,
+z = rollback_z). Rolling back reinstalls u (kept as a weight copy during the trial) and v is never installed
+again; otherwise v is kept. No version is installed while a trial runs. Without the z term (z = 0) a window of
+a request or two flips on which requests it drew: 8 of 23 versions were rolled back in a served run whose
+learner improved the draft at every step (bench/results/online_nogate_r8.json).
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ class OnlineSettings:
     poll_interval_s: float
     rollback_window: int
     rollback_margin: float
+    rollback_z: float = 0.0
 
     @classmethod
     def from_config(cls, cfg) -> OnlineSettings | None:
@@ -134,7 +139,8 @@ class OnlineSettings:
                    buffer_records=o.buffer_records, spill_dir=o.spill_dir, buffer_name=o.buffer_name,
                    namespace=o.namespace, push_every=o.push_every, push_interval_s=o.push_interval_s,
                    weight_store=o.weight_store, poll_interval_s=o.poll_interval_s,
-                   rollback_window=o.rollback_window, rollback_margin=o.rollback_margin)
+                   rollback_window=o.rollback_window, rollback_margin=o.rollback_margin,
+                   rollback_z=o.rollback_z)
 
 
 # ====================================================================== records
@@ -365,23 +371,32 @@ class VersionTrial:
 
     window: int
     margin: float = 0.0
+    z: float = 0.0
 
     def __post_init__(self):
         self.version = 0
         self.recent: deque = deque(maxlen=self.window)  # (accepted, rejected) of the current version
-        self.previous: tuple[int, float, dict] | None = None  # (version, α̂ baseline, weights) during a trial
+        self.previous: tuple[int, tuple[int, int], dict] | None = None  # (version, its window's counts, weights)
 
     @staticmethod
-    def alpha(outcomes) -> float:
-        return per_token_acceptance(sum(a for a, _ in outcomes), sum(r for _, r in outcomes))
+    def counts(outcomes) -> tuple[int, int]:
+        return sum(a for a, _ in outcomes), sum(r for _, r in outcomes)
+
+    @classmethod
+    def alpha(cls, outcomes) -> float:
+        return per_token_acceptance(*cls.counts(outcomes))
+
+    @property
+    def baseline_alpha(self) -> float:
+        return per_token_acceptance(*self.previous[1]) if self.previous else 0.0
 
     def observe(self, version: int, outcomes: list[tuple[int, int]]) -> None:
         if version == self.version:
             self.recent.extend(outcomes)
 
     def start(self, version: int, previous_weights: dict) -> None:
-        """v replaces u: u's α̂ over its recent window becomes the baseline (no baseline: no trial)."""
-        self.previous = (self.version, self.alpha(self.recent), previous_weights) if self.recent else None
+        """v replaces u: u's counts over its recent window become the baseline (no baseline: no trial)."""
+        self.previous = (self.version, self.counts(self.recent), previous_weights) if self.recent else None
         self.version = version
         self.recent.clear()
 
@@ -393,7 +408,17 @@ class VersionTrial:
         """"rollback", "keep", or None while the trial needs more sequence-rounds (or none runs)."""
         if self.previous is None or len(self.recent) < self.window:
             return None
-        return "rollback" if self.alpha(self.recent) < self.previous[1] - self.margin else "keep"
+        return "rollback" if worse_beyond_noise(self.counts(self.recent), self.previous[1], self.margin,
+                                                self.z) else "keep"
+
+
+def worse_beyond_noise(new: tuple[int, int], old: tuple[int, int], margin: float, z: float) -> bool:
+    """α̂_new < α̂_old − margin − z·√(ᾱ(1 − ᾱ)(1/n_new + 1/n_old)), counts given as (accepted, rejected)."""
+    n_new, n_old = sum(new), sum(old)
+    a_new, a_old = per_token_acceptance(*new), per_token_acceptance(*old)
+    pooled = per_token_acceptance(new[0] + old[0], new[1] + old[1])
+    se = (pooled * (1 - pooled) * (1 / max(n_new, 1) + 1 / max(n_old, 1))) ** 0.5
+    return a_new < a_old - margin - z * se
 
 
 class OnlineDraft:
@@ -404,7 +429,7 @@ class OnlineDraft:
         self.decoder, self.s, self.executor = decoder, s, executor
         self.capture = (RoundCapture(get_buffer(s), s.top_k, s.push_every, s.push_interval_s)
                         if s.capture else None)
-        self.trial = VersionTrial(s.rollback_window, s.rollback_margin)
+        self.trial = VersionTrial(s.rollback_window, s.rollback_margin, s.rollback_z)
         self.known = 0  # newest version seen in the store (installed, rejected or failed)
         self.rejected: set[int] = set()
         self.events: deque = deque(maxlen=256)  # install / keep / rollback / error, newest last
@@ -468,11 +493,11 @@ class OnlineDraft:
     def _judge(self) -> None:
         with self._lock:
             verdict, prev, v = self.trial.verdict(), self.trial.previous, self.trial.version
-            alpha_new = self.trial.alpha(self.trial.recent)
+            alpha_new, base = self.trial.alpha(self.trial.recent), self.trial.baseline_alpha
         if verdict is None:
             return
         if verdict == "rollback":
-            u, base, weights = prev
+            u, _, weights = prev
             self._load(u, weights)
             with self._lock:
                 self.rejected.add(v)
@@ -483,7 +508,7 @@ class OnlineDraft:
             with self._lock:
                 self.trial.previous = None
         self.events.append({"event": verdict, "version": v, "previous": prev[0], "alpha": alpha_new,
-                            "baseline_alpha": prev[1], "time": time.time()})
+                            "baseline_alpha": base, "time": time.time()})
 
     # ------------------------------------------------------------------ poll thread
     def _loop(self) -> None:

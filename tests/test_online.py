@@ -157,6 +157,29 @@ def test_full_vocabulary_target_top_k_needs_an_online_k():
                               "serve.online.top_k_logprobs=20"]).serve.online.top_k_logprobs == 20
 
 
+def test_rollback_rule_is_a_one_sided_z_test():
+    """Hand-worked: α̂_old = 60/100 = 0.6, α̂_new = 50/100 = 0.5, pooled ᾱ = 0.55,
+    SE = √(0.55 · 0.45 · 2/100) = 0.0704: 0.5 < 0.6 − 1.645 · 0.0704 = 0.484 is false (noise, kept);
+    the same shortfall on 10× the tokens (SE 0.0222, bound 0.563) rolls back, as does any shortfall at z = 0."""
+    from serve.online import VersionTrial, worse_beyond_noise
+
+    assert not worse_beyond_noise((50, 50), (60, 40), margin=0.0, z=1.645)
+    assert worse_beyond_noise((500, 500), (600, 400), margin=0.0, z=1.645)
+    assert worse_beyond_noise((50, 50), (60, 40), margin=0.0, z=0.0)
+    assert not worse_beyond_noise((60, 40), (50, 50), margin=0.0, z=0.0)  # better is never rolled back
+    assert not worse_beyond_noise((55, 45), (60, 40), margin=0.1, z=0.0)  # within the margin
+
+    trial = VersionTrial(window=2, z=1.645)
+    trial.observe(0, [(6, 4), (54, 36)])  # version 0's window: 60 accepted, 40 rejected
+    trial.start(1, previous_weights={})
+    assert trial.on_trial and trial.baseline_alpha == 0.6
+    trial.observe(1, [(25, 25)])
+    assert trial.verdict() is None  # one sequence-round of two
+    trial.observe(0, [(0, 100)])  # another version's rounds do not count
+    trial.observe(1, [(25, 25)])
+    assert trial.verdict() == "keep"
+
+
 # ---------------------------------------------------------------------- buffer
 def test_buffer_drops_the_oldest_and_counts(server, tmp_path):
     import json
