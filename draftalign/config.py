@@ -370,11 +370,14 @@ class OnlineConfig(_Strict):
                                      "new draft versions to hot-swap; None = no polling")
     poll_interval_s: float = Field(2.0, gt=0, description="seconds between weight-store polls")
     rollback_window: int = Field(64, ge=1, description="sequence-rounds a new version serves before it is judged "
-                                 "against the previous version's last rollback_window sequence-rounds")
-    rollback_margin: float = Field(0.0, ge=0, le=1, description="roll back when the new version's acceptance α̂ "
+                                 "against the previous version")
+    rollback_judge: Literal["paired", "live"] = Field(
+        "paired", description="paired: both versions teacher-forced on the same served sequences (the last "
+        "2 × rollback_window sequence-rounds); live: each version's own served acceptance over its window")
+    rollback_margin: float = Field(0.0, ge=0, le=1, description="roll back when the new version's acceptance "
                                    "is below the previous one's minus this")
     rollback_z: float = Field(1.645, ge=0, description="and by more than this many standard errors of the "
-                              "difference (one-sided two-proportion z-test: 1.645 = 95%; 0 = any shortfall)")
+                              "difference (one-sided z-test: 1.645 = 95%; 0 = any shortfall)")
     learner: OnlineLearnerConfig = Field(default_factory=OnlineLearnerConfig)
 
     @model_validator(mode="after")

@@ -38,8 +38,9 @@ of the candidate c and the published draft u on the same positions (a paired com
     publish c  iff  [a_served(c) > a_served(u)  or  a_served(c) = a_served(u) and b_served(c) ≥ b_served(u)]
               and  a_replay(c) ≥ a_replay(u) − max_forgetting,
 
-else c is held back (counted) and training goes on from it. The replica's rollback (below) judges live rounds
-of different requests; the gate judges the same requests, before any replica serves the version.
+else c is held back (counted) and training goes on from it. The gate judges before any replica serves the
+version, on held-out records and the distillation set; the replica's rollback (serve/online.py) judges after, on
+the traffic the version served, teacher-forced and paired in the same way.
 
 Versions. Replicas serve the draft on disk as version 0. The learner starts from that checkpoint and
 publishes v = max(store version, 0) + 1, + 2, … every steps_per_publish steps (fp32 ndarrays keyed like

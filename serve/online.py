@@ -77,20 +77,34 @@ policy's α̂ restarts from its prior, so a version replacing a draft the policy
 drafts, and is judged, at once. Output stays lossless: the draft only changes which tokens are
 proposed, never which are emitted.
 
-Rollback (`VersionTrial`). Acceptance α̂ = accepted / (accepted + rejected) (serve.acceptance) over
-sequence-rounds. Installing v over u starts a trial: baseline α̂_u over u's last W = rollback_window
-sequence-rounds; after v has served W sequence-rounds, v is rolled back when it is worse beyond noise:
-    α̂_v < α̂_u − rollback_margin − z · SE,   SE = √(ᾱ(1 − ᾱ)(1/n_u + 1/n_v))
-(a one-sided two-proportion z-test; n = accepted + rejected draft tokens of each window, ᾱ their pooled α̂,
-z = rollback_z). Rolling back reinstalls u (kept as a weight copy during the trial) and v is never installed
-again; otherwise v is kept. No version is installed while a trial runs. Without the z term (z = 0) any
-shortfall rolls back: 8 of 23 versions in a served run (bench/results/online_nogate_r8.json), 4 of 23 with it
-(online_nogate_z.json). SE counts draft tokens as independent; a window of one or two requests also varies with
-which requests it drew (code vs chat), which this test does not see (README, "Rollback beyond noise").
+Rollback (`VersionTrial`). Installing v over u starts a trial; once v has served W = rollback_window
+sequence-rounds it is judged against u, and rolled back when worse beyond noise. Rolling back reinstalls u (kept
+as a weight copy during the trial) and v is never installed again; otherwise v is kept. No version is installed
+while a trial runs. Two judges (serve.online.rollback_judge):
+
+  paired (default)  both versions teacher-forced on the same served sequences: `ServedTraffic` keeps the last
+                    2W sequence-rounds (u's last W and v's W) with the target's processed p at every position
+                    they committed (top-K, one-hot at greedy); off the engine thread a copy of the draft loads u,
+                    then v, and scores a_t = Σ_{j ∈ top-K(p_t)} min(p_t(j), q_t(j)) at each position
+                    (`teacher_forced_acceptance`: 1{argmax q = argmax p} at greedy). With d_t = a_v(t) − a_u(t)
+                    over the n positions, v is rolled back when
+                        mean(d) < −rollback_margin − z · sd(d) / √n        (`paired_worse`, z = rollback_z).
+                    Lossless decoding makes the served sequences draws from the target whichever draft proposed
+                    them, so the judge compares drafts on one sample of traffic; the positions of one request are
+                    correlated, which the SE over positions does not count.
+  live              each version's own served acceptance α̂ = accepted / (accepted + rejected) over its window
+                    (u: its last W sequence-rounds before the install):
+                        α̂_v < α̂_u − rollback_margin − z · SE,   SE = √(ᾱ(1 − ᾱ)(1/n_u + 1/n_v))
+                    (one-sided two-proportion z-test, n = draft tokens judged, ᾱ pooled). Its two windows hold
+                    different requests: a window of one or two requests varies with what it drew (served α per
+                    request ≈ 0.02 on code, 0.6 on chat) far beyond the binomial SE, so a version can be rolled
+                    back for meeting harder traffic — 4 of 23 in a served run (bench/results/online_nogate_z.json),
+                    8 of 23 with z = 0 (online_nogate_r8.json).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
@@ -106,6 +120,7 @@ import torch
 from draftalign.weights import check_and_load_weights, check_weights
 from serve.acceptance import per_token_acceptance
 from serve.goodput import AcceptanceEstimate
+from serve.sampling import logits_to_probs
 
 logger = logging.getLogger("ray.serve")
 
@@ -127,6 +142,7 @@ class OnlineSettings:
     weight_store: str | None
     poll_interval_s: float
     rollback_window: int
+    rollback_judge: str
     rollback_margin: float
     rollback_z: float
 
@@ -140,8 +156,8 @@ class OnlineSettings:
                    buffer_records=o.buffer_records, spill_dir=o.spill_dir, buffer_name=o.buffer_name,
                    namespace=o.namespace, push_every=o.push_every, push_interval_s=o.push_interval_s,
                    weight_store=o.weight_store, poll_interval_s=o.poll_interval_s,
-                   rollback_window=o.rollback_window, rollback_margin=o.rollback_margin,
-                   rollback_z=o.rollback_z)
+                   rollback_window=o.rollback_window, rollback_judge=o.rollback_judge,
+                   rollback_margin=o.rollback_margin, rollback_z=o.rollback_z)
 
 
 # ====================================================================== records
@@ -405,9 +421,14 @@ class VersionTrial:
     def on_trial(self) -> bool:
         return self.previous is not None
 
+    @property
+    def complete(self) -> bool:
+        """A trial runs and the new version has served its window."""
+        return self.previous is not None and len(self.recent) >= self.window
+
     def verdict(self) -> str | None:
-        """"rollback", "keep", or None while the trial needs more sequence-rounds (or none runs)."""
-        if self.previous is None or len(self.recent) < self.window:
+        """The live judge: "rollback", "keep", or None while the trial needs more sequence-rounds (or none runs)."""
+        if not self.complete:
             return None
         return "rollback" if worse_beyond_noise(self.counts(self.recent), self.previous[1], self.margin,
                                                 self.z) else "keep"
@@ -422,6 +443,83 @@ def worse_beyond_noise(new: tuple[int, int], old: tuple[int, int], margin: float
     return a_new < a_old - margin - z * se
 
 
+# ====================================================================== the paired judge
+JUDGE_TOP_K = 8  # entries of the target's processed p kept per served position
+
+
+class ServedTraffic:
+    """The last `capacity` sequence-rounds served, whatever the draft version, as the paired judge reads them:
+    per sequence-round its request, the positions it committed (start … start + m − 1) and the target's processed
+    distribution p there (the request's sampling params; its top-K entries, one-hot at greedy); per request its
+    latest tokens (context + committed). Lossless decoding makes these sequences draws from the target whichever
+    draft proposed, so they are fair ground for judging any two versions."""
+
+    def __init__(self, capacity: int, top_k: int = JUDGE_TOP_K):
+        self.rounds: deque = deque(maxlen=capacity)  # (request, start, p_ids (m, K), p_probs (m, K), params)
+        self.tokens: dict[str, np.ndarray] = {}
+        self.top_k = top_k
+
+    def observe(self, view) -> None:
+        live = [s for s, a in enumerate(view.live) if a and view.committed and view.committed[s]]
+        if not live:
+            return
+        p = logits_to_probs(view.target_logits[live], view.params)  # (b, γ + 1, V)
+        top_p, top_ids = p.topk(min(self.top_k, p.shape[-1]), -1)
+        top_p, top_ids = top_p.cpu().numpy(), top_ids.cpu().numpy().astype(np.int32)
+        ids, mask = view.ids.cpu().numpy(), view.mask.cpu().numpy().astype(bool)
+        for j, s in enumerate(live):
+            context, kept = ids[s][mask[s]].astype(np.int32), np.asarray(view.committed[s], np.int32)
+            key, m = f"{view.call}.{s}", len(kept)
+            self.tokens[key] = np.concatenate([context, kept])
+            self.rounds.append((key, len(context), top_ids[j, :m], top_p[j, :m], view.params))
+        if len(self.tokens) > 2 * self.rounds.maxlen:  # requests whose rounds all left the window
+            keep = {r[0] for r in self.rounds}
+            self.tokens = {k: v for k, v in self.tokens.items() if k in keep}
+
+    def snapshot(self) -> list[tuple]:
+        """Per request in the window: (tokens, positions (N,), p_ids (N, K), p_probs (N, K), params)."""
+        by: dict[str, list] = {}
+        for key, start, ids, probs, params in self.rounds:
+            by.setdefault(key, []).append((start, ids, probs, params))
+        out = []
+        for key, rs in by.items():
+            pos = np.concatenate([start + np.arange(len(ids)) for start, ids, _, _ in rs])
+            out.append((self.tokens[key], pos, np.concatenate([r[1] for r in rs]),
+                        np.concatenate([r[2] for r in rs]), rs[0][3]))
+        return out
+
+
+@torch.inference_mode()
+def teacher_forced_acceptance(model, vocab_ids: torch.Tensor | None, tokens: np.ndarray, positions: np.ndarray,
+                              p_ids: np.ndarray, p_probs: np.ndarray, params) -> np.ndarray:
+    """a_t = Σ_{j ∈ top-K(p_t)} min(p_t(j), q_t(j)) at each served position t: the probability that the draft's
+    token at t is accepted given the target's tokens before it (1 − TVD(p_t, q_t) when p_t's mass lies in its
+    top-K; 1{argmax q_t = argmax p_t} at greedy). q_t = the draft's distribution given tokens[:t], on its
+    vocabulary rows, after the request's sampling params — as the engine drafts."""
+    dev = next(model.parameters()).device
+    x = torch.as_tensor(tokens[: int(positions.max())], dtype=torch.long, device=dev)[None]
+    h = model.get_decoder()(input_ids=x).last_hidden_state[0, torch.as_tensor(positions - 1, device=dev)]
+    logits = model.get_output_embeddings()(h).float()  # (N, V): the head at the judged positions only
+    if vocab_ids is not None:  # logits (N, V) → q on the draft's rows, 0 elsewhere
+        vocab_ids = vocab_ids.to(dev)
+        sub = logits_to_probs(logits[:, vocab_ids], params)
+        q = sub.new_zeros(logits.shape).index_copy_(-1, vocab_ids, sub)
+    else:
+        q = logits_to_probs(logits, params)
+    q_at = q.gather(-1, torch.as_tensor(p_ids, dtype=torch.long, device=dev)).cpu()  # (N, K)
+    return torch.minimum(torch.as_tensor(p_probs), q_at).sum(-1).numpy()
+
+
+def paired_worse(d: np.ndarray, margin: float, z: float) -> bool:
+    """mean(d) < −margin − z·sd(d)/√n, d_t = a_new(t) − a_old(t) on the same n served positions (a one-sided
+    paired z-test; the traffic both versions are judged on is the same, so only the drafts differ)."""
+    n = len(d)
+    if n == 0:
+        return False
+    se = float(np.std(d, ddof=1)) / n ** 0.5 if n > 1 else 0.0
+    return float(np.mean(d)) < -margin - z * se
+
+
 class OnlineDraft:
     """A replica's online state: the engine observer (capture + per-version acceptance), draft installs on the
     engine thread, rollback, and the thread that polls the weight store and pushes stale records."""
@@ -431,6 +529,9 @@ class OnlineDraft:
         self.capture = (RoundCapture(get_buffer(s), s.top_k, s.push_every, s.push_interval_s)
                         if s.capture else None)
         self.trial = VersionTrial(s.rollback_window, s.rollback_margin, s.rollback_z)
+        self.traffic = ServedTraffic(2 * s.rollback_window) if s.rollback_judge == "paired" else None
+        self._judge_model = None  # a copy of the draft the paired judge loads both versions into
+        self._candidate: dict | None = None  # the weights of the version on trial
         self.known = 0  # newest version seen in the store (installed, rejected or failed)
         self.rejected: set[int] = set()
         self.events: deque = deque(maxlen=256)  # install / keep / rollback / error, newest last
@@ -448,6 +549,11 @@ class OnlineDraft:
             self.trial.observe(view.draft_version, view.outcomes)
             self.rounds_per_version[view.draft_version] = (self.rounds_per_version.get(view.draft_version, 0)
                                                            + len(view.outcomes))
+            if self.traffic is not None:
+                try:
+                    self.traffic.observe(view)
+                except Exception:  # as for capture: the round is served, the judge sees less traffic
+                    logger.exception("online judge: recording a served round failed")
         if self.capture is not None:
             try:
                 self.capture.observe(view)
@@ -482,21 +588,54 @@ class OnlineDraft:
             raise ValueError(f"draft version {version}: versions must increase (serving "
                              f"{self.decoder.draft_version}) and not be a rolled-back one")
         previous = self._snapshot()
+        if self.traffic is not None and self._judge_model is None:
+            self._judge_model = copy.deepcopy(self.decoder.draft).float().eval()
         self._load(version, weights)
         with self._lock:
             self.trial.start(version, previous)
+            self._candidate = weights
             self.known = max(self.known, version)
         event = {"event": "install", "version": version, "time": time.time()}
         self.events.append(event)
         logger.info("draft version %d installed", version)
         return event
 
-    def _judge(self) -> None:
+    def _paired(self, old: dict, new: dict) -> dict:
+        """The paired judge (module docstring), off the engine thread: both versions teacher-forced on the served
+        traffic of the last 2W sequence-rounds; verdict "rollback" when the new one is worse beyond noise."""
         with self._lock:
-            verdict, prev, v = self.trial.verdict(), self.trial.previous, self.trial.version
-            alpha_new, base = self.trial.alpha(self.trial.recent), self.trial.baseline_alpha
-        if verdict is None:
+            requests = self.traffic.snapshot()
+        ids = self.decoder.draft_vocab_ids
+        a = {}
+        for name, weights in (("old", old), ("new", new)):
+            check_and_load_weights(self._judge_model, weights)
+            a[name] = np.concatenate([teacher_forced_acceptance(self._judge_model, ids, *r) for r in requests]
+                                     ) if requests else np.zeros(0)
+        d = a["new"] - a["old"]
+        worse = paired_worse(d, self.s.rollback_margin, self.s.rollback_z)
+        return {"verdict": "rollback" if worse else "keep", "alpha": float(a["new"].mean()) if len(d) else 0.0,
+                "baseline_alpha": float(a["old"].mean()) if len(d) else 0.0, "positions": len(d),
+                "requests": len(requests)}
+
+    def _judge(self) -> None:
+        """Poll thread: once the version on trial served its window, judge it and apply the verdict."""
+        with self._lock:
+            complete, prev, v = self.trial.complete, self.trial.previous, self.trial.version
+            live = {"served_alpha": self.trial.alpha(self.trial.recent), "served_baseline_alpha":
+                    self.trial.baseline_alpha, "live_verdict": self.trial.verdict()}
+        if not complete:
             return
+        if self.traffic is not None:
+            result = {"judge": "paired", **self._paired(prev[2], self._candidate), **live}
+        else:
+            result = {"judge": "live", "verdict": live["live_verdict"], "alpha": live["served_alpha"],
+                      "baseline_alpha": live["served_baseline_alpha"]}
+        self.executor.submit(self._apply, v, prev, result).result()
+
+    def _apply(self, v: int, prev: tuple, result: dict) -> None:
+        """Engine thread: keep v, or reinstall the previous version u (between rounds)."""
+        verdict = result.pop("verdict")
+        alpha_new, base = result["alpha"], result["baseline_alpha"]
         if verdict == "rollback":
             u, _, weights = prev
             self._load(u, weights)
@@ -508,8 +647,9 @@ class OnlineDraft:
         else:
             with self._lock:
                 self.trial.previous = None
-        self.events.append({"event": verdict, "version": v, "previous": prev[0], "alpha": alpha_new,
-                            "baseline_alpha": base, "time": time.time()})
+        with self._lock:
+            self._candidate = None
+        self.events.append({"event": verdict, "version": v, "previous": prev[0], **result, "time": time.time()})
 
     # ------------------------------------------------------------------ poll thread
     def _loop(self) -> None:
@@ -519,7 +659,7 @@ class OnlineDraft:
                 if self.capture is not None:
                     self.capture.flush(stale_only=True)
                 if self.trial.on_trial:
-                    self.executor.submit(self._judge).result()
+                    self._judge()
                     continue
                 if self.s.weight_store is None:
                     continue

@@ -400,6 +400,11 @@ class SpecDecoder:
         self.draft_version = 0
         self._calls = itertools.count()
 
+    @property
+    def draft_vocab_ids(self) -> torch.Tensor | None:
+        """The Llama draft's vocabulary rows (sorted token ids), None = the full vocabulary."""
+        return None if self._d is None else self._d.ids
+
     def refresh_draft(self, version: int) -> None:
         """Rebuild the draft's derived weights after its parameters were overwritten in place (a new version):
         LeanLlama's fused q|k|v and gate|up copies and the head's vocabulary rows are snapshots. Call between

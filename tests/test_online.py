@@ -180,6 +180,54 @@ def test_rollback_rule_is_a_one_sided_z_test():
     assert trial.verdict() == "keep"
 
 
+def test_paired_rule_is_a_one_sided_paired_z_test():
+    """Hand-worked: d = (−1, 0, 0, 0): mean −0.25, sd 0.5, SE 0.25, bound −1.645 · 0.25 = −0.411: noise, kept;
+    25 × that pattern (n = 100: sd 0.435, SE 0.0435, bound −0.072) rolls back; any shortfall does at z = 0."""
+    from serve.online import paired_worse
+
+    d = np.array([-1.0, 0, 0, 0])
+    assert not paired_worse(d, margin=0.0, z=1.645)
+    assert paired_worse(np.tile(d, 25), margin=0.0, z=1.645)
+    assert paired_worse(d, margin=0.0, z=0.0)
+    assert not paired_worse(-d, margin=0.0, z=0.0)  # better is never rolled back
+    assert not paired_worse(d, margin=0.3, z=0.0)  # within the margin
+    assert not paired_worse(np.zeros(0), margin=0.0, z=0.0)  # no traffic: nothing to judge
+
+
+def test_teacher_forced_acceptance_is_one_minus_tvd(tiny_target_path, tiny_draft_path, target_tokenizer):
+    """On served positions t with p_t given in full (K = V): a_t = 1 − TVD(p_t, q_t), q_t the draft's softmax
+    given tokens[:t] from one HF forward here; restricted to a vocabulary, q is renormalised on its rows; at
+    greedy a_t = 1{argmax q_t = argmax p_t}."""
+    import torch
+
+    from draftalign.models import load_causal_lm
+    from serve.online import teacher_forced_acceptance
+    from serve.sampling import SamplingParams
+
+    target, draft = load_causal_lm(tiny_target_path), load_causal_lm(tiny_draft_path)
+    tokens = np.array(_ids(target_tokenizer, PROMPTS[2] + " and it learned to paint"), np.int32)
+    pos = np.arange(3, len(tokens))
+    x = torch.as_tensor(tokens, dtype=torch.long)[None]
+    with torch.no_grad():
+        p = torch.softmax(target(x).logits[0].float(), -1)[pos - 1]  # (N, V)
+        z = draft(x).logits[0].float()[pos - 1]
+    V = p.shape[-1]
+    all_ids = np.tile(np.arange(V, dtype=np.int32), (len(pos), 1))
+    sampled = SamplingParams(temperature=1.0)
+    a = teacher_forced_acceptance(draft, None, tokens, pos, all_ids, p.numpy(), sampled)
+    np.testing.assert_allclose(a, 1 - 0.5 * (p - torch.softmax(z, -1)).abs().sum(-1).numpy(), atol=1e-5)
+
+    rows = torch.arange(0, V, 2)  # every other token
+    q = torch.zeros_like(p).index_copy_(-1, rows, torch.softmax(z[:, rows], -1))
+    a = teacher_forced_acceptance(draft, rows, tokens, pos, all_ids, p.numpy(), sampled)
+    np.testing.assert_allclose(a, torch.minimum(p, q).sum(-1).numpy(), atol=1e-5)
+
+    top = p.argmax(-1, keepdim=True)
+    a = teacher_forced_acceptance(draft, None, tokens, pos, top.numpy().astype(np.int32),
+                                  np.ones((len(pos), 1), np.float32), SamplingParams())
+    np.testing.assert_array_equal(a, (z.argmax(-1) == top[:, 0]).float().numpy())
+
+
 # ---------------------------------------------------------------------- buffer
 def test_buffer_drops_the_oldest_and_counts(server, tmp_path):
     import json
@@ -335,6 +383,7 @@ def test_new_version_is_kept_when_acceptance_rises(server, client, reference):
         assert r.model_extra["spec_decoding"]["accepted"] > 0  # version 1 is the target: it agrees
     (keep,) = [e for e in _online(server)["events"] if e["event"] in ("keep", "rollback")]
     assert keep["event"] == "keep" and keep["version"] == 1 and keep["alpha"] > keep["baseline_alpha"]
+    assert keep["judge"] == "paired" and keep["positions"] > 0  # both drafts scored on the same served tokens
 
 
 def test_worse_version_is_rolled_back(server, client, reference, versions):
@@ -348,6 +397,7 @@ def test_worse_version_is_rolled_back(server, client, reference, versions):
     stats = _online(server)
     (rb,) = [e for e in stats["events"] if e["event"] == "rollback"]
     assert rb["version"] == 2 and rb["previous"] == 1 and rb["alpha"] < rb["baseline_alpha"]
+    assert rb["judge"] == "paired" and rb["positions"] > 0
     assert stats["draft_version"] == 1 and stats["rejected_versions"] == [2] and not stats["on_trial"]
     r = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=24, temperature=0)
     assert r.choices[0].text == reference(PROMPTS[1], 24).text
