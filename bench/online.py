@@ -213,8 +213,13 @@ def main() -> None:
             if learner is not None:
                 ls = ray.get(learner.stats.remote())
                 arm_result["learner"] = {k: v for k, v in ls.items() if k != "history"}
+                trials = [e for e in st["events"] if e["event"] in ("keep", "rollback")]  # the replica keeps ≤ 256
                 arm_result["replica"] = {k: v for k, v in st.items() if k != "events"} | {
-                    "events": [e for e in st["events"] if e["event"] != "error"][-20:]}
+                    "events": [e for e in st["events"] if e["event"] != "error"][-20:], "trials": trials,
+                    "verdicts": {"kept": sum(e["event"] == "keep" for e in trials),
+                                 "rolled_back": sum(e["event"] == "rollback" for e in trials),
+                                 "live_rule_would_roll_back": sum(e.get("live_verdict") == "rollback"
+                                                                  for e in trials)}}
                 ray.get(learner.stop.remote())
             result["arms"][arm] = arm_result
             serve.delete(arm)
