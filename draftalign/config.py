@@ -326,6 +326,8 @@ class OnlineLearnerConfig(_Strict):
     steps_per_publish: int = Field(4, ge=1, description="publish a new draft version every N optimizer steps")
     epochs: int = Field(1, ge=1, description="optimizer steps on each collected batch of served records (fresh "
                         "replay spans each time): the update-to-data ratio, to learn more from scarce traffic")
+    served_pool: int = Field(0, ge=0, description="earlier served records kept (the newest N) to draw up to "
+                             "records_per_step of them into every step beside the new ones; 0 = none")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate, constant after warmup_steps")
     gate: bool = Field(True, description="publish a version only if it beats the last published one on held-out "
                        "data (learner/online.py `gate_verdict`): served requests the learner never trained on, "

@@ -26,7 +26,10 @@ needs no behaviour probabilities, so records proposed by older versions are used
 
 Epochs. Each collected batch of records is stepped on serve.online.learner.epochs times (fresh replay spans
 each time; the exact loss needs no importance weights), as PPO-style trainers reuse a rollout batch: traffic
-is the scarce resource, and the learner's CPU is idle between batches.
+is the scarce resource, and the learner's CPU is idle between batches. With serve.online.learner.served_pool = P
+> 0 every such step also draws up to records_per_step earlier served records, uniformly from the last P the
+learner trained on (an experience-replay pool of recent traffic, as off-policy RL keeps one): a request is then
+reused across many steps mixed with others, instead of `epochs` times in a row beside the same few.
 
 Gate. A version is published only if it beats the last published one (version 0: the disk draft) on data
 neither trained on (`gate_verdict`, serve.online.learner.gate): every probe_every-th served record is held out
@@ -201,6 +204,7 @@ class OnlineLearnerWorker:
         self._reference_replay: tuple | None = None  # a_replay(published): fixed probe, fixed weights — cached
         self._seen = 0
         self.gates: deque = deque(maxlen=HISTORY)
+        self.pool: deque = deque(maxlen=self.lo.served_pool)  # served records already trained on, newest last
 
     def _collect(self) -> list[dict] | None:
         """records_per_step records from the buffer (oldest first), waiting for traffic; None once stopped."""
@@ -227,19 +231,22 @@ class OnlineLearnerWorker:
         return True
 
     def train_on(self, records: list[dict]) -> None:
-        """serve.online.learner.epochs steps on one collected batch (fewer once stopped / at max_steps)."""
+        """serve.online.learner.epochs steps on one collected batch (fewer once stopped / at max_steps), each
+        with up to records_per_step earlier records drawn from the served pool (module docstring "Epochs")."""
         for epoch in range(self.lo.epochs):
             if self._finished():
                 break
-            self.step(records, fresh=epoch == 0)
+            earlier = self.rng.sample(list(self.pool), min(len(self.pool), self.lo.records_per_step))
+            self.step(records, fresh=epoch == 0, earlier=earlier)
+        self.pool.extend(records)
 
-    def step(self, records: list[dict], fresh: bool = True) -> dict:
-        """One optimizer step on `records` + replay; publishes a version every steps_per_publish steps.
-        `fresh`: the records' first step (counted once in the record / token counters)."""
+    def step(self, records: list[dict], fresh: bool = True, earlier: list[dict] = ()) -> dict:
+        """One optimizer step on `records` (+ `earlier` served records) + replay; publishes a version every
+        steps_per_publish steps. `fresh`: the records' first step (counted once in the record / token counters)."""
         t0 = time.perf_counter()
         lrn = self.learner
-        batch = mixed_batch(records, self.replay, self.lo.replay_fraction, self.k, self.pad_id, self.rng,
-                            lrn.version)
+        batch = mixed_batch(list(records) + list(earlier), self.replay, self.lo.replay_fraction, self.k,
+                            self.pad_id, self.rng, lrn.version)
         sums, lr, grad_norm = train_step(lrn, batch, self.cfg)
         if lrn.step % self.lo.steps_per_publish == 0 and self._gate():
             lrn.version += 1
@@ -255,7 +262,7 @@ class OnlineLearnerWorker:
         self.counts["replayed_rows"] += int((~batch.on_policy).sum())
         metrics = {"step": lrn.step, "policy_version": lrn.version, "loss": sums["loss"] / sums["tokens"],
                    "acceptance": 1.0 - sums["tvd"] / sums["tokens"], "tokens": int(sums["tokens"]),
-                   "served_tokens": served_tokens, "lr": lr, "grad_norm": grad_norm,
+                   "served_tokens": served_tokens, "earlier_records": len(earlier), "lr": lr, "grad_norm": grad_norm,
                    "step_s": time.perf_counter() - t0}
         self.counts["step_s"] += metrics["step_s"]
         self.history.append(metrics)

@@ -347,6 +347,29 @@ def test_gate_publishes_a_better_version_and_holds_back_a_worse_one(arm, learned
                    for g in gates), gates  # (a, b): lower a, or a tie at 1 and lower b
 
 
+def test_served_pool_mixes_earlier_requests_into_each_step(learned, ray_local, tmp_path, peaked_target, anti_draft,
+                                                            target_tokenizer):
+    """served_pool 4, 2 records per step, 2 epochs, 4 collections of the `learned` fixture's requests: the first
+    collection's steps have no earlier record, each later step draws 2 from the last ≤ 4 trained on, and the pool
+    ends holding the newest 4."""
+    from learner.online import OnlineLearnerWorker, replay_rows
+
+    run = tmp_path / "run"
+    write_scored_set(run, peaked_target, target_tokenizer, REPLAY_PROMPTS)
+    cfg = _cfg(run, peaked_target, "pool", {"records_per_step": 2, "epochs": 2, "max_steps": 8, "served_pool": 4})
+    worker = OnlineLearnerWorker(cfg.model_dump(mode="json"), anti_draft, replay_rows(cfg, TOP_K))
+    try:
+        recs = learned.records
+        for i in range(0, 8, 2):
+            worker.train_on(recs[i: i + 2])
+    finally:
+        for h in (worker.buffer, worker.store):
+            ray_local.kill(h)
+    assert [m["earlier_records"] for m in worker.history] == [0, 0, 2, 2, 2, 2, 2, 2]
+    assert [r["request"] for r in worker.pool] == [r["request"] for r in recs[4:]]
+    assert worker.counts["records"] == 8 and worker.learner.step == 8
+
+
 def test_gate_verdict():
     from learner.online import gate_verdict
 
