@@ -318,18 +318,18 @@ class OnlineLearnerConfig(_Strict):
 
     enabled: bool = Field(False, description="`draftalign serve` starts the learner next to the endpoint (needs "
                           "serve.online.enabled and serve.online.weight_store)")
-    records_per_step: int = Field(4, ge=1, description="served records (one request each: one row, the loss at "
+    records_per_step: int = Field(8, ge=1, description="served records (one request each: one row, the loss at "
                                   "every position its rounds scored) per optimizer step; the learner waits until "
                                   "the buffer has delivered them")
     replay_fraction: float = Field(0.25, ge=0, lt=1, description="share of each step's rows replayed from the "
                                    "distillation set (its recorded target top-k), against forgetting; 0 = none")
     steps_per_publish: int = Field(4, ge=1, description="publish a new draft version every N optimizer steps")
-    epochs: int = Field(1, ge=1, description="optimizer steps on each collected batch of served records (fresh "
+    epochs: int = Field(8, ge=1, description="optimizer steps on each collected batch of served records (fresh "
                         "replay spans each time): the update-to-data ratio, to learn more from scarce traffic")
     served_pool: int = Field(0, ge=0, description="earlier served records kept (the newest N) to draw up to "
                              "records_per_step of them into every step beside the new ones; 0 = none")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate, constant after warmup_steps")
-    gate: bool = Field(True, description="publish a version only if it beats the last published one on held-out "
+    lr: float = Field(5e-4, gt=0, description="AdamW learning rate, constant after warmup_steps")
+    gate: bool = Field(False, description="publish a version only if it beats the last published one on held-out "
                        "data (learner/online.py `gate_verdict`): served requests the learner never trained on, "
                        "and held-out rows of the distillation set (no forgetting beyond max_forgetting)")
     probe_every: int = Field(8, ge=2, description="gate: every N-th served record joins the served probe instead "
