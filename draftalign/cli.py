@@ -55,7 +55,7 @@ def _guard(fn):
         _fail(str(e))
 
 
-def _branching(text: str) -> list[int] | dict:
+def parse_tree(text: str) -> list[int] | dict:
     """"2,2,1" → [2, 2, 1]; "dynamic:5,3,12" → {depth: 5, topk: 3, nodes: 12} (EAGLE-2); else a clear error.
     The labels the eval prints are accepted too: "tree:2-2-1", "dtree:5-3-12" (`draftalign.evaluate.tree_label`)."""
     if text.startswith(("tree:", "dtree:")):  # a result label typed back in
@@ -114,7 +114,7 @@ def eval(job: Path = JobArg, target: str = typer.Option(None, help="target model
         if gamma:
             cfg.eval.gamma = list(gamma)
         if tree:
-            cfg.eval.trees = [_branching(t) for t in tree]
+            cfg.eval.trees = [parse_tree(t) for t in tree]
         specs = list(draft or [None])
         drafts = {}
         for i, spec in enumerate(specs):

@@ -53,7 +53,7 @@ def test_token_tree_settings_are_validated():
     """Static trees as branching lists, dynamic (EAGLE-2) trees as {depth, topk, nodes}; both from the CLI too."""
     import typer
 
-    from draftalign.cli import _branching
+    from draftalign.cli import parse_tree
 
     cfg = load_config(None, ["eval.trees=[[2, 1], {depth: 5, topk: 3, nodes: 12}]",
                              "serve.tree={depth: 4, topk: 2, nodes: 8}"])
@@ -64,13 +64,13 @@ def test_token_tree_settings_are_validated():
         load_config(None, ["eval.trees=[[2, 0]]"])
     with pytest.raises(ConfigError, match="serve.engine=native"):
         load_config(None, ["serve.engine=vllm", "serve.tree=[2, 1]"])
-    assert _branching("2,2,1") == [2, 2, 1]
-    assert _branching("dynamic:5,3,12") == {"depth": 5, "topk": 3, "nodes": 12}
-    assert _branching("dtree:5-3-12") == _branching("dynamic:5,3,12")  # the eval's labels, typed back in
-    assert _branching("tree:2-2-1") == _branching("2,2,1") == [2, 2, 1]
+    assert parse_tree("2,2,1") == [2, 2, 1]
+    assert parse_tree("dynamic:5,3,12") == {"depth": 5, "topk": 3, "nodes": 12}
+    assert parse_tree("dtree:5-3-12") == parse_tree("dynamic:5,3,12")  # the eval's labels, typed back in
+    assert parse_tree("tree:2-2-1") == parse_tree("2,2,1") == [2, 2, 1]
     for bad in ("dynamic:5,3", "2,x", "static:2,1", "dynamic:5,0,4"):
         with pytest.raises(typer.BadParameter, match="dynamic:DEPTH,TOPK,NODES"):
-            _branching(bad)
+            parse_tree(bad)
 
 
 def test_resources_beyond_the_declared_cluster_are_rejected():
