@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from actors.features import FeatureBatch, RowFeatures, collate, row_features
+from actors.features import BranchScorer, FeatureBatch, RowFeatures, collate, row_features
 from draftalign.io import write_atomic, write_json_atomic
 
 STORE_DIR = "fspad_features"
@@ -188,12 +188,15 @@ def save_heldout(path: Path, key: str, batch: FeatureBatch) -> None:
     write_atomic(Path(path) / HELDOUT_FILE, lambda tmp: torch.save({"fingerprint": key, "batch": batch}, tmp))
 
 
-class StoredFeatures:
+class StoredFeatures(BranchScorer):
     """Ray actor (role: features, from the store): `batch(step, rank, world)` as `TargetFeatures.batch`, the same
-    rows per (step, rank), read from the store instead of computed. Runs where the store is (the driver's node)."""
+    rows per (step, rank), read from the store instead of computed. Runs where the store is (the driver's node).
+    With `scoring` = (target path, dtype, threads) it also scores the head's on-policy chains (`BranchScorer`),
+    loading the target at the first request on that many threads (the learner waits for the scores, so its
+    CPUs are free meanwhile)."""
 
     def __init__(self, path: str, rows: list[dict], batch_size: int, feature_sampling: bool, seed: int,
-                 pad_id: int = 0):
+                 pad_id: int = 0, k: int = 0, scoring: tuple[str, str, int] | None = None):
         from learner.pretrain import BatchSampler
 
         torch.set_num_threads(1)
@@ -201,7 +204,20 @@ class StoredFeatures:
         if len(self.store) != len(rows):
             raise ValueError(f"feature store {path} holds {len(self.store)} rows, the job has {len(rows)}")
         self.rows, self.B, self.feature_sampling, self.pad_id = rows, batch_size, feature_sampling, pad_id
+        self.k = k or self.store.meta["k"]
         self.sampler = BatchSampler(len(rows), seed)
+        self.scoring, self._target = scoring, None
+
+    def scoring_target(self):
+        if self.scoring is None:
+            raise RuntimeError("StoredFeatures was created without a target to score chains with (scoring=None)")
+        if self._target is None:
+            from draftalign.models import load_causal_lm, pick_dtype
+
+            path, dtype, threads = self.scoring
+            torch.set_num_threads(max(1, threads))
+            self._target = load_causal_lm(path, pick_dtype(dtype))
+        return self._target
 
     def batch(self, step: int, rank: int, world: int) -> FeatureBatch:
         idx = self.sampler.indices(step * self.B, self.B)[rank::world]
@@ -209,14 +225,23 @@ class StoredFeatures:
                        self.pad_id)
 
 
-def create_stored_feature_actor(cfg, path: Path, rows_ref, name_prefix: str = "draftalign") -> list:
-    """One StoredFeatures actor on this (the driver's) node, sized like a target engine."""
+def create_stored_feature_actor(cfg, path: Path, rows_ref, name_prefix: str = "draftalign",
+                                target_path: str | None = None) -> list:
+    """One StoredFeatures actor on this (the driver's) node, sized like a target engine; with
+    `draft.fspad.on_policy` it scores the head's chains on `target_path` too."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     t = cfg.target
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     cls = ray.remote(StoredFeatures)
+    scoring = None
+    if cfg.draft.fspad.on_policy:  # the learner waits on the scores: the target may use its CPUs too
+        if target_path is None:
+            raise ValueError("draft.fspad.on_policy: the stored-features actor needs the target's path to score chains")
+        threads = max(1, math.ceil(t.cpus_per_engine + cfg.learner.cpus_per_worker - 1e-9))
+        scoring = (target_path, t.dtype, threads)
     return [cls.options(num_cpus=t.cpus_per_engine, scheduling_strategy=here, max_restarts=2, max_task_retries=2,
                         name=f"{name_prefix}-stored-features").remote(
-        str(path), rows_ref, cfg.rollout.batch_size, cfg.draft.fspad.feature_sampling, cfg.seed)]
+        str(path), rows_ref, cfg.rollout.batch_size, cfg.draft.fspad.feature_sampling, cfg.seed,
+        k=t.top_k_logprobs, scoring=scoring)]

@@ -113,25 +113,56 @@ def _target_pass(target, seqs: list[list[int]], pad_id: int, keep_cache: bool):
 
 
 @torch.no_grad()
-def _alternative_pass(target, cache, lengths: list[int], alts: list[list[tuple[int, int]]], Lmax: int,
-                      pad_id: int) -> torch.Tensor:
-    """The target's features after the re-drawn tokens: alts[b] = [(d, x), …] puts x at position d + 1,
-    seeing the cached s_≤d and itself. Returns (B, A, H) float32, A = the most alternatives in a row."""
+def _branch_pass(target, cache, lengths: list[int], branches: list[list[tuple[int, list[int]]]], Lmax: int,
+                 pad_id: int) -> torch.Tensor:
+    """The target's features on token chains grafted onto the cached first pass (a tree pass, one per batch):
+    branches[b] = [(c, [x_1, …, x_m]), …] puts x_i at position c + i, seeing the cached s_≤c and x_1 … x_i of its
+    own chain. Returns (B, A, H) float32, A = the most chain tokens in a row, in the rows' chain order."""
     from learner.fspad import additive_mask
 
-    B, A = len(alts), max(len(a) for a in alts)
+    B, A = len(branches), max(sum(len(x) for _, x in row) for row in branches)
     ids = torch.full((B, A), pad_id, dtype=torch.long)
     pos = torch.zeros(B, A, dtype=torch.long)
     allowed = torch.zeros(B, A, Lmax + A, dtype=torch.bool)
     allowed[:, torch.arange(A), Lmax + torch.arange(A)] = True  # every node sees itself (padding nodes only that)
-    for b, row in enumerate(alts):
-        for a, (d, x) in enumerate(row):
-            ids[b, a], pos[b, a] = x, d + 1
-            allowed[b, a, :min(d + 1, lengths[b])] = True
+    for b, row in enumerate(branches):
+        a = 0
+        for c, xs in row:
+            for i, x in enumerate(xs, start=1):
+                ids[b, a], pos[b, a] = x, c + i
+                allowed[b, a, :min(c + 1, lengths[b])] = True
+                allowed[b, a, Lmax + a - i + 1:Lmax + a + 1] = True  # x_1 … x_i of this chain
+                a += 1
     dtype = target.get_output_embeddings().weight.dtype
     out = target.get_decoder()(input_ids=ids, attention_mask=additive_mask(allowed, dtype), position_ids=pos,
                                past_key_values=cache, use_cache=True)
     return out.last_hidden_state.float()
+
+
+@torch.no_grad()
+def branch_features(target, rows: list[dict], branches: list[list[tuple[int, list[int]]]], *, k: int,
+                    pad_id: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The target's side of the head's on-policy chains (`learner.fspad_distill.sample_chains`): one causal pass
+    over the rows, one tree pass over their chains (`_branch_pass`) → per row (G (n, H), ids (n, k), lps (n, k)):
+    the target's feature after each chain token, in chain order, and the top-k of softmax(W g) — the
+    distribution of the token after it."""
+    _check_rows(rows, k)
+    if len(branches) != len(rows):
+        raise ValueError(f"branch_features: {len(branches)} branch lists for {len(rows)} rows")
+    seqs = [list(r["prompt_token_ids"]) + list(r["response_token_ids"]) for r in rows]
+    for s, row in zip(seqs, branches, strict=True):
+        if any(not 0 <= c < len(s) for c, _ in row):
+            raise ValueError(f"branch_features: a chain grafted at position ≥ the row's length {len(s)}")
+    if not any(xs for row in branches for _, xs in row):
+        return [(torch.zeros(0, target.config.hidden_size), torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k))
+                for _ in rows]
+    _, cache = _target_pass(target, seqs, pad_id, keep_cache=True)
+    G = _branch_pass(target, cache, [len(s) for s in seqs], branches, max(len(s) for s in seqs), pad_id)
+    out = []
+    for b, row in enumerate(branches):
+        g = G[b, :sum(len(xs) for _, xs in row)]
+        out.append((g, *topk_from_features(target, g, k)))
+    return out
 
 
 @dataclass
@@ -180,7 +211,8 @@ def row_features(target, rows: list[dict], *, k: int, feature_sampling: bool = F
             alts[b] = [(P - 1 + j, int(x[j])) for j in (x != data).nonzero()[:, 0].tolist()]
     G = None
     if any(alts):
-        G = _alternative_pass(target, cache, [len(s) for s in seqs], alts, F.shape[1], pad_id)  # (B, A, H)
+        G = _branch_pass(target, cache, [len(s) for s in seqs], [[(d, [x]) for d, x in a] for a in alts],
+                         F.shape[1], pad_id)  # (B, A, H): x at position d + 1, seeing s_≤d
     out = []
     H = F.shape[-1]
     for b, s in enumerate(seqs):
@@ -252,7 +284,19 @@ def batch_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
-class TargetFeatures:
+class BranchScorer:
+    """What the feature actors share for on-policy training (`draft.fspad.on_policy`): `score_branches(step, rank,
+    world, branches)` → `branch_features` of the head's chains on that (step, rank) batch's rows, picked exactly as
+    `batch` picks them. Needs `rows`, `B`, `k`, `pad_id`, `sampler` and `scoring_target()`."""
+
+    def score_branches(self, step: int, rank: int, world: int,
+                       branches: list[list[tuple[int, list[int]]]]) -> list[tuple[torch.Tensor, ...]]:
+        idx = self.sampler.indices(step * self.B, self.B)[rank::world]
+        return branch_features(self.scoring_target(), [self.rows[i] for i in idx], branches, k=self.k,
+                               pad_id=self.pad_id)
+
+
+class TargetFeatures(BranchScorer):
     """Ray actor (role: target, features): the HF target answering `batch(step, rank, world)` with that rank's
     FeatureBatch of that step. Rows of step s: global samples [s·B, (s+1)·B) of an endless chain of per-epoch
     permutations seeded by the job seed (learner.pretrain.BatchSampler); rank r takes every world-th."""
@@ -281,6 +325,9 @@ class TargetFeatures:
 
         return compute_shard(self.target, rows, first, k=self.k, feature_sampling=self.feature_sampling,
                              seed=self.seed, pad_id=self.pad_id)
+
+    def scoring_target(self):
+        return self.target
 
     def fixed_batch(self, rows: list[dict]) -> FeatureBatch:
         """`rows` as they are (no re-drawn tokens): the held-out batch."""

@@ -5,6 +5,8 @@ Arms (`draft.fspad.*`, everything else the job's):
     no_feature_sampling the entering token is always the data token
     full_alignment      feature regression on the whole feature (aligned_fraction 1.0)
     eagle               both off: EAGLE's recipe on the same head
+    on_policy           the training-time test's steps 2 … K on the head's own sampled chains, scored by the target
+                        (draft.fspad.on_policy; not a part of FSPAD: the head's analogue of on-policy distillation)
 Every arm trains for --steps steps on the same stored features (`actors/feature_store.py`: the job's
 `fspad_features/` is linked into each arm, so the target runs over the set once for all arms; a sampled
 store serves the unsampled arms), then ONE interleaved `draftalign.evaluate.run_eval` decodes with every
@@ -14,7 +16,10 @@ third switch) — with --baseline drafts (NAME=PATH, e.g. the standalone Llama d
     python bench/fspad_parts.py cluster/jobs/local-long.yaml --steps 600 --trees 2,2,1 \\
         --baseline llama=runs/local-long/draft_distilled --out bench/results/fspad_parts.json
 
-Arms run in `<run_dir>/fspad_parts/<arm>/`; --resume reuses an arm whose head exists. Writes the JSON and
+Arms run in `<run_dir>/fspad_parts/<arm>/`; --resume reuses an arm whose head exists. An arm that differs from
+the job's head only once the training-time test starts (`on_policy`) trains exactly the job's steps before it
+(same batches, RNG restored): it starts from --prefix-checkpoint, the job's checkpoint at a step ≤ the unroll
+start (Ray keeps only the newest two: copy it aside while the job runs), and trains the rest. Writes the JSON and
 a text table (block efficiency τ and speedup per arm and chain/tree, chat and overall, with intervals).
 """
 
@@ -38,7 +43,25 @@ ARMS: dict[str, dict] = {
     "no_feature_sampling": {"feature_sampling": False},
     "full_alignment": {"aligned_fraction": 1.0},
     "eagle": {"feature_sampling": False, "aligned_fraction": 1.0},
+    "on_policy": {"on_policy": True},
 }
+SHARED_PREFIX = {"on_policy"}  # arms equal to the job's head until draft.fspad.unroll_start
+
+
+def _seed_arm(arm_dir: Path, ckpt: Path, unroll_start: int) -> int:
+    """Copy the job's checkpoint `ckpt` (a step ≤ the unroll start) into the arm's checkpoints, unless the arm has
+    its own already; returns the step the arm continues from."""
+    from learner.trainer import verify_checkpoint
+
+    step = int(ckpt.name.split("_")[2])
+    if step > unroll_start:
+        raise SystemExit(f"--prefix-checkpoint {ckpt}: step {step} is past the unroll start {unroll_start}")
+    verify_checkpoint(ckpt)
+    exp = arm_dir / "ray_results" / "fspad"
+    if not any(exp.glob("checkpoint_step_*")):
+        exp.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(ckpt, exp / ckpt.name)
+    return step
 
 
 def _arm_dir(src_run: Path, arm_dir: Path) -> None:
@@ -82,9 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("job", help="job YAML whose run holds the distillation set and the feature store")
     ap.add_argument("--steps", type=int, required=True, help="learner steps per arm (the equal budget)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
-    ap.add_argument("--trees", nargs="*", default=["2,2,1"], help="token trees evaluated besides the chains")
+    ap.add_argument("--trees", nargs="*", default=["2,2,1"],
+                    help="token trees evaluated besides the chains: 2,2,1 (static) or dynamic:5,3,10 (EAGLE-2)")
     ap.add_argument("--baseline", action="append", default=[], help="NAME=PATH of a draft evaluated alongside")
     ap.add_argument("--resume", action="store_true", help="reuse arms whose head already exists")
+    ap.add_argument("--prefix-checkpoint", type=Path, default=None,
+                    help="the job's checkpoint at a step ≤ the unroll start: where the on_policy arm starts")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value")
     ap.add_argument("--eval-set", dest="eval_overrides", action="append", default=[],
                     help="key.path=value for the eval only (e.g. target.dtype=float32 after a bf16 store)")
@@ -93,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.suffix != ".json":
         raise SystemExit(f"--out {args.out}: a .json path")
 
+    from draftalign.cli import parse_tree
     from draftalign.evaluate import run_eval
     from learner.fspad_distill import DONE_FILE, run_fspad
 
@@ -113,18 +140,24 @@ def main(argv: list[str] | None = None) -> int:
             setattr(cfg.draft.fspad, k, v)
         arm_dir = Path(cfg.run_dir)
         _arm_dir(src_run, arm_dir)
-        t_arm = time.time()
-        print(f"[fspad_parts] {arm}: {ARMS[arm] or 'defaults'}, {args.steps} steps", flush=True)
-        heads[arm] = str(run_fspad(cfg, resume=args.resume))
-        trained[arm] = {**json.loads((arm_dir / DONE_FILE).read_text()), "stage_wall_s": round(time.time() - t_arm, 1)}
+        t_arm, first = time.time(), 0
+        if arm in SHARED_PREFIX:
+            if args.prefix_checkpoint is None:
+                raise SystemExit(f"arm {arm} starts from the job's head at the unroll start: give --prefix-checkpoint")
+            first = _seed_arm(arm_dir, args.prefix_checkpoint, cfg.draft.fspad.unroll_start(args.steps))
+        print(f"[fspad_parts] {arm}: {ARMS[arm] or 'defaults'}, steps {first} … {args.steps}", flush=True)
+        heads[arm] = str(run_fspad(cfg, resume=args.resume or first > 0))
+        trained[arm] = {**json.loads((arm_dir / DONE_FILE).read_text()), "first_step": first,
+                        "stage_wall_s": round(time.time() - t_arm, 1)}
 
     import ray
 
     if ray.is_initialized():
         ray.shutdown()  # no idle Ray workers on the cores the eval times
     cfg = load_config(args.job, ["draft.kind=fspad", *args.overrides, *args.eval_overrides])
-    cfg.eval.trees = [[int(k) for k in t.split(",")] for t in args.trees]
-    evals = run_eval(cfg, {**heads, **baselines}, trees_for={"fspad"} & set(heads))  # tree vs chain: the full head
+    cfg.eval.trees = [parse_tree(t) for t in args.trees]
+    drafts = {**heads, **baselines}
+    evals = run_eval(cfg, drafts, trees_for={"fspad"} & set(drafts))  # tree vs chain: the full head (arm or baseline)
     table = format_table(evals, trained)
     write_json_atomic(args.out, {"job": args.job, "steps": args.steps, "arms": {a: ARMS[a] for a in arms},
                                  "trained": trained, "eval": evals, "wall_s": round(time.time() - t0, 1),

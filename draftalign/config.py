@@ -88,6 +88,11 @@ class FSPADConfig(_Strict):
                                 f"{UNROLL_TAIL:.0%} of learner.max_steps (the measured curriculum: 1,350 "
                                 "teacher-forced + 180 unrolled of 1,530), so the costly unrolled steps refine a "
                                 "head that already predicts step 1 well")
+    on_policy: bool = Field(
+        False, description="on-policy training-time test: chain steps 2 … unroll read the head's own tokens, drawn "
+                           "at rollout.temperature from its current q, and are scored on them by the target (its "
+                           "features and top-k after each drawn token: one tree pass per batch, "
+                           "actors/features.branch_features) instead of reading the data tokens; needs unroll ≥ 2")
     feature_weight: float = Field(1.0, ge=0, description="weight of the feature regression term (EAGLE: 1.0)")
     logit_weight: float = Field(0.1, ge=0, description="weight of the logit distillation term (distill.loss on the "
                                                       "target's top-k; EAGLE's cross-entropy weight: 0.1)")
@@ -102,6 +107,9 @@ class FSPADConfig(_Strict):
     def _some_loss(self) -> "FSPADConfig":
         if self.feature_weight == 0 and self.logit_weight == 0:
             raise ValueError("draft.fspad.feature_weight and draft.fspad.logit_weight are both 0: nothing to train")
+        if self.on_policy and self.unroll < 2:
+            raise ValueError("draft.fspad.on_policy draws the head's own tokens for chain steps ≥ 2: it needs "
+                             f"draft.fspad.unroll ≥ 2 (got {self.unroll})")
         return self
 
 

@@ -18,7 +18,11 @@ draft vocabulary exactly as the standalone draft's stage 3 (`learner.distill.dis
 by `distill.temperature`), w_f, w_l, a = `draft.fspad.feature_weight`, `logit_weight`,
 `aligned_fraction`. With `draft.fspad.unroll` = K > 1 (from step `unroll_from_step` on) the chain steps
 2 … K are trained too, each on the head's own predicted features as it decodes them (`unrolled_steps`,
-EAGLE-3's training-time test), and their positions join the mean. The sum is divided by the global
+EAGLE-3's training-time test), and their positions join the mean. With `draft.fspad.on_policy` those steps
+read the head's *own* tokens instead (`sample_chains`: x_1 … x_{K−1} drawn at `rollout.temperature` from its
+current q, as it drafts), and the target scores each drawn token where it stands — its feature after x_j and
+the top-k of softmax(W g) (`actors.features.branch_features`, one tree pass per batch on the feature actor) —
+the head's analogue of the standalone draft's on-policy rollouts scored by the target. The sum is divided by the global
 count of loss positions (one all-reduce) times the world size, so DDP's averaging gives the full-batch
 mean whatever the split.
 
@@ -60,7 +64,7 @@ from actors.feature_store import (
     save_heldout,
     store_dtype,
 )
-from actors.features import FeatureBatch, create_feature_actors
+from actors.features import FeatureBatch, batch_seed, create_feature_actors
 from draftalign.config import JobConfig
 from draftalign.io import atomic_dir, write_json_atomic
 from draftalign.models import load_causal_lm, load_tokenizer, resolve_target
@@ -138,8 +142,57 @@ class UnrolledStep:
     target_logprobs: torch.Tensor  # (N_k, k_top)
 
 
+@dataclass
+class Chains:
+    """The head's own chains on one batch (on-policy training-time test): base data node d = lo + j of row b drew
+    x_1 … x_m (m = depth − 1; x_j enters the sequence at position d + 1 + j) where valid[b, j]; after scoring, the
+    target's feature after each x_j and the top-k of the token after it (`actors.features.branch_features`)."""
+
+    lo: int
+    tokens: torch.Tensor  # (B, Q, m) int64, full-vocabulary ids
+    valid: torch.Tensor  # (B, Q) bool: the base node carries a loss (fb.next_mask)
+    features: torch.Tensor | None = None  # (B, Q, m, H)
+    target_ids: torch.Tensor | None = None  # (B, Q, m, k)
+    target_logprobs: torch.Tensor | None = None  # (B, Q, m, k)
+
+    def requests(self) -> list[list[tuple[int, list[int]]]]:
+        """Per row, what the target scores: (c, [x_1 … x_m]) grafted after position c = d + 1 (s_{d+1}, the token
+        base node d read)."""
+        return [[(self.lo + j + 1, self.tokens[b, j].tolist()) for j in self.valid[b].nonzero()[:, 0].tolist()]
+                for b in range(self.tokens.shape[0])]
+
+    def scored(self, results: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Chains:
+        """The chains with the target's side filled in from `branch_features`' per-row results (chain order)."""
+        B, Q, m = self.tokens.shape
+        H, k = next(g.shape[-1] for g, _, _ in results if g.numel()), next(i.shape[-1] for _, i, _ in results)
+        feats, ids, lps = torch.zeros(B, Q, m, H), torch.zeros(B, Q, m, k, dtype=torch.long), torch.zeros(B, Q, m, k)
+        for b, (g, i, lp) in enumerate(results):
+            js = self.valid[b].nonzero()[:, 0]
+            if g.shape[0] != js.numel() * m:
+                raise ValueError(f"row {b}: {g.shape[0]} scored tokens for {js.numel()} chains of {m}")
+            feats[b, js], ids[b, js], lps[b, js] = (g.float().reshape(-1, m, H), i.long().reshape(-1, m, k),
+                                                    lp.float().reshape(-1, m, k))
+        dev = self.tokens.device
+        return Chains(self.lo, self.tokens, self.valid, feats.to(dev), ids.to(dev), lps.to(dev))
+
+
+def _bases(fb: FeatureBatch) -> tuple[int, int]:
+    """[lo, hi): the data nodes from the first to the last one with an answer token two ahead (any row)."""
+    cols = fb.next_mask.any(0).nonzero()[:, 0]
+    return (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, 0)
+
+
+def _chain_allowed(T: int, lo: int, hi: int, k: int, B: int, device) -> torch.Tensor:
+    """Keys of chain step k's nodes (B, Q, T + (k − 1)·Q): base d's data nodes ≤ d, then its own node at each of
+    steps 2 … k (the cache holds the T nodes of step 1, then Q nodes per later step)."""
+    d = torch.arange(lo, hi, device=device)
+    data_keys = torch.arange(T, device=device)[None, :] <= d[:, None]  # (Q, T)
+    own = torch.eye(hi - lo, dtype=torch.bool, device=device)  # (Q, Q)
+    return torch.cat([data_keys] + [own] * (k - 1), 1)[None].expand(B, hi - lo, T + (k - 1) * (hi - lo))
+
+
 def unrolled_steps(core: FSPADHead, fb: FeatureBatch, f_hat: torch.Tensor, cache, depth: int, cfg: JobConfig,
-                   baseline_state: BaselineState | None) -> list[UnrolledStep]:
+                   baseline_state: BaselineState | None, chains: Chains | None = None) -> list[UnrolledStep]:
     """Training-time test (EAGLE-3, Li et al. 2025, arXiv 2503.01840, §3; HASS, Zhang et al. 2024, arXiv
     2408.15766): chain steps 2 … K are trained on the head's own predictions, as they are decoded.
 
@@ -153,32 +206,74 @@ def unrolled_steps(core: FSPADHead, fb: FeatureBatch, f_hat: torch.Tensor, cache
     were the data tokens (accepted). Its targets are data node (d + k − 1)'s: F_{d+k} and the top-k of
     s_{d+k+1}; loss positions are the base nodes with d ≥ P − 2 and d + k − 1 ≤ L − 3. Gradients flow through
     f̂^{k−1} and the cached keys, so earlier steps learn to leave a feature later steps can use. Cost: one
-    extra head pass per step over the answer window (queries) against T + (k − 1)·Q keys."""
+    extra head pass per step over the answer window (queries) against T + (k − 1)·Q keys.
+
+    On-policy (`chains`, from `sample_chains` and scored by the target): step k reads the head's own x_{k−1}
+    in place of s_{d+k}, and its targets are the target's on that chain — g_{k−1}, its feature after x_{k−1}
+    at position d + k, and the top-k of softmax(W g_{k−1}) — at every base node with a loss (no data token
+    two ahead is needed: the chain is the head's, not the data's)."""
     B, T = fb.next_mask.shape
-    cols = fb.next_mask.any(0).nonzero()[:, 0]
-    if depth < 2 or cols.numel() == 0:
+    lo, hi = _bases(fb)
+    if depth < 2 or hi == lo:
         return []
-    lo, hi = int(cols[0]), int(cols[-1]) + 1
+    if chains is not None and (chains.lo, chains.tokens.shape[1]) != (lo, hi - lo):
+        raise ValueError(f"chains cover base nodes {chains.lo} + {chains.tokens.shape[1]}, the batch {lo} … {hi}")
     Q, dev = hi - lo, fb.features.device
     d = torch.arange(lo, hi, device=dev)  # (Q,) base nodes
-    data_keys = torch.arange(T, device=dev)[None, :] <= d[:, None]  # (Q, T): data nodes ≤ d
-    own = torch.eye(Q, dtype=torch.bool, device=dev)  # (Q, Q): base d's node of one step
     f_prev, out = f_hat[:, lo:hi], []
     for k in range(2, depth + 1):
         src = d + k - 1  # (Q,) the data node whose input token and targets step k uses
-        fits = src < T
-        src = src.clamp(max=T - 1)
-        valid = fb.next_mask[:, lo:hi] & fb.next_mask[:, src] & fits[None]  # (B, Q)
-        allowed = torch.cat([data_keys] + [own] * (k - 1), 1)[None].expand(B, Q, T + (k - 1) * Q)
-        f_k = core(f_prev, fb.input_ids[:, src], (d + k - 1)[None].expand(B, Q), allowed,
+        if chains is None:
+            fits = src < T
+            src = src.clamp(max=T - 1)
+            valid = fb.next_mask[:, lo:hi] & fb.next_mask[:, src] & fits[None]  # (B, Q)
+            tokens = fb.input_ids[:, src]
+        else:
+            valid, tokens = chains.valid, chains.tokens[:, :, k - 2]
+        f_k = core(f_prev, tokens, (d + k - 1)[None].expand(B, Q), _chain_allowed(T, lo, hi, k, B, dev),
                    past_key_values=cache)  # (B, Q, H)
         if valid.any():
-            t_feat = fb.features[:, (src + 1).clamp(max=T - 1)][valid]  # F_{d+k}
-            t_ids, t_lps = fb.next_ids[:, src][valid], fb.next_lps[:, src][valid]
+            if chains is None:
+                t_feat = fb.features[:, (src + 1).clamp(max=T - 1)][valid]  # F_{d+k}
+                t_ids, t_lps = fb.next_ids[:, src][valid], fb.next_lps[:, src][valid]
+            else:
+                t_feat = chains.features[:, :, k - 2][valid]  # g_{k−1}
+                t_ids, t_lps = chains.target_ids[:, :, k - 2][valid], chains.target_logprobs[:, :, k - 2][valid]
             loss, stats, logits = _losses(core, f_k[valid], t_feat, t_ids, t_lps, cfg, baseline_state)
             out.append(UnrolledStep(k, loss, stats, logits, t_ids, t_lps))
         f_prev = f_k
     return out
+
+
+@torch.no_grad()
+def sample_chains(core: FSPADHead, fb: FeatureBatch, depth: int, temperature: float,
+                  generator: torch.Generator | None = None) -> Chains:
+    """The head drafts from every base node as it decodes (`serve.fspad_proposer.draft_chain`): step 1 reads the
+    data (F_d, s_{d+1}), x_1 ~ q_1 = softmax(W f̂¹ / T); step j ≥ 2 reads (f̂^{j−1}, x_{j−1}) at position
+    d + j − 1, x_j ~ q_j; x_1 … x_{depth−1} are kept (argmax q at T = 0). The chains are what the on-policy
+    `unrolled_steps` read once the target has scored them."""
+    from transformers import DynamicCache
+
+    B, T = fb.next_mask.shape
+    lo, hi = _bases(fb)
+    Q, dev = hi - lo, fb.features.device
+    if Q == 0 or depth < 2:
+        return Chains(lo, torch.zeros(B, Q, max(depth - 1, 0), dtype=torch.long), torch.zeros(B, Q, dtype=torch.bool))
+    cache = DynamicCache()
+    f_prev = core(fb.features, fb.input_ids, fb.position_ids, fb.allowed, past_key_values=cache)[:, lo:hi]
+    d, xs = torch.arange(lo, hi, device=dev), []
+    for j in range(1, depth):
+        logits = core.logits(f_prev).float()  # (B, Q, n)
+        if temperature == 0:
+            slot = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, -1).reshape(B * Q, -1)
+            slot = torch.multinomial(probs, 1, generator=generator).reshape(B, Q)
+        xs.append(core.vocab.full_ids(slot))
+        if j < depth - 1:
+            f_prev = core(f_prev, xs[-1], (d + j)[None].expand(B, Q), _chain_allowed(T, lo, hi, j + 1, B, dev),
+                          past_key_values=cache)
+    return Chains(lo, torch.stack(xs, -1), fb.next_mask[:, lo:hi].clone())
 
 
 @torch.no_grad()
@@ -323,7 +418,7 @@ def train_loop_per_worker(config: dict) -> None:
         _say(f"rank 0/{world}: {'resuming at step ' + str(step) if step else 'starting'}; head "
              f"{core.num_parameters() / 1e6:.2f}M parameters, loss {cfg.distill.loss}, feature sampling "
              f"{fs.feature_sampling}, aligned fraction {fs.aligned_fraction}, chain steps trained {fs.unroll} "
-             f"(from step {unroll_from}), held-out "
+             f"(from step {unroll_from}{', on-policy chains' if fs.on_policy else ''}), held-out "
              f"{0 if hb is None else hb.n_tokens} positions")
         if hb is not None and heldout_start is None:
             heldout_start = evaluate_heldout(core, hb, cfg, device)["heldout_acceptance"]
@@ -339,9 +434,17 @@ def train_loop_per_worker(config: dict) -> None:
         waited = time.perf_counter() - t0
         nxt = request(step + 1) if step + 1 < lc.max_steps else None  # the target works while the head trains
         depth = fs.unroll if step >= unroll_from else 1
+        chains, t_roll = None, time.perf_counter()
+        if depth > 1 and fs.on_policy:  # the head's own chains, scored by the target where the batch came from
+            gen = torch.Generator().manual_seed(batch_seed(cfg.seed + 1, step, rank))  # resume draws the same
+            chains = sample_chains(core, fb, depth, cfg.rollout.temperature, gen)
+            if chains.valid.any():
+                scorer = actors[(step * world + rank) % len(actors)]
+                chains = chains.scored(ray.get(scorer.score_branches.remote(step, rank, world, chains.requests())))
+        rollout_s = time.perf_counter() - t_roll
         cache = DynamicCache() if depth > 1 else None
         per_pos, stats, logits, f_hat = head_loss(model, core, fb, cfg, baseline_state, cache)
-        deep = unrolled_steps(core, fb, f_hat, cache, depth, cfg, baseline_state)
+        deep = unrolled_steps(core, fb, f_hat, cache, depth, cfg, baseline_state, chains)
         all_pos = torch.cat([per_pos] + [st.loss for st in deep])  # every chain step's loss positions
         n_global = float(all_reduce(torch.tensor(float(all_pos.shape[0]), dtype=torch.float64, device=device)))
         (masked_mean(all_pos, None, global_count=n_global) * world).backward()
@@ -355,11 +458,11 @@ def train_loop_per_worker(config: dict) -> None:
         deep_acc = [acceptance(core, st.logits, st.target_ids, st.target_logprobs) for st in deep]
         n = float(fb.n_tokens)
         keys = ["loss", "feature_loss", "logit_loss", "tvd", "greedy", "tail_mass", "sampled", "tokens", "wait_s",
-                "step_s", "positions", "deep_tvd", "deep_greedy", "deep_n"]
+                "step_s", "positions", "deep_tvd", "deep_greedy", "deep_n", "rollout_s"]
         local = [float(all_pos.detach().sum()), stats["feature_loss"] * n, stats["logit_loss"] * n, acc["tvd"],
                  acc["greedy"], stats["tail_mass"] * n, float(fb.sampled.sum()), n, waited,
                  time.perf_counter() - t0, float(all_pos.shape[0]), sum(a["tvd"] for a in deep_acc),
-                 sum(a["greedy"] for a in deep_acc), float(sum(a["n"] for a in deep_acc))]
+                 sum(a["greedy"] for a in deep_acc), float(sum(a["n"] for a in deep_acc)), rollout_s]
         tot = dict(zip(keys, all_reduce(torch.tensor(local, dtype=torch.float64, device=device)).tolist()))
         tokens = tot["tokens"]
         metrics = {"step": step, "loss": tot["loss"] / tot["positions"], "feature_loss": tot["feature_loss"] / tokens,
@@ -371,6 +474,8 @@ def train_loop_per_worker(config: dict) -> None:
         if tot["deep_n"]:  # chain steps 2 … depth, on the head's own f̂ (training-time test)
             metrics.update(unrolled_acceptance=1.0 - tot["deep_tvd"] / tot["deep_n"],
                            unrolled_greedy_acceptance=tot["deep_greedy"] / tot["deep_n"])
+        if chains is not None:  # on the head's own tokens: the share of the step spent drawing and scoring them
+            metrics["rollout_frac"] = tot["rollout_s"] / max(tot["step_s"], 1e-9)
         is_ckpt = step % lc.checkpoint_every == 0 or step == lc.max_steps
         if rank == 0:
             if is_ckpt and hb is not None:
@@ -472,7 +577,8 @@ def run_fspad(cfg: JobConfig, resume: bool = False) -> Path:
             if store is not None:  # the store serves the batches
                 for a in actors:
                     ray.kill(a, no_restart=True)
-                actors = create_stored_feature_actor(cfg, store, rows_ref, name_prefix=f"draftalign-{cfg.name}")
+                actors = create_stored_feature_actor(cfg, store, rows_ref, name_prefix=f"draftalign-{cfg.name}",
+                                                     target_path=target_path)
             tb_dir.mkdir(parents=True, exist_ok=True)
             config = {"cfg": cfg.model_dump(mode="json"), "target_path": target_path, "draft_vocab": draft_vocab,
                       "actors": actors, "heldout_ref": [ray.put(hb)] if hb is not None else [],

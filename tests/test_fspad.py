@@ -480,7 +480,8 @@ def ray_local():
 def test_fspad_stage_trains_checkpoints_and_resumes(ray_local, job, peaked_target):
     """Real Ray: the feature store (a TargetFeatures actor runs the HF target over the set) feeding a one-worker
     TorchTrainer through a StoredFeatures actor; 6 steps with a checkpoint
-    at 3 and 6 (chain steps 1 … 3 trained from the fifth step on), then a resume to 8 from the step-6 checkpoint."""
+    at 3 and 6 (chain steps 1 … 3 trained from the fifth step on), then a resume to 8 from the step-6 checkpoint,
+    then to 10 with on-policy chains (the StoredFeatures actor loads the target and scores them)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from learner.fspad_distill import run_fspad
@@ -517,3 +518,107 @@ def test_fspad_stage_trains_checkpoints_and_resumes(ray_local, job, peaked_targe
     assert again["resumed_from_step"] == 6 and again["steps"] == 8
     log = [json.loads(line) for line in (cfg.run_path / "fspad_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 9))  # continued after step 6, nothing repeated
+
+    cfg.draft.fspad.on_policy, cfg.learner.max_steps = True, 10  # on-policy chains, scored by the stored actor's target
+    run_fspad(cfg, resume=True)
+    log = [json.loads(line) for line in (cfg.run_path / "fspad_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 11))
+    assert all(0 < r["rollout_frac"] < 1 and "unrolled_acceptance" in r for r in log[8:]), log[8:]
+    assert not any("rollout_frac" in r for r in log[:8])
+    assert json.loads((cfg.run_path / "fspad_done.json").read_text())["fspad"]["on_policy"] is True
+
+
+# ------------------------------------------------------------------------------ on-policy chains
+
+def test_branch_features_are_the_targets_own_chains(target):
+    """The target's side of on-policy chains: chain (c, [x_1 … x_m]) of a row gives, for each x_i, the feature of
+    a cache-free forward of s_≤c + x_1 … x_i and the top-k of its next token — ragged rows, rows without chains,
+    several chains per row in one tree pass."""
+    from actors.features import branch_features
+
+    rows = _rows(3, seed=11, k=5, target=target)
+    seqs = [r["prompt_token_ids"] + r["response_token_ids"] for r in rows]
+    branches = [[(2, [101, 102]), (len(seqs[0]) - 1, [103, 104])], [], [(len(rows[2]["prompt_token_ids"]), [105, 7])]]
+    out = branch_features(target, rows, branches, k=5)
+    for s, row, (g, ids, lps) in zip(seqs, branches, out, strict=True):
+        assert g.shape[0] == ids.shape[0] == lps.shape[0] == sum(len(xs) for _, xs in row)
+        n = 0
+        for c, xs in row:
+            for i in range(1, len(xs) + 1):
+                branch = s[:c + 1] + xs[:i]
+                torch.testing.assert_close(g[n], _features(target, branch)[-1], rtol=1e-4, atol=1e-4)
+                with torch.no_grad():
+                    want = torch.topk(torch.log_softmax(target(torch.tensor([branch])).logits[0, -1].float(), -1), 5)
+                assert ids[n].tolist() == want.indices.tolist()
+                torch.testing.assert_close(lps[n], want.values, rtol=1e-4, atol=1e-4)
+                n += 1
+    with pytest.raises(ValueError, match="length"):
+        branch_features(target, rows, [[(len(seqs[0]), [5])], [], []], k=5)
+
+
+def test_greedy_chains_are_the_proposers_chains(target):
+    """sample_chains at T = 0 drafts from every base node d exactly as the engine's proposer
+    (`serve.fspad_proposer.draft_chain`, an independent cache-per-prompt implementation) drafts after s_≤d + s_{d+1}."""
+    from learner.fspad_distill import sample_chains
+    from serve.fspad_proposer import draft_chain
+
+    rows = _rows(2, seed=12, prompt=(3, 7), k=6, target=target)
+    fb = feature_batch(target, rows, k=6, feature_sampling=True, generator=torch.Generator().manual_seed(2))
+    head = FSPADHead.from_target(target, seed=3).eval()
+    chains = sample_chains(head, fb, 3, temperature=0.0)
+    assert chains.tokens.shape[-1] == 2 and chains.valid.any()
+    for b, r in enumerate(rows):
+        s = r["prompt_token_ids"] + r["response_token_ids"]
+        F = _features(target, s)
+        for j in chains.valid[b].nonzero()[:, 0].tolist():
+            d = chains.lo + j
+            ids, _ = draft_chain(head, F[:d + 1], s[:d + 1], s[d + 1], 2)
+            assert chains.tokens[b, j].tolist() == ids.tolist(), (b, d)
+    drawn = sample_chains(head, fb, 3, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    again = sample_chains(head, fb, 3, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(drawn.tokens, again.tokens) and not torch.equal(drawn.tokens, chains.tokens)
+
+
+def test_on_policy_unrolled_steps_read_the_heads_tokens_and_the_targets_scores(target):
+    """On-policy training-time test: step k of base d equals a cache-free chain — data nodes ≤ d, then nodes
+    (f̂^{j−1}, x_{j−1}) on the head's own tokens — and its targets are the target's on that chain: the feature
+    after x_{k−1} and the top-k of the token after it (a cache-free target forward over s_≤d+1 + x_1 … x_{k−1})."""
+    from transformers import DynamicCache
+
+    from actors.features import branch_features
+    from draftalign.config import JobConfig
+    from learner.fspad_distill import head_loss, sample_chains, unrolled_steps
+
+    cfg = JobConfig.model_validate({"draft": {"kind": "fspad", "fspad": {"on_policy": True}},
+                                    "distill": {"loss": "fkl"}})
+    rows = _rows(2, seed=13, prompt=(3, 7), k=6, target=target)
+    fb = feature_batch(target, rows, k=6)
+    head = FSPADHead.from_target(target, seed=4).eval()
+    chains = sample_chains(head, fb, 3, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    chains = chains.scored(branch_features(target, rows, chains.requests(), k=6))
+    with torch.no_grad():
+        cache = DynamicCache()
+        _, _, _, f_hat = head_loss(head, head, fb, cfg, None, cache)
+        steps = unrolled_steps(head, fb, f_hat, cache, 3, cfg, None, chains)
+    assert [st.k for st in steps] == [2, 3]
+    for st in steps:
+        want_logits, want_ids = [], []
+        for b, r in enumerate(rows):
+            s = r["prompt_token_ids"] + r["response_token_ids"]
+            for j in chains.valid[b].nonzero()[:, 0].tolist():
+                d, xs = chains.lo + j, chains.tokens[b, j].tolist()
+                feats, ids = fb.features[b, :d + 1], fb.input_ids[b, :d + 1]
+                with torch.no_grad():
+                    for i in range(1, st.k + 1):
+                        out = head(feats[None], ids[None], torch.arange(d + i)[None])[0, -1]
+                        if i < st.k:
+                            feats, ids = torch.cat([feats, out[None]]), torch.cat([ids, torch.tensor([xs[i - 1]])])
+                    want_logits.append(head.logits(out))
+                    branch = s[:d + 2] + xs[:st.k - 1]
+                    want_ids.append(torch.topk(target(torch.tensor([branch])).logits[0, -1], 6).indices)
+        assert len(want_logits) == st.logits.shape[0] == int(chains.valid.sum()) > 0
+        torch.testing.assert_close(st.logits, torch.stack(want_logits), rtol=1e-4, atol=1e-4)
+        assert torch.equal(st.target_ids, torch.stack(want_ids))
+        assert torch.isfinite(st.loss).all()
+    with pytest.raises(Exception, match="unroll"):
+        JobConfig.model_validate({"draft": {"kind": "fspad", "fspad": {"on_policy": True, "unroll": 1}}})
