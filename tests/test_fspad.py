@@ -413,6 +413,36 @@ def test_feature_store_serves_the_rows_the_target_computes(target, tmp_path):
     torch.testing.assert_close(plain.features, ref.features, rtol=2e-3, atol=2e-3)
 
 
+def test_stored_features_actor_scores_chains_on_the_rows_of_its_batch(target, tiny_target_path, tmp_path):
+    """On-policy training with a store: the StoredFeatures actor loads the target at the first request and scores
+    the head's chains on the rows of batch (step, rank) — the rows `batch` serves — as `branch_features` does."""
+    from safetensors.torch import save_file
+
+    from actors.feature_store import META_FILE, StoredFeatures, compute_shard, shard_name
+    from actors.features import branch_features
+
+    rows = _rows(5, seed=9, k=6, target=target)
+    save_file(compute_shard(target, rows, 0, k=6, feature_sampling=False, seed=3), str(tmp_path / shard_name(0)))
+    (tmp_path / META_FILE).write_text(json.dumps({"num_rows": 5, "shard_rows": 5, "num_shards": 1, "k": 6}))
+    threads = torch.get_num_threads()
+    try:
+        actor = StoredFeatures(str(tmp_path), rows, batch_size=3, feature_sampling=False, seed=3,
+                               scoring=(tiny_target_path, "float32", threads))
+        fb = actor.batch(1, 0, 1)
+        picked = [rows[int(i)] for i in actor.sampler.indices(3, 3)]
+        assert fb.input_ids[0, :4].tolist() == (picked[0]["prompt_token_ids"] + picked[0]["response_token_ids"])[1:5]
+        branches = [[(2, [101, 102])], [], [(3, [7])]]
+        got = actor.score_branches(1, 0, 1, branches)
+    finally:
+        torch.set_num_threads(threads)
+    for (g, ids, lps), (wg, wids, wlps) in zip(got, branch_features(target, picked, branches, k=6), strict=True):
+        assert torch.equal(ids, wids) and g.shape == wg.shape
+        torch.testing.assert_close(g, wg, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(lps, wlps, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="without a target"):
+        StoredFeatures(str(tmp_path), rows, batch_size=3, feature_sampling=False, seed=3).score_branches(0, 0, 1, [])
+
+
 # ------------------------------------------------------------------------------ the stage, on Ray
 
 @pytest.mark.slow
