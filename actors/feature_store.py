@@ -196,7 +196,7 @@ class StoredFeatures(BranchScorer):
     CPUs are free meanwhile)."""
 
     def __init__(self, path: str, rows: list[dict], batch_size: int, feature_sampling: bool, seed: int,
-                 pad_id: int = 0, k: int = 0, scoring: tuple[str, str, int] | None = None):
+                 pad_id: int = 0, scoring: tuple[str, str, int] | None = None):
         from learner.pretrain import BatchSampler
 
         torch.set_num_threads(1)
@@ -204,7 +204,7 @@ class StoredFeatures(BranchScorer):
         if len(self.store) != len(rows):
             raise ValueError(f"feature store {path} holds {len(self.store)} rows, the job has {len(rows)}")
         self.rows, self.B, self.feature_sampling, self.pad_id = rows, batch_size, feature_sampling, pad_id
-        self.k = k or self.store.meta["k"]
+        self.k = self.store.meta["k"]  # the store's fingerprint includes k: the job's top_k_logprobs
         self.sampler = BatchSampler(len(rows), seed)
         self.scoring, self._target = scoring, None
 
@@ -244,4 +244,4 @@ def create_stored_feature_actor(cfg, path: Path, rows_ref, name_prefix: str = "d
     return [cls.options(num_cpus=t.cpus_per_engine, scheduling_strategy=here, max_restarts=2, max_task_retries=2,
                         name=f"{name_prefix}-stored-features").remote(
         str(path), rows_ref, cfg.rollout.batch_size, cfg.draft.fspad.feature_sampling, cfg.seed,
-        k=t.top_k_logprobs, scoring=scoring)]
+        scoring=scoring)]

@@ -51,14 +51,13 @@ SHARED_PREFIX = {"on_policy"}  # arms equal to the job's head until draft.fspad.
 def _seed_arm(arm_dir: Path, ckpt: Path, unroll_start: int) -> int:
     """Copy the job's checkpoint `ckpt` (a step ≤ the unroll start) into the arm's checkpoints, unless the arm has
     its own already; returns the step the arm continues from."""
-    from learner.trainer import verify_checkpoint
+    from learner.trainer import list_checkpoints, verify_checkpoint
 
-    step = int(ckpt.name.split("_")[2])
+    step = verify_checkpoint(ckpt)  # the manifest's step, once its files check out
     if step > unroll_start:
         raise SystemExit(f"--prefix-checkpoint {ckpt}: step {step} is past the unroll start {unroll_start}")
-    verify_checkpoint(ckpt)
     exp = arm_dir / "ray_results" / "fspad"
-    if not any(exp.glob("checkpoint_step_*")):
+    if not list_checkpoints(exp):
         exp.mkdir(parents=True, exist_ok=True)
         shutil.copytree(ckpt, exp / ckpt.name)
     return step

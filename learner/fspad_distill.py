@@ -90,6 +90,7 @@ from learner.trainer import (
     worker_setup,
     write_manifest,
 )
+from serve.sampling import sample
 
 EXPERIMENT = "fspad"
 FINAL_DIR = "draft_fspad"
@@ -264,11 +265,7 @@ def sample_chains(core: FSPADHead, fb: FeatureBatch, depth: int, temperature: fl
     d, xs = torch.arange(lo, hi, device=dev), []
     for j in range(1, depth):
         logits = core.logits(f_prev).float()  # (B, Q, n)
-        if temperature == 0:
-            slot = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits / temperature, -1).reshape(B * Q, -1)
-            slot = torch.multinomial(probs, 1, generator=generator).reshape(B, Q)
+        slot = logits.argmax(-1) if temperature == 0 else sample(torch.softmax(logits / temperature, -1), generator)
         xs.append(core.vocab.full_ids(slot))
         if j < depth - 1:
             f_prev = core(f_prev, xs[-1], (d + j)[None].expand(B, Q), _chain_allowed(T, lo, hi, j + 1, B, dev),
