@@ -67,7 +67,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16, help="held-out chat prompts (plus a quarter each of code "
                                                              "and summaries)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--out", default="bench/results/bf16.json")
+    ap.add_argument("--out", default="runs/bench/bf16.json",
+                    help="JSON to write (default under runs/; committed results take an explicit bench/results/ path)")
     args = ap.parse_args()
 
     n_other = max(1, args.prompts // 4)

@@ -143,7 +143,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=None, help="completion tokens (quick 16, else 64)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="job override key.path=value")
     ap.add_argument("--quick", action="store_true", help="a smoke run of a few minutes, not a measurement")
-    ap.add_argument("--out", default="bench/results/online.json")
+    ap.add_argument("--out", default="runs/bench/online.json",
+                    help="JSON to write (default under runs/; committed results take an explicit bench/results/ path)")
     args = ap.parse_args()
 
     quick = {"chat_windows": 1, "shifted_windows": 2, "per_window": 4, "clients": 2, "max_tokens": 16}

@@ -142,7 +142,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="rounds per arm, order alternating (default 2)")
     ap.add_argument("--gamma", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="small load: a few minutes on 2 cores")
-    ap.add_argument("--out", default="bench/results/serve_load.json")
+    ap.add_argument("--out", default="runs/bench/serve_load.json",
+                    help="JSON to write (default under runs/; committed results take an explicit bench/results/ path)")
     args = ap.parse_args()
 
     quick = {"clients": [8], "requests": 16, "max_tokens": 32, "rounds": 2}

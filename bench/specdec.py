@@ -145,7 +145,8 @@ def main() -> None:
                     help="decode-time draft vocabulary sizes N to compare (0 = full)")
     ap.add_argument("--quick", action="store_true", help="few prompts: finishes in a few minutes")
     ap.add_argument("--no-vllm", action="store_true")
-    ap.add_argument("--out", default="bench/results/specdec.json")
+    ap.add_argument("--out", default="runs/bench/specdec.json",
+                    help="JSON to write (default under runs/; committed results take an explicit bench/results/ path)")
     args = ap.parse_args()
 
     n_chat, n_other, max_new, n_samples = (6, 2, 32, 12) if args.quick else (20, 15, 64, 40)
