@@ -27,18 +27,16 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from actors.features import BranchScorer, FeatureBatch, RowFeatures, collate, row_features
+from actors.features import BranchScorer, FeatureBatch, RowFeatures, collate
 from draftalign.io import write_atomic, write_json_atomic
 
 STORE_DIR = "fspad_features"
 META_FILE = "meta.json"
 HELDOUT_FILE = "heldout.pt"  # the held-out rows' FeatureBatch (no feature sampling), kept with the store
 SHARD_ROWS = 256
-PASS_ROWS = 16  # rows per target pass inside a shard (length-sorted)
 
 
 def shard_name(i: int) -> str:
@@ -59,35 +57,6 @@ def store_dtype(cfg) -> str:
     from draftalign.models import pick_dtype
 
     return str(pick_dtype(cfg.target.dtype)).removeprefix("torch.")
-
-
-def row_seed(seed: int, index: int) -> int:
-    """The feature-sampling seed of train row `index`: fixed for the store's lifetime."""
-    return int(np.random.SeedSequence([seed, index, 1]).generate_state(1)[0])
-
-
-@torch.no_grad()
-def compute_shard(target, rows: list[dict], first: int, *, k: int, feature_sampling: bool, seed: int,
-                  pad_id: int = 0, pass_rows: int = PASS_ROWS) -> dict[str, torch.Tensor]:
-    """Rows `first …` of the train set → one shard's tensors (module docstring), in the rows' order."""
-    size = [len(r["prompt_token_ids"]) + len(r["response_token_ids"]) for r in rows]
-    order = sorted(range(len(rows)), key=size.__getitem__)
-    feats: list[RowFeatures | None] = [None] * len(rows)
-    for lo in range(0, len(order), pass_rows):
-        idx = order[lo:lo + pass_rows]
-        gens = [torch.Generator().manual_seed(row_seed(seed, first + i)) for i in idx]
-        for i, f in zip(idx, row_features(target, [rows[i] for i in idx], k=k, feature_sampling=feature_sampling,
-                                          generator=gens, pad_id=pad_id), strict=True):
-            feats[i] = f
-    H = feats[0].F.shape[-1]
-    alts = [torch.tensor(f.alts, dtype=torch.long).reshape(-1, 2) for f in feats]
-    return {"lengths": torch.tensor([f.F.shape[0] for f in feats]),
-            "answers": torch.tensor([f.ids.shape[0] for f in feats]),
-            "n_alts": torch.tensor([len(f.alts) for f in feats]),
-            "F": torch.cat([f.F for f in feats]).half(),
-            "ids": torch.cat([f.ids for f in feats]).int(), "lps": torch.cat([f.lps for f in feats]).float(),
-            "alts": torch.cat(alts), "G": torch.cat([f.G.reshape(-1, H) for f in feats]).half(),
-            "g_ids": torch.cat([f.g_ids for f in feats]).int(), "g_lps": torch.cat([f.g_lps for f in feats]).float()}
 
 
 class FeatureStore:
@@ -197,7 +166,7 @@ class StoredFeatures(BranchScorer):
 
     def __init__(self, path: str, rows: list[dict], batch_size: int, feature_sampling: bool, seed: int,
                  pad_id: int = 0, scoring: tuple[str, str, int] | None = None):
-        from learner.pretrain import BatchSampler
+        from draftalign.batching import BatchSampler
 
         torch.set_num_threads(1)
         self.store = FeatureStore(path)

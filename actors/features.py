@@ -9,7 +9,7 @@ the lossless eval load), in a Ray actor, `TargetFeatures`, sized like a target e
 Why streamed. A batch's features are B · T · H floats (16 rows × 300 positions × 576 ≈ 11 MB in
 fp32); the whole set's would be GBs (SpecForge #426: offline teacher features blow up storage). None
 is written: the learner asks for batch `step + 1` while it trains on batch `step`, and every batch
-is a pure function of (job seed, step, rank) — its rows (the pretraining stage's `BatchSampler`)
+is a pure function of (job seed, step, rank) — its rows (`draftalign.batching.BatchSampler`)
 and its feature-sampling draws — so a resumed run sees exactly the batches it would have seen.
 
 Layout. A row is prompt (P tokens) + answer (R tokens) = s_0 … s_{L−1}, with the target's features
@@ -118,7 +118,7 @@ def _branch_pass(target, cache, lengths: list[int], branches: list[list[tuple[in
     """The target's features on token chains grafted onto the cached first pass (a tree pass, one per batch):
     branches[b] = [(c, [x_1, …, x_m]), …] puts x_i at position c + i, seeing the cached s_≤c and x_1 … x_i of its
     own chain. Returns (B, A, H) float32, A = the most chain tokens in a row, in the rows' chain order."""
-    from learner.fspad import additive_mask
+    from draftalign.models import additive_mask
 
     B, A = len(branches), max(sum(len(x) for _, x in row) for row in branches)
     ids = torch.full((B, A), pad_id, dtype=torch.long)
@@ -279,6 +279,38 @@ def collate(rows: list[dict], feats: list[RowFeatures], pad_id: int = 0) -> Feat
                         torch.cat(t_lps), torch.cat(sampled), next_ids, next_lps, next_mask)
 
 
+PASS_ROWS = 16  # rows per target pass inside a store shard (length-sorted)
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The feature-sampling seed of train row `index`: fixed for the store's lifetime."""
+    return int(np.random.SeedSequence([seed, index, 1]).generate_state(1)[0])
+
+
+@torch.no_grad()
+def compute_shard(target, rows: list[dict], first: int, *, k: int, feature_sampling: bool, seed: int,
+                  pad_id: int = 0, pass_rows: int = PASS_ROWS) -> dict[str, torch.Tensor]:
+    """Rows `first …` of the train set → one store shard's tensors (layout: `actors/feature_store.py`), in row order."""
+    size = [len(r["prompt_token_ids"]) + len(r["response_token_ids"]) for r in rows]
+    order = sorted(range(len(rows)), key=size.__getitem__)
+    feats: list[RowFeatures | None] = [None] * len(rows)
+    for lo in range(0, len(order), pass_rows):
+        idx = order[lo:lo + pass_rows]
+        gens = [torch.Generator().manual_seed(row_seed(seed, first + i)) for i in idx]
+        for i, f in zip(idx, row_features(target, [rows[i] for i in idx], k=k, feature_sampling=feature_sampling,
+                                          generator=gens, pad_id=pad_id), strict=True):
+            feats[i] = f
+    H = feats[0].F.shape[-1]
+    alts = [torch.tensor(f.alts, dtype=torch.long).reshape(-1, 2) for f in feats]
+    return {"lengths": torch.tensor([f.F.shape[0] for f in feats]),
+            "answers": torch.tensor([f.ids.shape[0] for f in feats]),
+            "n_alts": torch.tensor([len(f.alts) for f in feats]),
+            "F": torch.cat([f.F for f in feats]).half(),
+            "ids": torch.cat([f.ids for f in feats]).int(), "lps": torch.cat([f.lps for f in feats]).float(),
+            "alts": torch.cat(alts), "G": torch.cat([f.G.reshape(-1, H) for f in feats]).half(),
+            "g_ids": torch.cat([f.g_ids for f in feats]).int(), "g_lps": torch.cat([f.g_lps for f in feats]).float()}
+
+
 def batch_seed(seed: int, step: int, rank: int) -> int:
     """The feature-sampling seed of one (step, rank) batch: the same on every run and resume."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
@@ -299,12 +331,12 @@ class BranchScorer:
 class TargetFeatures(BranchScorer):
     """Ray actor (role: target, features): the HF target answering `batch(step, rank, world)` with that rank's
     FeatureBatch of that step. Rows of step s: global samples [s·B, (s+1)·B) of an endless chain of per-epoch
-    permutations seeded by the job seed (learner.pretrain.BatchSampler); rank r takes every world-th."""
+    permutations seeded by the job seed (draftalign.batching.BatchSampler); rank r takes every world-th."""
 
     def __init__(self, target_path: str, dtype: str, rows: list[dict], batch_size: int, k: int,
                  feature_sampling: bool, seed: int, threads: int = 1):
+        from draftalign.batching import BatchSampler
         from draftalign.models import load_causal_lm, load_tokenizer, pick_dtype
-        from learner.pretrain import BatchSampler
 
         torch.set_num_threads(max(1, threads))
         self.target = load_causal_lm(target_path, pick_dtype(dtype))
@@ -321,8 +353,6 @@ class TargetFeatures(BranchScorer):
 
     def shard(self, rows: list[dict], first: int) -> dict[str, torch.Tensor]:
         """Rows `first …` of the train set as one feature-store shard (`actors/feature_store.py`)."""
-        from actors.feature_store import compute_shard
-
         return compute_shard(self.target, rows, first, k=self.k, feature_sampling=self.feature_sampling,
                              seed=self.seed, pad_id=self.pad_id)
 

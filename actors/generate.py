@@ -40,34 +40,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from draftalign.config import ConfigError, JobConfig
+from draftalign.distset import SCHEMA, SCHEMA_VERSION, distill_dir, shard_name
 from draftalign.io import write_atomic, write_json_atomic
 
-SCHEMA_VERSION = 1
-SCHEMA = pa.schema([
-    ("prompt_id", pa.string()),
-    ("prompt", pa.string()),  # chat-templated text, ending with the assistant cue
-    ("prompt_token_ids", pa.list_(pa.int32())),
-    ("response_token_ids", pa.list_(pa.int32())),  # includes EOS when the answer stopped there
-    ("response_text", pa.string()),
-    ("finish_reason", pa.string()),  # "stop" (EOS) or "length" (max_tokens)
-    ("response_index", pa.int32()),  # 0 … responses_per_prompt - 1
-    # the target's top-k at each answer position, row-major (T, k); null when not cached
-    ("target_topk_ids", pa.list_(pa.int32())),
-    ("target_topk_logprobs", pa.list_(pa.float32())),
-])
 PROMPT_SOURCE = "draftalign.data.train_messages (train-split chitchat + summarize; no eval prompts)"
 
 
 class PlanMismatch(ConfigError):
     """The run directory holds a distillation set made with a different plan."""
-
-
-def distill_dir(run_path: str | Path) -> Path:
-    return Path(run_path) / "distill_set"
-
-
-def shard_name(i: int) -> str:
-    return f"part-{i:05d}.parquet"
 
 
 def prompt_seed(job_seed: int, prompt_id: str) -> int:
@@ -307,26 +287,3 @@ def run_generate(cfg: JobConfig) -> Path:
           f"{f', {copied} of them copied from {g.reuse_from}' if copied else ''}) | "
           f"{rate} | {time.perf_counter() - t0:.1f} s | {d}", flush=True)
     return d
-
-
-def load_distill_set(run_path: str | Path, allow_partial: bool = False):
-    """The distillation set as a `datasets.Dataset` (in memory, rows in plan order).
-
-    `run_path` is the run directory or its `distill_set/`. Without allow_partial an unfinished
-    set (no metadata.json) is an error.
-    """
-    import datasets
-    from datasets.table import InMemoryTable
-
-    d = Path(run_path)
-    if d.name != "distill_set":
-        d = distill_dir(d)
-    if not d.is_dir():
-        raise FileNotFoundError(f"no distillation set at {d} (run `draftalign generate` first)")
-    if not allow_partial and not (d / "metadata.json").exists():
-        raise FileNotFoundError(f"the distillation set at {d} is incomplete (no metadata.json); "
-                                f"rerun `draftalign generate` to finish it")
-    files = sorted(d.glob("part-*.parquet"))
-    tables = [pq.read_table(f, schema=SCHEMA) for f in files]
-    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-    return datasets.Dataset(InMemoryTable(table))

@@ -135,7 +135,7 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]], scores: li
     `scores[i]` is a TargetEngine.score result for prompts[i] + responses[i] with start =
     len(prompts[i]): {"ids": (R, k) or None, "logprobs": (R, k) or (R, V)}, R = len(responses[i]).
     `loss_masks[i]` (R,) bool, when given and not None, keeps the loss at those response positions only
-    (a served request's positions no round scored: `serve.online.request_rows`); default all R.
+    (a served request's positions no round scored: `actors.traffic.request_rows`); default all R.
     """
     B = len(prompts)
     assert B == len(responses) == len(scores) and B > 0

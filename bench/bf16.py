@@ -36,7 +36,7 @@ from draftalign.config import load_config  # noqa: E402
 from draftalign.evaluate import eval_prompts, load_pair, machine  # noqa: E402
 from draftalign.io import write_json_atomic  # noqa: E402
 from draftalign.models import draft_step_dtype  # noqa: E402
-from serve.sampling import SamplingParams  # noqa: E402
+from draftalign.sampling import SamplingParams  # noqa: E402
 from serve.specdec import SpecDecoder  # noqa: E402
 
 ARMS = ("fp32_target", "fp32_spec", "bf16_target", "bf16_spec")

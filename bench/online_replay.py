@@ -82,7 +82,7 @@ def greedy_records(target, tok, prompts: list[list[int]], max_tokens: int, k: in
 
 def window_acceptance(worker, core, records: list[dict]) -> float:
     """α_tf of `core` over the records' answer positions (pooled)."""
-    from serve.online import to_rollout_batch
+    from actors.traffic import to_rollout_batch
 
     return worker._acceptance(core, to_rollout_batch(records, pad_id=worker.pad_id), greedy=True)[0]
 

@@ -40,9 +40,9 @@ from draftalign.evaluate import eval_prompts, load_pair, machine  # noqa: E402
 from draftalign.io import write_json_atomic  # noqa: E402
 from draftalign.models import draft_step_dtype, resolve_target, save_pretrained_atomic  # noqa: E402
 from draftalign.runtime import configure_vllm_env  # noqa: E402
+from draftalign.sampling import SamplingParams  # noqa: E402
 from draftalign.vocab import frequent_tokens  # noqa: E402
 from serve.acceptance import per_token_acceptance  # noqa: E402
-from serve.sampling import SamplingParams  # noqa: E402
 from serve.specdec import SpecDecoder  # noqa: E402
 
 P_MIN = 0.01
@@ -161,7 +161,7 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=max_new)
     g = args.gamma
 
-    from actors.generate import load_distill_set
+    from draftalign.distset import load_distill_set
 
     answers = load_distill_set(args.run)["response_token_ids"]
     step = draft_step_dtype(cfg.draft.step_dtype, draft.dtype)

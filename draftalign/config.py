@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from draftalign.tree_shapes import DynamicTree
+
 EMBEDDED_TARGET = "embedded:smollm2-135m-instruct"
 
 
@@ -235,16 +237,15 @@ class DistillConfig(_Strict):
 
 
 class DynamicTreeConfig(_Strict):
-    """EAGLE-2's context-aware token tree (serve.tree.DynamicTree; FSPAD heads): expand the `topk` most confident
-    nodes per depth by their top-`topk` children, up to `depth`, then verify the `nodes` most confident."""
+    """EAGLE-2's context-aware token tree (`draftalign.tree_shapes.DynamicTree`; FSPAD heads): expand the `topk`
+    most confident nodes per depth by their top-`topk` children, up to `depth`, then verify the `nodes` most
+    confident."""
     depth: int = Field(ge=1)
     topk: int = Field(ge=1)
     nodes: int = Field(ge=1)
 
     @model_validator(mode="after")
     def _fits(self) -> "DynamicTreeConfig":
-        from serve.tree import DynamicTree
-
         DynamicTree(self.depth, self.topk, self.nodes)  # nodes ≤ the candidates the expansion drafts
         return self
 

@@ -42,16 +42,16 @@ from draftalign.models import (
     default_draft,
     draft_step_dtype,
     load_causal_lm,
-    load_engine_draft,
     load_tokenizer,
     pick_dtype,
     resolve_target,
 )
+from draftalign.sampling import SamplingParams
+from draftalign.tree_shapes import DynamicTree, tree_depth, tree_spec
 from learner.fspad import FSPADHead
 from serve.acceptance import draft_acceptance, expected_block_efficiency, per_token_acceptance
-from serve.sampling import SamplingParams
+from serve.drafts import load_engine_draft
 from serve.specdec import Generation, SpecDecoder
-from serve.tree import DynamicTree, tree_depth, tree_spec
 
 METRICS = ("n_prompts", "acceptance_rate", "draft_acceptance_rate", "block_efficiency",
            "expected_block_efficiency", "cost_ratio_c", "verify_cost_v", "target_tokens_per_s",

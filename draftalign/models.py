@@ -265,39 +265,6 @@ def load_draft(path: str, target_tok, dtype: torch.dtype = torch.float32, device
     return load_causal_lm(str(check_draft(path, target_tok, target_vocab)), dtype, device)
 
 
-def is_fspad_draft(path: str | Path) -> bool:
-    """True when `path` holds an FSPAD head (draft.kind=fspad, `learner.fspad`) rather than an HF-format draft."""
-    from learner.fspad import is_fspad_head
-
-    return is_fspad_head(path)
-
-
-def check_engine_draft(path: str, target_tok, target_config) -> Path:
-    """`check_draft` for an HF-format draft; for an FSPAD head its config, checked against the target's shape.
-    Reads no weights."""
-    if not is_fspad_draft(path):
-        return check_draft(path, target_tok, target_config.vocab_size)
-    from learner.fspad import check_target, read_config
-
-    p = Path(path).expanduser()
-    check_target(read_config(p)["target"], target_config, str(p))
-    return p
-
-
-def load_engine_draft(path: str, target, target_tok, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(draft, its vocabulary or None) for the engine, the kind read from the checkpoint's config.json: an HF-format
-    Llama draft (`load_draft`, + its draft_vocab.json) or an FSPAD head on `target`'s frozen embedding and LM head
-    (`learner.fspad.FSPADHead.load`; float32, its vocabulary inside it, so None here)."""
-    if is_fspad_draft(path):
-        from learner.fspad import FSPADHead
-
-        return FSPADHead.load(path, target).to(device).eval(), None
-    from draftalign.vocab import load_draft_vocab
-
-    vocab_size = target.config.vocab_size
-    return load_draft(path, target_tok, dtype, device, vocab_size), load_draft_vocab(path, vocab_size)
-
-
 DRAFT_DIRS = ("draft_distilled", "draft_pretrained")  # searched in this order under a run dir
 FSPAD_DIRS = ("draft_fspad",)  # draft.kind=fspad (learner.fspad_distill.FINAL_DIR)
 
@@ -334,3 +301,10 @@ def default_draft(cfg) -> str:
                          f"draft.model: run `draftalign distill` (or `draftalign pretrain`) for this job first, "
                          f"or name a draft (--draft PATH)")
     return str(found)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, Q, K) bool → (B, 1, Q, K) additive mask: 0 where allowed, the dtype's finite minimum elsewhere
+    (finite: a query without keys gives no NaN)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min)[:, None]

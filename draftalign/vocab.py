@@ -99,7 +99,7 @@ def job_draft_vocab(cfg, rdir: Path, fallback: Iterable[Iterable[int]] | None = 
         return ids
     source = "distillation set answers"
     try:
-        from actors.generate import load_distill_set
+        from draftalign.distset import load_distill_set
 
         sequences = load_distill_set(rdir)["response_token_ids"]
     except FileNotFoundError:

@@ -128,10 +128,10 @@ _say = partial(say_as, "distill")
 # ------------------------------------------------------------------------------------ data
 
 def load_rows(rdir: Path) -> list[dict]:
-    """Rows of the distillation set (`actors.generate.load_distill_set`) as dicts with prompt_id,
+    """Rows of the distillation set (`draftalign.distset.load_distill_set`) as dicts with prompt_id,
     prompt_token_ids, response_token_ids and, when the set recorded them, the target's top-k
     at each answer position: target_ids int64 (R, k), target_logprobs float32 (R, k) (else None)."""
-    from actors.generate import load_distill_set
+    from draftalign.distset import load_distill_set
 
     data = load_distill_set(rdir)
     cols = ("prompt_id", "prompt_token_ids", "response_token_ids", "target_topk_ids", "target_topk_logprobs")

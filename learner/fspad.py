@@ -55,7 +55,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from draftalign.io import atomic_dir
-from draftalign.models import ModelError
+from draftalign.models import ModelError, additive_mask
 from draftalign.vocab import load_draft_vocab, save_draft_vocab
 from learner.draft_head import DraftHead
 
@@ -103,13 +103,6 @@ def check_target(shape: dict, target_config, where: str) -> None:
         if shape.get(key) != have[key]:
             raise ModelError(f"FSPAD head {where} was made for a target with {key}={shape.get(key)!r}, but this "
                              f"target has {key}={have[key]!r}: a head only runs on the target it was trained on")
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, Q, K) bool → (B, 1, Q, K) additive mask: 0 where allowed, the dtype's finite minimum elsewhere
-    (finite: a query without keys gives no NaN)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-        ~allowed, torch.finfo(dtype).min)[:, None]
 
 
 class FSPADHead(nn.Module):

@@ -69,6 +69,7 @@ from draftalign.config import JobConfig
 from draftalign.io import atomic_dir, write_json_atomic
 from draftalign.models import load_causal_lm, load_tokenizer, resolve_target
 from draftalign.runtime import init_ray, run_dir
+from draftalign.sampling import sample
 from draftalign.vocab import job_draft_vocab
 from learner.distill import distill_loss, load_split
 from learner.fspad import CONFIG_FILE, WEIGHTS_FILE, FSPADHead
@@ -90,7 +91,6 @@ from learner.trainer import (
     worker_setup,
     write_manifest,
 )
-from serve.sampling import sample
 
 EXPERIMENT = "fspad"
 FINAL_DIR = "draft_fspad"

@@ -9,7 +9,7 @@ n_r = round(n_s · f / (1 − f)) rows replayed from the distillation set (f = r
 
     served row    one request: its sequence (prompt + served tokens), the loss at the N positions its rounds
                   scored — accepted proposals and recovered / bonus tokens, with the target's raw top-k
-                  recorded there (serve.online.request_rows): one forward pass for all of its rounds
+                  recorded there (actors.traffic.request_rows): one forward pass for all of its rounds
     replayed row  a span of the target's answer y to a train-split prompt x: a cut j ~ U{0 … |y| − 1},
                   prompt = x + y[:j], response = y[j : j + L] with L = the step's mean N, target = the top-k
                   vLLM recorded while generating y (stage 2, `actors.rollout.cached_score`)
@@ -71,12 +71,12 @@ import ray
 import torch
 
 from actors.rollout import WeightStore, build_batch, cached_score
+from actors.traffic import OnlineSettings, get_buffer, request_rows, to_rollout_batch
 from draftalign.config import ConfigError, JobConfig
 from learner.distill import Learner, ResponseLogits, publish_weights, train_step
 from learner.draft_head import DraftHead
 from learner.losses import BaselineState
 from learner.trainer import adamw, autocast_dtype, lr_factor, param_groups
-from serve.online import OnlineSettings, get_buffer, request_rows, to_rollout_batch
 
 HISTORY = 256  # per-step metrics kept for stats()
 

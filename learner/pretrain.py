@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from draftalign.batching import BatchSampler
 from draftalign.config import JobConfig
 from draftalign.io import write_atomic, write_json_atomic
 from draftalign.models import (
@@ -113,7 +114,7 @@ def load_documents(sources: list[str], run_path: Path | None = None) -> list[str
     for src in sources:
         p = Path(os.path.expanduser(src))
         if src == "run:distill_set":
-            from actors.generate import load_distill_set
+            from draftalign.distset import load_distill_set
 
             if run_path is None:
                 raise ValueError("pretrain.corpus entry run:distill_set needs the run directory")
@@ -219,28 +220,6 @@ def split_blocks(streams: dict[str, np.ndarray], seq_len: int) -> tuple[np.ndarr
         raise ValueError(f"pretrain.corpus is too small: {len(streams['train'])} tokens give no training "
                          f"block of pretrain.seq_len={seq_len} (+ a held-out one); add text or lower seq_len")
     return train, val[:VAL_MAX_BLOCKS]
-
-
-class BatchSampler:
-    """Global sample indices for a cursor: an endless chain of per-epoch permutations."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
-        return self._perms[epoch]
-
-    def indices(self, cursor: int, batch: int) -> np.ndarray:
-        out = []
-        while batch > 0:
-            epoch, off = divmod(cursor, self.n)
-            take = min(batch, self.n - off)
-            out.append(self._perm(epoch)[off:off + take])
-            cursor, batch = cursor + take, batch - take
-        return np.concatenate(out)
 
 
 # ---------------------------------------------------------------------------------- checkpoints

@@ -21,7 +21,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from draftalign.config import JobConfig
+from draftalign.sampling import SamplingParams
+from draftalign.tree_shapes import tree_depth, tree_spec
 from serve.acceptance import draft_acceptance, per_token_acceptance
+from serve.engines import ReplicaSettings
 from serve.protocol import (
     APIError,
     AssistantMessage,
@@ -38,9 +41,7 @@ from serve.protocol import (
     Usage,
     add_error_handling,
 )
-from serve.replica import EngineRequest, ReplicaSettings, SpecDecodeReplica
-from serve.sampling import SamplingParams
-from serve.tree import tree_depth, tree_spec
+from serve.replica import EngineRequest, SpecDecodeReplica
 
 logger = logging.getLogger("ray.serve")
 
@@ -64,11 +65,11 @@ def context_window(target_path: str, draft_path: str | None, max_model_len: int)
     """Longest sequence the replica decodes: max_model_len capped by both models' positions."""
     from transformers import AutoConfig
 
-    from draftalign.models import is_fspad_draft
+    from learner.fspad import is_fspad_head
 
     limit = max_model_len
     for path in (target_path, draft_path):
-        if path is not None and not is_fspad_draft(path):  # an FSPAD head: rotary at any position
+        if path is not None and not is_fspad_head(path):  # an FSPAD head: rotary at any position
             limit = min(limit, getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", limit))
     return limit
 
@@ -306,7 +307,8 @@ def _check_draft(target_path: str, draft_path: str) -> None:
     head made for a target of another shape."""
     from transformers import AutoConfig
 
-    from draftalign.models import check_engine_draft, load_tokenizer
+    from draftalign.models import load_tokenizer
+    from serve.drafts import check_engine_draft
 
     check_engine_draft(draft_path, load_tokenizer(target_path), AutoConfig.from_pretrained(target_path))
 
@@ -327,14 +329,14 @@ def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch
         _check_draft(target_path, draft_path)
     context = context_window(target_path, draft_path, cfg.target.max_model_len)
     threads = torch_threads or max(1, min(os.cpu_count() or 1, math.ceil(sc.cpus_per_replica)))
-    from serve.online import OnlineSettings
+    from actors.traffic import OnlineSettings
 
     online = OnlineSettings.from_config(cfg)
     if online is not None and draft_path is None:
         raise ValueError("serve.online (capture, hot-swap) needs a draft: this app serves the target alone")
-    from draftalign.models import is_fspad_draft
+    from learner.fspad import is_fspad_head
 
-    if draft_path is not None and is_fspad_draft(draft_path) and (sc.engine != "native" or online is not None):
+    if draft_path is not None and is_fspad_head(draft_path) and (sc.engine != "native" or online is not None):
         raise ValueError(f"draft {draft_path} is an FSPAD head: only serve.engine=native decodes it, without "
                          f"serve.online (capture and hot-swap are for Llama drafts)")
     settings = ReplicaSettings(engine=sc.engine, gamma=sc.gamma, gamma_policy=sc.gamma_policy,

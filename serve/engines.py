@@ -8,12 +8,33 @@ Both build from (target path, draft path or None, ReplicaSettings, context) and 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
-from serve.sampling import SamplingParams
+from draftalign.sampling import SamplingParams
+from draftalign.tree_shapes import DynamicTree
 
 if TYPE_CHECKING:
-    from serve.replica import ReplicaSettings
+    from actors.traffic import OnlineSettings
+
+
+@dataclass(frozen=True)
+class ReplicaSettings:
+    """What a replica needs besides the model paths (built from the job's ServeConfig)."""
+
+    engine: Literal["native", "vllm"] = "native"
+    gamma: int = 3
+    gamma_policy: Literal["goodput", "fixed"] = "goodput"
+    tree: list[int] | tuple[int, ...] | DynamicTree | None = None  # `draftalign.tree_shapes.tree_spec`
+    dtype: str = "auto"
+    draft_step_dtype: str = "auto"  # draft.step_dtype
+    max_model_len: int = 1024
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+    torch_threads: int = 1
+    kv_cache_gib: float = 1.0
+    use_gpu: bool = False
+    online: OnlineSettings | None = None  # serve.online: capture and hot-swap (native engine with a draft)
 
 
 class NativeEngine:
@@ -27,8 +48,9 @@ class NativeEngine:
     def __init__(self, target_path: str, draft_path: str | None, s: ReplicaSettings, context: int):
         import torch
 
-        from draftalign.models import draft_step_dtype, load_causal_lm, load_engine_draft, load_tokenizer, pick_dtype
+        from draftalign.models import draft_step_dtype, load_causal_lm, load_tokenizer, pick_dtype
         from learner.fspad import FSPADHead
+        from serve.drafts import load_engine_draft
         from serve.goodput import GoodputPolicy
         from serve.specdec import SpecDecoder
 
@@ -39,7 +61,7 @@ class NativeEngine:
         target = load_causal_lm(target_path, dtype, device)
         draft, vocab = (load_engine_draft(draft_path, target, self.tokenizer, dtype, device) if draft_path
                         else (None, None))
-        tree = s.tree if draft is not None else None  # already the engine's spec (`serve.tree.tree_spec`)
+        tree = s.tree if draft is not None else None  # already the engine's spec (`draftalign.tree_shapes.tree_spec`)
         self.features = isinstance(draft, FSPADHead)  # draft.kind=fspad
         step = draft_step_dtype(s.draft_step_dtype, dtype, device)
         self.decoder = SpecDecoder(target, draft, self.tokenizer, gamma=s.gamma, draft_vocab=vocab, tree=tree,

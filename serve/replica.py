@@ -9,39 +9,17 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 from ray import serve
 
+from draftalign.sampling import SamplingParams
+from draftalign.tree_shapes import tree_depth
 from serve.detokenize import TextStream
-from serve.engines import NativeEngine, VLLMEngine
+from serve.engines import NativeEngine, ReplicaSettings, VLLMEngine
 from serve.metrics import SpecDecodeMetrics
-from serve.sampling import SamplingParams
-from serve.tree import DynamicTree, tree_depth
-
-if TYPE_CHECKING:
-    from serve.online import OnlineSettings
 
 logger = logging.getLogger("ray.serve")
-
-
-@dataclass(frozen=True)
-class ReplicaSettings:
-    """What a replica needs besides the model paths (built from the job's ServeConfig)."""
-
-    engine: Literal["native", "vllm"] = "native"
-    gamma: int = 3
-    gamma_policy: Literal["goodput", "fixed"] = "goodput"
-    tree: list[int] | tuple[int, ...] | DynamicTree | None = None  # `serve.tree.tree_spec` of serve.tree
-    dtype: str = "auto"
-    draft_step_dtype: str = "auto"  # draft.step_dtype
-    max_model_len: int = 1024
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.01
-    torch_threads: int = 1
-    kv_cache_gib: float = 1.0
-    use_gpu: bool = False
-    online: OnlineSettings | None = None  # serve.online: capture and hot-swap (native engine with a draft)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Speculative decoding engine on torch causal LMs with KV caches (the reference, CPU and GPU).
 
 One round (Leviathan et al. 2023): the draft proposes γ tokens autoregressively, the target scores
-all γ + 1 positions in one forward pass, `serve.sampling.rejection_sample` keeps a prefix and adds a
+all γ + 1 positions in one forward pass, `draftalign.sampling.rejection_sample` keeps a prefix and adds a
 recovered or bonus token. At batch 1 it is the textbook algorithm.
 
 Batches are ragged: every sequence advances by its own k + 1 tokens per round. The batch is one
@@ -42,12 +42,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from draftalign.sampling import SamplingParams, draw, greedy_verify, logits_to_probs, rejection_sample
+from draftalign.tree_shapes import DynamicTree
 from serve.acceptance import draft_acceptance, per_token_acceptance, round_outcome
 from serve.goodput import GoodputPolicy, StepCosts
 from serve.kernels import half_copy, one_row_linear, use_decode_matmul, use_one_row_dtype
 from serve.lean_llama import KVCache, LeanLlama
-from serve.sampling import SamplingParams, draw, greedy_verify, logits_to_probs, rejection_sample
-from serve.tree import DRAFTING, DynamicTree, Tree, ancestors, expand, rerank, static_tree, verify_greedy, verify_sample
+from serve.tree import DRAFTING, Tree, ancestors, expand, rerank, static_tree, verify_greedy, verify_sample
 
 
 @dataclass
@@ -945,7 +946,7 @@ class SpecDecoder:
 
     def _fspad_draft_dynamic(self, f_cache, fh: torch.Tensor, keys: torch.Tensor,
                              base: torch.Tensor) -> tuple[Tree, torch.Tensor]:
-        """EAGLE-2's expansion and reranking (`serve.tree.DynamicTree`) with the head. Candidates carry their
+        """EAGLE-2's expansion and reranking (`tree_shapes.DynamicTree`) with the head. Candidates carry their
         path's log confidence log V = Σ log q over the path (the draft's unprocessed distribution); at each depth
         the `topk` candidates of the depth above with the largest Σ_b V (one shape for the batch: EAGLE-2's own
         rule at B = 1) are fed — each as (f̂ at its parent, its token) at position base + its depth, seeing the

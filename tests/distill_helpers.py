@@ -37,8 +37,8 @@ def write_distill_set(rdir: Path, tok, n_prompts: int = 40, resp_len: int = 24) 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from actors.generate import SCHEMA
     from draftalign.data import chat_prompt_ids, pretrain_texts, train_messages
+    from draftalign.distset import SCHEMA
 
     msgs = train_messages(4 * n_prompts, seed=0)
     prompts = [(m["id"], chat_prompt_ids(tok, m["messages"][-1:])) for m in msgs]

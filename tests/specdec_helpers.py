@@ -8,7 +8,7 @@ import torch
 from scipy.stats import chisquare
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from serve.sampling import SamplingParams, logits_to_probs
+from draftalign.sampling import SamplingParams, logits_to_probs
 
 V = 8  # small vocabulary: the joint law of three tokens has 512 cells
 

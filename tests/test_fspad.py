@@ -386,8 +386,8 @@ def test_feature_store_serves_the_rows_the_target_computes(target, tmp_path):
     store also serves a job without feature sampling."""
     from safetensors.torch import save_file
 
-    from actors.feature_store import META_FILE, FeatureStore, compute_shard, row_seed, shard_name
-    from actors.features import collate, row_features
+    from actors.feature_store import META_FILE, FeatureStore, shard_name
+    from actors.features import collate, compute_shard, row_features, row_seed
 
     rows = _rows(5, seed=8, k=6, target=target)
     save_file(compute_shard(target, rows, 0, k=6, feature_sampling=True, seed=3, pass_rows=2),
@@ -418,8 +418,8 @@ def test_stored_features_actor_scores_chains_on_the_rows_of_its_batch(target, ti
     the head's chains on the rows of batch (step, rank) — the rows `batch` serves — as `branch_features` does."""
     from safetensors.torch import save_file
 
-    from actors.feature_store import META_FILE, StoredFeatures, compute_shard, shard_name
-    from actors.features import branch_features
+    from actors.feature_store import META_FILE, StoredFeatures, shard_name
+    from actors.features import branch_features, compute_shard
 
     rows = _rows(5, seed=9, k=6, target=target)
     save_file(compute_shard(target, rows, 0, k=6, feature_sampling=False, seed=3), str(tmp_path / shard_name(0)))

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from specdec_helpers import chi2_p, empirical, exact_three_token_dist, hf_greedy, random_prompts, small_lm
 
 from draftalign.models import load_causal_lm
+from draftalign.sampling import SamplingParams, sample
+from draftalign.tree_shapes import DynamicTree
 from learner.fspad import FSPADHead
 from serve.fspad_proposer import draft_chain
-from serve.sampling import SamplingParams, sample
 from serve.specdec import SpecDecoder
-from serve.tree import DynamicTree
 
 P_MIN = 0.01  # χ² p-value above which the empirical distribution is accepted as the target's
 
@@ -362,8 +362,7 @@ def test_dynamic_tree_needs_an_fspad_head(target):
 def test_eval_and_native_engine_load_an_fspad_checkpoint(tmp_path, tiny_target_path, trained):
     from draftalign.config import load_config
     from draftalign.evaluate import run_eval
-    from serve.engines import NativeEngine
-    from serve.replica import ReplicaSettings
+    from serve.engines import NativeEngine, ReplicaSettings
 
     path = str(trained.save(tmp_path / "head"))
     cfg = load_config(None, [f"target.model={tiny_target_path}", f"run_dir={tmp_path / 'run'}", "eval.tasks=[chat]",
@@ -385,7 +384,9 @@ def test_eval_and_native_engine_load_an_fspad_checkpoint(tmp_path, tiny_target_p
     streamed = [tok for new, _ in engine.stream(prompt, params) for tok in new]
     assert streamed == got.token_ids
 
-    from serve.tree import tree_spec  # serve.tree as configured: a dynamic tree reaches the replica's engine
+    from draftalign.tree_shapes import (
+        tree_spec,  # serve.tree as configured: a dynamic tree reaches the replica's engine
+    )
 
     tree = tree_spec(cfg.eval.trees[1])
     engine = NativeEngine(tiny_target_path, path, ReplicaSettings(gamma=3, tree=tree), context=512)

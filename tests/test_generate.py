@@ -25,8 +25,9 @@ import pytest
 import yaml
 
 import actors.generate as gen
-from actors.generate import SCHEMA, PlanMismatch, build_prompts, load_distill_set, make_plan, shard_name
+from actors.generate import PlanMismatch, build_prompts, make_plan
 from draftalign.config import load_config
+from draftalign.distset import SCHEMA, load_distill_set, shard_name
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_PROMPTS, SHARD_SIZE, MAX_TOKENS = 40, 4, 16

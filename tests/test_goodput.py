@@ -9,9 +9,9 @@ import itertools
 import pytest
 from specdec_helpers import chi2_p, empirical, exact_three_token_dist, hf_greedy, random_prompts, small_lm
 
+from draftalign.sampling import SamplingParams
 from serve.acceptance import expected_block_efficiency
 from serve.goodput import AcceptanceEstimate, GoodputPolicy, StepCosts, best_gamma
-from serve.sampling import SamplingParams
 from serve.specdec import SpecDecoder
 
 FLAT = StepCosts(target={1: 1.0, 64: 1.0}, draft={1: 0.05, 32: 0.05})  # memory-bound: rows are free

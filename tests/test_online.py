@@ -106,7 +106,7 @@ def target_model(tiny_target_path):
 @pytest.fixture(scope="module")
 def reference(target_model, target_tokenizer):
     """Greedy decoding of the target alone, in this process (fp32): token ids by prompt text."""
-    from serve.sampling import SamplingParams
+    from draftalign.sampling import SamplingParams
     from serve.specdec import SpecDecoder
 
     decoder = SpecDecoder(target_model, None, target_tokenizer)
@@ -201,8 +201,8 @@ def test_teacher_forced_acceptance_is_one_minus_tvd(tiny_target_path, tiny_draft
     import torch
 
     from draftalign.models import load_causal_lm
+    from draftalign.sampling import SamplingParams
     from serve.online import teacher_forced_acceptance
-    from serve.sampling import SamplingParams
 
     target, draft = load_causal_lm(tiny_target_path), load_causal_lm(tiny_draft_path)
     tokens = np.array(_ids(target_tokenizer, PROMPTS[2] + " and it learned to paint"), np.int32)
@@ -234,7 +234,7 @@ def test_buffer_drops_the_oldest_and_counts(server, tmp_path):
 
     import ray
 
-    from serve.online import RoundBuffer
+    from actors.traffic import RoundBuffer
 
     buf = RoundBuffer.remote(3, str(tmp_path))
     recs = [{"context": np.arange(i + 1, dtype=np.int32), "policy_version": 0, "i": i} for i in range(5)]
@@ -257,7 +257,7 @@ def test_capture_records_one_row_per_request(server, client, reference, target_t
     scored on it (with the fixed γ policy: every served token) the target's raw top-k there."""
     import torch
 
-    from serve.online import to_rollout_batch
+    from actors.traffic import to_rollout_batch
 
     _records(server)  # start from an empty buffer
     prompt = PROMPTS[0]
@@ -422,8 +422,8 @@ def test_refresh_mid_stream_keeps_greedy_output(tiny_target_path, target_tokeniz
     """`SpecDecoder.refresh_draft` between two rounds of a stream (chain and tree): the stream restarts its draft
     cache, its tokens stay the target's, and the new draft (the target's weights) is accepted from then on."""
     from draftalign.models import load_causal_lm
+    from draftalign.sampling import SamplingParams
     from draftalign.weights import check_and_load_weights
-    from serve.sampling import SamplingParams
     from serve.specdec import SpecDecoder
 
     target, draft = load_causal_lm(tiny_target_path), load_causal_lm(versions.path)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from distill_helpers import peaked_target_fixture  # noqa: F401 - fixture
 
-from serve.sampling import SamplingParams
+from draftalign.sampling import SamplingParams
 
 GAMMA = 3
 TOP_K = 8
@@ -54,7 +54,7 @@ def write_scored_set(run_dir, target_path: str, tok, prompts: list[str], answer_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from actors.generate import SCHEMA
+    from draftalign.distset import SCHEMA
     from draftalign.models import load_causal_lm
 
     target = load_causal_lm(target_path)
@@ -126,7 +126,7 @@ def test_replay_without_a_scored_set_is_a_config_error(tmp_path, tiny_target_pat
 
 
 def _round(request: str, context: list[int], kept: list[int], accepted: int, version: int = 0, seed: int = 0) -> dict:
-    """A hand-made round record (`serve.online.round_records`' format) with distinct top-k rows."""
+    """A hand-made round record (`actors.traffic.round_records`' format) with distinct top-k rows."""
     rng = np.random.default_rng(seed)
     return {"request": request, "context": np.asarray(context, np.int32), "start": len(context),
             "draft_tokens": np.asarray(kept[:accepted] + [900 + i for i in range(GAMMA - accepted)], np.int32)[:GAMMA],
@@ -142,7 +142,7 @@ def test_rounds_of_interleaved_requests_become_one_row_each():
     the served sequence, its loss positions exactly the positions its rounds scored on that sequence (accepted
     proposals, then the recovered or bonus token) with those rounds' top-k rows; rows after a rejection and past a
     stop are dropped, and a token emitted by a round without a draft (γ = 0) stays unscored."""
-    from serve.online import request_records, to_rollout_batch
+    from actors.traffic import request_records, to_rollout_batch
 
     a = [_round("0.0", [11, 12, 13], [21, 31], accepted=1, seed=1),  # 22 rejected: 31 recovered
          _round("0.0", [11, 12, 13, 21, 31], [24, 25, 26, 32], accepted=3, seed=2),  # all accepted + bonus 32
@@ -180,8 +180,8 @@ def test_mixed_batch_places_served_rows_and_replayed_spans(tmp_path, peaked_targ
     """Served records become on-policy rows (one per request: its sequence, the loss at its scored positions);
     n_s · f / (1 − f) replayed rows are spans of the target's answers carrying the top-k recorded at exactly
     those positions."""
+    from actors.traffic import request_records
     from learner.online import mixed_batch, replay_rows
-    from serve.online import request_records
 
     run = tmp_path / "run"
     write_scored_set(run, peaked_target, target_tokenizer, REPLAY_PROMPTS[:4], answer_tokens=8)
@@ -239,9 +239,10 @@ def learned(ray_local, tmp_path_factory, peaked_target, anti_draft, target_token
     """A real engine serves 8 greedy prompts with capture on; the learner actor collects the captured requests 2 at a
     time (one row each, + replay), steps twice on each collection (epochs 2: 8 steps) and publishes versions 1 … 4,
     each grabbed from the store as it appears."""
+    from actors.traffic import OnlineSettings, get_buffer
     from draftalign.models import load_causal_lm
     from learner.online import start_online_learner
-    from serve.online import OnlineSettings, RoundCapture, get_buffer
+    from serve.online import RoundCapture
     from serve.specdec import SpecDecoder
 
     ray = ray_local
@@ -280,10 +281,10 @@ def learned(ray_local, tmp_path_factory, peaked_target, anti_draft, target_token
 
 
 def test_learner_trains_on_captured_rounds_and_publishes_versions(learned, anti_draft):
+    from actors.traffic import to_rollout_batch
     from draftalign.models import load_causal_lm
     from draftalign.weights import check_and_load_weights
     from learner.distill import ResponseLogits, evaluate_heldout
-    from serve.online import to_rollout_batch
 
     st, n = learned.stats, len(learned.records)
     assert n == 8  # one record per request

@@ -72,7 +72,7 @@ def test_run_killed_during_generation_then_rerun_completes(tmp_path, tiny_target
     reused = re.search(r"\((\d+) reused\)", log)
     assert reused and int(reused.group(1)) >= 1, log[-3000:]  # generation continued from the finished shards
 
-    from actors.generate import load_distill_set
+    from draftalign.distset import load_distill_set
 
     rows = load_distill_set(run)
     ids = Counter(r["prompt_id"] for r in rows)

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from draftalign.batching import BatchSampler
 from draftalign.config import JobConfig
-from learner.pretrain import BatchSampler, pack, run_pretrain
+from learner.pretrain import pack, run_pretrain
 from learner.trainer import STATE_FILE, CorruptCheckpoint, list_checkpoints, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +125,7 @@ def test_stage1_on_the_distill_set_leaves_the_heldout_prompts_out(tmp_path, targ
     """Stage 3 measures its held-out acceptance on these prompts' answers: stage 1 must not have seen them."""
     from distill_helpers import write_distill_set
 
-    from actors.generate import load_distill_set
+    from draftalign.distset import load_distill_set
     from learner.distill import load_rows
     from learner.heldout import split_heldout
     from learner.pretrain import load_documents

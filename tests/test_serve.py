@@ -84,7 +84,7 @@ def reference(tiny_target_path, target_tokenizer):
     decoder = SpecDecoder(load_causal_lm(tiny_target_path, torch.float32), None, target_tokenizer)
 
     def run(prompt_ids: list[int], **params):
-        from serve.sampling import SamplingParams
+        from draftalign.sampling import SamplingParams
 
         return decoder.generate_target_only([prompt_ids], SamplingParams(**params))[0]
 
@@ -516,7 +516,7 @@ def test_generate_stream_equals_generate(tiny_target_path, tiny_draft_path, targ
     import torch
 
     from draftalign.models import load_causal_lm
-    from serve.sampling import SamplingParams
+    from draftalign.sampling import SamplingParams
     from serve.specdec import SpecDecoder
 
     target = load_causal_lm(tiny_target_path, torch.float32)

@@ -25,7 +25,7 @@ from specdec_helpers import (
 )
 
 from draftalign.models import load_causal_lm, load_tokenizer
-from serve.sampling import SamplingParams, greedy_verify, logits_to_probs, rejection_sample, sample
+from draftalign.sampling import SamplingParams, greedy_verify, logits_to_probs, rejection_sample, sample
 from serve.specdec import SpecDecoder
 
 P_MIN = 0.01  # χ² p-value above which the empirical distribution is accepted as the target's

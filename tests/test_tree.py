@@ -19,8 +19,8 @@ from scipy.stats import chisquare
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import serve.tree as tree_mod
+from draftalign.tree_shapes import DynamicTree
 from serve.tree import (
-    DynamicTree,
     Tree,
     draft_tree,
     emitted,

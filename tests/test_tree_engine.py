@@ -24,8 +24,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import serve.specdec as specdec_mod
 import serve.tree as tree_mod
+from draftalign.sampling import SamplingParams
 from serve.lean_llama import LeanLlama
-from serve.sampling import SamplingParams
 from serve.specdec import SpecDecoder
 from serve.tree import kv_keep_index, path_to, static_tree, tree_attention_mask, tree_positions
 

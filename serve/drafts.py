@@ -1,0 +1,34 @@
+"""The drafts the engine decodes with, whatever their kind: an HF-format Llama draft (+ its draft vocabulary) or a
+feature-level FSPAD head (`learner.fspad`) on the target's frozen embedding and LM head. The kind is read from the
+checkpoint's config.json, so a job, `eval` and the endpoint take either from one path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from draftalign.models import check_draft, load_draft
+from draftalign.vocab import load_draft_vocab
+from learner.fspad import FSPADHead, check_target, is_fspad_head, read_config
+
+
+def check_engine_draft(path: str, target_tok, target_config) -> Path:
+    """`check_draft` for an HF-format draft; for an FSPAD head its config, checked against the target's shape.
+    Reads no weights."""
+    if not is_fspad_head(path):
+        return check_draft(path, target_tok, target_config.vocab_size)
+    p = Path(path).expanduser()
+    check_target(read_config(p)["target"], target_config, str(p))
+    return p
+
+
+def load_engine_draft(path: str, target, target_tok, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(draft, its vocabulary or None) for the engine, the kind read from the checkpoint's config.json: an HF-format
+    Llama draft (`load_draft`, + its draft_vocab.json) or an FSPAD head on `target`'s frozen embedding and LM head
+    (`learner.fspad.FSPADHead.load`; float32, its vocabulary inside it, so None here)."""
+    if is_fspad_head(path):
+        return FSPADHead.load(path, target).to(device).eval(), None
+    vocab_size = target.config.vocab_size
+    return load_draft(path, target_tok, dtype, device, vocab_size), load_draft_vocab(path, vocab_size)
