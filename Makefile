@@ -37,7 +37,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) bench/specdec.py --run runs/local --quick --out bench/results/specdec_quick.json
+	$(PY) bench/specdec.py --run runs/local --quick --out runs/bench/specdec_quick.json
 
 clean:
 	rm -rf $(VENV) .cache runs
