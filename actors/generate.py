@@ -58,11 +58,12 @@ def prompt_seed(job_seed: int, prompt_id: str) -> int:
 def build_prompts(cfg: JobConfig, tokenizer) -> tuple[list[dict], list[str]]:
     """The plan's prompts, in order: [{"prompt_id", "prompt", "prompt_token_ids"}], and the ids
     skipped because prompt + max_tokens would not fit in max_model_len."""
-    from draftalign.data import chat_prompt_ids, train_messages
+    from draftalign.data import chat_prompt_ids
+    from draftalign.sources import train_prompts
 
     limit = cfg.target.max_model_len - cfg.generate.max_tokens
     prompts, skipped = [], []
-    for m in train_messages(cfg.generate.num_prompts, cfg.seed):
+    for m in train_prompts(cfg.data, cfg.generate.num_prompts, cfg.seed):
         ids = chat_prompt_ids(tokenizer, m["messages"])
         if len(ids) > limit:
             skipped.append(m["id"])
@@ -70,8 +71,15 @@ def build_prompts(cfg: JobConfig, tokenizer) -> tuple[list[dict], list[str]]:
         text = tokenizer.apply_chat_template(m["messages"], add_generation_prompt=True, tokenize=False)
         prompts.append({"prompt_id": m["id"], "prompt": text, "prompt_token_ids": ids})
     ids = [p["prompt_id"] for p in prompts]
-    assert len(set(ids)) == len(ids), "train_messages returned duplicate prompt ids"
+    assert len(set(ids)) == len(ids), "train_prompts returned duplicate prompt ids"
     return prompts, skipped
+
+
+def prompt_source(cfg: JobConfig) -> str:
+    """What the plan's prompts are drawn from (part of the plan: a set made from other sources is not reused)."""
+    if cfg.data.is_default_train():
+        return PROMPT_SOURCE
+    return "data.train=" + json.dumps([s.model_dump() for s in cfg.data.train], sort_keys=True)
 
 
 def _sampling(cfg: JobConfig) -> dict:
@@ -87,7 +95,7 @@ def make_plan(cfg: JobConfig, prompts: list[dict], skipped: list[str]) -> dict:
         "target": {"model": cfg.target.model, "dtype": cfg.generate.dtype,
                    "max_model_len": cfg.target.max_model_len},
         "sampling": _sampling(cfg),
-        "prompt_source": PROMPT_SOURCE,
+        "prompt_source": prompt_source(cfg),
         "num_prompts_requested": cfg.generate.num_prompts,
         "shard_size": cfg.generate.shard_size,
         "num_shards": -(-len(ids) // cfg.generate.shard_size),

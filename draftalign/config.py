@@ -268,7 +268,7 @@ class SampledEvalConfig(_Strict):
     acceptance says little about it — DistillSpec). Written as eval_<draft>_t<T>.json beside the greedy ones."""
 
     temperature: float = Field(1.0, gt=0)
-    tasks: list[Literal["chat", "code", "summarize"]] = Field(default_factory=lambda: ["chat"])
+    tasks: list[str] = Field(default_factory=lambda: ["chat"], description="eval tasks (keys of data.eval)")
     gamma: list[int] = Field(default_factory=lambda: [3])
 
     @property
@@ -277,9 +277,73 @@ class SampledEvalConfig(_Strict):
         return f"t{self.temperature:g}"
 
 
+class SourceConfig(_Strict):
+    """One prompt source (`draftalign.sources`): a local file or directory (JSONL, JSON, parquet, CSV), a URI, a
+    `datasets` name, or a packaged set (embedded:chitchat, embedded:summarize, embedded:humaneval)."""
+
+    source: str = Field(min_length=1, description="path, URI, datasets name or embedded:<set>")
+    format: Literal["auto", "sharegpt", "openai", "alpaca", "prompt"] = Field(
+        "auto", description="row format; auto detects it per row from its fields")
+    split: str = Field("train", description="the split a datasets name is loaded with")
+    max_prompts: int | None = Field(None, ge=1, description="at most this many prompts from this source")
+    weight: float = Field(1.0, gt=0, description="share of data.train when several sources are mixed")
+
+    @model_validator(mode="after")
+    def _embedded(self) -> "SourceConfig":
+        if self.source.startswith("embedded:") and self.source not in EMBEDDED_SOURCES:
+            raise ValueError(f"unknown embedded source {self.source!r}; known: {', '.join(EMBEDDED_SOURCES)}")
+        return self
+
+
+EMBEDDED_SOURCES = ("embedded:chitchat", "embedded:summarize", "embedded:humaneval")
+EVAL_ONLY_SOURCES = ("embedded:summarize", "embedded:humaneval")
+DEFAULT_EVAL = {"chat": "embedded:chitchat", "code": "embedded:humaneval", "summarize": "embedded:summarize"}
+
+
+def _as_source(v):
+    return {"source": v} if isinstance(v, str) else v
+
+
+class DataConfig(_Strict):
+    """Where prompts come from: `train` feeds the distillation set (stage 2) and on-policy rollouts, `eval` maps
+    each eval task to its held-out source. The packaged tasks (chat, code, summarize) stay available beside the
+    ones a job adds."""
+
+    train: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(source="embedded:chitchat")],
+                                      description="prompt sources, mixed by weight")
+    eval: dict[str, SourceConfig] = Field(default_factory=dict, description="eval task name → source")
+    holdout: float = Field(0.1, ge=0, lt=1, description="share of each train source's conversations held "
+                           "out by content hash (an eval task on the same source reads only these)")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _train_strings(cls, v):
+        return [_as_source(x) for x in v] if isinstance(v, list) else v
+
+    @field_validator("eval", mode="before")
+    @classmethod
+    def _eval_strings(cls, v):
+        return {k: _as_source(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if not self.train:
+            raise ValueError("data.train must name at least one prompt source")
+        for s in self.train:
+            if s.source in EVAL_ONLY_SOURCES:
+                raise ValueError(f"data.train: {s.source} is an eval-only set; it must not be trained on")
+        missing = {k: SourceConfig(source=v) for k, v in DEFAULT_EVAL.items() if k not in self.eval}
+        if missing:
+            self.__dict__["eval"] = {**missing, **self.eval}  # the packaged tasks, unless the job redefines them
+        return self
+
+    def is_default_train(self) -> bool:
+        return [s.model_dump() for s in self.train] == [SourceConfig(source="embedded:chitchat").model_dump()]
+
+
 class EvalConfig(_Strict):
-    tasks: list[Literal["chat", "code", "summarize"]] = Field(
-        default_factory=lambda: ["chat", "code", "summarize"])
+    tasks: list[str] = Field(default_factory=lambda: ["chat", "code", "summarize"],
+                             description="eval tasks, each a key of data.eval")
     prompts_per_task: int | dict[str, int] = Field(
         16, description="held-out prompts per task: one number for every task, or {task: number}")
     gamma: list[int] = Field(default_factory=lambda: [3], description="γ values to evaluate")
@@ -462,6 +526,15 @@ class JobConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    @model_validator(mode="after")
+    def _eval_tasks_have_sources(self) -> "JobConfig":
+        tasks = list(self.eval.tasks) + (list(self.eval.sampled.tasks) if self.eval.sampled else [])
+        for t in tasks:
+            if t not in self.data.eval:
+                raise ValueError(f"eval.tasks: {t!r} has no source in data.eval (known: {', '.join(self.data.eval)})")
+        return self
 
     @model_validator(mode="after")
     def _online_top_k(self) -> "JobConfig":

@@ -87,17 +87,6 @@ def summarize_messages(split: str = "eval", n: int | None = None, seed: int = 0)
     return out
 
 
-def eval_messages(task: str, n: int, seed: int = 0) -> list[dict]:
-    """Held-out prompts of one eval task."""
-    if task == "chat":
-        return chat_messages("eval", n, seed)
-    if task == "code":
-        return code_messages(n)
-    if task == "summarize":
-        return summarize_messages("eval", n, seed)
-    raise ValueError(f"unknown eval task {task!r}; known: {', '.join(TASKS)}")
-
-
 def train_messages(n: int | None = None, seed: int = 0) -> list[dict]:
     """Prompts for the distillation set and rollouts: train-split chitchat, never eval prompts."""
     chat = chat_messages("train", None, seed)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from draftalign.config import JobConfig
-from draftalign.data import chat_prompt_ids, eval_messages
+from draftalign.data import chat_prompt_ids
 from draftalign.io import write_json_atomic
 from draftalign.models import (
     ModelError,
@@ -47,6 +47,7 @@ from draftalign.models import (
     resolve_target,
 )
 from draftalign.sampling import SamplingParams
+from draftalign.sources import eval_prompts as task_prompts
 from draftalign.tree_shapes import DynamicTree, tree_depth, tree_spec
 from learner.fspad import FSPADHead
 from serve.acceptance import draft_acceptance, expected_block_efficiency, per_token_acceptance
@@ -96,7 +97,7 @@ def eval_prompts(tok, cfg: JobConfig, max_positions: int) -> dict[str, list[list
     """Held-out prompt token ids per task, dropping prompts that leave no room to generate."""
     ev = cfg.eval
     limit = min(cfg.target.max_model_len, max_positions) - ev.max_new_tokens - max(ev.gamma) - 1
-    return {task: [ids for m in eval_messages(task, ev.count(task), cfg.seed)
+    return {task: [ids for m in task_prompts(cfg.data, task, ev.count(task), cfg.seed)
                    if len(ids := chat_prompt_ids(tok, m["messages"])) <= limit]
             for task in ev.tasks}
 
