@@ -22,7 +22,7 @@ from specdec_helpers import (
 )
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import serve.specdec as specdec_mod
+import serve.draft_tree as specdec_mod
 import serve.tree as tree_mod
 from draftalign.sampling import SamplingParams
 from serve.lean_llama import LeanLlama
