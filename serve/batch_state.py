@@ -72,7 +72,6 @@ class Generation:
         return len(self.token_ids) / self.rounds if self.rounds else 0.0
 
 
-
 class _Batch:
     """The column grid of a batch: token ids, attention mask, and each sequence's last real column."""
 
