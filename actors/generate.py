@@ -207,13 +207,13 @@ def run_generate(cfg: JobConfig) -> Path:
     from tqdm import tqdm
 
     from actors.target import create_target_actors, shutdown_target_actors
-    from draftalign.models import load_tokenizer, pick_dtype, resolve_target
+    from draftalign.models import load_target_tokenizer, pick_dtype, resolve_target
     from draftalign.runtime import configure_vllm_env, init_ray, run_dir
 
     t0 = time.perf_counter()
     g = cfg.generate
     model_path = resolve_target(cfg.target.model)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_target_tokenizer(model_path)
     prompts, skipped = build_prompts(cfg, tokenizer)
     if not prompts:
         raise ConfigError(f"generate: no prompt fits target.max_model_len={cfg.target.max_model_len} "

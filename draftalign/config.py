@@ -479,6 +479,8 @@ class ServeConfig(_Strict):
         "its batch size, from step costs measured at replica start (0 = a plain target step when the batch is "
         "compute-bound); fixed: always gamma (native engine; vLLM always uses gamma)")
     max_tokens_cap: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
+    max_queued_requests: int = Field(64, ge=-1, description="requests waiting for a busy replica, per caller, "
+                                     "beyond which the endpoint answers 503 with Retry-After (-1: no limit)")
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     model_name: str = Field("draftalign", description="the name /v1/models reports")
@@ -514,7 +516,9 @@ class ClusterConfig(_Strict):
 
 class JobConfig(_Strict):
     name: str = Field("local", pattern=r"^[A-Za-z0-9_.-]+$")
-    run_dir: str | None = Field(None, description="default runs/<name>")
+    storage_path: str = Field("runs", description="where every job's files live (the run dir is "
+                              "<storage_path>/<name>): a path that every node of the cluster sees at the same place")
+    run_dir: str | None = Field(None, description="this job's directory; default <storage_path>/<name>")
     seed: int = 0
     target: TargetConfig = Field(default_factory=TargetConfig)
     draft: DraftConfig = Field(default_factory=DraftConfig)
@@ -550,9 +554,17 @@ class JobConfig(_Strict):
                              "proposals are greedy at temperature 0 (argmax, not draws); use distill.form=exact")
         return self
 
+    @model_validator(mode="after")
+    def _storage_is_a_path(self) -> "JobConfig":
+        for key, value in (("storage_path", self.storage_path), ("run_dir", self.run_dir)):
+            if value and "://" in value:
+                raise ValueError(f"{key}={value!r}: object-store URIs are not supported yet; mount the bucket on "
+                                 f"every node (s3fs, gcsfuse, a CSI volume) and give the mount path")
+        return self
+
     @property
     def run_path(self) -> Path:
-        return Path(self.run_dir or f"runs/{self.name}")
+        return Path(self.run_dir or Path(self.storage_path) / self.name).expanduser()
 
 
 class ConfigError(ValueError):
@@ -608,9 +620,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"job config {path} must be a mapping, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
     try:
-        return JobConfig.model_validate(data)
+        cfg = JobConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format(e, source)) from None
+    # resolved here, on the driver: Ray workers and actors on other nodes run in other working directories, so a
+    # relative run dir would land somewhere else on each of them
+    cfg.run_dir = str(cfg.run_path.resolve())
+    return cfg
 
 
 def requested_resources(cfg: JobConfig) -> dict[str, float]:

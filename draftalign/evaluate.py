@@ -42,7 +42,7 @@ from draftalign.models import (
     default_draft,
     draft_step_dtype,
     load_causal_lm,
-    load_tokenizer,
+    load_target_tokenizer,
     pick_dtype,
     resolve_target,
 )
@@ -64,7 +64,7 @@ WARMUP_ROUNDS = 2
 def load_target(cfg: JobConfig):
     """(target model, tokenizer) in the job's dtype."""
     target_path = resolve_target(cfg.target.model)
-    tok = load_tokenizer(target_path)
+    tok = load_target_tokenizer(target_path)
     return load_causal_lm(target_path, pick_dtype(cfg.target.dtype)), tok
 
 

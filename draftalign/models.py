@@ -94,7 +94,7 @@ def resolve_target(spec: str) -> str:
         p = Path(spec).expanduser()
         if not (p / "config.json").is_file():
             raise ModelError(f"model path {spec} does not exist or holds no config.json")
-        return str(p)
+        return str(p.resolve())  # absolute: workers on other nodes run in other directories
     return spec  # a Hugging Face id
 
 
@@ -129,6 +129,17 @@ def load_tokenizer(path: str):
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_target_tokenizer(path: str):
+    """The target's tokenizer, refused when it has no chat template: every prompt draftalign gives the target (the
+    distillation set, eval, /v1/chat/completions) is a chat under that template."""
+    tok = load_tokenizer(path)
+    if not getattr(tok, "chat_template", None):
+        raise ModelError(f"target {path} has no chat template (tokenizer_config.json 'chat_template'): draftalign "
+                         f"prompts the target as a chat model — use a chat / instruct model, or set "
+                         f"tokenizer.chat_template and save_pretrained it beside the weights")
     return tok
 
 

@@ -42,7 +42,7 @@ def _has_checkpoint(root: Path) -> bool:
 # actors, move to a cluster with `draftalign launch`) and still continue the same run.
 PLACEMENT_KEYS = {"cluster", "serve", "num_actors", "num_engines", "num_workers", "cpus_per_actor",
                   "cpus_per_engine", "cpus_per_worker", "gpus_per_actor", "gpus_per_engine", "use_gpu",
-                  "resources", "kv_cache_gib", "queue_size", "tensor_parallel_size"}
+                  "resources", "kv_cache_gib", "queue_size", "tensor_parallel_size", "storage_path", "run_dir"}
 
 
 def config_changes(old, new, path: str = "") -> list[str]:

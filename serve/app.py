@@ -18,6 +18,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from draftalign.config import JobConfig
@@ -44,6 +45,7 @@ from serve.protocol import (
 from serve.replica import EngineRequest, SpecDecodeReplica
 
 logger = logging.getLogger("ray.serve")
+RETRY_AFTER_S = 1  # the Retry-After of a 503 when every replica queue is full
 
 _TEMPERATURE_EPS = 1e-5  # below this a request is greedy (as in vLLM)
 
@@ -116,10 +118,10 @@ class OpenAIIngress:
     def __init__(self, engine: DeploymentHandle, settings: IngressSettings):
         from transformers import AutoConfig
 
-        from draftalign.models import load_tokenizer
+        from draftalign.models import load_target_tokenizer
 
         self.engine, self.s = engine, settings
-        self.tokenizer = load_tokenizer(settings.target_path)
+        self.tokenizer = load_target_tokenizer(settings.target_path)
         self.vocab_size = AutoConfig.from_pretrained(settings.target_path).vocab_size
         self.created = int(time.time())
 
@@ -260,8 +262,12 @@ class OpenAIIngress:
     # ------------------------------------------------------------------ helpers
     async def _generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[dict]:
         # Every prompt is its own replica request, so @serve.batch can group them with others'.
-        return list(await asyncio.gather(*(self.engine.generate.remote(EngineRequest(p, sp))
-                                           for p, sp in zip(prompts, params, strict=True))))
+        try:
+            return list(await asyncio.gather(*(self.engine.generate.remote(EngineRequest(p, sp))
+                                               for p, sp in zip(prompts, params, strict=True))))
+        except BackPressureError:  # every replica's queue is full (serve.max_queued_requests): answer at once
+            raise APIError(503, "the server is overloaded: every replica's queue is full; retry later", None,
+                           "overloaded", "server_error", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
     def _stream(self, rid: str, kind: str, request: EngineRequest, body: SamplingFields) -> StreamingResponse:
         created, model = int(time.time()), self.s.model_name
@@ -350,6 +356,7 @@ def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch
         num_replicas=sc.num_replicas,
         # Room for a full batch in flight plus the next one queuing, and a few streams.
         max_ongoing_requests=max(4 * sc.max_batch_size, 16),
+        max_queued_requests=sc.max_queued_requests,  # past it: BackPressureError → 503 with Retry-After
         ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": sc.gpus_per_replica},
     ).bind(target_path, draft_path, settings, context)
     ingress = IngressSettings(model_name=sc.model_name, target_path=target_path, draft_path=draft_path,

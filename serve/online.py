@@ -98,8 +98,8 @@ while a trial runs. Two judges (serve.online.rollback_judge):
                     (one-sided two-proportion z-test, n = draft tokens judged, ᾱ pooled). Its two windows hold
                     different requests: a window of one or two requests varies with what it drew (served α per
                     request ≈ 0.02 on code, 0.6 on chat) far beyond the binomial SE, so a version can be rolled
-                    back for meeting harder traffic — 4 of 23 in a served run (bench/results/archive/online_nogate_z.json),
-                    8 of 23 with z = 0 (archive/online_nogate_r8.json).
+                    back for meeting harder traffic — 4 of 23 in a served run (bench/results/archive/
+                    online_nogate_z.json), 8 of 23 with z = 0 (archive/online_nogate_r8.json).
 """
 
 from __future__ import annotations

