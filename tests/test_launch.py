@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,12 +30,41 @@ def _free_port() -> int:
 
 def _env() -> dict[str, str]:
     # Token auth switches itself on when ~/.ray/auth_token exists; this local cluster runs without it.
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
-            "PYTHONPATH": str(ROOT)}
+    # PATH is left as it is (the venv not on it, unless the caller put it there): the job's driver must find
+    # the cluster's Python without it.
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX", "DRAFTALIGN_PYTHON")}
+    return {**env, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """Stop the `ray start --block` processes this test started, and every process below them, by pid."""
+    import psutil
+
+    tree = []
+    for p in procs:
+        try:
+            tree += [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for p in reversed(procs):  # `ray start --block` shuts its node down on SIGTERM
+        p.terminate()
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    _, alive = psutil.wait_procs(tree, timeout=20)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
 
 
 @pytest.fixture
 def two_node_cluster(tmp_path):
+    from ray.util.state import list_nodes
+
     port, dash = _free_port(), _free_port()
     temp = Path("/tmp") / f"ray_launch_{os.getpid()}"
     env = _env()
@@ -42,21 +72,40 @@ def two_node_cluster(tmp_path):
     def common() -> list[str]:
         # Two nodes on one machine: every per-node agent port must be distinct (and free of other
         # Ray instances on this machine), or a node's job agent fails to bind and jobs cannot start.
-        return ["--disable-usage-stats", f"--dashboard-agent-listen-port={_free_port()}",
+        return ["--block", "--disable-usage-stats", f"--dashboard-agent-listen-port={_free_port()}",
                 f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
                 f"--runtime-env-agent-port={_free_port()}"]
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=1",
-                    '--resources={"head_node": 1}', "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", f"--temp-dir={temp}", *common()],
-                   check=True, env=env, capture_output=True, timeout=120)
+
+    def start(args: list[str], name: str) -> subprocess.Popen:
+        # --block keeps `ray start` in the foreground with the node's processes below it, so the teardown
+        # stops exactly those (no `ray stop`, no pkill: other Ray instances may run on this machine).
+        log = open(tmp_path / f"{name}.log", "w")
+        return subprocess.Popen([str(BIN / "ray"), "start", *args, *common()], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    procs = [start(["--head", f"--port={port}", "--num-cpus=1", '--resources={"head_node": 1}',
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                    f"--temp-dir={temp}"], "head")]
     try:
-        subprocess.run([str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", "--num-cpus=2",
-                        '--resources={"node_b": 1}', *common()], check=True, env=env, capture_output=True, timeout=120)
-        yield f"http://127.0.0.1:{dash}"
+        address = f"http://127.0.0.1:{dash}"
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        deadline = time.time() + 180
+        while True:  # the head's GCS and dashboard first, then the second node joins
+            assert all(p.poll() is None for p in procs), (tmp_path / "head.log").read_text()[-3000:]
+            try:
+                alive = [n for n in list_nodes(address=address) if n.state == "ALIVE"]
+            except Exception:
+                alive = []
+            if len(procs) == 1 and alive:
+                procs.append(start([f"--address=127.0.0.1:{port}", "--num-cpus=2", '--resources={"node_b": 1}'],
+                                   "node_b"))
+            if len(alive) == 2:
+                break
+            assert time.time() < deadline, "the two-node cluster did not come up"
+            time.sleep(2)
+        yield address
     finally:
-        # `ray stop` would also stop other Ray instances of this machine: kill only this cluster's processes.
-        subprocess.run(["pkill", "-9", "-f", str(temp)], capture_output=True)
-        subprocess.run(["pkill", "-9", "-f", f":{port}"], capture_output=True)
+        _stop(procs)
 
 
 @pytest.mark.slow
@@ -82,6 +131,10 @@ def test_launch_places_target_actor_on_the_node_its_resources_name(two_node_clus
         job_path.unlink(missing_ok=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "SUCCEEDED" in r.stdout and "generate: 8 prompts" in r.stdout  # logs streamed back
+    # Where to watch it, and the driver ran on the cluster's Python (this venv), found without PATH.
+    assert f"dashboard:   {two_node_cluster}/#/jobs/raysubmit_" in r.stdout
+    assert f"follow logs: ray job logs --follow --address {two_node_cluster} raysubmit_" in r.stdout
+    assert f"draftalign launch: driver python {BIN}/python" in r.stdout
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     nodes = list_nodes(address=two_node_cluster, detail=True)
@@ -98,3 +151,30 @@ def test_launch_refuses_a_job_outside_the_project(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="inside the project directory"):
         submit(tmp_path / "job.yaml", "http://127.0.0.1:1", root=ROOT)
+
+
+def _find_python(env: dict[str, str]) -> str:
+    # The entrypoint's parent is a Python process that imported Ray, as the job supervisor is.
+    code = ("import subprocess, sys, ray; from draftalign.launch import FIND_PYTHON; "
+            "print(subprocess.run(FIND_PYTHON + 'echo $PY', shell=True, capture_output=True, text=True).stdout)")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True, timeout=120).stdout.strip()
+
+
+def test_the_entrypoint_finds_the_python_ray_runs_on_without_path():
+    env = {**_env(), "PATH": "/usr/bin:/bin"}  # no venv on PATH
+    assert _find_python(env) == f"{BIN}/python"
+    assert _find_python({**env, "VIRTUAL_ENV": str(BIN.parent)}) == f"{BIN}/python"
+    assert _find_python({**env, "DRAFTALIGN_PYTHON": "/opt/elsewhere/python"}) == "/opt/elsewhere/python"
+
+
+def test_launch_prints_the_job_id_dashboard_and_log_command():
+    from draftalign.launch import announce, entrypoint
+
+    text = announce("raysubmit_X", "http://head:8265/")
+    assert "submitted job raysubmit_X" in text and "http://head:8265/#/jobs/raysubmit_X" in text
+    assert "ray job logs --follow --address http://head:8265 raysubmit_X" in text
+    cmd = entrypoint("cluster/jobs/a b.yaml", "eval", ["eval.gamma=[3]"])
+    assert cmd.endswith("""exec "$PY" -m draftalign.cli eval 'cluster/jobs/a b.yaml' --set cluster.address=auto """
+                        """--set 'eval.gamma=[3]'""")
+    assert "python -m" not in cmd  # no interpreter taken from PATH
