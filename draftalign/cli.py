@@ -206,13 +206,14 @@ def run(job: Path = JobArg, overrides: list[str] = SetOpt):
 def launch(job: Path = typer.Argument(..., help="job YAML"),
            address: str = typer.Option(..., help="Ray Jobs API address, e.g. http://HOST:8265"),
            verb: str = typer.Option("run", help="the draftalign verb the job runs"),
+           follow: bool = typer.Option(True, help="stream the logs until the job ends (--no-follow: just submit)"),
            overrides: list[str] = SetOpt):
-    """Submit a job to a Ray cluster through the Ray Jobs API and stream its logs."""
+    """Submit a job to a Ray cluster through the Ray Jobs API: print its id, dashboard URL and log command."""
     from draftalign.launch import launch as do_launch
 
     def go():
         _load(job, overrides)  # validate before shipping anything
-        sys.exit(do_launch(job, address, verb=verb, overrides=overrides or []))
+        sys.exit(do_launch(job, address, verb=verb, overrides=overrides or [], follow=follow))
 
     _guard(go)
 
