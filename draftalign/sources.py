@@ -16,8 +16,8 @@ A conversation gives one prompt per user turn: the messages up to and including 
 
 Held-out split: a conversation's bucket is md5(its canonical JSON) mod 100, so the split depends on content, not
 on row order or file layout. Buckets < 100·`data.holdout` are the source's eval part; a train source never yields
-them, and an eval task reads a source's eval part when the same source is also trained on (else all of it: a
-source named only under `data.eval` is never trained on).
+them, and an eval task reads a source's eval part when the same source (and split) is also trained on (else all
+of it: a source named only under `data.eval` is never trained on).
 
 Bad rows are skipped and counted with their file and row (`Skips`); a source that yields no prompt, an empty
 file, an unknown format or a missing path is an error that names it.
@@ -321,7 +321,7 @@ def eval_prompts(data_cfg, task: str, n: int, seed: int) -> list[dict]:
     src = data_cfg.eval[task]
     if src.source.startswith("embedded:"):
         return _embedded(src.source, "eval", n, seed)
-    trained = any(t.source == src.source for t in data_cfg.train)
+    trained = any(t.source == src.source and t.split == src.split for t in data_cfg.train)
     pool = source_prompts(src, "eval" if trained else "all", data_cfg.holdout)
     if not pool:
         raise SourceError(f"eval task {task}: {src.source} has no held-out conversation (data.holdout="
