@@ -93,6 +93,9 @@ def allocator_env() -> dict[str, str]:
         "MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1")}
 
 
+SECRET_ENV = ("DRAFTALIGN_API_KEY",)
+
+
 def init_ray(cfg: JobConfig | None = None, **kw):
     """Connect to cfg.cluster.address, or start a local Ray instance sized to this machine.
 
@@ -105,8 +108,11 @@ def init_ray(cfg: JobConfig | None = None, **kw):
     if ray.is_initialized():
         return ray
     address = cfg.cluster.address if cfg is not None else None
+    # the serving API key stays out of the runtime env (which Ray keeps in its GCS and shows in job info): local
+    # workers inherit it from this process, a cluster's nodes are given it by their operator
     env = {"env_vars": {k: v for k, v in os.environ.items()
-                        if k.startswith(("VLLM_", "DRAFTALIGN_", "OMP_", "HF_", "TRANSFORMERS_"))} | allocator_env(),
+                        if k.startswith(("VLLM_", "DRAFTALIGN_", "OMP_", "HF_", "TRANSFORMERS_"))
+                        and k not in SECRET_ENV} | allocator_env(),
            "worker_process_setup_hook": "draftalign.runtime.quiet_ray_worker"}
     if quiet():
         # "Token authentication is enabled for this Ray cluster ..." on every local start
@@ -115,6 +121,9 @@ def init_ray(cfg: JobConfig | None = None, **kw):
     if address:
         ray.init(address=address, runtime_env=env, **kw)
     else:
+        # Serve's HTTP proxy gets 5 s to start by default; a 2-core machine under load starts a worker slower than
+        # that, and the controller then kills and restarts the proxy forever (the raylet inherits this environment)
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
         ray.init(num_cpus=kw.pop("num_cpus", os.cpu_count()), include_dashboard=False,
                  runtime_env=env, **kw)
     if cfg is not None:
