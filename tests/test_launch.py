@@ -9,103 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    # Token auth switches itself on when ~/.ray/auth_token exists; this local cluster runs without it.
-    # PATH is left as it is (the venv not on it, unless the caller put it there): the job's driver must find
-    # the cluster's Python without it.
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX", "DRAFTALIGN_PYTHON")}
-    return {**env, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """Stop the `ray start --block` processes this test started, and every process below them, by pid."""
-    import psutil
-
-    tree = []
-    for p in procs:
-        try:
-            tree += [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            pass
-    for p in reversed(procs):  # `ray start --block` shuts its node down on SIGTERM
-        p.terminate()
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-    _, alive = psutil.wait_procs(tree, timeout=20)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
+from cluster_helpers import BIN, ROOT, cluster_env
+from cluster_helpers import two_node_cluster as two_nodes
 
 
 @pytest.fixture
 def two_node_cluster(tmp_path):
-    from ray.util.state import list_nodes
-
-    port, dash = _free_port(), _free_port()
-    temp = Path("/tmp") / f"ray_launch_{os.getpid()}"
-    env = _env()
-
-    def common() -> list[str]:
-        # Two nodes on one machine: every per-node agent port must be distinct (and free of other
-        # Ray instances on this machine), or a node's job agent fails to bind and jobs cannot start.
-        return ["--block", "--disable-usage-stats", f"--dashboard-agent-listen-port={_free_port()}",
-                f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-                f"--runtime-env-agent-port={_free_port()}"]
-
-    def start(args: list[str], name: str) -> subprocess.Popen:
-        # --block keeps `ray start` in the foreground with the node's processes below it, so the teardown
-        # stops exactly those (no `ray stop`, no pkill: other Ray instances may run on this machine).
-        log = open(tmp_path / f"{name}.log", "w")
-        return subprocess.Popen([str(BIN / "ray"), "start", *args, *common()], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-    procs = [start(["--head", f"--port={port}", "--num-cpus=1", '--resources={"head_node": 1}',
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                    f"--temp-dir={temp}"], "head")]
-    try:
-        address = f"http://127.0.0.1:{dash}"
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        deadline = time.time() + 180
-        while True:  # the head's GCS and dashboard first, then the second node joins
-            assert all(p.poll() is None for p in procs), (tmp_path / "head.log").read_text()[-3000:]
-            try:
-                alive = [n for n in list_nodes(address=address) if n.state == "ALIVE"]
-            except Exception:
-                alive = []
-            if len(procs) == 1 and alive:
-                procs.append(start([f"--address=127.0.0.1:{port}", "--num-cpus=2", '--resources={"node_b": 1}'],
-                                   "node_b"))
-            if len(alive) == 2:
-                break
-            assert time.time() < deadline, "the two-node cluster did not come up"
-            time.sleep(2)
-        yield address
-    finally:
-        _stop(procs)
+    with two_nodes(tmp_path) as (dashboard, _):
+        yield dashboard
 
 
 @pytest.mark.slow
@@ -125,7 +41,7 @@ def test_launch_places_target_actor_on_the_node_its_resources_name(two_node_clus
     job_path.write_text(yaml.safe_dump(job))
     try:
         r = subprocess.run([sys.executable, "-m", "draftalign.cli", "launch", str(job_path), "--address",
-                            two_node_cluster, "--verb", "generate"], cwd=ROOT, env=_env(), capture_output=True,
+                            two_node_cluster, "--verb", "generate"], cwd=ROOT, env=cluster_env(), capture_output=True,
                            text=True, timeout=540)
     finally:
         job_path.unlink(missing_ok=True)
@@ -162,7 +78,7 @@ def _find_python(env: dict[str, str]) -> str:
 
 
 def test_the_entrypoint_finds_the_python_ray_runs_on_without_path():
-    env = {**_env(), "PATH": "/usr/bin:/bin"}  # no venv on PATH
+    env = {**cluster_env(), "PATH": "/usr/bin:/bin"}  # no venv on PATH
     assert _find_python(env) == f"{BIN}/python"
     assert _find_python({**env, "VIRTUAL_ENV": str(BIN.parent)}) == f"{BIN}/python"
     assert _find_python({**env, "DRAFTALIGN_PYTHON": "/opt/elsewhere/python"}) == "/opt/elsewhere/python"
