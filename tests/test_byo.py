@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from cluster_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,12 +27,6 @@ def _user_export(path: Path, n: int) -> Path:
         lines.append(json.dumps({"conversations": conv}))
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_target_without_chat_template_is_refused(tmp_path, tiny_target_path):
@@ -67,7 +61,7 @@ def test_user_jsonl_and_local_target_to_a_served_measured_draft(tmp_path, tiny_t
         "rollout": {"num_actors": 1, "cpus_per_actor": 0.5, "max_new_tokens": 8, "batch_size": 4},
         "learner": {"max_steps": 4, "checkpoint_every": 2, "sync_every": 2, "warmup_steps": 1},
         "eval": {"tasks": ["mine"], "prompts_per_task": 3, "max_new_tokens": 8},
-        "serve": {"port": _free_port(), "gamma": 2, "cpus_per_replica": 1},
+        "serve": {"port": free_port(), "gamma": 2, "cpus_per_replica": 1},
         "cluster": {"nodes": [{"cpus": 2}]},
     }
     path = tmp_path / "job.yaml"

@@ -4,20 +4,14 @@ requests it accepted still complete. Real Ray Serve on 127.0.0.1, tiny models, c
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import httpx
 import pytest
+from cluster_helpers import free_port
 
 CONCURRENT = 40  # > max_ongoing_requests (16) + max_queued_requests (1): some must be turned away
 MAX_TOKENS = 48
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -32,7 +26,7 @@ def test_past_the_queue_limit_503_with_retry_after_and_accepted_requests_complet
 
     cfg = JobConfig.model_validate({
         "target": {"model": tiny_target_path, "dtype": "float32", "max_model_len": 256},
-        "serve": {"port": _free_port(), "gamma": 2, "cpus_per_replica": 1, "max_batch_size": 1,
+        "serve": {"port": free_port(), "gamma": 2, "cpus_per_replica": 1, "max_batch_size": 1,
                   "max_queued_requests": 1, "model_name": "draftalign"}})
 
     async def one(http: httpx.AsyncClient, i: int) -> tuple[int, float, dict, dict]:
