@@ -57,6 +57,18 @@ def test_import_contracts_hold():
     assert "0 broken" in done.stdout
 
 
+def test_every_draftalign_module_is_a_driver_or_in_the_ground_contract():
+    """A new module under draftalign/ must be placed: named in the layers (a driver) or in the ground's contract."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = {m.strip() for c in contracts if c["type"] == "layers" for layer in c["layers"] for m in layer.split("|")}
+    ground = {m for c in contracts if c["type"] == "forbidden" for m in c["source_modules"]}
+    modules = {f"draftalign.{p.stem}" for p in (ROOT / "draftalign").glob("*.py") if p.stem != "__init__"}
+    assert modules - layers - ground == set()
+    assert not (layers & ground)
+
+
 def test_no_import_cycle_between_modules():
     sys.path.insert(0, str(ROOT))
     graph = grimp.build_graph(*PACKAGES, cache_dir=None)
