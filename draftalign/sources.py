@@ -46,6 +46,14 @@ class SourceError(ValueError):
     """A data source that cannot be read: the message names the source (and file) and what is wrong."""
 
 
+class RowError(SourceError):
+    """One row that cannot become a conversation: `reason` is what `Skips` counts it under, `detail` says more."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+        self.reason = reason
+
+
 @dataclass
 class Skips:
     """Rows a source skipped, counted by reason, with the first few places (file:row) for each."""
@@ -124,7 +132,7 @@ def _file_rows(path: str, suffix: str) -> Iterator[tuple[str, object]]:
                 try:
                     yield f"{path}:{i + 1}", json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield f"{path}:{i + 1}", SourceError(f"not valid JSON ({e.msg})")
+                    yield f"{path}:{i + 1}", RowError("not valid JSON", e.msg)
 
 
 def _dataset_rows(name: str, split: str) -> Iterator[tuple[str, object]]:
@@ -169,41 +177,41 @@ def detect_format(row: dict) -> str | None:
 
 def to_messages(row, fmt: str = "auto") -> list[dict]:
     """One row → chat messages [{"role", "content"}]; raises SourceError saying what the row lacks."""
-    if isinstance(row, SourceError):
+    if isinstance(row, RowError):
         raise row
     if not isinstance(row, dict):
-        raise SourceError(f"a row is a mapping, got {type(row).__name__}")
+        raise RowError("not a mapping", type(row).__name__)
     if fmt == "auto":
         fmt = detect_format(row)
         if fmt is None:
-            raise SourceError(f"no known field (conversations, messages, instruction, prompt) among {sorted(row)}")
+            raise RowError("no known field", f"conversations, messages, instruction or prompt; got {sorted(row)}")
     if fmt in ("sharegpt", "openai"):
         key, role_key, text_key = (("conversations", "from", "value") if fmt == "sharegpt"
                                    else ("messages", "role", "content"))
         turns = row.get(key)
         if not isinstance(turns, list) or not turns:
-            raise SourceError(f"missing field {key!r} (a list of turns)")
+            raise RowError(f"missing field {key!r}", "a list of turns")
         out = []
         for t in turns:
             if not isinstance(t, dict):
-                raise SourceError(f"{key}: a turn is a mapping, got {type(t).__name__}")
+                raise RowError(f"{key}: a turn that is not a mapping", type(t).__name__)
             role, text = ROLES.get(str(t.get(role_key, "")).lower()), _text(t.get(text_key))
             if role is None:
-                raise SourceError(f"{key}: unknown role {t.get(role_key)!r} (known: {', '.join(sorted(ROLES))})")
+                raise RowError("unknown role", f"{t.get(role_key)!r}; known: {', '.join(sorted(ROLES))}")
             if text is None:
-                raise SourceError(f"{key}: a {role} turn without text in {text_key!r}")
+                raise RowError(f"{key}: a turn without text", f"{role}, no {text_key!r}")
             out.append({"role": role, "content": text})
         return out
     if fmt == "alpaca":
         inst = row.get("instruction")
         if not isinstance(inst, str) or not inst.strip():
-            raise SourceError("missing field 'instruction'")
+            raise RowError("missing field 'instruction'")
         extra = row.get("input")
         return [{"role": USER, "content": inst + (f"\n\n{extra}" if isinstance(extra, str) and extra.strip() else "")}]
     if fmt == "prompt":
         text = _text(row.get("prompt"))
         if text is None or not text.strip():
-            raise SourceError("missing field 'prompt'")
+            raise RowError("missing field 'prompt'")
         return [{"role": USER, "content": text}]
     raise SourceError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
 
@@ -233,8 +241,8 @@ def source_prompts(src, part: str, holdout: float, skips: Skips | None = None) -
         rows += 1
         try:
             messages = to_messages(row, src.format)
-        except SourceError as e:
-            skips.add(str(e).split(" (", 1)[0] if "unknown role" not in str(e) else "unknown role", where)
+        except RowError as e:
+            skips.add(e.reason, where)
             continue
         prompts = user_turn_prompts(messages)
         if not prompts:

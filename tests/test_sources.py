@@ -42,7 +42,7 @@ def test_each_format_becomes_chat_messages():
         to_messages({"text": "x", "prompt": ""}, "prompt")
     with pytest.raises(SourceError, match="no known field"):
         to_messages({"text": "x"})
-    with pytest.raises(SourceError, match="unknown role 'tool'"):
+    with pytest.raises(SourceError, match="unknown role \\('tool'"):
         to_messages({"messages": [{"role": "tool", "content": "x"}]})
 
 
