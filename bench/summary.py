@@ -40,7 +40,7 @@ def machine(d: dict) -> str:
     m = d.get("machine") or {}
     cpu, cores = m.get("cpu", "?"), m.get("cores", "?")
     if "EPYC" in cpu:
-        return f"{cores}-core AMD EPYC (AVX2)"
+        return f"{cores}-core AMD EPYC " + ("(AVX-512, native bf16)" if m.get("bf16_native") else "(AVX2)")
     if "Xeon" in cpu:
         return f"{cores}-core Intel Xeon + AMX" if m.get("amx") or m.get("bf16_native") else f"{cores}-core Intel Xeon"
     return f"{cores}-core {cpu}"
@@ -159,6 +159,25 @@ def make_run_tasks() -> str:
             + f"{machine(dis)}; {link(pre_rel)}, {link(dis_rel)}.")
 
 
+MAKE_RUNS = ("make_run_s3", "make_run_epyc_avx512")  # one fresh-clone `make run` per machine class
+
+
+def make_run_machines() -> str:
+    """`make run` from a fresh clone on each machine class: its wall time (timing.txt) and the distilled draft."""
+    rows = []
+    for run in MAKE_RUNS:
+        d = load(f"{run}/eval_distilled.json")
+        timing = (ROOT / RESULTS / run / "timing.txt").read_text()
+        total = re.search(r"\[run\] finished in (\d+) s", timing)
+        stages = dict(re.findall(r"\[run\] (\w+): done in (\d+) s", timing))
+        chat, code = arm_by_gamma(d, 3, "chat"), arm_by_gamma(d, 3, "code")
+        rows.append([machine(d), f"{int(total[1]) / 60:.1f} min" if total else "–",
+                     " / ".join(f"{k} {int(v) / 60:.1f}" for k, v in stages.items()), tau(chat), speedup(chat),
+                     f"{code['speedup']:.2f}×", mismatches(d), link(f"{run}/eval_distilled.json")])
+    return table(["machine", "`make run` (after setup)", "stages, min", "chat τ [95% CI]", "chat speedup [95% CI]",
+                  "code speedup", "lossless", "JSON"], rows)
+
+
 def long_job() -> str:
     pre_rel, dis_rel = "local-long-amx2/eval_pretrained.json", "local-long-amx2/eval_distilled.json"
     pre, dis = load(pre_rel), load(dis_rel)
@@ -257,6 +276,7 @@ def online_history() -> str:
 TABLES: dict[str, Callable[[], str]] = {
     "headline": headline,
     "make-run-tasks": make_run_tasks,
+    "make-run-machines": make_run_machines,
     "long-job": long_job,
     "loss-ablation": loss_ablation,
     "fspad-trees": fspad_trees,
