@@ -61,6 +61,7 @@ class IngressSettings:
     gamma: int
     max_tokens_cap: int
     context: int  # prompt + completion (+ γ reserved while speculating) must fit in here
+    sampling_lossless: bool = True  # False: temperature > 0 is refused (vLLM's draft-model speculation on CPU)
 
 
 def context_window(target_path: str, draft_path: str | None, max_model_len: int) -> int:
@@ -156,6 +157,11 @@ class OpenAIIngress:
                 param = f"stop.{i}" if isinstance(body.stop, list) else "stop"
                 raise APIError(400, "stop strings must not be empty", param, "invalid_value")
         temperature = 0.0 if body.temperature < _TEMPERATURE_EPS else body.temperature
+        if temperature > 0 and not self.s.sampling_lossless:
+            raise APIError(400, "temperature > 0 is not served by this endpoint: vLLM's draft-model speculative "
+                                "decoding on CPU does not sample from the target's distribution (measured: "
+                                "bench/specdec.py); use temperature 0, or serve.engine=native for lossless sampling",
+                           "temperature", "unsupported_value")
         return SamplingParams(temperature=temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
                               max_new_tokens=max_tokens, stop=stop, seed=body.seed)
 
@@ -362,7 +368,9 @@ def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch
     ingress = IngressSettings(model_name=sc.model_name, target_path=target_path, draft_path=draft_path,
                               engine=sc.engine,
                               gamma=(tree_depth(sc.tree) if sc.tree else sc.gamma) if draft_path else 0,
-                              max_tokens_cap=sc.max_tokens_cap, context=context)
+                              max_tokens_cap=sc.max_tokens_cap, context=context,
+                              sampling_lossless=not (sc.engine == "vllm" and draft_path is not None
+                                                     and sc.gpus_per_replica == 0))
     return OpenAIIngress.bind(replica, ingress)
 
 

@@ -58,7 +58,6 @@ class SpecDecodeReplica:
         self.metrics = SpecDecodeMetrics(settings.engine, self.speculative, self.engine.counts_rejections)
         self._generate_batch.set_max_batch_size(settings.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-        self._warned_lossy = False
         self.online = None
         if settings.online is not None:
             from serve.online import OnlineDraft
@@ -68,19 +67,12 @@ class SpecDecodeReplica:
             if self.engine.features:
                 raise ValueError("serve.online captures and hot-swaps Llama drafts, not an FSPAD head")
             self.online = OnlineDraft(self.engine.decoder, settings.online, self._executor)
-        self._lossy = settings.engine == "vllm" and self.speculative and not settings.use_gpu
-        if self._lossy:
-            logger.warning("engine=vllm on CPU: vLLM's draft-model speculative decoding is exact at "
-                           "temperature 0 but does NOT sample from the target distribution at "
-                           "temperature > 0; use engine=native for lossless sampling")
+        if settings.engine == "vllm" and self.speculative and not settings.use_gpu:
+            logger.warning("engine=vllm on CPU: vLLM's draft-model speculative decoding is exact at temperature 0 "
+                           "but does NOT sample from the target distribution at temperature > 0; the ingress "
+                           "refuses such requests (use engine=native for lossless sampling)")
         logger.info("SpecDecodeReplica ready: engine=%s target=%s draft=%s gamma=%d context=%d",
                     settings.engine, target_path, draft_path, self.gamma, context)
-
-    def _warn_lossy(self, params: SamplingParams) -> None:
-        if self._lossy and not params.greedy and not self._warned_lossy:
-            self._warned_lossy = True
-            logger.warning("a temperature=%g request on engine=vllm (CPU): the samples are not lossless",
-                           params.temperature)
 
     def _record(self, st: dict, stream: bool = False) -> None:
         self.metrics.record_request(st["prompt_tokens"], st["completion_tokens"], proposed=st["proposed"],
@@ -109,7 +101,6 @@ class SpecDecodeReplica:
         loop = asyncio.get_running_loop()
         for idx in groups.values():
             params = requests[idx[0]].params
-            self._warn_lossy(params)
             prompts = [requests[i].prompt_ids for i in idx]
             gens = await loop.run_in_executor(self._executor, self._run_group, prompts, params)
             for i, g in zip(idx, gens, strict=True):
@@ -122,7 +113,6 @@ class SpecDecodeReplica:
     async def generate_stream(self, request: EngineRequest) -> AsyncIterator[dict]:
         """Yield {"delta": str} per round, then one final event with the finished result."""
         params = request.params
-        self._warn_lossy(params)
         loop = asyncio.get_running_loop()
         rounds: Iterator = self.engine.stream(request.prompt_ids, params)
         text = TextStream(self.engine.tokenizer, self.engine.eos_ids, params.stop)
