@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--embedded", default="runs/local/draft_distilled", help="the embedded job's draft")
     ap.add_argument("--job", default="cluster/jobs/local.yaml", help="the recipe both drafts share")
     ap.add_argument("--work", default="runs/byo", help="the BYO job's run dir (and its export)")
-    ap.add_argument("--chat-conversations", type=int, default=110)
+    ap.add_argument("--chat-conversations", type=int, default=280, help="≈ 640 prompts with the code ones, as make run")
     ap.add_argument("--code-eval", type=int, default=24, help="HumanEval problems held out for the code task")
     ap.add_argument("--prompts", default="chat=24,code=24,summarize=8", help="eval prompts per task")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="job override key=value")
