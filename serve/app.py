@@ -18,6 +18,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -274,6 +275,10 @@ class OpenAIIngress:
         except BackPressureError:  # every replica's queue is full (serve.max_queued_requests): answer at once
             raise APIError(503, "the server is overloaded: every replica's queue is full; retry later", None,
                            "overloaded", "server_error", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except (RayActorError, ActorUnavailableError) as e:  # the replica died mid-request; Serve restarts it
+            logger.warning("a replica failed during a request: %s", type(e).__name__)
+            raise APIError(503, "the replica serving this request failed and is being restarted; retry", None,
+                           "replica_failed", "server_error", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
     def _stream(self, rid: str, kind: str, request: EngineRequest, body: SamplingFields) -> StreamingResponse:
         created, model = int(time.time()), self.s.model_name
@@ -303,10 +308,16 @@ class OpenAIIngress:
                     yield _sse(chunk(choice(None, ev["finish_reason"]), spec_decoding=spec.model_dump()))
                     if include_usage:
                         yield _sse(chunk(None, usage=usage.model_dump(), spec_decoding=spec.model_dump()))
-            except Exception as e:  # headers are sent: report in-band, then end the stream
-                logger.exception("stream %s failed", rid)
-                yield _sse({"error": {"message": f"generation failed: {type(e).__name__}: {e}",
-                                      "type": "server_error", "param": None, "code": None}})
+            except Exception as e:  # headers are sent: report in-band (no finish_reason), then end the stream
+                failed = isinstance(e, (RayActorError, ActorUnavailableError))
+                if failed:
+                    logger.warning("stream %s: its replica failed (%s)", rid, type(e).__name__)
+                else:
+                    logger.exception("stream %s failed", rid)
+                yield _sse({"error": {"message": "the replica serving this stream failed; retry" if failed
+                                      else f"generation failed: {type(e).__name__}: {e}",
+                                      "type": "server_error", "param": None,
+                                      "code": "replica_failed" if failed else None}})
             yield _sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream",
