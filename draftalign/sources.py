@@ -34,7 +34,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-EMBEDDED = ("embedded:chitchat", "embedded:summarize", "embedded:humaneval")
 FORMATS = ("auto", "sharegpt", "openai", "alpaca", "prompt")
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
@@ -223,7 +222,9 @@ def user_turn_prompts(messages: list[dict]) -> list[tuple[int, list[dict]]]:
 
 def bucket(messages: list[dict]) -> int:
     """The conversation's held-out bucket in [0, 100): md5 of its canonical JSON."""
-    return int(hashlib.md5(json.dumps(messages, sort_keys=True).encode()).hexdigest(), 16) % 100
+    from draftalign.data import md5_bucket
+
+    return md5_bucket(json.dumps(messages, sort_keys=True))
 
 
 def _conv_id(messages: list[dict]) -> str:
@@ -262,19 +263,18 @@ def source_prompts(src, part: str, holdout: float, skips: Skips | None = None) -
 
 # ------------------------------------------------------------------------------------------------- a job's prompts
 def _embedded(source: str, part: str, n: int | None, seed: int) -> list[dict]:
+    """A packaged set (`draftalign.data`). DataConfig admits unknown names nowhere and the eval-only sets
+    (summarize, humaneval) only under data.eval, so a train part is always embedded:chitchat's mix."""
     from draftalign import data
 
+    if part == "train":
+        assert source == "embedded:chitchat", source
+        return data.train_messages(n, seed)
     if source == "embedded:chitchat":
-        return data.train_messages(n, seed) if part == "train" else data.chat_messages("eval", n, seed)
+        return data.chat_messages("eval", n, seed)
     if source == "embedded:summarize":
-        if part == "train":
-            raise SourceError("embedded:summarize is an eval task; train on embedded:chitchat (it mixes them)")
         return data.summarize_messages("eval", n, seed)
-    if source == "embedded:humaneval":
-        if part == "train":
-            raise SourceError("embedded:humaneval is the code eval task; it must not be trained on")
-        return data.code_messages(n)
-    raise SourceError(f"unknown embedded source {source!r}; known: {', '.join(EMBEDDED)}")
+    return data.code_messages(n)
 
 
 def _shuffled(prompts: list[dict], seed: int, salt: str) -> list[dict]:
@@ -310,16 +310,10 @@ def train_prompts(data_cfg, n: int | None, seed: int, say=print) -> list[dict]:
             out.append(pools[i][cursors[i]])
             cursors[i] += 1
     out = out[:n] if n is not None else out
-    ids = [p["id"] for p in out]
-    if len(set(ids)) != len(ids):  # the same conversation in two sources, or twice in one
-        seen, uniq = set(), []
-        for p in out:
-            if p["id"] not in seen:
-                seen.add(p["id"])
-                uniq.append(p)
+    uniq = list({p["id"]: p for p in out}.values())  # the same conversation in two sources, or twice in one
+    if len(uniq) < len(out):
         say(f"data: {len(out) - len(uniq)} duplicate prompts dropped (same conversation and turn)")
-        out = uniq
-    return out
+    return uniq
 
 
 def eval_prompts(data_cfg, task: str, n: int, seed: int) -> list[dict]:
