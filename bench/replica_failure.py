@@ -23,6 +23,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.clients import free_port  # noqa: E402
+
 CLIENTS = 8
 RECOVERY_LIMIT_S = 180.0
 
@@ -105,10 +107,10 @@ def main() -> None:
     a = ap.parse_args()
     trials = []
     for _ in range(a.trials):
-        s = socket_port()
         cfg = JobConfig.model_validate({
             "target": {"model": a.target, "dtype": "float32", "max_model_len": 512},
-            "serve": {"port": s, "gamma": 2, "cpus_per_replica": 1, "max_batch_size": 8, "max_tokens_cap": 256}})
+            "serve": {"port": free_port(), "gamma": 2, "cpus_per_replica": 1, "max_batch_size": 8,
+                      "max_tokens_cap": 256}})
         try:
             url = run_serve(cfg, draft=a.draft, blocking=False)
             t = asyncio.run(scenario(url.removesuffix("/v1")))
@@ -122,14 +124,6 @@ def main() -> None:
                        "statuses_while_down": t["statuses_while_down"]})
     write_json_atomic(a.out, {"clients": CLIENTS, "trials": trials, "machine": machine()})
     print(f"wrote {a.out}")
-
-
-def socket_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

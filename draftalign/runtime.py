@@ -93,7 +93,8 @@ def allocator_env() -> dict[str, str]:
         "MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1")}
 
 
-SECRET_ENV = ("DRAFTALIGN_API_KEY",)
+API_KEY_ENV = "DRAFTALIGN_API_KEY"  # the serving endpoint's bearer key (serve.protocol.BearerAuthMiddleware)
+SECRET_ENV = (API_KEY_ENV,)  # never copied into Ray's runtime env
 
 
 def init_ray(cfg: JobConfig | None = None, **kw):

@@ -46,7 +46,12 @@ from serve.protocol import (
 from serve.replica import EngineRequest, SpecDecodeReplica
 
 logger = logging.getLogger("ray.serve")
-RETRY_AFTER_S = 1  # the Retry-After of a 503 when every replica queue is full
+RETRY_AFTER_S = 1  # the Retry-After of a 503 (queues full, or a replica being restarted)
+REPLICA_FAILED = (RayActorError, ActorUnavailableError)  # the replica died mid-request; Serve restarts it
+
+
+def _unavailable(message: str, code: str) -> APIError:
+    return APIError(503, message, None, code, "server_error", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 _TEMPERATURE_EPS = 1e-5  # below this a request is greedy (as in vLLM)
 
@@ -273,12 +278,12 @@ class OpenAIIngress:
             return list(await asyncio.gather(*(self.engine.generate.remote(EngineRequest(p, sp))
                                                for p, sp in zip(prompts, params, strict=True))))
         except BackPressureError:  # every replica's queue is full (serve.max_queued_requests): answer at once
-            raise APIError(503, "the server is overloaded: every replica's queue is full; retry later", None,
-                           "overloaded", "server_error", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        except (RayActorError, ActorUnavailableError) as e:  # the replica died mid-request; Serve restarts it
+            raise _unavailable("the server is overloaded: every replica's queue is full; retry later",
+                               "overloaded") from None
+        except REPLICA_FAILED as e:
             logger.warning("a replica failed during a request: %s", type(e).__name__)
-            raise APIError(503, "the replica serving this request failed and is being restarted; retry", None,
-                           "replica_failed", "server_error", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise _unavailable("the replica serving this request failed and is being restarted; retry",
+                               "replica_failed") from None
 
     def _stream(self, rid: str, kind: str, request: EngineRequest, body: SamplingFields) -> StreamingResponse:
         created, model = int(time.time()), self.s.model_name
@@ -309,7 +314,7 @@ class OpenAIIngress:
                     if include_usage:
                         yield _sse(chunk(None, usage=usage.model_dump(), spec_decoding=spec.model_dump()))
             except Exception as e:  # headers are sent: report in-band (no finish_reason), then end the stream
-                failed = isinstance(e, (RayActorError, ActorUnavailableError))
+                failed = isinstance(e, REPLICA_FAILED)
                 if failed:
                     logger.warning("stream %s: its replica failed (%s)", rid, type(e).__name__)
                 else:
@@ -380,8 +385,7 @@ def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch
                               engine=sc.engine,
                               gamma=(tree_depth(sc.tree) if sc.tree else sc.gamma) if draft_path else 0,
                               max_tokens_cap=sc.max_tokens_cap, context=context,
-                              sampling_lossless=not (sc.engine == "vllm" and draft_path is not None
-                                                     and sc.gpus_per_replica == 0))
+                              sampling_lossless=not settings.lossy_sampling(draft_path is not None))
     return OpenAIIngress.bind(replica, ingress)
 
 

@@ -36,6 +36,11 @@ class ReplicaSettings:
     use_gpu: bool = False
     online: OnlineSettings | None = None  # serve.online: capture and hot-swap (native engine with a draft)
 
+    def lossy_sampling(self, speculative: bool) -> bool:
+        """vLLM's draft-model speculation on CPU is exact at temperature 0 but does not sample the target's law
+        above it (bench/specdec.py): the ingress refuses such requests, the replica says so at start."""
+        return self.engine == "vllm" and speculative and not self.use_gpu
+
 
 class NativeEngine:
     """`serve.specdec.SpecDecoder` on torch models (or the target alone when there is no draft).

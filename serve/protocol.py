@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from draftalign.runtime import API_KEY_ENV
+
 logger = logging.getLogger("ray.serve")
 
 MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413 before any parsing
@@ -165,7 +167,6 @@ class ModelList(BaseModel):
 
 
 # ====================================================================== HTTP error plumbing
-API_KEY_ENV = "DRAFTALIGN_API_KEY"
 OPEN_PATHS = ("/health",)  # answered without a key: load balancers and Ray Serve probe it
 
 

@@ -67,7 +67,7 @@ class SpecDecodeReplica:
             if self.engine.features:
                 raise ValueError("serve.online captures and hot-swaps Llama drafts, not an FSPAD head")
             self.online = OnlineDraft(self.engine.decoder, settings.online, self._executor)
-        if settings.engine == "vllm" and self.speculative and not settings.use_gpu:
+        if settings.lossy_sampling(self.speculative):
             logger.warning("engine=vllm on CPU: vLLM's draft-model speculative decoding is exact at temperature 0 "
                            "but does NOT sample from the target distribution at temperature > 0; the ingress "
                            "refuses such requests (use engine=native for lossless sampling)")

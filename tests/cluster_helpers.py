@@ -1,25 +1,38 @@
-"""A real multi-node Ray cluster on this machine, for the launch and shared-storage tests: a head (`ray start
+"""Ray for the tests: `serving` (a Serve app on a local Ray, torn down after), and a real multi-node Ray cluster on
+this machine for the launch and shared-storage tests: a head (`ray start
 --head`, dashboard = Jobs API) and a second node with its own custom resource `node_b`, each `ray start --block` in
-its own working directory, stopped by pid (no `ray stop`, no pkill: other Ray instances may run on this machine)."""
+its own working directory, stopped by pid (never by name: other Ray instances may run on this machine)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.clients import free_port  # noqa: E402  (re-exported for the tests)
+
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextlib.contextmanager
+def serving(cfg, draft: str | None = None):
+    """`run_serve(cfg, draft)` on this process's own local Ray; yields the /v1 URL; shuts Serve and Ray down after."""
+    import ray
+    from ray import serve
+
+    from serve.app import run_serve
+
+    try:
+        yield run_serve(cfg, draft=draft, blocking=False)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def cluster_env() -> dict[str, str]:
@@ -73,7 +86,7 @@ def two_node_cluster(tmp_path: Path, head_cwd: Path | None = None, node_cwd: Pat
 
     def start(args: list[str], name: str, cwd: Path | None) -> subprocess.Popen:
         # --block keeps `ray start` in the foreground with the node's processes below it, so the teardown
-        # stops exactly those (no `ray stop`, no pkill: other Ray instances may run on this machine).
+        # stops exactly those (never `ray stop` or a kill by name: other Ray instances may run on this machine).
         log = open(tmp_path / f"{name}.log", "w")
         if cwd is not None:
             cwd.mkdir(parents=True, exist_ok=True)

@@ -55,13 +55,9 @@ def partial_pair(tiny_target_path):
     """(engine target, HF reference target, draft): the draft is the target with its last layer removed and
     its final norm perturbed (same embeddings and head), so it agrees with the target often but not always
     (measured: rounds accepting every k of 0 … γ at γ = 3 and 5)."""
+    from specdec_helpers import partial_draft
+
     from draftalign.models import load_causal_lm
 
-    target, ref = load_causal_lm(tiny_target_path), load_causal_lm(tiny_target_path)
-    draft = load_causal_lm(tiny_target_path)
-    draft.model.layers = draft.model.layers[:1]
-    draft.config.num_hidden_layers = 1
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        draft.model.norm.weight.mul_(1 + torch.randn(draft.model.norm.weight.shape, generator=g))
-    return target, ref, draft
+    return load_causal_lm(tiny_target_path), load_causal_lm(tiny_target_path), partial_draft(tiny_target_path)
+

@@ -85,3 +85,17 @@ def chi2_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
     obs, exp = obs[exp > 0], exp[exp > 0]
     exp = exp / exp.sum() * obs.sum()  # float rounding of Σp must not trip scipy's sum check
     return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
+
+
+def partial_draft(target_path: str):
+    """`partial_pair`'s draft: the target with its last layer removed and its final norm perturbed (same embeddings
+    and head), so it agrees with the target often but not always."""
+    from draftalign.models import load_causal_lm
+
+    draft = load_causal_lm(target_path)
+    draft.model.layers = draft.model.layers[:1]
+    draft.config.num_hidden_layers = 1
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        draft.model.norm.weight.mul_(1 + torch.randn(draft.model.norm.weight.shape, generator=g))
+    return draft

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from cluster_helpers import free_port
+from cluster_helpers import free_port, serving
 
 KEY = "draftalign-test-key-7f3a9c"
 
@@ -16,10 +16,8 @@ KEY = "draftalign-test-key-7f3a9c"
 @pytest.fixture(scope="module")
 def keyed_server(tiny_target_path, tiny_draft_path):
     import ray
-    from ray import serve
 
     from draftalign.config import JobConfig
-    from serve.app import run_serve
 
     mp = pytest.MonkeyPatch()
     mp.setenv("DRAFTALIGN_API_KEY", KEY)  # before Ray starts: its workers inherit this environment
@@ -27,11 +25,9 @@ def keyed_server(tiny_target_path, tiny_draft_path):
         "target": {"model": tiny_target_path, "dtype": "float32", "max_model_len": 256},
         "serve": {"port": free_port(), "gamma": 2, "cpus_per_replica": 1, "model_name": "draftalign"}})
     try:
-        url = run_serve(cfg, draft=tiny_draft_path, blocking=False)
-        yield url, Path(ray._private.worker.global_worker.node.get_session_dir_path())
+        with serving(cfg, tiny_draft_path) as url:
+            yield url, Path(ray._private.worker.global_worker.node.get_session_dir_path())
     finally:
-        serve.shutdown()
-        ray.shutdown()
         mp.undo()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cluster_helpers import free_port
+from cluster_helpers import free_port, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,18 +83,10 @@ def test_user_jsonl_and_local_target_to_a_served_measured_draft(tmp_path, tiny_t
     assert set(ev["tasks"]) == {"mine"} and ev["tasks"]["mine"]["n_prompts"] == 3
     assert ev["lossless_greedy"]["mismatches"] == 0
 
-    import ray
     from openai import OpenAI
-    from ray import serve
 
-    from serve.app import run_serve
-
-    try:
-        url = run_serve(cfg, blocking=False)  # the job's newest trained draft, as `draftalign serve job.yaml`
+    with serving(cfg) as url:  # the job's newest trained draft, as `draftalign serve job.yaml`
         client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
         out = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=8, temperature=0,
                                              messages=[{"role": "user", "content": "Hi, how was your day?"}])
         assert out.choices[0].message.content and out.usage.completion_tokens >= 1
-    finally:
-        serve.shutdown()
-        ray.shutdown()

@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from cluster_helpers import free_port
+from cluster_helpers import free_port, serving
 
 CONCURRENT = 40  # > max_ongoing_requests (16) + max_queued_requests (1): some must be turned away
 MAX_TOKENS = 48
@@ -18,11 +18,7 @@ MAX_TOKENS = 48
 @pytest.mark.timeout(600)
 def test_past_the_queue_limit_503_with_retry_after_and_accepted_requests_complete(tiny_target_path,
                                                                                    tiny_draft_path):
-    import ray
-    from ray import serve
-
     from draftalign.config import JobConfig
-    from serve.app import run_serve
 
     cfg = JobConfig.model_validate({
         "target": {"model": tiny_target_path, "dtype": "float32", "max_model_len": 256},
@@ -39,12 +35,8 @@ def test_past_the_queue_limit_503_with_retry_after_and_accepted_requests_complet
         async with httpx.AsyncClient(base_url=root, timeout=300) as http:
             return await asyncio.gather(*(one(http, i) for i in range(CONCURRENT)))
 
-    try:
-        url = run_serve(cfg, draft=tiny_draft_path, blocking=False)
+    with serving(cfg, tiny_draft_path) as url:
         results = asyncio.run(asyncio.wait_for(burst(url.removesuffix("/v1")), timeout=480))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     ok = [r for r in results if r[0] == 200]
     busy = [r for r in results if r[0] == 503]
     assert len(ok) + len(busy) == CONCURRENT, [r[0] for r in results]

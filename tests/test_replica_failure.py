@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from cluster_helpers import free_port
+from cluster_helpers import free_port, serving
 
 from bench.replica_failure import CLIENTS, RECOVERY_LIMIT_S, scenario
 
@@ -15,24 +15,16 @@ from bench.replica_failure import CLIENTS, RECOVERY_LIMIT_S, scenario
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_replica_killed_mid_stream_fails_cleanly_and_serving_recovers(tiny_target_path, tiny_draft_path):
-    import ray
-    from ray import serve
-
     from draftalign.config import JobConfig
-    from serve.app import run_serve
 
     cfg = JobConfig.model_validate({
         "target": {"model": tiny_target_path, "dtype": "float32", "max_model_len": 512},
         "serve": {"port": free_port(), "gamma": 2, "cpus_per_replica": 1, "max_batch_size": 8,
                   "max_tokens_cap": 256, "model_name": "draftalign"}})
 
-    try:
-        url = run_serve(cfg, draft=tiny_draft_path, blocking=False)
+    with serving(cfg, tiny_draft_path) as url:
         trial = asyncio.run(scenario(url.removesuffix("/v1")))
-        killed, results, recovered = trial["killed_pid"], trial["streams"], trial["recovery_s"]
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    killed, results, recovered = trial["killed_pid"], trial["streams"], trial["recovery_s"]
     for r in results:
         assert r["done"], r  # every stream was closed by the server with [DONE]
         assert (r["finish_reason"] is None) != (r["error"] is None), r  # complete, or an error: never both/neither

@@ -5,9 +5,8 @@ draft that agrees with the target often but not always (accepted tokens asserted
 from __future__ import annotations
 
 import pytest
-import torch
-from cluster_helpers import free_port
-from specdec_helpers import hf_greedy
+from cluster_helpers import free_port, serving
+from specdec_helpers import hf_greedy, partial_draft
 
 GAMMA, NEW = 3, 24
 TEXT = ("The committee met on a grey morning to settle the budget for the coming year, and the discussion ran long. "
@@ -19,30 +18,17 @@ TEXT = ("The committee met on a grey morning to settle the budget for the coming
 def endpoint(tiny_target_path, target_tokenizer, tmp_path_factory):
     """The tiny target served with a partly agreeing draft (the target's first layer, its final norm perturbed:
     `partial_pair`'s recipe, saved), chain at γ = 3; yields (root URL, draft path, config)."""
-    import ray
-    from ray import serve
-
     from draftalign.config import JobConfig
-    from draftalign.models import load_causal_lm, save_pretrained_atomic
-    from serve.app import run_serve
+    from draftalign.models import save_pretrained_atomic
 
-    draft = load_causal_lm(tiny_target_path)
-    draft.model.layers = draft.model.layers[:1]
-    draft.config.num_hidden_layers = 1
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        draft.model.norm.weight.mul_(1 + torch.randn(draft.model.norm.weight.shape, generator=g))
+    draft = partial_draft(tiny_target_path)
     path = save_pretrained_atomic(draft, target_tokenizer, tmp_path_factory.mktemp("models") / "partial-draft")
     cfg = JobConfig.model_validate({
         "target": {"model": tiny_target_path, "dtype": "float32", "max_model_len": 512},
         "serve": {"port": free_port(), "gamma": GAMMA, "gamma_policy": "fixed", "cpus_per_replica": 1,
                   "model_name": "draftalign"}})
-    try:
-        url = run_serve(cfg, draft=str(path), blocking=False)
+    with serving(cfg, str(path)) as url:
         yield url.removesuffix("/v1"), str(path), cfg
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def _long_prompts(tokenizer, n: int = 4) -> list[list[int]]:
