@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import string
 import time
 from types import SimpleNamespace
@@ -19,6 +18,7 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
+from cluster_helpers import free_port, serving
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,32 +33,18 @@ HYPO = settings(max_examples=40, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_target_path, tiny_draft_path):
-    import ray
-    from ray import serve
-
     from draftalign.config import JobConfig
-    from serve.app import run_serve
 
     cfg = JobConfig.model_validate({
         "target": {"model": tiny_target_path, "dtype": "float32", "max_model_len": CONTEXT},
         # a fixed γ, so the statistics below can be checked exactly (goodput γ: its own test)
-        "serve": {"port": _free_port(), "gamma": GAMMA, "gamma_policy": "fixed", "max_tokens_cap": CAP,
+        "serve": {"port": free_port(), "gamma": GAMMA, "gamma_policy": "fixed", "max_tokens_cap": CAP,
                   "max_batch_size": 8,
                   "batch_wait_timeout_s": 0.05, "cpus_per_replica": 1, "model_name": MODEL}})
-    try:
-        url = run_serve(cfg, draft=tiny_draft_path, blocking=False)
+    with serving(cfg, tiny_draft_path) as url:
         yield SimpleNamespace(url=url, root=url.removesuffix("/v1"), cfg=cfg)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
