@@ -66,9 +66,11 @@ from learner.draft_head import DraftHead, DraftLM
 from learner.heldout import heldout_prompt_ids
 from learner.trainer import (
     STATE_FILE,
+    BatchDigest,
     adamw,
     all_reduce,
     autocast_dtype,
+    check_restored,
     checkpoint_to_restore,
     export_draft,
     fit_stage,
@@ -78,6 +80,7 @@ from learner.trainer import (
     rng_state,
     say_as,
     set_rng_state,
+    state_digest,
     verify_checkpoint,
     worker_resources,
     worker_setup,
@@ -267,6 +270,7 @@ def train_loop_per_worker(config: dict) -> None:
         tokenizer = AutoTokenizer.from_pretrained(src)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
         state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False) if ckpt_dir else None
+        restored_name = ckpt_dir.name if ckpt_dir else None
     model.train()
     head = DraftHead(config.get("draft_vocab"), model.config.vocab_size)
     model = ray.train.torch.prepare_model(DraftLM(model, head))
@@ -274,10 +278,11 @@ def train_loop_per_worker(config: dict) -> None:
     opt = adamw(param_groups(core, pc.weight_decay), lr=pc.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(
         lr_factor, warmup=pc.warmup_steps, max_steps=pc.max_steps, min_ratio=pc.min_lr_ratio))
-    step, cursor = 0, 0
+    step, cursor, digests = 0, 0, {}
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        digests["restored_digest"] = check_restored(core, opt, state, restored_name)
         step, cursor = state["step"], state["cursor"]
         rngs = state["rng"]
         set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
@@ -289,6 +294,7 @@ def train_loop_per_worker(config: dict) -> None:
     streams = ray.get(config["tokens_ref"])
     train, val = split_blocks(streams, T)
     sampler = BatchSampler(len(train), cfg.seed)
+    seen = BatchDigest()  # the rows read since the last log row: resume proofs compare them across runs
 
     writer = bar = log = None
     if rank == 0:
@@ -307,6 +313,7 @@ def train_loop_per_worker(config: dict) -> None:
     while step < pc.max_steps:
         t0 = time.perf_counter()
         idx = sampler.indices(cursor, B)[rank::world]
+        seen.update(train[idx])
         blk = torch.from_numpy(train[idx].astype(np.int64)).to(device)  # (b, T + 1)
         lr = opt.param_groups[0]["lr"]
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -336,6 +343,7 @@ def train_loop_per_worker(config: dict) -> None:
         if is_ckpt:
             metrics["val_loss"] = _val_loss(core, val, rank, world, B, device, amp)
             metrics["val_perplexity"] = math.exp(min(metrics["val_loss"], 50.0))
+        digests["batch_digest"] = seen.take(world)
         rngs = [None] * world
         if is_ckpt and world > 1:
             dist.all_gather_object(rngs, rng_state())
@@ -347,8 +355,12 @@ def train_loop_per_worker(config: dict) -> None:
                 for k, v in metrics.items():
                     if k != "step":
                         writer.add_scalar(("val/" if k.startswith("val_") else "train/") + k, v, step)
-                log.write(json.dumps({**metrics, "session": config["session"]}) + "\n")
+                saved = state_digest(core, opt) if is_ckpt else None
+                if saved:
+                    digests["state_digest"] = saved
+                log.write(json.dumps({**metrics, "session": config["session"], **digests}) + "\n")
                 log.flush()
+                digests = {}
                 if bar is not None:
                     bar.set_description(f"pretrain loss {mean:.3f} {metrics['tokens_per_s']:,.0f} tok/s")
                 if is_ckpt:
@@ -358,7 +370,8 @@ def train_loop_per_worker(config: dict) -> None:
                     tokenizer.save_pretrained(d)
                     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
                                 "cursor": cursor, "rng": rngs, "config": config["cfg"],
-                                "data_key": config["data_key"], "metrics": metrics}, d / STATE_FILE)
+                                "data_key": config["data_key"], "metrics": metrics,
+                                "state_digest": saved}, d / STATE_FILE)
                     write_manifest(d, step)  # last: its presence + matching files = a complete checkpoint
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
                     _say(f"step {step}: loss {mean:.4f} val_loss {metrics['val_loss']:.4f} "

@@ -166,6 +166,53 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
     return t
 
+def state_digest(model: torch.nn.Module, opt: torch.optim.Optimizer) -> str:
+    """blake2b over every parameter (by name) and every optimizer state tensor and hyper-parameter:
+    a restored run holds the checkpoint's state iff its digest equals the one saved with it."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    sd = opt.state_dict()
+    for i in sorted(sd["state"]):
+        for k, v in sorted(sd["state"][i].items()):
+            h.update(f"{i}.{k}".encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes() if torch.is_tensor(v) else repr(v).encode())
+    h.update(repr([{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]).encode())
+    return h.hexdigest()
+
+
+def check_restored(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict, ckpt: Path) -> str:
+    """The restored state's digest; CorruptCheckpoint when it is not the one the checkpoint saved
+    (checkpoints written before digests existed carry none and pass)."""
+    got = state_digest(model, opt)
+    if state.get("state_digest") not in (None, got):
+        raise CorruptCheckpoint(f"{Path(ckpt).name}: the restored weights and optimizer differ from the state "
+                                f"saved at step {state.get('step')} (digest {got} != {state['state_digest']})")
+    return got
+
+
+class BatchDigest:
+    """An order-sensitive digest of the token rows a rank consumed since the last `take()`: two runs read the
+    same batches in the same order between two log rows iff their digests match (ranks gathered in order)."""
+
+    def __init__(self):
+        self._h = hashlib.blake2b(digest_size=8)
+
+    def update(self, rows: np.ndarray) -> None:
+        self._h.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
+
+    def take(self, world: int) -> str:
+        import torch.distributed as dist
+
+        mine, self._h = self._h.hexdigest(), hashlib.blake2b(digest_size=8)
+        ranks = [mine]
+        if world > 1:
+            ranks = [None] * world
+            dist.all_gather_object(ranks, mine)
+        return hashlib.blake2b("".join(ranks).encode(), digest_size=8).hexdigest()
+
+
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from draftalign.batching import BatchSampler
 from draftalign.config import JobConfig
@@ -37,6 +38,18 @@ def corpus(tmp_path_factory) -> list[str]:
     (d / "b.jsonl").write_text("\n".join(json.dumps({"text": "hello world, this is a repeated sentence. " * 20})
                                          for _ in range(2)))
     return [str(d / "a.txt"), str(d / "b.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def varied_corpus(tmp_path_factory) -> list[str]:
+    """~90 blocks of distinct text: a data cursor off by one block reads different tokens (the repeated
+    sentences above would hide it). 40 steps x batch 4 cross an epoch boundary."""
+    rng = np.random.default_rng(7)
+    words = ("river market seven lantern quiet orbit paper violet engine harbor maple signal copper winter "
+             "garden silver thunder pencil canyon meadow falcon glacier puzzle rocket").split()
+    d = tmp_path_factory.mktemp("varied")
+    (d / "c.txt").write_text("\n".join(f"record {i}: " + " ".join(rng.choice(words, 12)) + "." for i in range(130)))
+    return [str(d / "c.txt")]
 
 
 def make_cfg(run_dir: Path, corpus: list[str], draft_model: str | None = None, **pretrain) -> JobConfig:
@@ -197,6 +210,8 @@ def test_resume_on_two_workers_skips_a_truncated_checkpoint(trained, corpus, tmp
     log = read_log(run)
     resumed = [r for r in log if r["session"] != log[0]["session"]]
     assert [r["step"] for r in resumed] == [25, 30]
+    saved = torch.load(_checkpoint_at(run, 20) / STATE_FILE, weights_only=False)["state_digest"]
+    assert resumed[0]["restored_digest"] == saved  # 2 ranks restored the 1-rank run's exact state
     uninterrupted = {r["step"]: r["loss"] for r in read_log(trained)}
     for r in resumed:
         assert math.isclose(r["loss"], uninterrupted[r["step"]], rel_tol=0.01), (
@@ -253,14 +268,16 @@ def _first_good_checkpoint(exp: Path) -> int | None:
     return None
 
 
-def test_killed_run_resumes_without_a_jump(corpus, tmp_path, ray_local):
+def test_killed_run_resumes_without_a_jump(varied_corpus, tmp_path, ray_local):
     """SIGKILL a run (driver, Ray and workers) after it has logged past its first good checkpoint,
-    resume it: the step counter continues from the checkpoint to max_steps, and the steps the killed
-    run had already done are repeated with the same losses (weights, optimizer, schedule and data
-    cursor all restored)."""
-    run = tmp_path / "run"
+    resume it, and hold it against an uninterrupted run of the same job. Proven on state, not counters:
+    the restored weights + optimizer hash to the digest saved at the checkpoint (and to the uninterrupted
+    run's at that step); the batches read between log rows hash the same as the uninterrupted run's, so the
+    rows seen are the same rows in the same order, none missing or read twice (across an epoch boundary);
+    the losses of every step match."""
+    run, ref = tmp_path / "run", tmp_path / "ref"
     # checkpoints at 20 and 40 only: the kill lands well before a second checkpoint could appear
-    cfg = make_cfg(run, corpus, max_steps=40, checkpoint_every=20, lr=3e-3)
+    cfg = make_cfg(run, varied_corpus, max_steps=40, checkpoint_every=20, lr=3e-3)
     exp = run / "ray_results" / "pretrain"
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -297,3 +314,41 @@ def test_killed_run_resumes_without_a_jump(corpus, tmp_path, ray_local):
     assert repeated, "the killed run should have logged past the checkpoint it resumes from"
     for r in repeated:
         assert math.isclose(r["loss"], pre[r["step"]], rel_tol=0.01), (r["step"], r["loss"], pre[r["step"]])
+
+    saved = torch.load(_checkpoint_at(run, 20) / STATE_FILE, weights_only=False)["state_digest"]
+    assert after[0]["restored_digest"] == saved == {r["step"]: r for r in before}[20]["state_digest"]
+    run_pretrain(cfg.model_copy(update={"run_dir": str(ref)}), log_every=LOG_EVERY)
+    uninterrupted = {r["step"]: r for r in read_log(ref)}
+    effective = [r for r in before if r["step"] <= start] + after
+    assert [r["step"] for r in effective] == sorted(uninterrupted) == list(range(LOG_EVERY, 41, LOG_EVERY))
+    assert [r["batch_digest"] for r in effective] == [uninterrupted[r["step"]]["batch_digest"] for r in effective]
+    assert saved == uninterrupted[20]["state_digest"]  # the state at the checkpoint is the uninterrupted run's
+    for r in effective:
+        assert math.isclose(r["loss"], uninterrupted[r["step"]]["loss"], rel_tol=1e-4), (r, uninterrupted[r["step"]])
+
+
+def _checkpoint_at(run: Path, step: int) -> Path:
+    return next(d for s, d in list_checkpoints(run / "ray_results" / "pretrain") if s == step)
+
+
+def test_a_restored_state_that_differs_from_the_saved_one_is_refused(tiny_draft_path):
+    """Negative control of the digest check: one changed weight, or one changed optimizer moment, is caught."""
+    from transformers import AutoModelForCausalLM
+
+    from learner.trainer import check_restored, state_digest
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_draft_path)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    opt.step()
+    state = {"step": 1, "state_digest": state_digest(model, opt)}
+    assert check_restored(model, opt, state, Path("checkpoint_step_1")) == state["state_digest"]
+    moment = next(iter(opt.state.values()))["exp_avg"]
+    moment.view(-1)[0] += 1e-6
+    with pytest.raises(CorruptCheckpoint, match="restored weights and optimizer differ"):
+        check_restored(model, opt, state, Path("checkpoint_step_1"))
+    moment.view(-1)[0] -= 1e-6
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3
+    with pytest.raises(CorruptCheckpoint, match="step 1"):
+        check_restored(model, opt, state, Path("checkpoint_step_1"))
