@@ -99,6 +99,7 @@ from learner.trainer import (
     adamw,
     all_reduce,
     autocast_dtype,
+    check_restored,
     checkpoint_to_restore,
     export_draft,
     fit_stage,
@@ -108,6 +109,7 @@ from learner.trainer import (
     rng_state,
     say_as,
     set_rng_state,
+    state_digest,
     verify_checkpoint,
     worker_resources,
     worker_setup,
@@ -331,6 +333,7 @@ class Learner:
     version: int = 0  # policy version: +1 every learner.sync_every steps
     heldout_start: dict | None = None
     restored_from: Path | None = None  # the checkpoint loaded, None on a fresh start
+    restored_digest: str | None = None  # state_digest of what was restored, equal to the checkpoint's
 
 
 @dataclass
@@ -374,6 +377,7 @@ def _restore(config: dict, cfg: JobConfig, rank: int, world: int, device, amp) -
         return learner
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
+    learner.restored_digest = check_restored(core, opt, state, ckpt_dir)
     learner.step, learner.version = state["step"], state["policy_version"]
     counters.update(state["counters"])
     learner.baseline_state = BaselineState(**state["baseline_state"])
@@ -540,9 +544,9 @@ def _rank0_metrics(r0: _Rank0Log, learner: Learner, queue, store, is_ckpt: bool)
     return {**out, **heldout}
 
 
-def _log_step(r0: _Rank0Log, metrics: dict, is_ckpt: bool) -> None:
+def _log_step(r0: _Rank0Log, metrics: dict, is_ckpt: bool, digests: dict) -> None:
     """Rank 0: every metric to TensorBoard (under heldout/, system/ or train/), one distill_log.jsonl
-    line, and a console line every PRINT_EVERY steps and at checkpoints."""
+    line (with the state digests of `digests`), and a console line every PRINT_EVERY steps and at checkpoints."""
     step = metrics["step"]
     for k, v in metrics.items():
         if k == "step":
@@ -552,7 +556,7 @@ def _log_step(r0: _Rank0Log, metrics: dict, is_ckpt: bool) -> None:
                  else "train/")
         r0.writer.add_scalar(group + k, v, step)  # tag leaf = metric name (report.py keys on it)
     # learner_attempt > 0: steps after a restart repeat those since the restored checkpoint
-    r0.jlog.write(json.dumps({**metrics, "learner_attempt": r0.attempt}) + "\n")
+    r0.jlog.write(json.dumps({**metrics, "learner_attempt": r0.attempt, **digests}) + "\n")
     r0.jlog.flush()
     if step % PRINT_EVERY == 0 or is_ckpt:
         heldout = metrics.get("heldout_acceptance")  # present at checkpoints with a held-out set
@@ -562,7 +566,8 @@ def _log_step(r0: _Rank0Log, metrics: dict, is_ckpt: bool) -> None:
              + (f" held-out acceptance {heldout:.4f}" if heldout is not None else ""))
 
 
-def _save_checkpoint(learner: Learner, r0: _Rank0Log | None, config: dict, metrics: dict) -> None:
+def _save_checkpoint(learner: Learner, r0: _Rank0Log | None, config: dict, metrics: dict,
+                     digest: str | None) -> None:
     """Every rank: gather the ranks' RNG states; rank 0 writes the draft, tokenizer, trainer_state.pt
     and, last, the manifest to a temporary dir; every rank reports `metrics` with it to Ray Train."""
     import ray.train
@@ -585,7 +590,8 @@ def _save_checkpoint(learner: Learner, r0: _Rank0Log | None, config: dict, metri
             torch.save({"optimizer": learner.opt.state_dict(), "scheduler": learner.sched.state_dict(),
                         "step": step, "policy_version": learner.version, "counters": learner.counters,
                         "baseline_state": asdict(learner.baseline_state), "heldout_start": learner.heldout_start,
-                        "rng": rngs, "config": config["cfg"], "metrics": metrics}, d / STATE_FILE)
+                        "rng": rngs, "config": config["cfg"], "metrics": metrics,
+                        "state_digest": digest}, d / STATE_FILE)
             write_manifest(d, step)  # last: its presence + matching files = a complete checkpoint
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         # rank 0's name is the one used; after a restart it differs from the name of any
@@ -624,11 +630,15 @@ def train_loop_per_worker(config: dict) -> None:
         done = _finished(learner, lc.max_steps, budget)
         is_ckpt = learner.step % lc.checkpoint_every == 0 or done
         metrics = _step_metrics(sums, learner, lr, grad_norm, dt, waited, cfg.distill.loss)
+        digests = {"restored_digest": learner.restored_digest} if learner.restored_digest else {}
+        learner.restored_digest = None  # logged once, on the first step after the restore
         if rank == 0:
+            if is_ckpt:
+                digests["state_digest"] = state_digest(learner.core, learner.opt)
             metrics.update(_rank0_metrics(r0, learner, queue, store, is_ckpt))
-            _log_step(r0, metrics, is_ckpt)
+            _log_step(r0, metrics, is_ckpt, digests)
         if is_ckpt:
-            _save_checkpoint(learner, r0, config, metrics)
+            _save_checkpoint(learner, r0, config, metrics, digests.get("state_digest"))
     if rank == 0:
         r0.writer.close()
         r0.jlog.close()

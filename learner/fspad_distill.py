@@ -76,8 +76,10 @@ from learner.fspad import CONFIG_FILE, WEIGHTS_FILE, FSPADHead
 from learner.losses import BaselineState, TargetDist, masked_mean, partial_alignment_loss, tvd
 from learner.trainer import (
     STATE_FILE,
+    BatchDigest,
     adamw,
     all_reduce,
+    check_restored,
     checkpoint_to_restore,
     fit_stage,
     lr_factor,
@@ -86,6 +88,7 @@ from learner.trainer import (
     rng_state,
     say_as,
     set_rng_state,
+    state_digest,
     verify_checkpoint,
     worker_resources,
     worker_setup,
@@ -344,7 +347,7 @@ def _build_head(config: dict, cfg: JobConfig, ckpt_dir: Path | None) -> FSPADHea
 
 
 def _save_checkpoint(core: FSPADHead, opt, sched, baseline_state: BaselineState, step: int, rank: int,
-                     world: int, config: dict, metrics: dict, writer) -> None:
+                     world: int, config: dict, metrics: dict, writer, digest: str | None) -> None:
     """Every rank: gather RNG states; rank 0 writes the head, trainer_state.pt and, last, the manifest; every
     rank reports to Ray Train."""
     import ray.train
@@ -363,7 +366,7 @@ def _save_checkpoint(core: FSPADHead, opt, sched, baseline_state: BaselineState,
             core.write(d)
             torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "rng": rngs,
                         "baseline_state": asdict(baseline_state),
-                        "config": config["cfg"], "metrics": metrics}, d / STATE_FILE)
+                        "config": config["cfg"], "metrics": metrics, "state_digest": digest}, d / STATE_FILE)
             write_manifest(d, step)  # last: its presence + matching files = a complete checkpoint
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint,
@@ -387,6 +390,7 @@ def train_loop_per_worker(config: dict) -> None:
     with checkpoint_to_restore(config["resume_from"], say=_say) as ckpt_dir:  # None: fresh start
         head = _build_head(config, cfg, ckpt_dir)
         state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False) if ckpt_dir else None
+        restored_name = ckpt_dir.name if ckpt_dir else None
     head.train()
     # the target's embedding and LM head are buffers: broadcast once at wrap time, never per step
     model = ray.train.torch.prepare_model(head, parallel_strategy_kwargs={"broadcast_buffers": False})
@@ -394,11 +398,12 @@ def train_loop_per_worker(config: dict) -> None:
     opt = adamw(param_groups(core, lc.weight_decay), lr=lc.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(
         lr_factor, warmup=lc.warmup_steps, max_steps=lc.max_steps, min_ratio=lc.min_lr_ratio))
-    step, heldout_start = 0, None
+    step, heldout_start, digests, seen = 0, None, {}, BatchDigest()
     baseline_state = BaselineState(decay=cfg.distill.ema_decay)  # TVD++ with distill.baseline=ema
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        digests["restored_digest"] = check_restored(core, opt, state, restored_name)
         step = state["step"]
         baseline_state = BaselineState(**state["baseline_state"])
         heldout_start = state["metrics"].get("heldout_acceptance_start")
@@ -427,7 +432,9 @@ def train_loop_per_worker(config: dict) -> None:
     nxt = request(step) if step < lc.max_steps else None
     while step < lc.max_steps:
         t0 = time.perf_counter()
-        fb = _to(ray.get(nxt), device)
+        fb = ray.get(nxt)
+        seen.update(fb.input_ids.numpy())
+        fb = _to(fb, device)
         waited = time.perf_counter() - t0
         nxt = request(step + 1) if step + 1 < lc.max_steps else None  # the target works while the head trains
         depth = fs.unroll if step >= unroll_from else 1
@@ -474,7 +481,11 @@ def train_loop_per_worker(config: dict) -> None:
         if chains is not None:  # on the head's own tokens: the share of the step spent drawing and scoring them
             metrics["rollout_frac"] = tot["rollout_s"] / max(tot["step_s"], 1e-9)
         is_ckpt = step % lc.checkpoint_every == 0 or step == lc.max_steps
+        digests["batch_digest"] = seen.take(world)
+        saved = None
         if rank == 0:
+            if is_ckpt:
+                saved = digests["state_digest"] = state_digest(core, opt)
             if is_ckpt and hb is not None:
                 metrics.update(evaluate_heldout(core, hb, cfg, device))
             if heldout_start is not None:
@@ -482,8 +493,9 @@ def train_loop_per_worker(config: dict) -> None:
             for k, v in metrics.items():
                 if k != "step":
                     writer.add_scalar(("heldout/" if k.startswith("heldout_") else "train/") + k, v, step)
-            jlog.write(json.dumps({**metrics, "session": config["session"]}) + "\n")
+            jlog.write(json.dumps({**metrics, "session": config["session"], **digests}) + "\n")
             jlog.flush()
+            digests = {}
             if step % PRINT_EVERY == 0 or is_ckpt:
                 ha = metrics.get("heldout_acceptance")
                 deeper = [metrics.get(f"heldout_greedy_acceptance_{k}") for k in range(2, HELDOUT_DEPTH + 1)]
@@ -494,7 +506,7 @@ def train_loop_per_worker(config: dict) -> None:
                      + (f" held-out acceptance {ha:.4f}" if ha is not None else "")
                      + (" greedy at steps 2…: " + " ".join(f"{g:.3f}" for g in deeper) if None not in deeper else ""))
         if is_ckpt:
-            _save_checkpoint(core, opt, sched, baseline_state, step, rank, world, config, metrics, writer)
+            _save_checkpoint(core, opt, sched, baseline_state, step, rank, world, config, metrics, writer, saved)
     if rank == 0:
         writer.close()
         jlog.close()

@@ -250,6 +250,10 @@ def test_distill_run_lowers_heldout_tvd_and_resumes(ray_local, job, target_token
     again = _done(cfg)
     assert again["resumed_from_step"] == 30 and again["steps"] == 34
     assert again["policy_version"] == 34 // cfg.learner.sync_every
+    log = [json.loads(line) for line in (cfg.run_path / "distill_log.jsonl").read_text().splitlines()]
+    at30, after = next(r for r in log if r["step"] == 30), next(r for r in log if r["step"] == 31)
+    assert after["restored_digest"] == at30["state_digest"]  # weights + optimizer restored exactly
+    assert "restored_digest" not in next(r for r in log if r["step"] == 32)
 
 
 @pytest.mark.slow
