@@ -524,7 +524,7 @@ def test_fspad_stage_trains_checkpoints_and_resumes(ray_local, job, peaked_targe
     assert out == cfg.run_path.resolve() / "draft_fspad" and done["steps"] == 6 and done["resumed_from_step"] == 0
     head = FSPADHead.load(out, load_causal_lm(peaked_target))  # the exported head loads on its target
     assert head.vocab.ids is not None  # the job's draft vocabulary travelled with it
-    assert done["heldout_positions"] > 0 and 0.0 <= done["heldout_acceptance"] <= 1.0
+    assert done["heldout_positions"] > 0
     assert done["sampled_frac"] > 0  # feature sampling is on by default and re-drew tokens
     assert json.loads((cfg.run_path / "fspad_features" / "meta.json").read_text())["num_rows"] > 0  # the store
     from actors.feature_store import load_heldout  # the held-out batch is kept with the store: no target on resume
@@ -536,7 +536,13 @@ def test_fspad_stage_trains_checkpoints_and_resumes(ray_local, job, peaked_targe
     log = [json.loads(line) for line in (cfg.run_path / "fspad_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 7))
     assert [("unrolled_acceptance" in r) for r in log] == [False] * 4 + [True] * 2  # the training-time test's steps
-    assert 0.0 <= done["heldout_greedy_acceptance_2"] <= 1.0 and 0.0 <= done["heldout_acceptance_3"] <= 1.0
+    # the reported held-out figures are what the exported head gives on the stored held-out batch, recomputed here
+    from learner.fspad_distill import evaluate_heldout
+
+    recomputed = evaluate_heldout(head, saved["batch"], cfg, torch.device("cpu"))
+    for key in ("heldout_acceptance", "heldout_greedy_acceptance", "heldout_acceptance_2",
+                "heldout_greedy_acceptance_2", "heldout_acceptance_3", "heldout_greedy_acceptance_3"):
+        assert math.isclose(recomputed[key], done[key], abs_tol=1e-5), (key, recomputed[key], done[key])
     assert log[-1]["feature_loss"] < log[0]["feature_loss"], [r["feature_loss"] for r in log]
     acc = EventAccumulator(str(cfg.run_path / "tensorboard" / "fspad"))
     acc.Reload()
