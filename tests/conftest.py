@@ -61,3 +61,14 @@ def partial_pair(tiny_target_path):
 
     return load_causal_lm(tiny_target_path), load_causal_lm(tiny_target_path), partial_draft(tiny_target_path)
 
+
+
+# `slow` means an integration test with real Ray / vLLM / Serve (pyproject's marker). By rule, not by hand: a test
+# that requests one of the fixtures that start them is marked, whatever its module remembered to say.
+INTEGRATION_FIXTURES = {"ray_local", "ray_slots", "server", "keyed_server", "engine", "two_node_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
