@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,9 +21,10 @@ import yaml
 from cluster_helpers import ROOT, cluster_env, two_node_cluster
 
 
-def _pretrain(job: Path, cwd: Path, log: Path, *extra: str) -> subprocess.Popen:
+def _pretrain(job: Path, cwd: Path, log: Path, staging: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "draftalign.cli", "pretrain", str(job), *extra], cwd=cwd,
-                            env=cluster_env(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+                            env={**cluster_env(), "DRAFTALIGN_STAGING": str(staging)}, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def test_the_run_dir_is_resolved_by_the_driver(tmp_path, monkeypatch):
@@ -170,14 +172,19 @@ def test_s3_round_trip_through_an_s3_api_emulator(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_two_nodes_write_only_to_shared_storage_and_resume_after_a_kill(tmp_path, tiny_target_path):
+@pytest.mark.parametrize("storage", ["path", "uri"])
+def test_two_nodes_write_only_to_shared_storage_and_resume_after_a_kill(tmp_path, tiny_target_path, storage):
+    """storage=path: a directory both nodes see. storage=uri: the same directory as a file:// URI, reached only
+    through draftalign.storage (staging copies under tmp_path/staging, which is wiped after the kill: the resumed
+    driver is a fresh machine that finds the checkpoints in storage alone)."""
     from ray.util.state import list_actors, list_nodes
 
     head_cwd, node_cwd, driver_cwd, shared = (tmp_path / d for d in ("head", "node", "driver", "shared"))
+    staging = tmp_path / "staging"
     driver_cwd.mkdir()
     with two_node_cluster(tmp_path, head_cwd=head_cwd, node_cwd=node_cwd) as (dashboard, gcs):
-        job = {"name": "shared-job", "storage_path": str(shared), "seed": 0,
-               "target": {"model": tiny_target_path, "dtype": "float32", "max_model_len": 256},
+        job = {"name": "shared-job", "storage_path": str(shared) if storage == "path" else f"file://{shared}",
+               "seed": 0, "target": {"model": tiny_target_path, "dtype": "float32", "max_model_len": 256},
                "draft": {"arch": {"num_layers": 1, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64}},
                "pretrain": {"corpus": ["embedded:chitchat"], "max_steps": 8, "checkpoint_every": 2, "batch_size": 4,
                             "seq_len": 64, "warmup_steps": 1, "cpus_per_worker": 1},
@@ -188,7 +195,7 @@ def test_two_nodes_write_only_to_shared_storage_and_resume_after_a_kill(tmp_path
         path.write_text(yaml.safe_dump(job))
         run = shared / "shared-job"
 
-        first = _pretrain(path, driver_cwd, tmp_path / "first.log")
+        first = _pretrain(path, driver_cwd, tmp_path / "first.log", staging)
         deadline = time.time() + 420
         while not list(run.glob("ray_results/pretrain/checkpoint_*")) and first.poll() is None:
             assert time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
@@ -197,8 +204,11 @@ def test_two_nodes_write_only_to_shared_storage_and_resume_after_a_kill(tmp_path
         os.killpg(first.pid, signal.SIGKILL)  # the driver, and with it the job's learner on node_b
         first.wait()
         assert not (run / "pretrain_done.json").exists()
+        if storage == "uri":
+            assert staging.is_dir()
+            shutil.rmtree(staging)  # a new driver machine: nothing staged
 
-        second = _pretrain(path, driver_cwd, tmp_path / "second.log", "--resume")
+        second = _pretrain(path, driver_cwd, tmp_path / "second.log", staging, "--resume")
         assert second.wait(timeout=420) == 0, (tmp_path / "second.log").read_text()[-4000:]
         log = (tmp_path / "second.log").read_text()
         assert "resuming from" in log, log[-3000:]
@@ -209,8 +219,13 @@ def test_two_nodes_write_only_to_shared_storage_and_resume_after_a_kill(tmp_path
         workers = list_actors(address=dashboard, filters=[("class_name", "=", "RayTrainWorker")], detail=True)
         assert workers and {a.node_id for a in workers} == node_b
 
-    assert json.loads((run / "pretrain_done.json").read_text())["steps"] == 8
+    done = json.loads((run / "pretrain_done.json").read_text())
+    assert done["steps"] == 8 and done["resumed_from_step"] >= 2
     assert (run / "draft_pretrained" / "config.json").is_file()
+    steps = [json.loads(line)["step"] for line in (run / "pretrain_log.jsonl").read_text().splitlines()]
+    assert steps[-1] == 8  # the worker's log on node_b, in storage
+    assert list(run.glob("tensorboard/pretrain/events.*")) and list(run.glob("ray_results/pretrain/checkpoint_*"))
+    assert not list(run.rglob(".publishing"))
     for cwd in (head_cwd, node_cwd, driver_cwd):  # nothing landed in any process's working directory
         assert not [p for p in cwd.rglob("*") if p.is_file()], f"files under {cwd}"
     assert not (ROOT / "runs" / "shared-job").exists()
