@@ -298,8 +298,8 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step drops events a killed run logged after the checkpoint we resume from
         stage_logs_in(config)
+        # purge_step drops events a killed run logged after the checkpoint we resume from
         writer = SummaryWriter(config["tb_dir"], purge_step=step + 1 if step else None)
         log = open(config["log_path"], "a")
         if config["worker_bar"]:  # --verbose; in quiet mode the driver follows the JSONL log
