@@ -122,6 +122,20 @@ def test_resume_finds_the_checkpoints_in_storage_from_a_fresh_node(uri_run):
     assert not (store / "pretrain_log.jsonl").exists()
 
 
+def test_serve_finds_the_newest_draft_of_a_uri_run_in_storage(uri_run):
+    """`draftalign serve JOB` without --draft on a machine that never ran the job: the draft is pulled from storage."""
+    from draftalign.models import default_draft
+
+    cfg, store, new_node = uri_run
+    (store / "draft_distilled").mkdir(parents=True)
+    (store / "draft_distilled" / "config.json").write_text("{}")
+    (store / "draft_distilled" / "model.safetensors").write_bytes(b"weights")
+    new_node()
+    found = default_draft(cfg.model_copy())
+    assert found == str(cfg.model_copy().run_path / "draft_distilled")
+    assert (Path(found) / "model.safetensors").read_bytes() == b"weights"
+
+
 def test_an_unreachable_storage_names_the_uri_and_what_pyarrow_said(tmp_path, monkeypatch):
     from draftalign.config import load_config
     from draftalign.runtime import run_dir
@@ -221,7 +235,7 @@ def test_two_nodes_write_only_to_shared_storage_and_resume_after_a_kill(tmp_path
 
     done = json.loads((run / "pretrain_done.json").read_text())
     assert done["steps"] == 8 and done["resumed_from_step"] >= 2
-    assert (run / "draft_pretrained" / "config.json").is_file()
+    assert (run / "draft_pretrained" / "config.json").is_file() and (run / "draft_vocab.json").is_file()
     steps = [json.loads(line)["step"] for line in (run / "pretrain_log.jsonl").read_text().splitlines()]
     assert steps[-1] == 8  # the worker's log on node_b, in storage
     assert list(run.glob("tensorboard/pretrain/events.*")) and list(run.glob("ray_results/pretrain/checkpoint_*"))
