@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from draftalign.storage import StorageError, check_uri, is_uri, join, staging_dir
 from draftalign.tree_shapes import DynamicTree
 
 EMBEDDED_TARGET = "embedded:smollm2-135m-instruct"
@@ -516,8 +517,9 @@ class ClusterConfig(_Strict):
 class JobConfig(_Strict):
     name: str = Field("local", pattern=r"^[A-Za-z0-9_.-]+$")
     storage_path: str = Field("runs", description="where every job's files live (the run dir is "
-                              "<storage_path>/<name>): a path that every node of the cluster sees at the same place")
-    run_dir: str | None = Field(None, description="this job's directory; default <storage_path>/<name>")
+                              "<storage_path>/<name>): a path every node of the cluster sees at the same place, "
+                              "or a URI (s3://, gs://, file://; draftalign.storage)")
+    run_dir: str | None = Field(None, description="this job's directory (path or URI); default <storage_path>/<name>")
     seed: int = 0
     target: TargetConfig = Field(default_factory=TargetConfig)
     draft: DraftConfig = Field(default_factory=DraftConfig)
@@ -554,16 +556,29 @@ class JobConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _storage_is_a_path(self) -> "JobConfig":
+    def _storage_scheme(self) -> "JobConfig":
         for key, value in (("storage_path", self.storage_path), ("run_dir", self.run_dir)):
-            if value and "://" in value:
-                raise ValueError(f"{key}={value!r}: object-store URIs are not supported yet; mount the bucket on "
-                                 f"every node (s3fs, gcsfuse, a CSI volume) and give the mount path")
+            if value and is_uri(value):
+                try:
+                    check_uri(value)
+                except StorageError as e:
+                    raise ValueError(f"{key}: {e}") from None
         return self
 
     @property
+    def run_uri(self) -> str:
+        """Where this job's files live: a path, or a URI (`draftalign.storage`)."""
+        if self.run_dir:
+            return self.run_dir
+        if is_uri(self.storage_path):
+            return join(self.storage_path, self.name)
+        return str(Path(self.storage_path) / self.name)
+
+    @property
     def run_path(self) -> Path:
-        return Path(self.run_dir or Path(self.storage_path) / self.name).expanduser()
+        """The run dir every stage reads and writes: itself for a path, this node's staging copy for a URI."""
+        uri = self.run_uri
+        return staging_dir(uri) if is_uri(uri) else Path(uri).expanduser()
 
 
 class ConfigError(ValueError):
@@ -624,7 +639,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format(e, source)) from None
     # resolved here, on the driver: Ray workers and actors on other nodes run in other working directories, so a
     # relative run dir would land somewhere else on each of them
-    cfg.run_dir = str(cfg.run_path.resolve())
+    cfg.run_dir = cfg.run_uri if is_uri(cfg.run_uri) else str(cfg.run_path.resolve())
     return cfg
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from draftalign.config import ConfigError, JobConfig, check_fits_cluster
 from draftalign.io import write_json_atomic
 from draftalign.runtime import run_dir
+from draftalign.storage import pull
 
 
 def _done(path: Path) -> bool:
@@ -35,6 +36,7 @@ def _done(path: Path) -> bool:
 
 
 def _has_checkpoint(root: Path) -> bool:
+    root = pull(root)  # a URI run: the stage's checkpoints, from storage
     return root.exists() and any(root.rglob("checkpoint_*"))
 
 
