@@ -1,6 +1,6 @@
 """Train–serve parity: one draft's block efficiency τ in draftalign's engine, in vLLM, and as training estimated it.
 
-Same draft, prompts and γ, greedy (T = 0), batch 1:
+Same draft, prompts and γ, greedy (T = 0); the engine one prompt at a time (the eval's setting), vLLM all at once:
 - `tau_engine`   draftalign's engine (`serve.specdec.SpecDecoder`) with the draft as trained (its own vocabulary);
 - `tau_vllm`     the draft exported exactly (`serve.export`: hf → `draft_model`, an FSPAD head → EAGLE-1) and decoded
                  by vLLM's own speculative decoding (`serve.engines.VLLMEngine`), from its counters' deltas;
@@ -11,7 +11,7 @@ Both served τ are 1 + accepted / drafts (vLLM's mean acceptance length; drafts 
 Goals (issue #34): |Δτ| ≤ 5% engine vs vLLM, ≤ 10% training estimate vs served.
 
     .venv/bin/python bench/parity.py cluster/jobs/local.yaml --draft runs/local/draft_distilled --gamma 3 \\
-        --prompts 24 --out bench/results/parity.json
+        --prompts 16 --out bench/results/parity.json
 """
 
 from __future__ import annotations
@@ -92,14 +92,14 @@ def engine_run(target, draft, vocab, tok, prompts: list[list[int]], gamma: int, 
 def vllm_run(target_path: str, draft: str | None, prompts: list[list[int]], gamma: int, max_new_tokens: int,
              dtype: str = "float32", threads: int = 2, context: int = 1024) -> dict:
     """Greedy decoding in vLLM (the target alone when `draft` is None; else the draft exported and served by vLLM's
-    speculative decoding), batch 1: {"outputs", "accepted", "drafts", "tau", "speculative_config"}."""
+    speculative decoding), every prompt in one call: {"outputs", "accepted", "drafts", "tau", "speculative_config"}."""
     from serve.engines import ReplicaSettings, VLLMEngine
 
     engine = VLLMEngine(target_path, draft, ReplicaSettings(engine="vllm", gamma=gamma, dtype=dtype,
                                                              torch_threads=threads), context)
     try:
         params = SamplingParams(max_new_tokens=max_new_tokens)
-        gens = [engine.generate([p], params)[0] for p in prompts]
+        gens = engine.generate(prompts, params)  # one call: the counters are summed over the prompts anyway
     finally:
         engine.close()
     accepted, drafts = sum(g.accepted for g in gens), sum(g.rounds for g in gens)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--draft", required=True, help="a Llama draft or an FSPAD head (read only)")
     ap.add_argument("--gamma", type=int, action="append", help="γ (repeatable; default 3)")
     ap.add_argument("--task", default="chat", help="which eval task's held-out prompts")
-    ap.add_argument("--prompts", type=int, default=24)
+    ap.add_argument("--prompts", type=int, default=16, help="at most the job's eval prompts of the task")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the job's eval.max_new_tokens")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-stats", default=None, help="the training stage's JSON (default: next to the draft)")

@@ -29,7 +29,6 @@ Every export writes `draftalign_export.json` ({format, method, source, ...}) bes
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -200,9 +199,7 @@ def export_for_vllm(draft_path: str, target_path: str, cache: Path) -> tuple[Pat
     stamp = "|".join(f"{f.name}:{f.stat().st_mtime_ns}:{f.stat().st_size}" for f in sorted(p.iterdir())
                      if f.is_file())
     dest = cache / f"{p.name}-{fmt}-{hashlib.md5(f'{p}|{target_path}|{stamp}'.encode()).hexdigest()[:12]}"
-    if read_export(dest) is None:
-        if dest.exists():
-            shutil.rmtree(dest)
+    if read_export(dest) is None:  # atomic_dir replaces a half-written or foreign directory
         export_draft(p, dest, fmt, target_path)
     return dest, METHOD[fmt]
 
