@@ -7,7 +7,8 @@ Same draft, prompts and γ, greedy (T = 0); the engine one prompt at a time (the
 - `tau_train_estimate`  the held-out greedy acceptance its training stage recorded, as E[τ]: per draft position
                  when recorded (the FSPAD stage's `heldout_greedy_acceptance_k`), else i.i.d. α.
 Both served τ are 1 + accepted / drafts (vLLM's mean acceptance length; drafts = rounds that drafted γ tokens).
-`greedy_mismatches` counts prompts whose vLLM output differs from the engine's (both must be the target's own).
+`greedy_mismatches` counts prompts whose vLLM output differs from the engine's (both must be the target's own). A draft
+no vLLM format expresses exactly (`serve.export`) gets `tau_vllm` null and the reason in `vllm_refused`.
 Goals (issue #34): |Δτ| ≤ 5% engine vs vLLM, ≤ 10% training estimate vs served.
 
     .venv/bin/python bench/parity.py cluster/jobs/local.yaml --draft runs/local/draft_distilled --gamma 3 \\
@@ -30,6 +31,7 @@ from draftalign.io import read_json, write_json_atomic  # noqa: E402
 from draftalign.models import resolve_target  # noqa: E402
 from draftalign.sampling import SamplingParams  # noqa: E402
 from serve.acceptance import expected_block_efficiency  # noqa: E402
+from serve.export import ExportRefused  # noqa: E402
 
 TRAIN_STATS = ("distill_done.json", "fspad_done.json")  # where a run dir's training stage records held-out α
 
@@ -107,6 +109,10 @@ def vllm_run(target_path: str, draft: str | None, prompts: list[list[int]], gamm
             "tau": mean_acceptance_length(accepted, drafts), "speculative_config": engine.speculative_config}
 
 
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("job", nargs="?", default="cluster/jobs/local.yaml")
@@ -138,16 +144,21 @@ def main(argv: list[str] | None = None) -> dict:
     engine = {g: engine_run(target, draft, vocab, tok, prompts, g, max_new) for g in gammas}
     del target, draft
     for g in gammas:  # vLLM after the engine: its in-process core holds threads until closed
-        served = vllm_run(resolve_target(cfg.target.model), a.draft, prompts, g, max_new, cfg.target.dtype, a.threads,
-                          cfg.target.max_model_len)
+        try:
+            served = vllm_run(resolve_target(cfg.target.model), a.draft, prompts, g, max_new, cfg.target.dtype,
+                              a.threads, cfg.target.max_model_len)
+        except ExportRefused as refused:  # no vLLM format expresses this draft exactly: the row says why
+            served = {"tau": None, "outputs": None, "accepted": None, "drafts": None, "refused": str(refused)}
         e = engine[g]
-        mismatches = sum(x != y for x, y in zip(e["outputs"], served["outputs"], strict=True))
+        mismatches = (None if served["outputs"] is None else
+                      sum(x != y for x, y in zip(e["outputs"], served["outputs"], strict=True)))
         rows.append({"draft": str(a.draft), "format": fmt, "gamma": g, "task": a.task, "n_prompts": len(prompts),
-                     "max_new_tokens": max_new, "tau_engine": round(e["tau"], 4), "tau_vllm": round(served["tau"], 4),
-                     "tau_train_estimate": (None if (t := train_estimate(stats, g)) is None else round(t, 4)),
+                     "max_new_tokens": max_new, "tau_engine": round(e["tau"], 4), "tau_vllm": _round(served["tau"]),
+                     "tau_train_estimate": _round(train_estimate(stats, g)),
                      "greedy_mismatches": mismatches, "engine_counts": {k: e[k] for k in ("accepted", "drafts")},
                      "vllm_counts": {k: served[k] for k in ("accepted", "drafts")}, "dtype": cfg.target.dtype,
-                     "machine": f"{m['cpu']} ({m['cores']} cores, {a.threads} threads)"})
+                     "machine": f"{m['cpu']} ({m['cores']} cores, {a.threads} threads)"}
+                    | ({"vllm_refused": served["refused"]} if "refused" in served else {}))
         print(json.dumps(rows[-1]), flush=True)
     if a.out:
         old = read_json(a.out) or {"rows": []}
