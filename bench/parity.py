@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -141,14 +142,19 @@ def main(argv: list[str] | None = None) -> dict:
     fmt = "eagle" if is_fspad_head(a.draft) else "hf"
     m = machine()
     rows = []
-    engine = {g: engine_run(target, draft, vocab, tok, prompts, g, max_new) for g in gammas}
+    engine = {}
+    for g in gammas:
+        t0 = time.perf_counter()
+        engine[g] = engine_run(target, draft, vocab, tok, prompts, g, max_new) | {"seconds": time.perf_counter() - t0}
     del target, draft
     for g in gammas:  # vLLM after the engine: its in-process core holds threads until closed
+        t0 = time.perf_counter()
         try:
             served = vllm_run(resolve_target(cfg.target.model), a.draft, prompts, g, max_new, cfg.target.dtype,
                               a.threads, cfg.target.max_model_len)
         except ExportRefused as refused:  # no vLLM format expresses this draft exactly: the row says why
             served = {"tau": None, "outputs": None, "accepted": None, "drafts": None, "refused": str(refused)}
+        served["seconds"] = time.perf_counter() - t0  # engine start included
         e = engine[g]
         mismatches = (None if served["outputs"] is None else
                       sum(x != y for x, y in zip(e["outputs"], served["outputs"], strict=True)))
@@ -157,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "tau_train_estimate": _round(train_estimate(stats, g)),
                      "greedy_mismatches": mismatches, "engine_counts": {k: e[k] for k in ("accepted", "drafts")},
                      "vllm_counts": {k: served[k] for k in ("accepted", "drafts")}, "dtype": cfg.target.dtype,
+                     "seconds": {"engine": round(e["seconds"], 1), "vllm": round(served["seconds"], 1)},
                      "machine": f"{m['cpu']} ({m['cores']} cores, {a.threads} threads)"}
                     | ({"vllm_refused": served["refused"]} if "refused" in served else {}))
         print(json.dumps(rows[-1]), flush=True)
