@@ -195,6 +195,27 @@ def serve(job: Path = JobArg, port: int = typer.Option(None), draft: str = typer
 
 
 @app.command()
+def export(draft: Path = typer.Argument(..., help="the draft: an HF-format Llama draft or an FSPAD head"),
+           out: Path = typer.Argument(..., help="the directory to write (replaced atomically)"),
+           format: str = typer.Option(..., "--format", help="hf (Llama draft → vLLM draft_model), eagle (FSPAD head "
+                                                             "→ EAGLE-1) or eagle3"),
+           job: Path = typer.Option(None, help="job YAML naming the target (default cluster/jobs/local.yaml)"),
+           target: str = typer.Option(None, help="target model (overrides target.model)"),
+           overrides: list[str] = SetOpt):
+    """Export a draft to a format vLLM's speculative decoding loads, exactly: refused, with the reason, when the
+    format cannot express the draft (no approximate export)."""
+    from draftalign.models import resolve_target
+    from serve.export import export_draft
+
+    def go():
+        cfg = _load(job, overrides, {"target.model": target})
+        dest = export_draft(draft, out, format, resolve_target(cfg.target.model))
+        typer.echo(f"exported {draft} as {format} to {dest}")
+
+    _guard(go)
+
+
+@app.command()
 def run(job: Path = JobArg, overrides: list[str] = SetOpt):
     """Every stage: generate → pretrain → distill → eval → report, skipping finished stages."""
     from draftalign.pipeline import run_pipeline
