@@ -158,7 +158,8 @@ def self_run(tmp_path_factory, embedded_target_path):
     job = {"name": "magpie-test", "run_dir": str(tmp / "run"), "seed": 1,
            "target": {"model": embedded_target_path, "dtype": "float32", "max_model_len": 512, "cpus_per_engine": 1},
            "data": {"train": ["embedded:chitchat", {"source": "embedded:self", "max_prompts": 8}],
-                    "eval": {"self": "embedded:self"}, "self_queries": {"max_tokens": 48}},
+                    "eval": {"self": "embedded:self"}, "holdout": 0.4,  # a held-out part among ~15 queries
+                    "self_queries": {"n_samples": 20, "max_tokens": 64}},
            "generate": {"num_prompts": 16, "shard_size": 8, "max_tokens": 8, "dtype": "float32"},
            "cluster": {"nodes": [{"cpus": 2}]}}
     path = tmp / "job.yaml"
@@ -177,7 +178,7 @@ def test_the_target_writes_queries_that_stage_2_answers(self_run):
     d, resolved = self_run["dir"], self_run["resolved"]
     meta = json.loads((d / "meta.json").read_text())
     n = self_query_budget(self_run["cfg"], [])
-    assert meta["n_samples"] == n == 18 and meta["counts"]["sampled"] == n
+    assert meta["n_samples"] == n == 20 and meta["counts"]["sampled"] == n
     assert sum(v for k, v in meta["counts"].items() if k != "sampled") == n  # every sample kept or dropped once
     queries = [json.loads(line)["prompt"] for line in (d / "self.jsonl").read_text().splitlines()]
     assert len(queries) == meta["counts"]["kept"] > 0
@@ -187,7 +188,7 @@ def test_the_target_writes_queries_that_stage_2_answers(self_run):
     own = [p for p in plan["prompt_ids"] if p.startswith("self.jsonl/")]
     assert own and len(own) <= 8 and len(plan["prompt_ids"]) == 16  # mixed with chitchat, capped by max_prompts
     held = {p["id"] for p in eval_prompts(resolved.data, "self", 100, 0)}
-    assert not held & set(own)  # the eval task reads only the held-out part
+    assert held and not held & set(own)  # the eval task reads only the held-out part
     from draftalign.distset import load_distill_set
 
     rows = load_distill_set(self_run["distill"])
