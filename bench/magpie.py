@@ -1,9 +1,10 @@
 """`embedded:self` bench (issue #33 item 6): does adding queries the target wrote itself (Magpie) to the embedded
 mix help on everyday assistant questions that neither source produced, without losing chat?
 
-Two drafts at `make run`'s recipe and size (cluster/jobs/local.yaml), each trained by `draftalign run` in its own
-run dir. They share the generate budget (generate.num_prompts = 640 prompts answered by the target) and the
-training steps (stages 1 and 3 as the job sets them); only data.train differs:
+Two drafts at `make run`'s recipe and size (cluster/jobs/local.yaml), each trained in its own run dir by the
+stages of `draftalign run` (generate, pretrain, distill, resumable; not its own eval). They share the generate
+budget (generate.num_prompts = 640 prompts answered by the target) and the training steps (stages 1 and 3 as the
+job sets them); only data.train differs:
 
   embedded  today's mix: data.train = [embedded:chitchat]          (`--embedded PATH` reuses a trained draft)
   self      [embedded:chitchat, {embedded:self, max_prompts: 320}], weight 1 each: about half of the 640 prompts
@@ -32,9 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from actors.magpie import jaccard, normalise, shingles  # noqa: E402
 from bench.byo import cli, compare, print_rows, set_args  # noqa: E402
 from draftalign.io import write_json_atomic  # noqa: E402
+from draftalign.query_filters import jaccard, normalise, shingles  # noqa: E402
 
 MT_BENCH = ROOT / "bench" / "data" / "mt_bench" / "question.jsonl"
 TASKS = ["chat", "code", "everyday"]
@@ -80,8 +81,6 @@ def main() -> None:
     work, out = Path(a.work).resolve(), Path(a.out)
     evalset, questions = everyday_set(work)
     counts = {k: int(v) for k, v in (kv.split("=") for kv in a.prompts.split(","))}
-    # the arms' own run-stage eval is kept small (the comparison is the interleaved eval below)
-    quick_eval = ["eval.tasks=[chat]", "eval.prompts_per_task=2"]
     mixes = {"embedded": "[embedded:chitchat]",
              "self": f"[embedded:chitchat, {{source: embedded:self, max_prompts: {a.self_prompts}}}]"}
     drafts, seconds = {}, {}
@@ -89,10 +88,11 @@ def main() -> None:
         if arm == "embedded" and a.embedded:
             drafts[arm] = Path(a.embedded).resolve()
             continue
-        t0 = time.perf_counter()
-        cli("run", a.job, *set_args([f"name=magpie-{arm}", f"run_dir={work / arm}", f"data.train={mix}",
-                                     *quick_eval, *a.overrides]))
-        seconds[f"run_{arm}"] = round(time.perf_counter() - t0, 1)
+        sets = set_args([f"name=magpie-{arm}", f"run_dir={work / arm}", f"data.train={mix}", *a.overrides])
+        for verb in ("generate", "pretrain", "distill"):  # `run`'s stages; its eval is the one below
+            t0 = time.perf_counter()
+            cli(verb, a.job, *([] if verb == "generate" else ["--resume"]), *sets)
+            seconds[f"{verb}_{arm}"] = round(time.perf_counter() - t0, 1)
         drafts[arm] = work / arm / "draft_distilled"
 
     out.mkdir(parents=True, exist_ok=True)

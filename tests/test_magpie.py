@@ -14,18 +14,14 @@ import yaml
 
 from actors.magpie import (
     PreQueryError,
-    deduplicate,
-    jaccard,
-    minhash,
     pre_query_template,
     query_text,
-    reject_reason,
     resolve_self_sources,
     select_queries,
     self_query_budget,
-    shingles,
 )
 from draftalign.config import ConfigError, SelfQueryConfig, load_config
+from draftalign.query_filters import deduplicate, jaccard, minhash, reject_reason, shingles
 from draftalign.sources import SourceError, eval_prompts, train_prompts
 
 ZEPHYR = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '</s>\\n' }}{% endfor %}"
