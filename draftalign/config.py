@@ -280,7 +280,8 @@ class SampledEvalConfig(_Strict):
 
 class SourceConfig(_Strict):
     """One prompt source (`draftalign.sources`): a local file or directory (JSONL, JSON, parquet, CSV), a URI, a
-    `datasets` name, or a packaged set (embedded:chitchat, embedded:summarize, embedded:humaneval)."""
+    `datasets` name, a packaged set (embedded:chitchat, embedded:summarize, embedded:humaneval), or embedded:self
+    (user turns the target writes itself: `actors/magpie.py`, settings in data.self_queries)."""
 
     source: str = Field(min_length=1, description="path, URI, datasets name or embedded:<set>")
     format: Literal["auto", "sharegpt", "openai", "alpaca", "prompt"] = Field(
@@ -296,9 +297,28 @@ class SourceConfig(_Strict):
         return self
 
 
-EMBEDDED_SOURCES = ("embedded:chitchat", "embedded:summarize", "embedded:humaneval")
+SELF_SOURCE = "embedded:self"
+EMBEDDED_SOURCES = ("embedded:chitchat", "embedded:summarize", "embedded:humaneval", SELF_SOURCE)
 EVAL_ONLY_SOURCES = ("embedded:summarize", "embedded:humaneval")
 DEFAULT_EVAL = {"chat": "embedded:chitchat", "code": "embedded:humaneval", "summarize": "embedded:summarize"}
+
+
+class SelfQueryConfig(_Strict):
+    """`embedded:self`: the target, given its chat template up to a user turn, samples the user's query (Magpie,
+    Xu et al. 2024); the queries are filtered and deduplicated (`actors/magpie.py`)."""
+
+    n_samples: int | None = Field(None, ge=1, description="queries sampled before filtering; None = oversample × "
+                                  "the prompts wanted (the source's max_prompts, else generate.num_prompts), "
+                                  "÷ (1 − data.holdout) when trained on")
+    oversample: float = Field(2.0, ge=1, description="samples per wanted prompt (filters and dedup drop some)")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(128, ge=8, description="longest query in tokens; one that has not ended by then "
+                            "is dropped (unfinished)")
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(200, ge=1)
+    near_duplicate: float = Field(0.7, gt=0, le=1, description="Jaccard similarity of word-3-gram shingles at "
+                                  "which a query is a near-duplicate of an earlier one (MinHash LSH candidates)")
 
 
 def _as_source(v):
@@ -317,6 +337,8 @@ class DataConfig(_Strict):
                                           "summarize) stay unless the job redefines them")
     holdout: float = Field(0.1, ge=0, lt=1, description="share of each train source's conversations held "
                            "out by content hash (an eval task on the same source reads only these)")
+    self_queries: SelfQueryConfig = Field(default_factory=SelfQueryConfig,
+                                          description="how embedded:self samples its queries")
 
     @field_validator("train", mode="before")
     @classmethod

@@ -371,6 +371,9 @@ def run_eval(cfg: JobConfig, drafts: dict[str, str | None] | str | None = None,
     """Evaluate drafts (name → path, 'new', or None for the job's newest trained draft) against the job's
     target in one interleaved run. Writes one eval JSON per draft: `out` is a path (one draft) or
     {name: path}. Returns {name: eval JSON}."""
+    from actors.magpie import resolve_self_sources
+
+    cfg = resolve_self_sources(cfg, cfg.eval.tasks)  # an embedded:self task: its queries sampled (Ray down after)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(threads or os.cpu_count() or 1)
     if not isinstance(drafts, dict):
