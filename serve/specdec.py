@@ -54,8 +54,9 @@ class SpecDecoder(DraftModelProposer, DraftTreeProposer, FSPADProposer):
         min(1, p/s) tests and that scheme's residuals (SpecInfer / recursive speculative decoding);
         without replacement needs k tokens with q > 0 under every node (top-k/top-p may leave fewer).
     At temperature 0 the tree is always top-k and verified by `verify_greedy`.
-    policy: a `serve.goodput.GoodputPolicy` picks each chain round's γ ≤ gamma from the batch size and the
-    measured step costs (`measure_step_costs`); None = every round drafts gamma (the eval's setting).
+    policy: a `serve.goodput.GoodputPolicy` picks each Llama-draft chain round's γ ≤ gamma from its requests' own
+    acceptance, the batch size and the measured step costs (`measure_step_costs`); None = every round drafts gamma
+    (a fixed-γ eval arm). `draftalign eval`'s adaptive arms and the served engine use the same policy.
     draft_step_dtype: the dtype of the draft's single-row products (`serve.kernels.one_row_linear`, e.g.
     torch.float16 on CPU), None = the draft's own. Lossless either way: q is what the draft computed.
     draft may also be an FSPAD head (`learner.fspad.FSPADHead`, draft.kind=fspad): it drafts from the target's
