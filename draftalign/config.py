@@ -486,9 +486,10 @@ class ServeConfig(_Strict):
                                    "its branching per depth, e.g. [2, 2, 1], or (FSPAD heads) a dynamic one, e.g. "
                                    "{depth: 5, topk: 3, nodes: 12} (serve.tree); None = a chain of gamma tokens")
     gamma_policy: Literal["goodput", "fixed"] = Field(
-        "goodput", description="goodput: each round drafts the γ ≤ gamma that maximises expected tokens/s for "
-        "its batch size, from step costs measured at replica start (0 = a plain target step when the batch is "
-        "compute-bound); fixed: always gamma (native engine; vLLM always uses gamma)")
+        "goodput", description="goodput: each round drafts the γ ≤ gamma that maximises expected tokens/s from "
+        "each request's own acceptance and step costs measured at replica start (serve.goodput; 0 = a plain target "
+        "step for a request the draft does not know or a compute-bound batch); fixed: always gamma (native engine, "
+        "Llama-draft chains; vLLM always uses gamma)")
     max_tokens_cap: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     max_queued_requests: int = Field(64, ge=-1, description="requests waiting for a busy replica, per caller, "
                                      "beyond which the endpoint answers 503 with Retry-After (-1: no limit)")
