@@ -162,6 +162,16 @@ def make_run_tasks() -> str:
 MAKE_RUNS = ("make_run_s3", "make_run_epyc_avx512")  # one fresh-clone `make run` per machine class
 
 
+def chat_alphas(run: str, d: dict) -> str:
+    """Chat α greedy, then at each sampled temperature the run evaluated (eval.sampled's `eval_distilled_t<T>.json`
+    beside it); '–' for a temperature the run did not measure."""
+    cells = [f"{arm_by_gamma(d, d['gamma'])['acceptance_rate']:.3f} (greedy)"]
+    for path in sorted((ROOT / RESULTS / run).glob("eval_distilled_t*.json")):
+        ev = json.loads(path.read_text())
+        cells.append(f"{arm_by_gamma(ev, ev['gamma'])['acceptance_rate']:.3f} (T = {ev['temperature']:g})")
+    return " / ".join(cells) if len(cells) > 1 else cells[0] + " / – (T > 0 not run)"
+
+
 def make_run_machines() -> str:
     """`make run` from a fresh clone on each machine class: its wall time (timing.txt) and the distilled draft."""
     rows = []
@@ -173,9 +183,9 @@ def make_run_machines() -> str:
         chat, code = arm_by_gamma(d, 3, "chat"), arm_by_gamma(d, 3, "code")
         rows.append([machine(d), f"{int(total[1]) / 60:.1f} min" if total else "–",
                      " / ".join(f"{k} {int(v) / 60:.1f}" for k, v in stages.items()), tau(chat), speedup(chat),
-                     f"{code['speedup']:.2f}×", mismatches(d), link(f"{run}/eval_distilled.json")])
+                     chat_alphas(run, d), f"{code['speedup']:.2f}×", mismatches(d), link(f"{run}/eval_distilled.json")])
     return table(["machine", "`make run` (after setup)", "stages, min", "chat τ [95% CI]", "chat speedup [95% CI]",
-                  "code speedup", "lossless", "JSON"], rows)
+                  "chat α greedy / sampled", "code speedup", "lossless", "JSON"], rows)
 
 
 def byo() -> str:
@@ -266,9 +276,6 @@ SAMPLING = "sampling/adaptive.json"  # bench/adaptive.py: fixed γ vs adaptive �
 def adaptive_vs_fixed() -> str:
     """bench/adaptive.py: per task, fixed γ against the served per-request policy, at T = 0 and the sampled
     temperatures, side by side (α greedy beside α sampled); the adaptive arm's paired Δ speedup to each fixed γ."""
-    if not (ROOT / RESULTS / SAMPLING).exists():
-        return ("Not measured yet: `.venv/bin/python bench/adaptive.py --draft runs/local/draft_distilled --out "
-                "bench/results/sampling` writes the JSONs this table is generated from.")
     d = load(SAMPLING)
     temps = sorted({r["temperature"] for r in d["rows"]})
     arms = [str(g) for g in d["gammas"]]
