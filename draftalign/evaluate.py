@@ -23,7 +23,8 @@ Greedy arms are checked token for token against the target-only arm on every pro
 An `adaptive` entry of eval.gamma adds, per Llama draft, an arm `<name>@adaptive` that decodes as the served
 engine does: each round's γ ≤ eval.gamma_max from the request's own acceptance and this engine's step costs,
 measured at the start (`serve.goodput`; γ = 0 rounds are target steps). Its cells report the mean γ̄ drafted per
-round (`mean_gamma`, γ = 0 rounds included) and put γ̄ in E[τ] and the bound; each is also paired with the same
+round (`mean_gamma`, γ = 0 rounds included; `target_only_rounds`) and put γ̄ in E[τ] and the bound (its v averages
+its target steps and its verification passes); each is also paired with the same
 draft's fixed-γ arms (Δ adaptive − fixed over the same prompts). FSPAD heads have no adaptive arm (fixed γ).
 """
 
@@ -160,7 +161,10 @@ def adaptive_engine(target, draft, tok, vocab, step_dtype, gamma_max: int) -> Sp
     """An engine whose every round plays the served policy (`serve.goodput.GoodputPolicy`) on step costs measured
     here, at batch 1 (the eval's batch)."""
     engine = SpecDecoder(target, draft, tok, gamma=gamma_max, draft_vocab=vocab, draft_step_dtype=step_dtype)
-    engine.policy = GoodputPolicy(engine.measure_step_costs(batch_sizes=(1,), repeats=5), gamma_max=gamma_max)
+    costs = engine.measure_step_costs(batch_sizes=(1,), repeats=15)  # ≈ 1 s idle; the ratios decide γ
+    engine.policy = GoodputPolicy(costs, gamma_max=gamma_max)
+    print(f"  adaptive γ ≤ {gamma_max}: measured t_T(rows) " + ", ".join(
+        f"{r}: {1e3 * t:.1f}" for r, t in costs.target.items()) + f" ms, t_D {1e3 * costs.draft[1]:.1f} ms", flush=True)
     return engine
 
 
@@ -169,7 +173,8 @@ def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: boo
     """Every arm on every prompt, interleaved. drafts: {name: (model, vocabulary or None)}; eval.trees are
     measured for the drafts in `trees_for` (None: every draft); dynamic trees for FSPAD heads only.
     Returns {"prompts": {task: [ids]}, "records": {arm: {task: [record per prompt]}}} with arm
-    "target" for target-only decoding and "<name>@<γ>" for speculative decoding."""
+    "target" for target-only decoding and "<name>@<γ>" for speculative decoding; "step_costs": {arm: the
+    measured costs its policy decides on} for the adaptive arms."""
     ev = cfg.eval
     params = SamplingParams(temperature=ev.temperature, top_p=ev.top_p, top_k=ev.top_k,
                             max_new_tokens=ev.max_new_tokens, seed=cfg.seed)
@@ -213,7 +218,8 @@ def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: boo
             print(f"  {task:<10} n={len(ids):<3} " + "  ".join(
                 f"{arm}: τ={r['block_efficiency']:.2f} α={r['acceptance_rate']:.3f} "
                 f"speedup={r['speedup']:.2f}x" for arm, r in rows.items()), flush=True)
-    return {"prompts": prompts, "records": records}
+    costs = {arm: dataclasses.asdict(engine.policy.costs) for arm, engine, _ in arms if engine.policy is not None}
+    return {"prompts": prompts, "records": records, "step_costs": costs}
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -329,8 +335,9 @@ def summarize(measured: dict, cfg: JobConfig) -> dict:
         cell = {"gamma": label if gamma is None else gamma,
                 "tree": dataclasses.asdict(tree) if isinstance(tree, DynamicTree) else tree,
                 "tasks": {t: _row(base[t], by_task[t], gamma, seed=cfg.seed) for t in tasks}}
-        if gamma is None:
+        if gamma is None:  # what the policy decided on: {"target": {rows: s}, "draft": {batch: s}}
             cell["gamma_max"] = cfg.eval.gamma_max
+            cell["step_costs"] = measured.get("step_costs", {}).get(arm)
         flat_s = [r for t in tasks for r in by_task[t]]
         cell["overall"] = _row(flat_b, flat_s, gamma, strata=strata, seed=cfg.seed)
         mismatches = sum(a["token_ids"] != b["token_ids"] for a, b in zip(flat_b, flat_s)) if greedy else None
@@ -411,7 +418,8 @@ def _eval_json(cfg: JobConfig, name: str, draft: str, summary: dict, dtype, info
             **({"gamma_max": cfg.eval.gamma_max} if ADAPTIVE in cells else {}),
             "temperature": cfg.eval.temperature, "tasks": first["tasks"], "overall": first["overall"],
             "paired": first.get("paired", {}),
-            "by_gamma": {str(g): {"tasks": c["tasks"], "overall": c["overall"], "paired": c.get("paired", {})}
+            "by_gamma": {str(g): {"tasks": c["tasks"], "overall": c["overall"], "paired": c.get("paired", {}),
+                                  **({"step_costs": c["step_costs"]} if "step_costs" in c else {})}
                          for g, c in cells.items()},  # "adaptive": the served policy's arm (γ̄ in mean_gamma)
             "by_tree": {label: {"tree": c["tree"], "tasks": c["tasks"], "overall": c["overall"],
                                 "paired": c.get("paired", {})} for label, c in trees.items()},

@@ -129,6 +129,9 @@ def test_adaptive_arm_runs_the_served_policy_beside_the_fixed_chains(tmp_path, t
     adaptive, fixed = res["by_gamma"]["adaptive"]["overall"], res["by_gamma"]["3"]["overall"]
     assert 0 <= adaptive["mean_gamma"] <= 2 and fixed["mean_gamma"] == 3 and fixed["target_only_rounds"] == 0
     assert len(adaptive["acceptance_per_position"]) == 2
+    costs = json.loads(out.read_text())["by_gamma"]["adaptive"]["step_costs"]  # what the policy decided on
+    assert set(costs["target"]) == {"1", "2", "3"} and set(costs["draft"]) == {"1"}
+    assert list(costs["target"].values()) == sorted(costs["target"].values())  # never cheaper with more rows
     d = res["by_gamma"]["adaptive"]["paired"]["small@3"]["overall"]["speedup"]
     assert d["delta"] == pytest.approx(adaptive["speedup"] - fixed["speedup"])
     with pytest.raises(ValueError, match="eval.gamma"):
