@@ -126,7 +126,7 @@ class GoodputPolicy:
     gamma_max: int
     estimate: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
     request_weight: float = 4.0
-    request_decay: float = 0.9
+    request_decay: float = 0.95
     probe_every: int = 16
 
     def begin(self, batch: int) -> RequestGoodput:

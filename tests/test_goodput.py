@@ -94,7 +94,7 @@ def test_request_the_draft_does_not_know_stops_drafting_and_one_it_knows_drafts_
         played.append(g)
         if g:
             unknown.observe({0: (0, 1)})
-    assert played[-1] == 0 and unknown.estimates[0].alpha < 0.2, played
+    assert played[-1] == 0 and unknown.estimates[0].alpha < 0.25, played  # five failed rounds suffice
     for _ in range(6):  # 9 of every 10 tested tokens accepted
         g = known.choose([True])
         known.observe({0: (3, 0)} if g else {})
