@@ -254,9 +254,13 @@ class DynamicTreeConfig(_Strict):
 TreeShape = list[int] | DynamicTreeConfig
 
 
-def _check_gammas(gammas: list[int], where: str) -> None:
-    if not gammas or any(g < 1 for g in gammas):
-        raise ValueError(f"{where} must be a non-empty list of integers ≥ 1, got {gammas}")
+ADAPTIVE = "adaptive"  # an eval arm whose γ ≤ eval.gamma_max is chosen every round (serve.goodput)
+Gamma = int | Literal["adaptive"]
+
+
+def _check_gammas(gammas: list[Gamma], where: str) -> None:
+    if not gammas or any(g != ADAPTIVE and g < 1 for g in gammas) or len(set(gammas)) < len(gammas):
+        raise ValueError(f"{where} must be a non-empty list of distinct integers ≥ 1 or 'adaptive', got {gammas}")
 
 
 def _check_trees(trees: list, where: str) -> None:
@@ -270,7 +274,7 @@ class SampledEvalConfig(_Strict):
 
     temperature: float = Field(1.0, gt=0)
     tasks: list[str] = Field(default_factory=lambda: ["chat"], description="eval tasks (keys of data.eval)")
-    gamma: list[int] = Field(default_factory=lambda: [3])
+    gamma: list[Gamma] = Field(default_factory=lambda: [3], description="γ values, or 'adaptive' (eval.gamma)")
 
     @property
     def suffix(self) -> str:
@@ -368,7 +372,10 @@ class EvalConfig(_Strict):
                              description="eval tasks, each a key of data.eval")
     prompts_per_task: int | dict[str, int] = Field(
         16, description="held-out prompts per task: one number for every task, or {task: number}")
-    gamma: list[int] = Field(default_factory=lambda: [3], description="γ values to evaluate")
+    gamma: list[Gamma] = Field(default_factory=lambda: [3], description="γ values to evaluate, each an arm; "
+                               "'adaptive': γ ≤ gamma_max chosen every round from the request's own acceptance "
+                               "and measured step costs (serve.goodput, as served), e.g. [adaptive, 3]")
+    gamma_max: int = Field(3, ge=1, description="the largest γ an 'adaptive' arm drafts")
     trees: list[TreeShape] = Field(default_factory=list, description="token trees evaluated besides the chains, "
                                    "each its branching per depth, e.g. [2, 2, 1] (serve.tree): arm <draft>@tree:2-2-1, "
                                    "or a dynamic tree {depth: 5, topk: 3, nodes: 12}: arm <draft>@dtree:5-3-12")
@@ -393,6 +400,11 @@ class EvalConfig(_Strict):
         if isinstance(self.prompts_per_task, int) and self.prompts_per_task < 1:
             raise ValueError(f"eval.prompts_per_task must be ≥ 1, got {self.prompts_per_task}")
         return self
+
+    @property
+    def longest_draft(self) -> int:
+        """The most tokens any arm drafts in a round (prompts must leave room for them)."""
+        return max(self.gamma_max if g == ADAPTIVE else g for g in self.gamma)
 
     def at_temperature(self) -> "EvalConfig":
         """The eval that `sampled` asks for: its temperature, tasks and γ; chains only."""
@@ -497,9 +509,10 @@ class ServeConfig(_Strict):
                                    "its branching per depth, e.g. [2, 2, 1], or (FSPAD heads) a dynamic one, e.g. "
                                    "{depth: 5, topk: 3, nodes: 12} (serve.tree); None = a chain of gamma tokens")
     gamma_policy: Literal["goodput", "fixed"] = Field(
-        "goodput", description="goodput: each round drafts the γ ≤ gamma that maximises expected tokens/s for "
-        "its batch size, from step costs measured at replica start (0 = a plain target step when the batch is "
-        "compute-bound); fixed: always gamma (native engine; vLLM always uses gamma)")
+        "goodput", description="goodput: each round drafts the γ ≤ gamma that maximises expected tokens/s from "
+        "each request's own acceptance and step costs measured at replica start (serve.goodput; 0 = a plain target "
+        "step for a request the draft does not know or a compute-bound batch); fixed: always gamma (native engine, "
+        "Llama-draft chains; vLLM always uses gamma)")
     max_tokens_cap: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     max_queued_requests: int = Field(64, ge=-1, description="requests waiting for a busy replica, per caller, "
                                      "beyond which the endpoint answers 503 with Retry-After (-1: no limit)")
