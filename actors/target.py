@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -66,6 +67,8 @@ class TargetEngine:
         self.vocab_size = mc.get_vocab_size()
         self.dtype = str(mc.dtype).removeprefix("torch.")
         self._closed = False
+        self._started = time.time()
+        self._score = {"calls": 0, "sequences": 0, "tokens": 0, "positions": 0, "busy_s": 0.0}
 
     @classmethod
     def from_config(cls, cfg: TargetConfig, model_path: str, seed: int = 0,
@@ -176,12 +179,27 @@ class TargetEngine:
                                  f"{self.max_model_len} leaves no room for the one generated token")
         if not seqs:
             return []
+        t0 = time.perf_counter()
         # flat_logprobs keeps vLLM's output as flat lists (no dict per position): much faster.
         params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in seqs], params,
                                  use_tqdm=False)
-        return [self._unpack(o.prompt_logprobs, len(s), st, k)
-                for o, s, st in zip(outs, seqs, starts, strict=True)]
+        out = [self._unpack(o.prompt_logprobs, len(s), st, k) for o, s, st in zip(outs, seqs, starts, strict=True)]
+        c = self._score
+        c["calls"] += 1
+        c["sequences"] += len(seqs)
+        c["tokens"] += sum(len(s) for s in seqs)
+        c["positions"] += sum(len(s) - st for s, st in zip(seqs, starts, strict=True))
+        c["busy_s"] += time.perf_counter() - t0
+        return out
+
+    def score_stats(self) -> dict:
+        """What `score` did since the engine started: calls, sequences, tokens (whole sequences, prefilled),
+        positions (returned), busy_s; tokens_per_s = tokens / busy_s (scoring speed), busy_frac = busy_s / uptime."""
+        c = dict(self._score)
+        up = max(time.time() - self._started, 1e-9)
+        return {**c, "tokens_per_s": c["tokens"] / max(c["busy_s"], 1e-9), "busy_frac": c["busy_s"] / up,
+                "uptime_s": up}
 
     def _unpack(self, plp, length: int, start: int, k: int) -> dict:
         # vLLM 0.32 FlatLogprobs: position 0 is empty; every later position holds width = k + 1
