@@ -111,7 +111,7 @@ class AssistedRolloutWorker(RolloutWorker):
         if gamma < 1 or redrafts_per_sequence < 0 or redraft_temperature <= 0:
             raise ValueError(f"target_assisted needs gamma ≥ 1, redrafts_per_sequence ≥ 0 and redraft_temperature "
                              f"> 0, got {gamma}, {redrafts_per_sequence}, {redraft_temperature}")
-        if not self.pool.engines:
+        if self.lam > 0 and not self.pool.engines:
             raise ValueError("target_assisted rollouts need a TargetActor to verify the draft's proposals")
         self.gamma, self.redrafts, self.redraft_temperature = gamma, redrafts_per_sequence, redraft_temperature
         self.generator = torch.Generator().manual_seed(self.seed)

@@ -897,7 +897,9 @@ def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows:
     try:
         k = cfg.target.top_k_logprobs
         if cfg.rollout.on_policy_fraction > 0 or any(cached_score(r, k) is None for r in train_rows + held_rows):
-            engines = create_target_actors(cfg, target_path, name_prefix=f"draftalign-{cfg.name}")
+            # one thread per rollout actor (+ the driver / a stats call): their score calls are batched
+            engines = create_target_actors(cfg, target_path, name_prefix=f"draftalign-{cfg.name}",
+                                           max_concurrency=cfg.rollout.num_actors + 2)
         else:
             _say("no target engine started: rollouts replay the set, whose rows carry the target's top-k")
         engine_info = ray.get([e.info.remote() for e in engines])
