@@ -20,7 +20,9 @@ step 0) in one more interleaved eval on --curve-task at greedy, for the plot of 
 
 Writes `<out>/compare.json` — {"paired": [{"a", "b", "budget", "temperature", "task", "dtau", "dtau_ci"}],
 "budgets": {budget: {arms, curve, …}}, …}; rows of another --budget already in the file are kept — and
-`<out>/tau_vs_steps_<budget>.png`. Smoke run: `--quick`. Commands for the two budgets: docs/results/opd.md.
+`<out>/tau_vs_steps_<budget>.png`. Smoke run: `--quick`. Commands for the two budgets: docs/results/ablations.md.
+`learner.max_steps` stays the job's (the LR schedule's horizon): an arm that reaches it before its time stops there;
+`--set learner.max_steps=N` lets the time bind. `--scaling`: item 3's throughput check instead (`scaling`).
 """
 
 from __future__ import annotations
@@ -147,6 +149,31 @@ def plot_curve(curve: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def scaling(base, draft: Path, root: Path, minutes: float, replay_fraction: float, out: Path) -> dict:
+    """Item 3's scaling check: the opd_tvd_pp arm for `minutes` of learner time at (rollout actors, target engines)
+    = (1, 1), (2, 1), (1, 2), learner unchanged: rollout tokens/s per actor, target tokens/s per engine and the
+    bottleneck of each, written to `<out>/scaling.json`. One more actor (or engine) raises throughput only where
+    there is hardware for it and that role, not the learner, was the bottleneck."""
+    from learner.distill import run_distill
+
+    runs = {}
+    for actors, engines in ((1, 1), (2, 1), (1, 2)):
+        cfg = arm_config(base, "opd_tvd_pp", draft, root / f"scaling_a{actors}_e{engines}", replay_fraction)
+        cfg.name = f"{cfg.name}-a{actors}-e{engines}"
+        cfg.rollout.num_actors, cfg.target.num_engines = actors, engines
+        _link_distill_set(base.run_path.resolve(), cfg.run_path)
+        run_distill(cfg, time_budget_s=60.0 * minutes)
+        d = json.loads((cfg.run_path / "distill_done.json").read_text())
+        runs[f"actors={actors},engines={engines}"] = {
+            k: d.get(k) for k in ("steps", "trained_tokens", "rollout_tokens_per_s_per_actor",
+                                  "target_tokens_per_s_per_engine", "target_busy_frac_per_engine",
+                                  "target_tokens_scored_for_rollouts", "rollout_time_split", "bottleneck",
+                                  "bottleneck_shares", "scaling")}
+        print(f"[opd] scaling {actors} actor(s), {engines} engine(s): {runs[list(runs)[-1]]}", flush=True)
+    write_json_atomic(out / "scaling.json", {"minutes": minutes, "runs": runs})
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("job", nargs="?", default="cluster/jobs/local.yaml", help="job YAML (its stage 1 and set)")
@@ -162,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny rollouts and evals")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value")
     ap.add_argument("--out", type=Path, default=Path("bench/results/opd"), help="compare.json and the plot go here")
+    ap.add_argument("--scaling", action="store_true",
+                    help="instead: the scaling check (1 → 2 rollout actors, 1 → 2 target engines) → scaling.json")
     args = ap.parse_args(argv)
     if not 0 <= args.replay_fraction < 1:
         raise SystemExit(f"--replay-fraction must be in [0, 1), got {args.replay_fraction}")
@@ -178,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown arms {sorted(set(arms) - set(ARMS))}; known: {', '.join(ARMS)}")
     gamma = base.eval.gamma[0]
     root = src_run / "opd" / args.budget
+    if args.scaling:
+        scaling(base, draft, root, args.minutes, args.replay_fraction, args.out)
+        return 0
     cfgs = {a: arm_config(base, a, draft, root, args.replay_fraction) for a in arms}
     for cfg in cfgs.values():
         _link_distill_set(src_run, cfg.run_path)
