@@ -167,26 +167,27 @@ class AssistedRolloutWorker(RolloutWorker):
                 new[s] += out
                 done[s] = (out[-1] == self.eos_id or len(new[s]) >= stop_len or len(ctx[s]) + g + 1 >= self.max_len)
             self.counters["rounds"] += 1
-        records += self._redraft(records)
-        target_s += getattr(self, "_redraft_s", 0.0)
+        redrafts, dt = self._redraft(records)
+        records += redrafts
+        target_s += dt
         self.counters["committed"] += sum(len(n) for n in new)
         return new, records, target_s
 
-    def _redraft(self, rounds: list[dict]) -> list[dict]:
-        """Re-drafts from up to `redrafts_per_sequence` rejection points per sequence (module docstring)."""
-        self._redraft_s = 0.0
+    def _redraft(self, rounds: list[dict]) -> tuple[list[dict], float]:
+        """Re-drafts from up to `redrafts_per_sequence` rejection points per sequence (module docstring):
+        (their records, seconds waited on the target)."""
         by: dict[str, list[dict]] = {}
         for r in rounds:  # a rejection whose position was committed (not cut by EOS / max_new_tokens before it)
             if r["num_accepted"] < len(r["draft_tokens"]) and len(r["committed"]) > r["num_accepted"]:
                 by.setdefault(r["request"], []).append(r)
         picked = [r for rs in by.values() for r in self.rng.sample(rs, min(self.redrafts, len(rs)))]
         if not picked:
-            return []
+            return [], 0.0
         T = self.redraft_temperature
         contexts = [list(r["context"]) + list(r["draft_tokens"][:r["num_accepted"]]) for r in picked]
         y, q, log_qy = propose(self.model, contexts, self.gamma, self._params(T), self.pad_id, self.outside,
                                self.generator)
-        scores, self._redraft_s = self._score(contexts, y)
+        scores, waited = self._score(contexts, y)
         k, nxt, u = verify(y, q, scores, T, self.generator)
         out = []
         for j, (r, c) in enumerate(zip(picked, contexts, strict=True)):
@@ -195,7 +196,7 @@ class AssistedRolloutWorker(RolloutWorker):
                                     scores[j]["logprobs"], y[j, :kappa].tolist() + [int(nxt[j])], kappa,
                                     self.version, T, kind="redraft", uniforms=u[j].numpy(), parent=r["request"]))
         self.counters["redrafts"] += len(out)
-        return out
+        return out, waited
 
     def sample(self) -> _Sampled:
         """Pick rows, flip the on-policy coins; on-policy picks become target-assisted rollouts, already scored

@@ -231,3 +231,49 @@ def test_target_assisted_distill_trains_reports_and_resumes(ray_local, job):
     log = distill_log(cfg)
     assert next(r for r in log if r["step"] == 7)["restored_digest"] == next(
         r for r in log if r["step"] == 6)["state_digest"]
+
+
+def test_concurrent_score_requests_are_batched_into_one_engine_call():
+    """`actors.target._Coalescer` (a target engine actor with max_concurrency > 1): requests that arrive while a call
+    runs wait and then go as ONE call; each caller gets its own answer; an error reaches every caller of its call."""
+    import threading
+    import time
+
+    from actors.target import _Coalescer
+
+    calls: list[int] = []
+
+    def engine(requests):  # stands in for the vLLM call's latency only; the answers are a pure function of the input
+        calls.append(len(requests))
+        time.sleep(0.3)
+        if any(r == "bad" for r in requests):
+            raise ValueError("bad request")
+        return [r * 2 for r in requests]
+
+    c = _Coalescer(engine)
+    out: dict[int, object] = {}
+
+    def call(i, r):
+        try:
+            out[i] = c.run(r)
+        except ValueError as e:
+            out[i] = e
+
+    first = threading.Thread(target=call, args=(0, 1))
+    first.start()
+    time.sleep(0.1)  # the first call is running: the next three wait for it, then go together
+    rest = [threading.Thread(target=call, args=(i, i + 1)) for i in range(1, 4)]
+    for t in rest:
+        t.start()
+    for t in [first, *rest]:
+        t.join(10)
+    assert out == {0: 2, 1: 4, 2: 6, 3: 8} and calls == [1, 3], (out, calls)
+
+    calls.clear()
+    ts = [threading.Thread(target=call, args=(i, r)) for i, r in ((10, "bad"), (11, 5))]
+    ts[0].start()
+    time.sleep(0.1)
+    ts[1].start()
+    for t in ts:
+        t.join(10)
+    assert isinstance(out[10], ValueError) and out[11] == 10 and calls == [1, 1]
