@@ -50,8 +50,15 @@ twice (`learner_attempt` tells them apart; TensorBoard drops the stale ones thro
 Scaling. Target engines, rollout actors and learner workers are sized independently (CPUs, GPUs
 and custom Ray resources each: `target.resources`, `rollout.resources`, `learner.resources`).
 `rollout_tokens_per_s/actor_<i>` (per logged step) and `rollout_tokens_per_s_per_actor`
-(distill_done.json) give each actor's throughput; distill_done.json's `scaling` records what each
-role asked for and what the learner workers were granted.
+(distill_done.json) give each actor's throughput, `target_tokens_per_s/engine_<i>` the tokens each
+target engine scored for the rollouts (engines batch concurrent actors' calls: actors/target.py), and
+distill_done.json adds each engine's scoring speed and busy share, each actor's time split and the
+stage's `bottleneck` (`bottleneck`), named in its closing line; `scaling` records what each role
+asked for and what the learner workers were granted.
+
+Target-assisted rollouts (`rollout.on_policy_mode: target_assisted`, actors/assisted.py) train on
+rows labelled by the draft's proposals (`RolloutBatch.sampled_ids`): the sampled TVD++ form rewards
+each drafted token by 1{p(x) > q(x)}; the exact losses (FKL, …) read only the states.
 """
 
 from __future__ import annotations
