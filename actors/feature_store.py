@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from actors.features import BranchScorer, FeatureBatch, RowFeatures, collate
 from draftalign.io import write_atomic, write_json_atomic
+from draftalign.storage import ensure_local, published
 
 STORE_DIR = "fspad_features"
 META_FILE = "meta.json"
@@ -63,7 +64,7 @@ class FeatureStore:
     """The stored rows, in memory: `row(i)` → the RowFeatures of train row i."""
 
     def __init__(self, path: str | Path):
-        path = Path(path)
+        path = ensure_local(path)
         self.meta = json.loads((path / META_FILE).read_text())
         self.shards = [load_file(path / shard_name(i)) for i in range(self.meta["num_shards"])]
         self.offsets = []
@@ -133,6 +134,7 @@ def build_store(cfg, target_path: str, rows: list[dict], rdir: Path, say=print) 
             tmp = path / (shard_name(i) + ".tmp")
             save_file({key: v.contiguous() for key, v in tensors.items()}, str(tmp))
             tmp.replace(path / shard_name(i))
+            published(path / shard_name(i))  # a URI run: to its storage
             done += 1
             rate = (time.time() - t0) / done
             say(f"feature store: shard {i} written ({done}/{len(todo)}, {rate:.0f} s per shard, "

@@ -82,6 +82,7 @@ import numpy as np
 import ray
 import torch
 
+from draftalign.storage import ensure_local
 from draftalign.weights import check_and_load_weights
 
 log = logging.getLogger(__name__)
@@ -487,6 +488,7 @@ class RolloutWorker:
         self.batch_size, self.top_k, self.draft_vocab = batch_size, top_k, draft_vocab
         self.incarnation = ray.get(store.register.remote(actor_id)) if store is not None else 0
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        draft_path = str(ensure_local(draft_path))  # a URI run's draft, on this actor's node
         self.model = load_causal_lm(draft_path, dtype, device)
         positions = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         self.max_len = min(max_model_len or positions, positions)  # longest row the target and draft take

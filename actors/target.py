@@ -91,7 +91,8 @@ class TargetEngine:
 
     def generate(self, prompts: list[list[int]], temperature: float = 1.0, top_p: float = 1.0,
                  max_tokens: int = 128, n: int = 1,
-                 seed: int | list[int] | None = None, logprobs: int = 0) -> list[list[dict]]:
+                 seed: int | list[int] | None = None, logprobs: int = 0, stop: list[str] | None = None,
+                 stop_token_ids: list[int] | None = None) -> list[list[dict]]:
         """Sample `n` continuations of each prompt (token ids).
 
         Returns, per prompt, n dicts {"token_ids", "text", "finish_reason"} ("stop" = EOS or a
@@ -100,6 +101,9 @@ class TargetEngine:
         per-prompt seed makes a prompt's answers independent of how prompts are batched across
         calls and engines (up to floating-point batch effects). vLLM seeds answer j of a prompt
         with seed + j, so per-prompt seeds must be far apart (e.g. hashed), not consecutive.
+
+        `stop` (strings) and `stop_token_ids` end an answer besides EOS (finish_reason "stop"); the text
+        leaves a stop string out, token_ids keep what was sampled.
 
         logprobs = k > 0 also returns the target's top-k next-token distribution at every answer
         position — "target_ids" int64 (T, k) and "target_logprobs" float32 (T, k), the raw model
@@ -126,7 +130,7 @@ class TargetEngine:
                              f"{self.max_logprobs} (set target.top_k_logprobs)")
         lp = {"logprobs": logprobs, "flat_logprobs": True} if logprobs else {}
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                 seed=s, **lp) for s in seeds]
+                                 seed=s, stop=stop, stop_token_ids=stop_token_ids, **lp) for s in seeds]
         with self._llm_lock:
             outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                      use_tqdm=False)

@@ -58,6 +58,41 @@ def build_export(work: Path, chat_conversations: int, code_eval: int) -> tuple[P
     return export, evalset
 
 
+def cli(*args: str) -> None:
+    """A draftalign verb in its own process, as a user runs it (bench/magpie.py uses these helpers too)."""
+    subprocess.run([sys.executable, "-m", "draftalign.cli", *args], cwd=ROOT, check=True)
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    return [x for kv in overrides for x in ("--set", kv)]
+
+
+def compare(ev: dict[str, dict], new: str, ref: str, tasks: list[str]) -> list[dict]:
+    """Rows per task and overall of one interleaved eval ({draft name: eval JSON}): τ and speedup of every draft
+    with their 95% intervals, and the paired Δτ new − ref with its interval."""
+    rows = []
+    for task in (*tasks, "overall"):
+        cell = {n: (ev[n]["tasks"][task] if task != "overall" else ev[n]["overall"]) for n in ev}
+        paired = (ev[new].get("paired", {}).get(f"{ref}@{ev[new]['gamma']}", {}).get(task, {})
+                  .get("block_efficiency", {}))
+        rows.append({"task": task, "n_prompts": cell[new]["n_prompts"],
+                     **{f"tau_{n}": cell[n]["block_efficiency"] for n in ev},
+                     **{f"tau_{n}_ci": cell[n].get("ci95", {}).get("block_efficiency") for n in ev},
+                     **{f"speedup_{n}": cell[n]["speedup"] for n in ev},
+                     **{f"speedup_{n}_ci": cell[n].get("ci95", {}).get("speedup") for n in ev},
+                     "dtau": paired.get("delta"), "dtau_ci": paired.get("ci95")})
+    return rows
+
+
+def print_rows(rows: list[dict], ref: str, new: str) -> None:
+    print(f"{'task':10} {'n':>3} {'τ ' + ref:>11} {'τ ' + new:>7} {'× ' + ref:>11} {'× ' + new:>7}  Δτ [95% CI]")
+    for r in rows:
+        ci = r["dtau_ci"]
+        print(f"{r['task']:10} {r['n_prompts']:>3} {r[f'tau_{ref}']:>11.2f} {r[f'tau_{new}']:>7.2f} "
+              f"{r[f'speedup_{ref}']:>11.2f} {r[f'speedup_{new}']:>7.2f}  "
+              + (f"{r['dtau']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if r["dtau"] is not None and ci else "–"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--embedded", default="runs/local/draft_distilled", help="the embedded job's draft")
@@ -75,35 +110,18 @@ def main() -> None:
     counts = {k: int(v) for k, v in (kv.split("=") for kv in a.prompts.split(","))}
     common = [f"data.eval={{code: {{source: {evalset}}}}}", f"eval.prompts_per_task={json.dumps(counts)}",
               "eval.tasks=[chat,code,summarize]"]
-    sets = lambda extra: [x for kv in [*common, *extra, *a.overrides] for x in ("--set", kv)]  # noqa: E731
-    cli = [sys.executable, "-m", "draftalign.cli"]
-    job_sets = sets(["name=byo", f"run_dir={work}", f"data.train=[{export}]"])
-    subprocess.run([*cli, "run", a.job, *job_sets], cwd=ROOT, check=True)
+    sets = lambda extra: set_args([*common, *extra, *a.overrides])  # noqa: E731
+    cli("run", a.job, *sets(["name=byo", f"run_dir={work}", f"data.train=[{export}]"]))
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run([*cli, "eval", a.job, "--draft", f"embedded={Path(a.embedded).resolve()}",
-                    "--draft", f"byo={work / 'draft_distilled'}", "--out", str(out), *sets([f"run_dir={work}"])],
-                   cwd=ROOT, check=True)
+    cli("eval", a.job, "--draft", f"embedded={Path(a.embedded).resolve()}", "--draft",
+        f"byo={work / 'draft_distilled'}", "--out", str(out), *sets([f"run_dir={work}"]))
 
     ev = {n: json.loads((out / f"eval_{n}.json").read_text()) for n in ("embedded", "byo")}
-    rows = []
-    for task in ("chat", "code", "summarize", "overall"):
-        cell = {n: (ev[n]["tasks"][task] if task != "overall" else ev[n]["overall"]) for n in ev}
-        paired = ev["byo"].get("paired", {}).get("embedded@3", {}).get(task, {}).get("block_efficiency", {})
-        rows.append({"task": task, "n_prompts": cell["byo"]["n_prompts"],
-                     **{f"tau_{n}": cell[n]["block_efficiency"] for n in ev},
-                     **{f"tau_{n}_ci": cell[n].get("ci95", {}).get("block_efficiency") for n in ev},
-                     **{f"speedup_{n}": cell[n]["speedup"] for n in ev},
-                     **{f"speedup_{n}_ci": cell[n].get("ci95", {}).get("speedup") for n in ev},
-                     "dtau": paired.get("delta"), "dtau_ci": paired.get("ci95")})
+    rows = compare(ev, "byo", "embedded", ["chat", "code", "summarize"])
     summary = {"rows": rows, "machine": ev["byo"].get("machine"), "export": str(export), "code_eval": str(evalset),
                "recipe": a.job, "overrides": a.overrides}
     write_json_atomic(out / "byo.json", summary)
-    print(f"{'task':10} {'n':>3} {'τ embedded':>11} {'τ byo':>7} {'× embedded':>11} {'× byo':>7}  Δτ [95% CI]")
-    for r in rows:
-        ci = r["dtau_ci"]
-        print(f"{r['task']:10} {r['n_prompts']:>3} {r['tau_embedded']:>11.2f} {r['tau_byo']:>7.2f} "
-              f"{r['speedup_embedded']:>11.2f} {r['speedup_byo']:>7.2f}  "
-              + (f"{r['dtau']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if r["dtau"] is not None and ci else "–"))
+    print_rows(rows, "embedded", "byo")
 
 
 if __name__ == "__main__":

@@ -162,6 +162,16 @@ def make_run_tasks() -> str:
 MAKE_RUNS = ("make_run_s3", "make_run_epyc_avx512")  # one fresh-clone `make run` per machine class
 
 
+def chat_alphas(run: str, d: dict) -> str:
+    """Chat α greedy, then at each sampled temperature the run evaluated (eval.sampled's `eval_distilled_t<T>.json`
+    beside it); '–' for a temperature the run did not measure."""
+    cells = [f"{arm_by_gamma(d, d['gamma'])['acceptance_rate']:.3f} (greedy)"]
+    for path in sorted((ROOT / RESULTS / run).glob("eval_distilled_t*.json")):
+        ev = json.loads(path.read_text())
+        cells.append(f"{arm_by_gamma(ev, ev['gamma'])['acceptance_rate']:.3f} (T = {ev['temperature']:g})")
+    return " / ".join(cells) if len(cells) > 1 else cells[0] + " / – (T > 0 not run)"
+
+
 def make_run_machines() -> str:
     """`make run` from a fresh clone on each machine class: its wall time (timing.txt) and the distilled draft."""
     rows = []
@@ -173,9 +183,9 @@ def make_run_machines() -> str:
         chat, code = arm_by_gamma(d, 3, "chat"), arm_by_gamma(d, 3, "code")
         rows.append([machine(d), f"{int(total[1]) / 60:.1f} min" if total else "–",
                      " / ".join(f"{k} {int(v) / 60:.1f}" for k, v in stages.items()), tau(chat), speedup(chat),
-                     f"{code['speedup']:.2f}×", mismatches(d), link(f"{run}/eval_distilled.json")])
+                     chat_alphas(run, d), f"{code['speedup']:.2f}×", mismatches(d), link(f"{run}/eval_distilled.json")])
     return table(["machine", "`make run` (after setup)", "stages, min", "chat τ [95% CI]", "chat speedup [95% CI]",
-                  "code speedup", "lossless", "JSON"], rows)
+                  "chat α greedy / sampled", "code speedup", "lossless", "JSON"], rows)
 
 
 def byo() -> str:
@@ -260,6 +270,37 @@ def fspad_trees() -> str:
             + f"{arm_by_gamma(d, 3, 'overall')['n_prompts']}); {mismatches(d)}; {machine(d)}; {link(rel)}.")
 
 
+SAMPLING = "sampling/adaptive.json"  # bench/adaptive.py: fixed γ vs adaptive γ, greedy and sampled
+
+
+def adaptive_vs_fixed() -> str:
+    """bench/adaptive.py: per task, fixed γ against the served per-request policy, at T = 0 and the sampled
+    temperatures, side by side (α greedy beside α sampled); the adaptive arm's paired Δ speedup to each fixed γ."""
+    d = load(SAMPLING)
+    temps = sorted({r["temperature"] for r in d["rows"]})
+    arms = [str(g) for g in d["gammas"]]
+    cell = {(r["temperature"], r["task"], r["arm"]): r for r in d["rows"]}
+    tasks = list(dict.fromkeys(r["task"] for r in d["rows"]))
+    rows = []
+    for task in tasks:
+        for arm in arms:
+            label = f"adaptive (γ ≤ {d['gamma_max']})" if arm == "adaptive" else f"γ = {arm}"
+            row = [f"{task} ({cell[(temps[0], task, arm)]['n_prompts']})", label]
+            for t in temps:
+                r = cell[(t, task, arm)]
+                paired = r["paired_speedup_vs_fixed"]
+                vs = "; ".join(f"Δ vs γ {g} {sgn(p['delta'])}{ci(p['ci95'], signed=True)}" for g, p in paired.items())
+                row.append(f"α {r['acceptance_rate']:.2f}, τ {r['block_efficiency']:.2f}"
+                           + (f", γ̄ {r['mean_gamma']:.2f}" if arm == "adaptive" else "")
+                           + f", **{r['speedup']:.2f}×**{ci(r['speedup_ci95'])}" + (f" ({vs})" if vs else ""))
+            rows.append(row)
+    ev = load(f"sampling/{d['evals'][next(iter(d['evals']))]}")
+    return (table(["task (prompts)", "arm", *(f"T = {t:g}" if t else "greedy" for t in temps)], rows)
+            + f"\n\n{d['max_new_tokens']} new tokens, top-p 1; one interleaved eval per temperature (all arms and "
+            + f"target-only per prompt); {mismatches(ev)} at T = 0; draft `{d['draft']}`; {machine(d)}; "
+            + f"{link(SAMPLING)} and the eval JSONs beside it.")
+
+
 ONLINE_RUNS = [  # (label, JSON) in the order they ran; the archived ones are the recipe history
     ("no gate", "archive/online.json"),
     ("gate", "archive/online_gate.json"),
@@ -298,6 +339,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "loss-ablation": loss_ablation,
     "fspad-trees": fspad_trees,
     "online-history": online_history,
+    "adaptive-vs-fixed": adaptive_vs_fixed,
 }
 
 

@@ -74,6 +74,13 @@ def parse_tree(text: str) -> list[int] | dict:
     return ks
 
 
+def _int_gamma(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise typer.BadParameter(f"--gamma {text!r}: give an integer ≥ 1 or 'adaptive'") from None
+
+
 def eval_destinations(out: Path | None, names: list[str]) -> dict[str, Path]:
     """Where `draftalign eval --out` writes each draft's JSON: a file for one draft, or eval_<NAME>.json in a
     directory (one that exists, or any path when several drafts are compared).
@@ -92,7 +99,8 @@ def eval_destinations(out: Path | None, names: list[str]) -> dict[str, Path]:
 def eval(job: Path = JobArg, target: str = typer.Option(None, help="target model (overrides target.model)"),
          draft: list[str] = typer.Option(None, help="draft checkpoint path, 'new' for a fresh draft.arch draft, "
                                                   "or NAME=PATH; repeat to compare drafts in one interleaved run"),
-         gamma: list[int] = typer.Option(None, help="γ (repeatable)"),
+         gamma: list[str] = typer.Option(None, help="γ, or 'adaptive' for the served per-request policy "
+                                                  "(γ ≤ eval.gamma_max each round) (repeatable)"),
          tree: list[str] = typer.Option(None, help="a token tree to evaluate too, its branching per depth, "
                                                  "e.g. 2,2,1, or dynamic:DEPTH,TOPK,NODES (EAGLE-2, FSPAD heads "
                                                  "only), e.g. dynamic:5,3,12 (repeatable)"),
@@ -112,7 +120,7 @@ def eval(job: Path = JobArg, target: str = typer.Option(None, help="target model
                                      "eval.prompts_per_task": prompts_per_task,
                                      "eval.max_new_tokens": max_new_tokens})
         if gamma:
-            cfg.eval.gamma = list(gamma)
+            cfg.eval.gamma = [g if g == "adaptive" else _int_gamma(g) for g in gamma]
         if tree:
             cfg.eval.trees = [parse_tree(t) for t in tree]
         specs = list(draft or [None])
@@ -150,8 +158,9 @@ def pretrain(job: Path = JobArg, resume: bool = typer.Option(False, help="contin
 def generate(job: Path = JobArg, overrides: list[str] = SetOpt):
     """Stage 2: the vLLM-hosted target answers prompts → the distillation set (parquet)."""
     from actors.generate import run_generate
+    from actors.magpie import resolve_self_sources
 
-    _guard(lambda: run_generate(_load(job, overrides)))
+    _guard(lambda: run_generate(resolve_self_sources(_load(job, overrides))))
 
 
 @app.command()
@@ -190,6 +199,27 @@ def serve(job: Path = JobArg, port: int = typer.Option(None), draft: str = typer
                       "serve.online.weight_store": cfg.serve.online.weight_store
                       or f"draftalign-{cfg.name}-online-weights"}
         run_serve(_load(job, overrides, extra), draft=draft)
+
+    _guard(go)
+
+
+@app.command()
+def export(draft: Path = typer.Argument(..., help="the draft: an HF-format Llama draft or an FSPAD head"),
+           out: Path = typer.Argument(..., help="the directory to write (replaced atomically)"),
+           format: str = typer.Option(..., "--format", help="hf (Llama draft → vLLM draft_model), eagle (FSPAD head "
+                                                             "→ EAGLE-1) or eagle3"),
+           job: Path = typer.Option(None, help="job YAML naming the target (default cluster/jobs/local.yaml)"),
+           target: str = typer.Option(None, help="target model (overrides target.model)"),
+           overrides: list[str] = SetOpt):
+    """Export a draft to a format vLLM's speculative decoding loads, exactly: refused, with the reason, when the
+    format cannot express the draft (no approximate export)."""
+    from draftalign.models import resolve_target
+    from serve.export import export_draft
+
+    def go():
+        cfg = _load(job, overrides, {"target.model": target})
+        dest = export_draft(draft, out, format, resolve_target(cfg.target.model))
+        typer.echo(f"exported {draft} as {format} to {dest}")
 
     _guard(go)
 

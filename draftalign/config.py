@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from draftalign.storage import StorageError, check_uri, is_uri, join, staging_dir
 from draftalign.tree_shapes import DynamicTree
 
 EMBEDDED_TARGET = "embedded:smollm2-135m-instruct"
@@ -268,9 +269,13 @@ class DynamicTreeConfig(_Strict):
 TreeShape = list[int] | DynamicTreeConfig
 
 
-def _check_gammas(gammas: list[int], where: str) -> None:
-    if not gammas or any(g < 1 for g in gammas):
-        raise ValueError(f"{where} must be a non-empty list of integers ≥ 1, got {gammas}")
+ADAPTIVE = "adaptive"  # an eval arm whose γ ≤ eval.gamma_max is chosen every round (serve.goodput)
+Gamma = int | Literal["adaptive"]
+
+
+def _check_gammas(gammas: list[Gamma], where: str) -> None:
+    if not gammas or any(g != ADAPTIVE and g < 1 for g in gammas) or len(set(gammas)) < len(gammas):
+        raise ValueError(f"{where} must be a non-empty list of distinct integers ≥ 1 or 'adaptive', got {gammas}")
 
 
 def _check_trees(trees: list, where: str) -> None:
@@ -284,7 +289,7 @@ class SampledEvalConfig(_Strict):
 
     temperature: float = Field(1.0, gt=0)
     tasks: list[str] = Field(default_factory=lambda: ["chat"], description="eval tasks (keys of data.eval)")
-    gamma: list[int] = Field(default_factory=lambda: [3])
+    gamma: list[Gamma] = Field(default_factory=lambda: [3], description="γ values, or 'adaptive' (eval.gamma)")
 
     @property
     def suffix(self) -> str:
@@ -294,7 +299,8 @@ class SampledEvalConfig(_Strict):
 
 class SourceConfig(_Strict):
     """One prompt source (`draftalign.sources`): a local file or directory (JSONL, JSON, parquet, CSV), a URI, a
-    `datasets` name, or a packaged set (embedded:chitchat, embedded:summarize, embedded:humaneval)."""
+    `datasets` name, a packaged set (embedded:chitchat, embedded:summarize, embedded:humaneval), or embedded:self
+    (user turns the target writes itself: `actors/magpie.py`, settings in data.self_queries)."""
 
     source: str = Field(min_length=1, description="path, URI, datasets name or embedded:<set>")
     format: Literal["auto", "sharegpt", "openai", "alpaca", "prompt"] = Field(
@@ -310,9 +316,28 @@ class SourceConfig(_Strict):
         return self
 
 
-EMBEDDED_SOURCES = ("embedded:chitchat", "embedded:summarize", "embedded:humaneval")
+SELF_SOURCE = "embedded:self"
+EMBEDDED_SOURCES = ("embedded:chitchat", "embedded:summarize", "embedded:humaneval", SELF_SOURCE)
 EVAL_ONLY_SOURCES = ("embedded:summarize", "embedded:humaneval")
 DEFAULT_EVAL = {"chat": "embedded:chitchat", "code": "embedded:humaneval", "summarize": "embedded:summarize"}
+
+
+class SelfQueryConfig(_Strict):
+    """`embedded:self`: the target, given its chat template up to a user turn, samples the user's query (Magpie,
+    Xu et al. 2024); the queries are filtered and deduplicated (`actors/magpie.py`)."""
+
+    n_samples: int | None = Field(None, ge=1, description="queries sampled before filtering; None = oversample × "
+                                  "the prompts wanted (the source's max_prompts, else generate.num_prompts), "
+                                  "÷ (1 − data.holdout) when trained on")
+    oversample: float = Field(2.0, ge=1, description="samples per wanted prompt (filters and dedup drop some)")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(128, ge=8, description="longest query in tokens; one that has not ended by then "
+                            "is dropped (unfinished)")
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(200, ge=1)
+    near_duplicate: float = Field(0.7, gt=0, le=1, description="Jaccard similarity of word-3-gram shingles at "
+                                  "which a query is a near-duplicate of an earlier one (MinHash LSH candidates)")
 
 
 def _as_source(v):
@@ -331,6 +356,8 @@ class DataConfig(_Strict):
                                           "summarize) stay unless the job redefines them")
     holdout: float = Field(0.1, ge=0, lt=1, description="share of each train source's conversations held "
                            "out by content hash (an eval task on the same source reads only these)")
+    self_queries: SelfQueryConfig = Field(default_factory=SelfQueryConfig,
+                                          description="how embedded:self samples its queries")
 
     @field_validator("train", mode="before")
     @classmethod
@@ -360,7 +387,10 @@ class EvalConfig(_Strict):
                              description="eval tasks, each a key of data.eval")
     prompts_per_task: int | dict[str, int] = Field(
         16, description="held-out prompts per task: one number for every task, or {task: number}")
-    gamma: list[int] = Field(default_factory=lambda: [3], description="γ values to evaluate")
+    gamma: list[Gamma] = Field(default_factory=lambda: [3], description="γ values to evaluate, each an arm; "
+                               "'adaptive': γ ≤ gamma_max chosen every round from the request's own acceptance "
+                               "and measured step costs (serve.goodput, as served), e.g. [adaptive, 3]")
+    gamma_max: int = Field(3, ge=1, description="the largest γ an 'adaptive' arm drafts")
     trees: list[TreeShape] = Field(default_factory=list, description="token trees evaluated besides the chains, "
                                    "each its branching per depth, e.g. [2, 2, 1] (serve.tree): arm <draft>@tree:2-2-1, "
                                    "or a dynamic tree {depth: 5, topk: 3, nodes: 12}: arm <draft>@dtree:5-3-12")
@@ -385,6 +415,11 @@ class EvalConfig(_Strict):
         if isinstance(self.prompts_per_task, int) and self.prompts_per_task < 1:
             raise ValueError(f"eval.prompts_per_task must be ≥ 1, got {self.prompts_per_task}")
         return self
+
+    @property
+    def longest_draft(self) -> int:
+        """The most tokens any arm drafts in a round (prompts must leave room for them)."""
+        return max(self.gamma_max if g == ADAPTIVE else g for g in self.gamma)
 
     def at_temperature(self) -> "EvalConfig":
         """The eval that `sampled` asks for: its temperature, tasks and γ; chains only."""
@@ -489,9 +524,10 @@ class ServeConfig(_Strict):
                                    "its branching per depth, e.g. [2, 2, 1], or (FSPAD heads) a dynamic one, e.g. "
                                    "{depth: 5, topk: 3, nodes: 12} (serve.tree); None = a chain of gamma tokens")
     gamma_policy: Literal["goodput", "fixed"] = Field(
-        "goodput", description="goodput: each round drafts the γ ≤ gamma that maximises expected tokens/s for "
-        "its batch size, from step costs measured at replica start (0 = a plain target step when the batch is "
-        "compute-bound); fixed: always gamma (native engine; vLLM always uses gamma)")
+        "goodput", description="goodput: each round drafts the γ ≤ gamma that maximises expected tokens/s from "
+        "each request's own acceptance and step costs measured at replica start (serve.goodput; 0 = a plain target "
+        "step for a request the draft does not know or a compute-bound batch); fixed: always gamma (native engine, "
+        "Llama-draft chains; vLLM always uses gamma)")
     max_tokens_cap: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     max_queued_requests: int = Field(64, ge=-1, description="requests waiting for a busy replica, per caller, "
                                      "beyond which the endpoint answers 503 with Retry-After (-1: no limit)")
@@ -531,8 +567,9 @@ class ClusterConfig(_Strict):
 class JobConfig(_Strict):
     name: str = Field("local", pattern=r"^[A-Za-z0-9_.-]+$")
     storage_path: str = Field("runs", description="where every job's files live (the run dir is "
-                              "<storage_path>/<name>): a path that every node of the cluster sees at the same place")
-    run_dir: str | None = Field(None, description="this job's directory; default <storage_path>/<name>")
+                              "<storage_path>/<name>): a path every node of the cluster sees at the same place, "
+                              "or a URI (s3://, gs://, file://; draftalign.storage)")
+    run_dir: str | None = Field(None, description="this job's directory (path or URI); default <storage_path>/<name>")
     seed: int = 0
     target: TargetConfig = Field(default_factory=TargetConfig)
     draft: DraftConfig = Field(default_factory=DraftConfig)
@@ -569,16 +606,29 @@ class JobConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _storage_is_a_path(self) -> "JobConfig":
+    def _storage_scheme(self) -> "JobConfig":
         for key, value in (("storage_path", self.storage_path), ("run_dir", self.run_dir)):
-            if value and "://" in value:
-                raise ValueError(f"{key}={value!r}: object-store URIs are not supported yet; mount the bucket on "
-                                 f"every node (s3fs, gcsfuse, a CSI volume) and give the mount path")
+            if value and is_uri(value):
+                try:
+                    check_uri(value)
+                except StorageError as e:
+                    raise ValueError(f"{key}: {e}") from None
         return self
 
     @property
+    def run_uri(self) -> str:
+        """Where this job's files live: a path, or a URI (`draftalign.storage`)."""
+        if self.run_dir:
+            return self.run_dir
+        if is_uri(self.storage_path):
+            return join(self.storage_path, self.name)
+        return str(Path(self.storage_path) / self.name)
+
+    @property
     def run_path(self) -> Path:
-        return Path(self.run_dir or Path(self.storage_path) / self.name).expanduser()
+        """The run dir every stage reads and writes: itself for a path, this node's staging copy for a URI."""
+        uri = self.run_uri
+        return staging_dir(uri) if is_uri(uri) else Path(uri).expanduser()
 
 
 class ConfigError(ValueError):
@@ -639,7 +689,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format(e, source)) from None
     # resolved here, on the driver: Ray workers and actors on other nodes run in other working directories, so a
     # relative run dir would land somewhere else on each of them
-    cfg.run_dir = str(cfg.run_path.resolve())
+    cfg.run_dir = cfg.run_uri if is_uri(cfg.run_uri) else str(cfg.run_path.resolve())
     return cfg
 
 

@@ -19,6 +19,13 @@ denominator come from the same prompts, minutes apart at most. Definitions (serv
   own intervals overlap can still be told apart (`paired` in each cell).
 
 Greedy arms are checked token for token against the target-only arm on every prompt.
+
+An `adaptive` entry of eval.gamma adds, per Llama draft, an arm `<name>@adaptive` that decodes as the served
+engine does: each round's γ ≤ eval.gamma_max from the request's own acceptance and this engine's step costs,
+measured at the start (`serve.goodput`; γ = 0 rounds are target steps). Its cells report the mean γ̄ drafted per
+round (`mean_gamma`, γ = 0 rounds included; `target_only_rounds`) and put γ̄ in E[τ] and the bound (its v averages
+its target steps and its verification passes); each is also paired with the same
+draft's fixed-γ arms (Δ adaptive − fixed over the same prompts). FSPAD heads have no adaptive arm (fixed γ).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from draftalign.config import JobConfig
+from draftalign.config import ADAPTIVE, JobConfig
 from draftalign.data import chat_prompt_ids
 from draftalign.io import write_json_atomic
 from draftalign.models import (
@@ -52,6 +59,7 @@ from draftalign.tree_shapes import DynamicTree, tree_depth, tree_spec
 from learner.fspad import FSPADHead
 from serve.acceptance import draft_acceptance, expected_block_efficiency, per_token_acceptance
 from serve.drafts import load_engine_draft
+from serve.goodput import GoodputPolicy
 from serve.specdec import Generation, SpecDecoder
 
 METRICS = ("n_prompts", "acceptance_rate", "draft_acceptance_rate", "block_efficiency",
@@ -96,7 +104,7 @@ def load_pair(cfg: JobConfig, draft: str | None):
 def eval_prompts(tok, cfg: JobConfig, max_positions: int) -> dict[str, list[list[int]]]:
     """Held-out prompt token ids per task, dropping prompts that leave no room to generate."""
     ev = cfg.eval
-    limit = min(cfg.target.max_model_len, max_positions) - ev.max_new_tokens - max(ev.gamma) - 1
+    limit = min(cfg.target.max_model_len, max_positions) - ev.max_new_tokens - ev.longest_draft - 1
     return {task: [ids for m in task_prompts(cfg.data, task, ev.count(task), cfg.seed)
                    if len(ids := chat_prompt_ids(tok, m["messages"])) <= limit]
             for task in ev.tasks}
@@ -137,7 +145,8 @@ def _record(g: Generation, seconds: float, engine: SpecDecoder) -> dict:
     return {"tokens": len(g.token_ids), "seconds": seconds, "rounds": g.rounds, "accepted": g.accepted,
             "rejected": g.rejected, "proposed": g.proposed, "per_position": list(g.accepted_per_position),
             "histogram": list(g.accepted_histogram), "draft_s": t.draft_s, "draft_steps": t.draft_steps,
-            "target_s": t.target_s, "target_steps": t.target_steps, "token_ids": list(g.token_ids)}
+            "target_s": t.target_s, "target_steps": t.target_steps, "target_only_rounds": g.target_only_rounds,
+            "token_ids": list(g.token_ids)}
 
 
 def _run(engine: SpecDecoder, prompt: list[int], params: SamplingParams, gamma: int | None) -> dict:
@@ -148,12 +157,24 @@ def _run(engine: SpecDecoder, prompt: list[int], params: SamplingParams, gamma: 
     return _record(g, time.perf_counter() - t0, engine)
 
 
+def adaptive_engine(target, draft, tok, vocab, step_dtype, gamma_max: int) -> SpecDecoder:
+    """An engine whose every round plays the served policy (`serve.goodput.GoodputPolicy`) on step costs measured
+    here, at batch 1 (the eval's batch)."""
+    engine = SpecDecoder(target, draft, tok, gamma=gamma_max, draft_vocab=vocab, draft_step_dtype=step_dtype)
+    costs = engine.measure_step_costs(batch_sizes=(1,), repeats=15)  # ≈ 1 s idle; the ratios decide γ
+    engine.policy = GoodputPolicy(costs, gamma_max=gamma_max)
+    print(f"  adaptive γ ≤ {gamma_max}: measured t_T(rows) " + ", ".join(
+        f"{r}: {1e3 * t:.1f}" for r, t in costs.target.items()) + f" ms, t_D {1e3 * costs.draft[1]:.1f} ms", flush=True)
+    return engine
+
+
 def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: bool = True,
             trees_for: set[str] | None = None) -> dict:
     """Every arm on every prompt, interleaved. drafts: {name: (model, vocabulary or None)}; eval.trees are
     measured for the drafts in `trees_for` (None: every draft); dynamic trees for FSPAD heads only.
     Returns {"prompts": {task: [ids]}, "records": {arm: {task: [record per prompt]}}} with arm
-    "target" for target-only decoding and "<name>@<γ>" for speculative decoding."""
+    "target" for target-only decoding and "<name>@<γ>" for speculative decoding; "step_costs": {arm: the
+    measured costs its policy decides on} for the adaptive arms."""
     ev = cfg.eval
     params = SamplingParams(temperature=ev.temperature, top_p=ev.top_p, top_k=ev.top_k,
                             max_new_tokens=ev.max_new_tokens, seed=cfg.seed)
@@ -161,10 +182,21 @@ def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: boo
     base = SpecDecoder(target, None, tok)
     step = {name: draft_step_dtype(cfg.draft.step_dtype, next(model.parameters()).dtype)
             for name, (model, _) in drafts.items()}
-    engines = {name: SpecDecoder(target, model, tok, gamma=ev.gamma[0], draft_vocab=vocab,
+    fixed = [g for g in ev.gamma if g != ADAPTIVE]
+    engines = {name: SpecDecoder(target, model, tok, gamma=max(fixed, default=1), draft_vocab=vocab,
                                  draft_step_dtype=step[name])
                for name, (model, vocab) in drafts.items()}
-    arms = [("target", base, None)] + [(f"{name}@{g}", engines[name], g) for name in drafts for g in ev.gamma]
+    arms = [("target", base, None)]
+    for name, (model, vocab) in drafts.items():
+        for g in ev.gamma:
+            if g != ADAPTIVE:
+                arms.append((f"{name}@{g}", engines[name], g))
+            elif not isinstance(model, FSPADHead):  # the policy measures Llama draft steps
+                arms.append((f"{name}@{ADAPTIVE}", adaptive_engine(target, model, tok, vocab, step[name],
+                                                                  ev.gamma_max), ev.gamma_max))
+            elif not fixed:
+                raise ValueError(f"draft {name!r} is an FSPAD head, which drafts a fixed γ: eval.gamma={ev.gamma} "
+                                 "leaves it no arm; add a fixed γ, e.g. [adaptive, 3]")
     arms += [(f"{name}@{tree_label(t)}", SpecDecoder(target, model, tok, draft_vocab=vocab, tree=tree_spec(t),
                                                       draft_step_dtype=step[name]), tree_depth(t))
              for name, (model, vocab) in drafts.items() for t in ev.trees if (trees_for is None or name in trees_for)
@@ -182,11 +214,12 @@ def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: boo
                 records[arm][task].append(_run(engine, prompt, params, g))
         if progress:
             base = _sums(records["target"][task])
-            rows = {arm: _point(base, _sums(records[arm][task]), g) for arm, _, g in arms[1:]}
+            rows = {arm: _point(base, _sums(records[arm][task]), _gamma_of(arm)) for arm, _, _ in arms[1:]}
             print(f"  {task:<10} n={len(ids):<3} " + "  ".join(
                 f"{arm}: τ={r['block_efficiency']:.2f} α={r['acceptance_rate']:.3f} "
                 f"speedup={r['speedup']:.2f}x" for arm, r in rows.items()), flush=True)
-    return {"prompts": prompts, "records": records}
+    costs = {arm: dataclasses.asdict(engine.policy.costs) for arm, engine, _ in arms if engine.policy is not None}
+    return {"prompts": prompts, "records": records, "step_costs": costs}
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -209,8 +242,18 @@ def _bootstrap_ci95(stat, n: int, strata: list[int] | None = None, seed: int = 0
     return {k: [float(np.percentile([d[k] for d in draws], q)) for q in (2.5, 97.5)] for k in CI_KEYS} if draws else {}
 
 
-def _point(base: dict, spec: dict, gamma: int) -> dict:
-    """Metrics from summed records of the target-only arm and a speculative arm."""
+def _gamma_of(arm: str) -> int | None:
+    """An arm's γ for E[τ] and the bound: a chain's γ, a tree's depth, None for an adaptive arm (its γ̄)."""
+    label = arm.rsplit("@", 1)[1]
+    tree = parse_tree_label(label)
+    return None if label == ADAPTIVE else tree_depth(tree) if tree else int(label)
+
+
+def _point(base: dict, spec: dict, gamma: float | None) -> dict:
+    """Metrics from summed records of the target-only arm and a speculative arm; gamma None (an adaptive arm):
+    the mean γ̄ = proposed / rounds, γ = 0 rounds included."""
+    if gamma is None:
+        gamma = spec["proposed"] / spec["rounds"] if spec["rounds"] else 0.0
     t1 = base["target_s"] / base["target_steps"] if base["target_steps"] else 0.0
     tv = spec["target_s"] / spec["target_steps"] if spec["target_steps"] else 0.0
     td = spec["draft_s"] / spec["draft_steps"] if spec["draft_steps"] else 0.0
@@ -234,7 +277,7 @@ def _target_row(recs: list[dict]) -> dict:
             "target_step_ms": 1e3 * s["target_s"] / max(1, s["target_steps"]), "generated_tokens": s["tokens"]}
 
 
-def _row(base_recs: list[dict], spec_recs: list[dict], gamma: int, strata: list[int] | None = None,
+def _row(base_recs: list[dict], spec_recs: list[dict], gamma: int | None, strata: list[int] | None = None,
          seed: int = 0) -> dict:
     """One (task, arm) cell: point estimates, per-position acceptance, accepted-count histogram, and 95%
     bootstrap intervals over prompts (resampled within `strata`, e.g. tasks, when given)."""
@@ -245,12 +288,15 @@ def _row(base_recs: list[dict], spec_recs: list[dict], gamma: int, strata: list[
                                       for x in zip(*(r["per_position"] for r in spec_recs))]
     row["accepted_histogram"] = [sum(x) for x in zip(*(r["histogram"] for r in spec_recs))]
     row["generated_tokens"] = sum(r["tokens"] for r in spec_recs)
+    row["mean_gamma"] = sum(r["proposed"] for r in spec_recs) / rounds if rounds else 0.0
+    row["target_only_rounds"] = sum(r.get("target_only_rounds", 0) for r in spec_recs)
     row["ci95"] = _bootstrap_ci95(lambda idx: _point(_sums([base_recs[i] for i in idx]),
                                                      _sums([spec_recs[i] for i in idx]), gamma), n, strata, seed)
     return row
 
 
-def paired_difference(base_recs: list[dict], a_recs: list[dict], b_recs: list[dict], gamma_a: int, gamma_b: int,
+def paired_difference(base_recs: list[dict], a_recs: list[dict], b_recs: list[dict], gamma_a: int | None,
+                      gamma_b: int | None,
                       strata: list[int] | None = None, seed: int = 0) -> dict:
     """Δ = metric(a) − metric(b) for two arms run on the same prompts, with a 95% paired bootstrap interval:
     every resample draws one set of prompt indices and recomputes both arms (and the shared target-only
@@ -285,9 +331,13 @@ def summarize(measured: dict, cfg: JobConfig) -> dict:
             continue
         label = arm.rsplit("@", 1)[1]
         tree = parse_tree_label(label)
-        gamma = tree_depth(tree) if tree else int(label)  # a tree's depth: one draft pass per depth
-        cell = {"gamma": gamma, "tree": dataclasses.asdict(tree) if isinstance(tree, DynamicTree) else tree,
+        gamma = _gamma_of(arm)  # a tree's depth: one draft pass per depth; None: adaptive
+        cell = {"gamma": label if gamma is None else gamma,
+                "tree": dataclasses.asdict(tree) if isinstance(tree, DynamicTree) else tree,
                 "tasks": {t: _row(base[t], by_task[t], gamma, seed=cfg.seed) for t in tasks}}
+        if gamma is None:  # what the policy decided on: {"target": {rows: s}, "draft": {batch: s}}
+            cell["gamma_max"] = cfg.eval.gamma_max
+            cell["step_costs"] = measured.get("step_costs", {}).get(arm)
         flat_s = [r for t in tasks for r in by_task[t]]
         cell["overall"] = _row(flat_b, flat_s, gamma, strata=strata, seed=cfg.seed)
         mismatches = sum(a["token_ids"] != b["token_ids"] for a, b in zip(flat_b, flat_s)) if greedy else None
@@ -297,15 +347,22 @@ def summarize(measured: dict, cfg: JobConfig) -> dict:
     return out
 
 
+def _comparable(a: str, b: str) -> bool:
+    """Arms worth a paired Δ: two drafts at the same γ / tree, or one draft's adaptive arm and its fixed chains."""
+    (na, la), (nb, lb) = a.rsplit("@", 1), b.rsplit("@", 1)
+    chain = lambda label: label == ADAPTIVE or label.isdigit()  # noqa: E731
+    return la == lb or (na == nb and ADAPTIVE in (la, lb) and chain(la) and chain(lb))
+
+
 def _add_paired(cells: dict, rec: dict, tasks: list[str], strata: list[int], seed: int) -> None:
-    """cell["paired"][other] = paired Δ (this − other) per task and overall, for arms at the same γ / tree."""
+    """cell["paired"][other] = paired Δ (this − other) per task and overall, for `_comparable` arms."""
     arms = list(cells)
     flat = lambda arm: [r for t in tasks for r in rec[arm][t]]  # noqa: E731  (every task's prompts, in order)
     for i, a in enumerate(arms):
         for b in arms[i + 1:]:
-            if a.rsplit("@", 1)[1] != b.rsplit("@", 1)[1]:
+            if not _comparable(a, b):
                 continue
-            ga, gb = cells[a]["gamma"], cells[b]["gamma"]
+            ga, gb = _gamma_of(a), _gamma_of(b)
             rows = {t: paired_difference(rec["target"][t], rec[a][t], rec[b][t], ga, gb, seed=seed) for t in tasks}
             rows["overall"] = paired_difference(*(flat(arm) for arm in ("target", a, b)), ga, gb, strata, seed)
             cells[a].setdefault("paired", {})[b] = rows
@@ -314,7 +371,7 @@ def _add_paired(cells: dict, rec: dict, tasks: list[str], strata: list[int], see
 
 
 def format_table(summary: dict) -> str:
-    cols = ("arm", "task", "n", "α", "τ [95% CI]", "E[τ]", "c", "v", "target tok/s", "spec tok/s",
+    cols = ("arm", "task", "n", "γ̄", "α", "τ [95% CI]", "E[τ]", "c", "v", "target tok/s", "spec tok/s",
             "speedup [95% CI]", "bound")
     rows = []
     for arm, cell in summary["arms"].items():
@@ -322,7 +379,7 @@ def format_table(summary: dict) -> str:
             ci = r.get("ci95", {})
             tau_ci = "[{:.2f}, {:.2f}]".format(*ci["block_efficiency"]) if "block_efficiency" in ci else ""
             sp_ci = "[{:.2f}, {:.2f}]".format(*ci["speedup"]) if "speedup" in ci else ""
-            rows.append((arm, task, str(r["n_prompts"]), f"{r['acceptance_rate']:.3f}",
+            rows.append((arm, task, str(r["n_prompts"]), f"{r['mean_gamma']:.2f}", f"{r['acceptance_rate']:.3f}",
                          f"{r['block_efficiency']:.2f} {tau_ci}", f"{r['expected_block_efficiency']:.2f}",
                          f"{r['cost_ratio_c']:.3f}", f"{r['verify_cost_v']:.2f}", f"{r['target_tokens_per_s']:.1f}",
                          f"{r['spec_tokens_per_s']:.1f}", f"{r['speedup']:.2f}x {sp_ci}", f"{r['speedup_bound']:.2f}x"))
@@ -330,14 +387,19 @@ def format_table(summary: dict) -> str:
     line = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |"
     out = [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
     seen: dict[str, str] = {}  # label → the first draft arm measured at it: every other arm is paired with it
+    pairs = []
     for arm, cell in summary["arms"].items():
         ref = seen.setdefault(arm.rsplit("@", 1)[1], arm)
-        if ref != arm and ref in cell.get("paired", {}):
-            d = cell["paired"][ref]["overall"]
-            out.append(f"{arm} − {ref} (paired over prompts): " + ", ".join(
-                f"Δ{sym} {d[k]['delta']:+.3f} [{d[k]['ci95'][0]:+.3f}, {d[k]['ci95'][1]:+.3f}]" if d[k]["ci95"]
-                else f"Δ{sym} {d[k]['delta']:+.3f}" for k, sym in (("block_efficiency", "τ"),
-                                                                  ("acceptance_rate", "α"), ("speedup", "speedup"))))
+        pairs += [(arm, ref)] if ref != arm and ref in cell.get("paired", {}) else []
+        name = arm.rsplit("@", 1)[0]
+        if arm == f"{name}@{ADAPTIVE}":  # adaptive − each fixed γ of the same draft
+            pairs += [(arm, other) for other in cell.get("paired", {}) if other.rsplit("@", 1)[0] == name]
+    for arm, ref in pairs:
+        d = summary["arms"][arm]["paired"][ref]["overall"]
+        out.append(f"{arm} − {ref} (paired over prompts): " + ", ".join(
+            f"Δ{sym} {d[k]['delta']:+.3f} [{d[k]['ci95'][0]:+.3f}, {d[k]['ci95'][1]:+.3f}]" if d[k]["ci95"]
+            else f"Δ{sym} {d[k]['delta']:+.3f}" for k, sym in (("block_efficiency", "τ"),
+                                                              ("acceptance_rate", "α"), ("speedup", "speedup"))))
     for arm, cell in summary["arms"].items():
         lg = cell["lossless_greedy"]
         if lg["checked"]:
@@ -347,15 +409,18 @@ def format_table(summary: dict) -> str:
 
 def _eval_json(cfg: JobConfig, name: str, draft: str, summary: dict, dtype, info: dict) -> dict:
     """One draft's results in the eval schema (first γ at the top level, every γ under by_gamma)."""
-    cells = {g: summary["arms"][f"{name}@{g}"] for g in cfg.eval.gamma}
+    cells = {g: summary["arms"][arm] for g in cfg.eval.gamma if (arm := f"{name}@{g}") in summary["arms"]}
     trees = {tree_label(t): summary["arms"][arm] for t in cfg.eval.trees
              if (arm := f"{name}@{tree_label(t)}") in summary["arms"]}
-    first = cells[cfg.eval.gamma[0]]
-    return {"target": cfg.target.model, "draft": draft, "gamma": cfg.eval.gamma[0],
+    top = next(iter(cells))  # an FSPAD head has no adaptive arm
+    first = cells[top]
+    return {"target": cfg.target.model, "draft": draft, "gamma": top,
+            **({"gamma_max": cfg.eval.gamma_max} if ADAPTIVE in cells else {}),
             "temperature": cfg.eval.temperature, "tasks": first["tasks"], "overall": first["overall"],
             "paired": first.get("paired", {}),
-            "by_gamma": {str(g): {"tasks": c["tasks"], "overall": c["overall"], "paired": c.get("paired", {})}
-                         for g, c in cells.items()},
+            "by_gamma": {str(g): {"tasks": c["tasks"], "overall": c["overall"], "paired": c.get("paired", {}),
+                                  **({"step_costs": c["step_costs"]} if "step_costs" in c else {})}
+                         for g, c in cells.items()},  # "adaptive": the served policy's arm (γ̄ in mean_gamma)
             "by_tree": {label: {"tree": c["tree"], "tasks": c["tasks"], "overall": c["overall"],
                                 "paired": c.get("paired", {})} for label, c in trees.items()},
             "lossless_greedy": {k: sum(c["lossless_greedy"][k] for c in [*cells.values(), *trees.values()])
@@ -371,6 +436,9 @@ def run_eval(cfg: JobConfig, drafts: dict[str, str | None] | str | None = None,
     """Evaluate drafts (name → path, 'new', or None for the job's newest trained draft) against the job's
     target in one interleaved run. Writes one eval JSON per draft: `out` is a path (one draft) or
     {name: path}. Returns {name: eval JSON}."""
+    from actors.magpie import resolve_self_sources
+
+    cfg = resolve_self_sources(cfg, cfg.eval.tasks)  # an embedded:self task: its queries sampled (Ray down after)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(threads or os.cpu_count() or 1)
     if not isinstance(drafts, dict):

@@ -1,6 +1,7 @@
 """Atomic writes, for every stage: a reader (or a resumed run) sees the old file or the whole new
 one, never a torn one. Files: write to a temp file in the same directory, fsync, rename.
-Directories: write into a temp directory, then rename it into place."""
+Directories: write into a temp directory, then rename it into place. A path in a URI run's staging copy is then
+published to its storage (`draftalign.storage.published`; a no-op for any other path)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from draftalign.storage import published
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -24,6 +27,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    published(path)
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
@@ -54,4 +58,5 @@ def atomic_dir(dest: str | Path, write: Callable[[Path], None]) -> Path:
             tmp.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    published(dest)
     return dest

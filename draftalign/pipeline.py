@@ -24,6 +24,7 @@ from pathlib import Path
 from draftalign.config import ConfigError, JobConfig, check_fits_cluster
 from draftalign.io import write_json_atomic
 from draftalign.runtime import run_dir
+from draftalign.storage import pull
 
 
 def _done(path: Path) -> bool:
@@ -35,6 +36,7 @@ def _done(path: Path) -> bool:
 
 
 def _has_checkpoint(root: Path) -> bool:
+    root = pull(root)  # a URI run: the stage's checkpoints, from storage
     return root.exists() and any(root.rglob("checkpoint_*"))
 
 
@@ -107,6 +109,7 @@ def _evals(cfg: JobConfig, out: Path, drafts: dict[str, str]) -> None:
 def run_pipeline(cfg: JobConfig) -> Path:
     """Run the whole job; returns the run directory."""
     from actors.generate import run_generate
+    from actors.magpie import resolve_self_sources
     from draftalign.report import write_report
     from learner.distill import run_distill
     from learner.pretrain import run_pretrain
@@ -116,7 +119,7 @@ def run_pipeline(cfg: JobConfig) -> Path:
     _check_same_job(out, cfg)
     write_json_atomic(out / "job.json", json.loads(cfg.model_dump_json()))
     t0 = time.time()
-    _stage("generate", out / "distill_set" / "metadata.json", lambda: run_generate(cfg))
+    _stage("generate", out / "distill_set" / "metadata.json", lambda: run_generate(resolve_self_sources(cfg)))
     if cfg.draft.kind == "fspad":
         return _run_fspad(cfg, out, t0)
     _stage("pretrain", out / "pretrain_done.json",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from draftalign.storage import published
+
 CURVES = [("pretrain", "loss"), ("distill", "loss"), ("distill", "heldout_acceptance"), ("distill", "acceptance")]
 
 
@@ -201,4 +203,6 @@ def write_report(run: Path) -> Path:
         lines += ["## Distillation counters", "", "```json", json.dumps(distill, indent=2), "```", ""]
     md = run / "report.md"
     md.write_text("\n".join(lines))
+    for f in (png, md):
+        published(f)  # a URI run: to its storage
     return md

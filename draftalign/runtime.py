@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from draftalign.config import JobConfig
+from draftalign.storage import pull
 
 
 def configure_vllm_env(kv_cache_gib: float = 1.0, threads: int | None = None) -> None:
@@ -128,7 +129,7 @@ def init_ray(cfg: JobConfig | None = None, **kw):
         ray.init(num_cpus=kw.pop("num_cpus", os.cpu_count()), include_dashboard=False,
                  runtime_env=env, **kw)
     if cfg is not None:
-        logs = link_ray_logs(run_dir(cfg) / "logs")
+        logs = link_ray_logs(cfg.run_path.resolve() / "logs")  # node-local links, never published
         if logs is not None and quiet():
             print(f"[ray] worker output: {logs}", file=sys.stderr, flush=True)
     return ray
@@ -154,6 +155,8 @@ def link_ray_logs(logs: Path) -> Path | None:
 
 
 def run_dir(cfg: JobConfig) -> Path:
+    """The run dir a stage's driver works in (created). For a URI run: this node's staging copy, mirrored from
+    storage first (`draftalign.storage.pull`; checkpoints aside: each stage pulls its own, and node-local logs)."""
     path = cfg.run_path.resolve()
     path.mkdir(parents=True, exist_ok=True)
-    return path
+    return pull(path, exclude=("ray_results", "logs"))

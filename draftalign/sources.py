@@ -4,6 +4,8 @@ packaged sets — each turned into chat prompts that end at a user turn.
 A source is
 - `embedded:chitchat` (train: the train-split chitchat + summarize mix; eval: held-out chitchat turns),
   `embedded:summarize` (eval), `embedded:humaneval` (eval only: the code task) — `draftalign.data`;
+- `embedded:self`: queries the target writes itself, sampled into the run dir by `actors/magpie.py` and then read
+  as the file they are;
 - a local file or directory (JSONL, JSON, parquet, CSV), or a URI fsspec opens (`s3://…`, `gs://…`);
 - else a `datasets` name (`datasets.load_dataset(name, split=…)`: needs network or a local cache).
 
@@ -267,6 +269,9 @@ def _embedded(source: str, part: str, n: int | None, seed: int) -> list[dict]:
     (summarize, humaneval) only under data.eval, so a train part is always embedded:chitchat's mix."""
     from draftalign import data
 
+    if source == "embedded:self":  # the driver samples it into the run dir first (actors/magpie.py)
+        raise SourceError("embedded:self: the target's own queries are not sampled yet; the generate stage and "
+                          "the eval sample them into the run dir (actors.magpie.resolve_self_sources)")
     if part == "train":
         assert source == "embedded:chitchat", source
         return data.train_messages(n, seed)

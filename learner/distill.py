@@ -97,6 +97,7 @@ from draftalign.models import (
     save_pretrained_atomic,
 )
 from draftalign.runtime import init_ray, run_dir
+from draftalign.storage import ensure_local
 from draftalign.vocab import job_draft_vocab
 from learner.draft_head import DraftHead
 from learner.heldout import split_heldout
@@ -113,9 +114,12 @@ from learner.trainer import (
     lr_factor,
     param_groups,
     prepare_resume,
+    publish_logs,
+    result_checkpoint,
     rng_state,
     say_as,
     set_rng_state,
+    stage_logs_in,
     state_digest,
     verify_checkpoint,
     worker_resources,
@@ -366,7 +370,7 @@ def _restore(config: dict, cfg: JobConfig, rank: int, world: int, device, amp) -
 
     lc = cfg.learner
     with checkpoint_to_restore(config["resume_from"], say=_say) as ckpt_dir:  # None: fresh start
-        src = str(ckpt_dir or config["init_dir"])
+        src = str(ckpt_dir or ensure_local(config["init_dir"]))
         tokenizer = AutoTokenizer.from_pretrained(src)
         lm = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
         state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False) if ckpt_dir else None
@@ -421,6 +425,7 @@ def _open_rank0(config: dict, cfg: JobConfig, learner: Learner, store) -> _Rank0
 
     dc, step, version = cfg.distill, learner.step, learner.version
     hb = ray.get(config["heldout_ref"][0]) if config["heldout_ref"] else None
+    stage_logs_in(config)
     writer = SummaryWriter(config["tb_dir"], purge_step=step + 1 if step else None)
     jlog = open(config["log_path"], "a")  # closed at the end of train_loop_per_worker
     publish_weights(store, learner.core.lm, version)  # rollout actors wait for this first version
@@ -611,6 +616,8 @@ def _save_checkpoint(learner: Learner, r0: _Rank0Log | None, config: dict, metri
         # checkpoint the dead attempt wrote but Ray Train never registered
         name = f"checkpoint_step_{step:08d}_{config['session']}" + (f"r{attempt}" if attempt else "")
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        if learner.rank == 0:
+            publish_logs(config)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -830,7 +837,7 @@ def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | Non
                                                      time_budget_s,
                                                      draft_vocab, start_step)
         if result.checkpoint is not None:
-            ckpt, metrics = Path(result.checkpoint.path), result.metrics
+            ckpt, metrics = result_checkpoint(result, exp), result.metrics
         else:  # nothing left to train (e.g. the token budget was already spent)
             ckpt, metrics = resume_from, state["metrics"]
     verify_checkpoint(ckpt)

@@ -85,9 +85,12 @@ from learner.trainer import (
     lr_factor,
     param_groups,
     prepare_resume,
+    publish_logs,
+    result_checkpoint,
     rng_state,
     say_as,
     set_rng_state,
+    stage_logs_in,
     state_digest,
     verify_checkpoint,
     worker_resources,
@@ -371,6 +374,8 @@ def _save_checkpoint(core: FSPADHead, opt, sched, baseline_state: BaselineState,
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=f"checkpoint_step_{step:08d}_{config['session']}")
+        if rank == 0:
+            publish_logs(config)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -414,6 +419,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     writer = jlog = hb = None
     if rank == 0:
+        stage_logs_in(config)
         writer = SummaryWriter(config["tb_dir"], purge_step=step + 1 if step else None)
         jlog = open(config["log_path"], "a")
         hb = ray.get(config["heldout_ref"][0]) if config["heldout_ref"] else None
@@ -602,7 +608,7 @@ def run_fspad(cfg: JobConfig, resume: bool = False) -> Path:
         finally:
             for a in actors:
                 ray.kill(a, no_restart=True)
-        ckpt, metrics = Path(result.checkpoint.path), result.metrics
+        ckpt, metrics = result_checkpoint(result, storage / EXPERIMENT), result.metrics
     verify_checkpoint(ckpt)
     export_head(ckpt, final)
     done = {"steps": metrics["step"], "loss": metrics["loss"], "feature_loss": metrics["feature_loss"],

@@ -73,6 +73,7 @@ import torch
 from actors.rollout import WeightStore, build_batch, cached_score
 from actors.traffic import OnlineSettings, get_buffer, request_rows, to_rollout_batch
 from draftalign.config import ConfigError, JobConfig
+from draftalign.storage import pull
 from learner.distill import Learner, ResponseLogits, publish_weights, train_step
 from learner.draft_head import DraftHead
 from learner.losses import BaselineState
@@ -96,7 +97,7 @@ def replay_rows(cfg: JobConfig, k: int, heldout: bool = False) -> list[dict]:
     f = cfg.serve.online.learner.replay_fraction
     if f == 0 and not heldout:
         return []
-    src = cfg.run_path / "distill_set"
+    src = pull(cfg.run_path / "distill_set")  # a URI run's, from storage
     rows = []
     if (src / "metadata.json").is_file():  # a finished set (actors.generate)
         train, held = load_split(cfg.run_path, cfg.target.max_model_len, 0)

@@ -61,6 +61,7 @@ from draftalign.models import (
     save_pretrained_atomic,
 )
 from draftalign.runtime import init_ray, quiet, run_dir
+from draftalign.storage import ensure_local
 from draftalign.vocab import job_draft_vocab
 from learner.draft_head import DraftHead, DraftLM
 from learner.heldout import heldout_prompt_ids
@@ -77,9 +78,12 @@ from learner.trainer import (
     lr_factor,
     param_groups,
     prepare_resume,
+    publish_logs,
+    result_checkpoint,
     rng_state,
     say_as,
     set_rng_state,
+    stage_logs_in,
     state_digest,
     verify_checkpoint,
     worker_resources,
@@ -266,7 +270,7 @@ def train_loop_per_worker(config: dict) -> None:
     assert B >= world, f"pretrain.batch_size={B} must be ≥ num_workers={world}"
 
     with checkpoint_to_restore(config["resume_from"], say=_say) as ckpt_dir:  # None: fresh start
-        src = str(ckpt_dir or config["init_dir"])
+        src = str(ckpt_dir or ensure_local(config["init_dir"]))
         tokenizer = AutoTokenizer.from_pretrained(src)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
         state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False) if ckpt_dir else None
@@ -300,6 +304,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
+        stage_logs_in(config)
         # purge_step drops events a killed run logged after the checkpoint we resume from
         writer = SummaryWriter(config["tb_dir"], purge_step=step + 1 if step else None)
         log = open(config["log_path"], "a")
@@ -378,6 +383,8 @@ def train_loop_per_worker(config: dict) -> None:
                          f"{metrics['tokens_per_s']:,.0f} tok/s -> checkpoint")
             name = f"checkpoint_step_{step:08d}_{config['session']}" if is_ckpt else None
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+            if rank == 0 and is_ckpt:
+                publish_logs(config)
     if bar is not None:
         bar.close()
         sys.stdout.flush()  # the "closed" state must reach the driver before Ray Train kills this worker
@@ -464,7 +471,7 @@ def run_pretrain(cfg: JobConfig, resume: bool = False, *, log_every: int = 10) -
                                                                  cfg.learner.resources),
                            max_failures=cfg.learner.max_failures, log_path=log_path, total=pc.max_steps,
                            start_step=start_step, fields={"loss": "loss", "val_loss": "val_loss"})
-        resume_from = Path(result.checkpoint.path)
+        resume_from = result_checkpoint(result, exp)
         verify_checkpoint(resume_from)
         metrics = result.metrics
     export_draft(resume_from, tok, final, draft_vocab or job_draft_vocab(cfg, rdir))

@@ -330,15 +330,24 @@ class OpenAIIngress:
 
 
 # ====================================================================== building and running
-def _check_draft(target_path: str, draft_path: str) -> None:
-    """Fail before deploying when the draft is missing, its tokenizer differs from the target's, or it is an FSPAD
-    head made for a target of another shape."""
+def _check_draft(target_path: str, draft_path: str, engine: str = "native") -> None:
+    """Fail before deploying when the draft is missing, its tokenizer differs from the target's, it is an FSPAD
+    head made for a target of another shape, or (serve.engine=vllm) no vLLM format expresses it exactly."""
     from transformers import AutoConfig
 
-    from draftalign.models import load_tokenizer
+    from draftalign.models import cache_dir, load_tokenizer
     from serve.drafts import check_engine_draft
+    from serve.export import export_for_vllm, read_export
 
+    exported = read_export(draft_path)
+    if engine == "vllm" and exported is not None:
+        return  # already exported (`draftalign export`): vLLM loads it as it is
+    if exported is not None and exported["format"] != "hf":
+        raise ValueError(f"draft {draft_path} is a {exported['format']} export for vLLM: serve.engine=native decodes "
+                         f"its source, {exported['source']}")
     check_engine_draft(draft_path, load_tokenizer(target_path), AutoConfig.from_pretrained(target_path))
+    if engine == "vllm":
+        export_for_vllm(draft_path, target_path, cache_dir() / "vllm_exports")  # the replicas reuse it on this node
 
 
 def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch_threads: int | None = None):
@@ -354,7 +363,7 @@ def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch
     """
     sc = cfg.serve
     if draft_path is not None:
-        _check_draft(target_path, draft_path)
+        _check_draft(target_path, draft_path, sc.engine)
     context = context_window(target_path, draft_path, cfg.target.max_model_len)
     threads = torch_threads or max(1, min(os.cpu_count() or 1, math.ceil(sc.cpus_per_replica)))
     from actors.traffic import OnlineSettings
@@ -364,9 +373,9 @@ def build_app(cfg: JobConfig, target_path: str, draft_path: str | None, *, torch
         raise ValueError("serve.online (capture, hot-swap) needs a draft: this app serves the target alone")
     from learner.fspad import is_fspad_head
 
-    if draft_path is not None and is_fspad_head(draft_path) and (sc.engine != "native" or online is not None):
-        raise ValueError(f"draft {draft_path} is an FSPAD head: only serve.engine=native decodes it, without "
-                         f"serve.online (capture and hot-swap are for Llama drafts)")
+    if draft_path is not None and is_fspad_head(draft_path) and online is not None:
+        raise ValueError(f"draft {draft_path} is an FSPAD head: serve.online (capture and hot-swap) is for Llama "
+                         f"drafts")
     settings = ReplicaSettings(engine=sc.engine, gamma=sc.gamma, gamma_policy=sc.gamma_policy,
                                tree=tree_spec(sc.tree) if sc.tree else None, dtype=cfg.target.dtype,
                                draft_step_dtype=cfg.draft.step_dtype,

@@ -13,7 +13,7 @@ from serve.verification import Verification
 
 class DraftModelProposer(Verification):
     """Mixin of `serve.specdec.SpecDecoder`: chain rounds drafted by the Llama draft `_d` (a `serve.heads._Head`,
-    swapped by `refresh_draft`), γ per round or the goodput policy's choice."""
+    swapped by `refresh_draft`), γ per round or the goodput policy's choice from each request's acceptance."""
 
     def _spec_rounds(self, batch: _Batch, params: SamplingParams, gamma: int, gen: torch.Generator):
         t_cache, d_cache = self._t.new_cache(batch), self._d.new_cache(batch)
@@ -24,11 +24,12 @@ class DraftModelProposer(Verification):
                 for _ in range(B)]
         active = [True] * B
         d = self._d
+        requests = None if self.policy is None else self.policy.begin(B)  # α̂ per sequence (serve.goodput)
         while any(active) and batch.length + gamma + 1 <= self.max_len:
             if self._d is not d:  # `refresh_draft` ran since the last round: start the draft cache over
                 d, d_cache, d_len = self._d, self._d.new_cache(batch), 0
             L = batch.length
-            g = gamma if self.policy is None else self.policy.choose(B)  # this round's γ (0: target only)
+            g = gamma if requests is None else min(gamma, requests.choose(active))  # this round's γ (0: target only)
             # 1. Draft proposes γ tokens: x_i ~ q(· | seq, x_<i). Its first prediction is read at each
             #    sequence's own last column, the later ones at the grid's last column.
             draft_tokens, draft_probs, extra = [], [], None
@@ -50,7 +51,7 @@ class DraftModelProposer(Verification):
 
             # 3. Verify: accept a prefix, then a recovered or bonus token; sequence s emits k_s + 1 tokens.
             out, ks = self._verify_chain(x, q, p, params, gen)  # (B, γ+1), k_s per sequence
-            new, live, n = self._emit(gens, active, batch, out, ks, g, params, x, q, z)
+            new, live, n = self._emit(gens, active, batch, out, ks, g, params, x, q, z, requests)
             # 4. Roll both caches back to the columns every sequence still agrees with.
             t_len = L + min(ks[s] for s in live)
             _crop(t_cache, t_len)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from draftalign.models import check_draft, load_draft
+from draftalign.storage import ensure_local
 from draftalign.vocab import load_draft_vocab
 from learner.fspad import FSPADHead, check_target, is_fspad_head, read_config
 
@@ -17,6 +18,7 @@ from learner.fspad import FSPADHead, check_target, is_fspad_head, read_config
 def check_engine_draft(path: str, target_tok, target_config) -> Path:
     """`check_draft` for an HF-format draft; for an FSPAD head its config, checked against the target's shape.
     Reads no weights."""
+    path = str(ensure_local(path))  # a URI (s3://…/draft_distilled) or a URI run's staging copy, pulled
     if not is_fspad_head(path):
         return check_draft(path, target_tok, target_config.vocab_size)
     p = Path(path).expanduser()
@@ -28,6 +30,7 @@ def load_engine_draft(path: str, target, target_tok, dtype: torch.dtype = torch.
     """(draft, its vocabulary or None) for the engine, the kind read from the checkpoint's config.json: an HF-format
     Llama draft (`load_draft`, + its draft_vocab.json) or an FSPAD head on `target`'s frozen embedding and LM head
     (`learner.fspad.FSPADHead.load`; float32, its vocabulary inside it, so None here)."""
+    path = str(ensure_local(path))
     if is_fspad_head(path):
         return FSPADHead.load(path, target).to(device).eval(), None
     vocab_size = target.config.vocab_size

@@ -89,9 +89,12 @@ class NativeEngine:
 
 
 class VLLMEngine:
-    """vLLM with its own draft-model speculative decoding (or the target alone).
+    """vLLM with its own speculative decoding (or the target alone).
 
-    `speculative_config={"method": "draft_model"}`: on CPU it is exact at temperature 0 but NOT
+    The draft is exported first (`serve.export.export_for_vllm`, cached; an existing export is used as it is):
+    a Llama draft as a full-vocabulary HF checkpoint (`method: draft_model`), an FSPAD head as EAGLE-1
+    (`method: eagle`); a draft no format expresses exactly (e.g. a head with an fc bias) is refused with the
+    reason. Drafting is argmax (`draft_sample_method: greedy`). On CPU it is exact at temperature 0 but NOT
     lossless at temperature > 0 (see STACK-NOTES). vLLM counts drafts, draft tokens and accepted
     tokens per engine, not per request: a call's counter deltas are split over its requests by
     completion tokens. It does not count rounds that ended in a rejection, so `counts_rejections`
@@ -107,8 +110,14 @@ class VLLMEngine:
         import vllm
 
         self._vllm = vllm
-        spec = ({"method": "draft_model", "model": draft_path, "num_speculative_tokens": s.gamma}
-                if draft_path else None)
+        spec = None
+        if draft_path:
+            from draftalign.models import cache_dir
+            from serve.export import export_for_vllm, vllm_speculative_config
+
+            spec = vllm_speculative_config(*export_for_vllm(draft_path, target_path, cache_dir() / "vllm_exports"),
+                                           s.gamma)
+        self.speculative_config = spec
         dtype = {"auto": "auto", "bfloat16": "bfloat16", "float32": "float32"}[s.dtype]
         self.llm = vllm.LLM(target_path, speculative_config=spec, dtype=dtype, max_model_len=context,
                             enforce_eager=not s.use_gpu, disable_log_stats=False, seed=0)
@@ -152,6 +161,10 @@ class VLLMEngine:
     def stream(self, prompt: list[int], params: SamplingParams):
         (g,) = self.generate([prompt], params)
         yield g.token_ids, g
+
+    def close(self) -> None:
+        """Stop the engine core now (an in-process core left to the garbage collector can outlive its caller)."""
+        self.llm.llm_engine.engine_core.shutdown()
 
 
 def _split_int(total: int, weights: list[float]) -> list[int]:

@@ -1,20 +1,35 @@
-"""γ per round by expected goodput: the draft length that emits the most tokens per second for this batch.
+"""γ per round by expected goodput, from each request's own acceptance: the draft length that emits the most
+tokens per second for the sequences being decoded.
 
-A round over B sequences that drafts γ tokens each emits B · E[τ](α, γ) tokens in expectation,
-E[τ] = (1 − α^(γ+1)) / (1 − α) (`serve.acceptance.expected_block_efficiency`), and costs
+A round over a grid of B sequences that drafts γ tokens each costs
 
     cost(B, γ) = t_T(B · (γ + 1)) + γ · t_D(B)
 
-one target pass over γ + 1 positions per sequence and γ draft steps over the batch. The policy plays
+one target pass over γ + 1 positions per sequence and γ draft steps over the batch, and emits, in
+expectation, Σ_s E[τ](α̂_s, γ) tokens over its live sequences s, E[τ] = (1 − α^(γ+1)) / (1 − α)
+(`serve.acceptance.expected_block_efficiency`) at sequence s's own per-token acceptance α̂_s. The policy plays
 
-    γ* = argmax_{0 ≤ γ ≤ γ_max}  B · E[τ](α̂, γ) / cost(B, γ),
+    γ* = argmax_{0 ≤ γ ≤ γ_max}  G(γ),   G(γ) = Σ_s E[τ](α̂_s, γ) / cost(B, γ)          (`round_goodput`)
 
-γ = 0 being a plain target step. Where a target pass is memory-bound (flat in its rows) γ* stays at
-γ_max; where the rows cost compute — a big batch, or a CPU — γ* falls, to 0 when the batch alone fills
-the machine (SmartSpec: Liu et al. 2024, "Optimizing Speculative Decoding for Serving Large Language
-Models Using Goodput"). t_T and t_D are measured on the engine itself (`StepCosts`, interpolated in
-rows); α̂ is the acceptance of recent rounds (`AcceptanceEstimate`). Choosing γ from the past keeps
-decoding lossless: given the prefix, a round's tokens follow the target whatever γ it drafted.
+γ = 0 being a plain target step. Why one γ for the round and not one per sequence: the engine's grid is
+rectangular (`serve.batch_state`), so a round's target pass computes B · (max_s γ_s + 1) rows and its draft
+max_s γ_s steps over all B rows whatever each sequence keeps. The cost depends on the γ_s only through
+m = max_s γ_s and every E[τ](α̂_s, γ_s) grows with γ_s, so the joint argmax over (γ_1 … γ_B) puts every
+γ_s = m and is the one-dimensional search above, exact. At batch 1 (`draftalign eval`, a lone request) it is
+the request's own γ; in a batch, a request the draft does not know adds E[τ] ≈ 1 whatever γ, so it pulls γ*
+down only through the cost (SmartSpec: Liu et al. 2024, "Optimizing Speculative Decoding for Serving Large
+Language Models Using Goodput"; HF's `num_assistant_tokens_schedule="heuristic"` adapts from acceptance too).
+Where a target pass is memory-bound (flat in its rows) γ* stays at γ_max for a draft that agrees; where rows
+cost compute — a big batch, or fp32 on a CPU (a pass over 4 tokens ≈ 1.4 steps) — γ* falls, to 0 for a request
+whose draft keeps failing or a batch that alone fills the machine.
+
+α̂_s (`AcceptanceEstimate`) starts from the engine's acceptance over recent rounds of every request (the
+prior, worth `request_weight` decisive outcomes) and follows the request's own rounds, decayed by
+`request_decay` per drafted round. Probing: a round at γ* = 0 drafts nothing and so learns nothing of α; after
+`probe_every` such rounds in a row the call drafts one round at γ = 1, so a request whose draft starts agreeing
+again (code turning back into prose) gets speculation back. t_T and t_D are measured on the engine itself
+(`StepCosts`, interpolated in rows). Choosing γ from the past keeps decoding lossless: given the prefix (and
+every sequence's past), a round's tokens follow the target whatever γ it drafted.
 """
 
 from __future__ import annotations
@@ -56,10 +71,23 @@ class StepCosts:
         return self.target_pass(batch * (gamma + 1)) + gamma * self.draft_step(batch)
 
 
-def best_gamma(alpha: float, batch: int, gamma_max: int, costs: StepCosts) -> int:
-    """γ* = argmax_γ B · E[τ](α, γ) / cost(B, γ) over 0 ≤ γ ≤ γ_max (ties go to the shorter draft)."""
-    rate = [batch * expected_block_efficiency(alpha, g) / costs.round(batch, g) for g in range(gamma_max + 1)]
+def round_goodput(alphas: list[float], batch: int, gamma: int, costs: StepCosts) -> float:
+    """G(γ) = Σ_s E[τ](α̂_s, γ) / cost(B, γ): expected tokens per second of a round over the live sequences'
+    acceptances `alphas` on a grid of `batch` rows (finished rows are still computed)."""
+    return sum(expected_block_efficiency(a, gamma) for a in alphas) / costs.round(batch, gamma)
+
+
+def best_round_gamma(alphas: list[float], batch: int, gamma_max: int, costs: StepCosts) -> int:
+    """γ* = argmax_{0 ≤ γ ≤ γ_max} G(γ) (ties go to the shorter draft; no live sequence: 0)."""
+    if not alphas:
+        return 0
+    rate = [round_goodput(alphas, batch, g, costs) for g in range(gamma_max + 1)]
     return max(range(gamma_max + 1), key=lambda g: (rate[g], -g))
+
+
+def best_gamma(alpha: float, batch: int, gamma_max: int, costs: StepCosts) -> int:
+    """γ* for `batch` sequences that share one acceptance α: argmax_γ B · E[τ](α, γ) / cost(B, γ)."""
+    return best_round_gamma([alpha] * batch, batch, gamma_max, costs)
 
 
 @dataclass
@@ -88,24 +116,46 @@ class AcceptanceEstimate:
 
 @dataclass
 class GoodputPolicy:
-    """The per-round γ of a serving engine: `best_gamma` on α̂ and the engine's measured costs.
+    """The per-round γ of an engine (module docstring): `begin(B)` opens a decoding call's `RequestGoodput`,
+    whose `choose` plays `best_round_gamma` on its sequences' own α̂_s and the engine's measured costs.
 
-    After `probe_every` rounds in a row at γ = 0 (no draft, so no news of α), one round drafts 1 token,
-    so a draft that starts agreeing again (traffic drifting back) is noticed."""
+    estimate: the engine's acceptance over recent rounds of every request, the prior a new request starts
+    from (`serve.online` resets it when the draft changes)."""
 
     costs: StepCosts
     gamma_max: int
     estimate: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
-    probe_every: int = 32
-    _idle: int = 0
+    request_weight: float = 4.0
+    request_decay: float = 0.95
+    probe_every: int = 16
 
-    def choose(self, batch: int) -> int:
-        g = best_gamma(self.estimate.alpha, batch, self.gamma_max, self.costs)
-        self._idle = self._idle + 1 if g == 0 else 0
-        if g == 0 and self._idle >= self.probe_every:
-            self._idle = 0
+    def begin(self, batch: int) -> RequestGoodput:
+        """The per-request state of one decoding call over `batch` sequences."""
+        return RequestGoodput(self, [AcceptanceEstimate(self.estimate.alpha, self.request_weight,
+                                                        self.request_decay) for _ in range(batch)])
+
+
+@dataclass
+class RequestGoodput:
+    """One decoding call: α̂_s per sequence, and the run of γ = 0 rounds that triggers a probe."""
+
+    policy: GoodputPolicy
+    estimates: list[AcceptanceEstimate]
+    idle: int = 0  # rounds in a row at γ = 0
+
+    def choose(self, live: list[bool]) -> int:
+        """This round's γ: `best_round_gamma` over the live sequences; 1 after `probe_every` rounds at 0."""
+        p = self.policy
+        g = best_round_gamma([e.alpha for e, a in zip(self.estimates, live) if a], len(live), p.gamma_max, p.costs)
+        self.idle = self.idle + 1 if g == 0 else 0
+        if g == 0 and self.idle >= p.probe_every and any(live):
+            self.idle = 0
             return 1
         return g
 
-    def observe(self, accepted: int, rejected: int) -> None:
-        self.estimate.update(accepted, rejected)
+    def observe(self, outcomes: dict[int, tuple[int, int]]) -> None:
+        """A drafted round's (accepted, rejected) per sequence s (`serve.acceptance.round_outcome`): each
+        sequence's α̂_s and the engine's prior."""
+        for s, (acc, rej) in outcomes.items():
+            self.estimates[s].update(acc, rej)
+        self.policy.estimate.update(sum(a for a, _ in outcomes.values()), sum(r for _, r in outcomes.values()))

@@ -54,8 +54,9 @@ class SpecDecoder(DraftModelProposer, DraftTreeProposer, FSPADProposer):
         min(1, p/s) tests and that scheme's residuals (SpecInfer / recursive speculative decoding);
         without replacement needs k tokens with q > 0 under every node (top-k/top-p may leave fewer).
     At temperature 0 the tree is always top-k and verified by `verify_greedy`.
-    policy: a `serve.goodput.GoodputPolicy` picks each chain round's γ ≤ gamma from the batch size and the
-    measured step costs (`measure_step_costs`); None = every round drafts gamma (the eval's setting).
+    policy: a `serve.goodput.GoodputPolicy` picks each Llama-draft chain round's γ ≤ gamma from its requests' own
+    acceptance, the batch size and the measured step costs (`measure_step_costs`); None = every round drafts gamma
+    (a fixed-γ eval arm). `draftalign eval`'s adaptive arms and the served engine use the same policy.
     draft_step_dtype: the dtype of the draft's single-row products (`serve.kernels.one_row_linear`, e.g.
     torch.float16 on CPU), None = the draft's own. Lossless either way: q is what the draft computed.
     draft may also be an FSPAD head (`learner.fspad.FSPADHead`, draft.kind=fspad): it drafts from the target's
@@ -151,29 +152,29 @@ class SpecDecoder(DraftModelProposer, DraftTreeProposer, FSPADProposer):
                            repeats: int = 3, seed: int = 0) -> StepCosts:
         """`serve.goodput.StepCosts` of this engine, measured: for each batch size B, target passes over
         n = 1 … gamma + 1 new tokens per sequence (B·n rows, body + head at every row) and one draft step,
-        on top of a `context`-token random prefix; median of `repeats` after one warm-up each."""
+        on top of a `context`-token random prefix. The passes are timed round-robin — one of each per sweep, one
+        warm-up sweep, then `repeats` sweeps, each pass's median kept — so load that comes and goes on a shared
+        machine falls on every size alike instead of inflating the one being timed (the policy reads ratios);
+        a pass over more rows is then never taken as cheaper than one over fewer (running max in rows)."""
         if self._d is None:
             raise ValueError("step costs are for speculative decoding with a Llama draft: this engine has no draft "
                              "or an FSPAD head")
         rng = torch.Generator().manual_seed(seed)
         params = SamplingParams(temperature=0.0)
         vocab = self.target.config.vocab_size
-        target: dict[int, float] = {}
-        draft: dict[int, float] = {}
 
-        def median_time(head: _Head, cache, batch: _Batch, x: torch.Tensor) -> float:
-            """Median seconds of head.probs(head.hidden(x on cache)) at the positions used, cache restored."""
-            L, times = batch.length, []
-            for _ in range(repeats + 1):
-                t0 = time.perf_counter()
-                h = head.hidden(cache, batch, L, x)
-                head.probs(h if head is self._t else h[:, -1], params)
-                _sync(self.device)
-                times.append(time.perf_counter() - t0)
-                _crop(cache, L)
-            return sorted(times[1:])[len(times[1:]) // 2]
+        def time_once(head: _Head, cache, batch: _Batch, x: torch.Tensor) -> float:
+            """Seconds of head.probs(head.hidden(x on cache)) at the positions used, cache restored."""
+            L = batch.length
+            t0 = time.perf_counter()
+            h = head.hidden(cache, batch, L, x)
+            head.probs(h if head is self._t else h[:, -1], params)
+            _sync(self.device)
+            _crop(cache, L)
+            return time.perf_counter() - t0
 
         with torch.inference_mode():
+            probes = []  # (kind, key, head, cache, batch, x)
             for B in batch_sizes:
                 batch = _Batch(torch.randint(vocab, (B, context), generator=rng).tolist(), self.pad_id, self.device)
                 t_cache, d_cache = self._t.new_cache(batch), self._d.new_cache(batch)
@@ -181,9 +182,21 @@ class SpecDecoder(DraftModelProposer, DraftTreeProposer, FSPADProposer):
                 self._d.hidden(d_cache, batch, 0)
                 for n in range(1, self.gamma + 2):
                     x = torch.randint(vocab, (B, n), generator=rng).to(self.device)
-                    target[B * n] = median_time(self._t, t_cache, batch, x)
+                    probes.append(("target", B * n, self._t, t_cache, batch, x))
                 x = torch.randint(vocab, (B, 1), generator=rng).to(self.device)
-                draft[B] = median_time(self._d, d_cache, batch, x)
+                probes.append(("draft", B, self._d, d_cache, batch, x))
+            times: dict[tuple[str, int], list[float]] = {}
+            for sweep in range(repeats + 1):
+                for kind, key, head, cache, batch, x in probes:
+                    dt = time_once(head, cache, batch, x)
+                    if sweep:  # sweep 0 warms every pass up
+                        times.setdefault((kind, key), []).append(dt)
+        median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        target, draft, top = {}, {}, 0.0
+        for rows in sorted(k for kind, k in median if kind == "target"):
+            top = target[rows] = max(top, median[("target", rows)])
+        for B in sorted(k for kind, k in median if kind == "draft"):
+            draft[B] = median[("draft", B)]
         return StepCosts(target=target, draft=draft)
 
     # ------------------------------------------------------------------ decoding

@@ -128,9 +128,10 @@ class Verification:
 
     def _emit(self, gens: list[Generation], active: list[bool], batch: _Batch, out: torch.Tensor, ks: list[int],
               g: int, params: SamplingParams, x: torch.Tensor, q: torch.Tensor | None,
-              z: torch.Tensor) -> tuple[list[list[int]], list[int], int]:
+              z: torch.Tensor, requests=None) -> tuple[list[list[int]], list[int], int]:
         """After a chain round's verification (either draft kind): sequence s emits out[s, :k_s + 1] up to its
-        stop; the round is counted, the goodput policy and the online observer told; the emitted tokens join
+        stop; the round is counted, the call's goodput state (`requests`, a `serve.goodput.RequestGoodput`) and the
+        online observer told; the emitted tokens join
         the grid (ragged: masked beyond k_s + 1). Returns (tokens committed per sequence, the sequences that
         were active, n = the widest emission)."""
         B = len(gens)
@@ -138,8 +139,8 @@ class Verification:
         new = self._commit(gens, active, [out[s, :ks[s] + 1].tolist() for s in range(B)], params)
         live = [s for s in range(B) if was_active[s]]
         outcomes = [gens[s].record_round(ks[s], g, len(new[s])) for s in live]
-        if self.policy is not None and g:
-            self.policy.observe(sum(a for a, _ in outcomes), sum(r for _, r in outcomes))
+        if requests is not None and g:
+            requests.observe(dict(zip(live, outcomes)))
         if self.observer is not None and g:
             self.observer(RoundView(batch.ids, batch.mask, was_active, x, q, z, ks, outcomes, params,
                                     self.draft_version, new, batch.call))

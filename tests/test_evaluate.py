@@ -114,6 +114,30 @@ def test_tree_arms_are_measured_beside_the_chains(tmp_path, tiny_target_path):
     assert both["chain"]["interleaved_with"] == ["self@3", "chain@3", "self@tree:2-1", "self@tree:1-1-1"]
 
 
+def test_adaptive_arm_runs_the_served_policy_beside_the_fixed_chains(tmp_path, tiny_target_path, tiny_draft_path):
+    """eval.gamma=[adaptive, 3]: one more arm per Llama draft whose every round plays `serve.goodput` on costs
+    measured in the eval; lossless greedy, its mean γ̄ reported, and paired with the same draft's fixed arm."""
+    cfg = load_config(None, [f"target.model={tiny_target_path}", f"run_dir={tmp_path / 'run'}", "eval.tasks=[chat]",
+                             "eval.prompts_per_task=3", "eval.max_new_tokens=12", "target.max_model_len=512",
+                             "eval.gamma=[adaptive, 3]", "eval.gamma_max=2"])
+    out = tmp_path / "e.json"
+    res = run_eval(cfg, {"small": tiny_draft_path}, out=out)["small"]
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert res["interleaved_with"] == ["small@adaptive", "small@3"]
+    assert res["gamma"] == "adaptive" and res["gamma_max"] == 2 and set(res["by_gamma"]) == {"adaptive", "3"}
+    assert res["lossless_greedy"] == {"checked": 6, "mismatches": 0}
+    adaptive, fixed = res["by_gamma"]["adaptive"]["overall"], res["by_gamma"]["3"]["overall"]
+    assert 0 <= adaptive["mean_gamma"] <= 2 and fixed["mean_gamma"] == 3 and fixed["target_only_rounds"] == 0
+    assert len(adaptive["acceptance_per_position"]) == 2
+    costs = json.loads(out.read_text())["by_gamma"]["adaptive"]["step_costs"]  # what the policy decided on
+    assert set(costs["target"]) == {"1", "2", "3"} and set(costs["draft"]) == {"1"}
+    assert list(costs["target"].values()) == sorted(costs["target"].values())  # never cheaper with more rows
+    d = res["by_gamma"]["adaptive"]["paired"]["small@3"]["overall"]["speedup"]
+    assert d["delta"] == pytest.approx(adaptive["speedup"] - fixed["speedup"])
+    with pytest.raises(ValueError, match="eval.gamma"):
+        load_config(None, ["eval.gamma=[adaptive, adaptive]"])
+
+
 def test_eval_out_is_checked_before_the_eval_runs(tmp_path):
     """`draftalign eval --out`: a directory gets eval_<NAME>.json (one draft too), a bad path fails up front."""
     import typer

@@ -1,6 +1,7 @@
-"""γ chosen per round by expected goodput (`serve.goodput`): the choice itself on hand-built costs, and the
-engine staying lossless while γ changes between rounds (including γ = 0 rounds that leave the draft's cache
-behind): greedy output equal to HF `generate`, ragged batches equal single requests, χ² over three tokens."""
+"""γ chosen per round by expected goodput from each request's own acceptance (`serve.goodput`): the choice itself
+on hand-built costs, and the engine staying lossless while γ changes between rounds (including γ = 0 rounds that
+leave the draft's cache behind): greedy output equal to HF `generate` under a cycling policy and under the real
+one, ragged batches equal single requests, χ² over three tokens (and over γ + 2 in tests/test_rejections.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,21 @@ from specdec_helpers import chi2_p, empirical, exact_three_token_dist, hf_greedy
 
 from draftalign.sampling import SamplingParams
 from serve.acceptance import expected_block_efficiency
-from serve.goodput import AcceptanceEstimate, GoodputPolicy, StepCosts, best_gamma
+from serve.goodput import (
+    AcceptanceEstimate,
+    GoodputPolicy,
+    RequestGoodput,
+    StepCosts,
+    best_gamma,
+    best_round_gamma,
+    round_goodput,
+)
 from serve.specdec import SpecDecoder
 
 FLAT = StepCosts(target={1: 1.0, 64: 1.0}, draft={1: 0.05, 32: 0.05})  # memory-bound: rows are free
 LINEAR = StepCosts(target={1: 1.0, 64: 64.0}, draft={1: 0.05, 32: 1.6})  # compute-bound: each row costs
+# fp32 on 2 CPU cores (make run's target on the EPYC): a pass over γ + 1 = 4 tokens costs v ≈ 1.4 steps
+CPU = StepCosts(target={1: 1.0, 2: 1.13, 3: 1.27, 4: 1.4}, draft={1: 0.08})
 
 
 def test_best_gamma_follows_the_roofline():
@@ -53,19 +64,107 @@ def test_acceptance_estimate_moves_from_its_prior_to_recent_rounds():
 
 def test_policy_probes_after_a_run_of_target_only_rounds():
     policy = GoodputPolicy(LINEAR, gamma_max=3, probe_every=4)
-    choices = [policy.choose(8) for _ in range(8)]
+    call = policy.begin(8)
+    choices = [call.choose([True] * 8) for _ in range(8)]
     assert choices == [0, 0, 0, 1, 0, 0, 0, 1]
 
 
+def test_round_goodput_sums_each_request_over_the_round_cost():
+    """G(γ) = Σ_s E[τ](α̂_s, γ) / (t_T(B(γ + 1)) + γ t_D(B)), computed by hand on the CPU cost model."""
+    alphas = [0.1, 0.8]
+    for g in range(4):
+        tokens = sum((1 - a ** (g + 1)) / (1 - a) for a in alphas)
+        cost = {0: 1.0, 1: 1.27 + 1 * 0.08 * 2, 2: 1.66 + 2 * 0.16, 3: 2.05 + 3 * 0.16}[g]  # rows 2, 4, 6, 8
+        costs = StepCosts(target={2: 1.0, 4: 1.27, 6: 1.66, 8: 2.05}, draft={1: 0.08, 2: 0.16})
+        assert round_goodput(alphas, 2, g, costs) == pytest.approx(tokens / cost)
+    # the per-request sum is not B · E[τ](mean α): E[τ] is convex in α, so a batch of a request the draft knows
+    # and one it does not gains more from drafting than two average requests would (a batch α̂ misses it)
+    assert best_round_gamma([0.0, 0.9], 2, 3, CPU) > best_gamma(0.45, 2, 3, CPU)
+    assert best_round_gamma([], 4, 3, CPU) == 0
+
+
+def test_request_the_draft_does_not_know_stops_drafting_and_one_it_knows_drafts_gamma_max():
+    """On the fp32 CPU cost model: α ≈ 0 (make run's code task) → γ = 0 within a few rounds; α ≈ 0.9 → γ_max."""
+    policy = GoodputPolicy(CPU, gamma_max=3)
+    unknown, known = policy.begin(1), policy.begin(1)
+    assert unknown.choose([True]) > 0  # the prior (0.5): speculate until the request says otherwise
+    played = []
+    for _ in range(6):  # every drafted round rejects its first token: (accepted, rejected) = (0, 1)
+        g = unknown.choose([True])
+        played.append(g)
+        if g:
+            unknown.observe({0: (0, 1)})
+    assert played[-1] == 0 and unknown.estimates[0].alpha < 0.25, played  # five failed rounds suffice
+    for _ in range(6):  # 9 of every 10 tested tokens accepted
+        g = known.choose([True])
+        known.observe({0: (3, 0)} if g else {})
+        known.observe({0: (0, 1)} if g else {})
+        known.observe({0: (6, 0)} if g else {})
+    assert known.choose([True]) == 3 and known.estimates[0].alpha > 0.8
+    # a finished sequence no longer counts; with none live the round drafts nothing
+    call = policy.begin(2)
+    call.estimates[1] = AcceptanceEstimate(prior=0.95, weight=50)
+    assert call.choose([False, True]) == 3 and call.choose([False, False]) == 0
+
+
+def test_a_request_at_gamma_zero_probes_and_gets_speculation_back_when_the_draft_agrees():
+    policy = GoodputPolicy(CPU, gamma_max=3, probe_every=4)
+    call = policy.begin(1)
+    call.estimates[0] = AcceptanceEstimate(prior=0.02, weight=8, decay=0.9)
+    played = []
+    for _ in range(24):
+        g = call.choose([True])
+        played.append(g)
+        if g:  # the draft now agrees with every token it proposes
+            call.observe({0: (g, 0)})
+    assert played[:4] == [0, 0, 0, 1]  # three target steps, then a probe
+    assert played[-1] == 3 and 0 in played[4:] and max(played[4:8]) >= 1, played
+
+
+def test_new_requests_start_from_the_engine_acceptance():
+    policy = GoodputPolicy(CPU, gamma_max=3)
+    call = policy.begin(1)
+    for _ in range(50):
+        call.observe({0: (0, 1)})
+    assert policy.estimate.alpha < 0.1
+    fresh = policy.begin(2)
+    assert all(e.alpha == pytest.approx(policy.estimate.alpha) for e in fresh.estimates)
+    assert fresh.choose([True, True]) == 0  # the draft has been failing on this traffic: start without it
+
+
 class _Cycle(GoodputPolicy):
-    """A policy that plays a fixed cycle of γ values (0 included), to exercise every transition."""
+    """A policy whose every call plays a fixed cycle of γ values (0 included), to exercise every transition."""
 
     def __init__(self, cycle, gamma_max):
         super().__init__(FLAT, gamma_max)
-        self._cycle = itertools.cycle(cycle)
+        self._cycle = cycle
 
-    def choose(self, batch: int) -> int:
-        return next(self._cycle)
+    def begin(self, batch: int) -> RequestGoodput:
+        call = super().begin(batch)
+        cycle = itertools.cycle(self._cycle)
+        call.choose = lambda live: next(cycle)
+        return call
+
+
+class _Recorded(GoodputPolicy):
+    """The real policy, every call's choices recorded (calls[i] = the γ of each round of call i)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.calls: list[list[int]] = []
+
+    def begin(self, batch: int) -> RequestGoodput:
+        call, played = super().begin(batch), []
+        self.calls.append(played)
+        choose = call.choose
+        call.choose = lambda live: played.append(choose(live)) or played[-1]
+        return call
+
+
+# A cost model whose γ* moves with α̂ across 0 … 3 (each extra verified token costs 0.3 steps), and a request
+# estimate that follows its last rounds: γ changes mid-sequence under the real policy.
+SWING = dict(costs=StepCosts(target={1: 1.0, 2: 1.3, 3: 1.6, 4: 1.9}, draft={1: 0.01}), gamma_max=3,
+             request_weight=1.0, request_decay=0.5, probe_every=2)
 
 
 def test_changing_gamma_between_rounds_is_lossless_greedy(partial_pair, target_tokenizer):
@@ -86,6 +185,25 @@ def test_changing_gamma_between_rounds_is_lossless_greedy(partial_pair, target_t
     batched = engine.generate(prompts, params)
     for p, b in zip(prompts, batched):
         assert b.token_ids == engine.generate_target_only([p], params)[0].token_ids
+
+
+def test_the_real_policy_changes_gamma_mid_sequence_and_stays_lossless_greedy(partial_pair, target_tokenizer):
+    target, ref, draft = partial_pair
+    policy = _Recorded(**SWING)
+    engine = SpecDecoder(target, draft, target_tokenizer, gamma=3, policy=policy)
+    params = SamplingParams(max_new_tokens=24)
+    eos = target_tokenizer.eos_token_id
+    for p in random_prompts(12, target.config.vocab_size, seed=9):
+        got = engine.generate([p], params)[0]
+        assert got.token_ids == hf_greedy(ref, p, 24, eos)
+        assert sum(got.accepted_histogram) + got.target_only_rounds == got.rounds
+    changed = [c for c in policy.calls if len(set(c)) > 1]
+    assert len(changed) >= len(policy.calls) // 2, policy.calls  # γ changed within most requests
+    assert {0, 3} <= set().union(*policy.calls), policy.calls  # from target steps to γ_max
+    # batched: the policy's choice covers the batch, the tokens are still each request's greedy ones
+    prompts = random_prompts(5, target.config.vocab_size, seed=10)
+    for p, b in zip(prompts, engine.generate(prompts, params)):
+        assert b.token_ids == hf_greedy(ref, p, 24, eos)
 
 
 def test_changing_gamma_between_rounds_samples_the_target():

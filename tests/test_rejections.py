@@ -5,7 +5,8 @@ top-p in numpy (not the project's `logits_to_probs`). Chains (γ = 3) and token 
 
 The exact law of the first 5 tokens (V⁵ = 32,768 sequences of a V = 8 model, one batched forward per depth) is
 marginalised to what the samples can test: the joint of tokens 1–3 (512 cells: the first round and its
-rejections) and the joint of tokens 4–5 (64 cells: always a later round, after a cache rollback)."""
+rejections) and the joint of tokens 4–5 (64 cells: always a later round, after a cache rollback). The served
+per-request γ policy (`serve.goodput`) is tested the same way, with γ changing within every sampled window."""
 
 from __future__ import annotations
 
@@ -140,5 +141,53 @@ def test_a_rule_that_never_rejects_fails_the_same_test():
     prompt, params = [1, 5, 2], SamplingParams(temperature=1.0)
     engine = SpecDecoder(target, draft, None, gamma=3, verifier=always_accept)
     rows, _ = samples(engine, prompt, params, seed0=11_000, gamma=3)
+    exact = exact_joint(target, prompt, params)
+    assert chi2_p(counts(rows, slice(0, 3)), torch.from_numpy(exact.sum(axis=(3, 4)).reshape(-1))) < P_MIN
+
+
+def _swinging_policy(record: list[int]):
+    """The served per-request policy (`serve.goodput.GoodputPolicy`) on a cost model whose γ* moves across 0 … 3
+    with α̂ (each extra verified token costs 0.15 steps), request estimates that follow their last rounds, and a
+    probe after 2 target steps: γ changes mid-sequence inside the 5-token window. record[i]: the γ of every round
+    of decoding call i."""
+    from serve.goodput import GoodputPolicy, StepCosts
+
+    class Recorded(GoodputPolicy):
+        def begin(self, batch):
+            call, played = super().begin(batch), []
+            record.append(played)
+            choose = call.choose
+            call.choose = lambda live: played.append(choose(live)) or played[-1]
+            return call
+
+    rows = {r * BATCH: 1.0 + 0.15 * (r - 1) for r in (1, 2, 3, 4)}  # a pass over r tokens per sequence
+    return Recorded(StepCosts(target=rows, draft={BATCH: 0.01}), gamma_max=3, request_weight=1.0,
+                    request_decay=0.5, probe_every=2)
+
+
+@pytest.mark.parametrize("params", CASES[:2], ids=IDS[:2])
+def test_adaptive_gamma_over_gamma_plus_two_tokens_with_rejections(params):
+    """γ chosen every round from each request's own acceptance (the served policy), changing mid-sequence."""
+    target, draft = small_lm(0, 60.0), small_lm(0, 6.0)  # the target's weights, flatter: α ≈ 0.35 (T = 1) … 0.5
+    prompt, played = [1, 5, 2], []
+    engine = SpecDecoder(target, draft, None, gamma=3, policy=_swinging_policy(played))
+    rows, hist = samples(engine, prompt, params, seed0=17_000, gamma=3)
+    assert {0, 1, 2, 3} <= set().union(*played), played  # target steps, short and full drafts
+    assert all(len(set(call)) > 1 for call in played), played  # γ changed within every call's 5 tokens
+    assert hist[1:3].sum() > 0 and hist[0] > 0, hist.tolist()  # rejections after some acceptances, and at once
+    assert_lossless(rows, exact_joint(target, prompt, params))
+
+
+def test_adaptive_gamma_with_a_rule_that_never_rejects_fails():
+    """Negative control for the adaptive case: the same policy and windows, a verifier that accepts everything."""
+    def always_accept(draft_tokens, draft_probs, target_probs, generator=None):
+        B, gamma = draft_tokens.shape
+        return torch.full((B,), gamma), torch.multinomial(target_probs[:, gamma], 1, generator=generator)[:, 0]
+
+    target, draft = small_lm(0, 60.0), small_lm(0, 6.0)
+    prompt, params, played = [1, 5, 2], SamplingParams(temperature=1.0), []
+    engine = SpecDecoder(target, draft, None, gamma=3, verifier=always_accept, policy=_swinging_policy(played))
+    rows, _ = samples(engine, prompt, params, seed0=17_000, gamma=3)
+    assert any(len(set(call)) > 1 for call in played), played  # every draft accepted: α̂ → 1, then γ = 3 throughout
     exact = exact_joint(target, prompt, params)
     assert chi2_p(counts(rows, slice(0, 3)), torch.from_numpy(exact.sum(axis=(3, 4)).reshape(-1))) < P_MIN
