@@ -112,6 +112,9 @@ class RolloutBatch:
     n_tokens: int  # response tokens = loss_mask.sum()
     prompt_ids: list[str] = field(default_factory=list)
     timing: dict = field(default_factory=dict)  # sample_s, score_s, total_s, created_at
+    # (B, T) int64: the draft's sampled token at each position where it differs from input_ids (target-assisted
+    # rows: at a rejection the sequence holds the target's token, the draft's proposal is the label); None = input_ids
+    sampled_ids: np.ndarray | None = None
 
     def __post_init__(self):
         B, T = self.input_ids.shape
@@ -119,6 +122,7 @@ class RolloutBatch:
         assert self.target_logprobs.shape[:2] == (B, T), self.target_logprobs.shape
         assert self.target_ids is None or self.target_ids.shape == self.target_logprobs.shape
         assert self.draft_logprobs.shape == (B, T) and self.on_policy.shape == (B,)
+        assert self.sampled_ids is None or self.sampled_ids.shape == (B, T)
         assert not self.loss_mask[:, 0].any(), "position 0 has no prediction to train"
 
     @property
@@ -130,13 +134,16 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]], scores: li
                 pad_id: int, on_policy: list[bool] | None = None,
                 draft_logprobs: list[list[float]] | None = None, policy_version: int = 0,
                 actor_id: int = -1, prompt_ids: list[str] | None = None,
-                timing: dict | None = None, loss_masks: list | None = None) -> RolloutBatch:
+                timing: dict | None = None, loss_masks: list | None = None,
+                sampled: list | None = None) -> RolloutBatch:
     """Pad rows and place each row's target scores at its response positions.
 
     `scores[i]` is a TargetEngine.score result for prompts[i] + responses[i] with start =
     len(prompts[i]): {"ids": (R, k) or None, "logprobs": (R, k) or (R, V)}, R = len(responses[i]).
     `loss_masks[i]` (R,) bool, when given and not None, keeps the loss at those response positions only
     (a served request's positions no round scored: `actors.traffic.request_rows`); default all R.
+    `sampled[i]` (R,), when given and not None: the draft's sampled token at each response position, where it
+    differs from the response (`RolloutBatch.sampled_ids`; target-assisted rows, `actors.traffic.drafted_rows`).
     """
     B = len(prompts)
     assert B == len(responses) == len(scores) and B > 0
@@ -152,6 +159,7 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]], scores: li
     t_lp = np.zeros((B, T, width), dtype=np.float32)
     t_ids = None if full else np.zeros((B, T, width), dtype=np.int64)
     d_lp = np.zeros((B, T), dtype=np.float32)
+    labels = None if not sampled or all(x is None for x in sampled) else input_ids.copy()
     for i, (p, r, s) in enumerate(zip(prompts, responses, scores, strict=True)):
         assert len(p) > 0 and len(r) > 0, "rows need a non-empty prompt and response"
         P, L = len(p), lens[i]
@@ -165,11 +173,15 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]], scores: li
             t_ids[i, P:L] = np.asarray(s["ids"], dtype=np.int64)[:, :width]
         if draft_logprobs is not None and draft_logprobs[i] is not None:
             d_lp[i, P:L] = draft_logprobs[i]
+        if labels is not None:
+            labels[i, :L] = p + r
+            if sampled[i] is not None:
+                labels[i, P:L] = sampled[i]
     flags = np.asarray(on_policy if on_policy is not None else [False] * B, dtype=bool)
     return RolloutBatch(input_ids=input_ids, attention_mask=attn, loss_mask=loss_mask,
                         target_logprobs=t_lp, target_ids=t_ids, draft_logprobs=d_lp, on_policy=flags,
                         policy_version=policy_version, actor_id=actor_id, n_tokens=int(loss_mask.sum()),
-                        prompt_ids=list(prompt_ids or []), timing=dict(timing or {}))
+                        prompt_ids=list(prompt_ids or []), timing=dict(timing or {}), sampled_ids=labels)
 
 
 def cached_score(row: dict, k: int) -> dict | None:
@@ -204,6 +216,7 @@ class ScoreCall:
     deadline: float  # time.monotonic() after which collect gives up
     ref: object = None  # the engine call's ObjectRef; None = (re)send at collect
     tries: int = 0  # engine failures so far
+    engine: int = -1  # the engine the call was last sent to
 
 
 class TargetPool:
@@ -213,12 +226,14 @@ class TargetPool:
     `submit` sends a request and returns at once; `collect` waits for it, re-sending it to the next
     engine on an engine error, pausing 1 s after every full pass of failures (Ray restarts engines)
     and giving up SCORE_RETRY_S after submit. `score` = collect(submit(…)).
+    `scored_tokens[i]`: the tokens (whole sequences: the engine prefills them) engine i answered for this pool.
     """
 
     def __init__(self, engines: list, start: int = 0):
         self.engines = list(engines)
         self._next = start % max(1, len(self.engines))
         self.failures = 0
+        self.scored_tokens: dict[int, int] = defaultdict(int)
 
     def score(self, seqs: list[list[int]], starts: list[int], k: int) -> list[dict]:
         return self.collect(self.submit(seqs, starts, k))
@@ -243,7 +258,9 @@ class TargetPool:
                     while not ray.wait([call.ref], timeout=1.0)[0]:
                         if stop.is_set():
                             return None
-                return ray.get(call.ref)
+                out = ray.get(call.ref)
+                self.scored_tokens[call.engine] += sum(len(s) for s in call.seqs)
+                return out
             except _ENGINE_ERRORS as e:
                 self._failed(call, e)
             if call.tries % len(self.engines) == 0:
@@ -252,7 +269,7 @@ class TargetPool:
                 time.sleep(1.0)  # every engine is down: give Ray time to restart one
 
     def _send(self, call: ScoreCall):
-        engine = self.engines[self._next]
+        call.engine, engine = self._next, self.engines[self._next]
         self._next = (self._next + 1) % len(self.engines)
         return engine.score.remote(call.seqs, call.starts, call.k)
 
@@ -281,6 +298,8 @@ class WeightStore:
         self._learner_starts = 0
         self._learner_info: dict = {}
         self._error: str | None = None
+        self._engine_tokens: dict[int, int] = defaultdict(int)  # tokens each target engine scored for rollouts
+        self._actor_times: dict[int, dict] = defaultdict(lambda: defaultdict(float))  # draft_s, target_s, put_wait_s
 
     def publish(self, version: int, weights: dict) -> int:
         """Store `weights` ({name: ndarray}) as `version`; returns the version."""
@@ -307,12 +326,18 @@ class WeightStore:
         self._actor_first.setdefault(actor_id, time.time())
         return n
 
-    def report(self, actor_id: int, n_tokens: int) -> None:
+    def report(self, actor_id: int, n_tokens: int, scored: dict | None = None, times: dict | None = None) -> None:
+        """A rollout actor queued a batch of n_tokens trained positions; `scored` {engine: tokens} the target
+        tokens scored for it since the last report, `times` {draft_s, target_s, put_wait_s} its time split since."""
         self._tokens += n_tokens
         self._batches += 1
         self._actor_tokens[actor_id] += n_tokens
         self._actor_batches[actor_id] += 1
         self._actor_last[actor_id] = time.time()
+        for e, n in (scored or {}).items():
+            self._engine_tokens[int(e)] += int(n)
+        for k, v in (times or {}).items():
+            self._actor_times[actor_id][k] += float(v)
 
     def learner_started(self, info: dict) -> int:
         """Called by learner rank 0 at every (re)start of the worker group; returns the number of
@@ -336,7 +361,9 @@ class WeightStore:
                 "actor_starts": sum(self._incarnations.values()),
                 "restarts": sum(max(0, n - 1) for n in self._incarnations.values()),
                 "actor_tokens": {i: self._actor_tokens[i] for i in sorted(self._incarnations)},
-                "per_actor": per_actor, "learner_starts": self._learner_starts,
+                "per_actor": per_actor, "engine_tokens": dict(self._engine_tokens),
+                "actor_times": {i: dict(t) for i, t in self._actor_times.items()},
+                "learner_starts": self._learner_starts,
                 "learner_restarts": max(0, self._learner_starts - 1), "learner_info": self._learner_info,
                 "error": self._error}
 
@@ -430,10 +457,16 @@ class _Sampled:
     todo: list[int] = field(default_factory=list)  # rows sent to the target
     call: ScoreCall | None = None
     submitted_at: float = 0.0
+    loss_masks: list | None = None  # per row, `build_batch`'s loss_masks (target-assisted rows)
+    sampled: list | None = None  # per row, `build_batch`'s sampled labels (target-assisted rows)
+    target_s: float = 0.0  # of sample_s, the time spent waiting on the target (target-assisted rounds)
 
 
 class RolloutWorker:
-    """The rollout logic without Ray's actor wrapper (directly testable)."""
+    """The rollout logic without Ray's actor wrapper (directly testable). target_assisted rollouts:
+    `actors.assisted.AssistedRolloutWorker`, a subclass."""
+
+    MODES = ("continuation", "branch")
 
     def __init__(self, actor_id: int, draft_path: str, rows: list[dict], engines: list, queue, store, *,
                  on_policy_fraction: float, temperature: float, max_new_tokens: int, batch_size: int,
@@ -444,8 +477,9 @@ class RolloutWorker:
 
         if not rows:
             raise ValueError("RolloutActor needs a non-empty distillation set")
-        if on_policy_mode not in ("continuation", "branch"):
-            raise ValueError(f"on_policy_mode must be 'continuation' or 'branch', got {on_policy_mode!r}")
+        if on_policy_mode not in self.MODES:
+            raise ValueError(f"{type(self).__name__}: on_policy_mode must be one of {self.MODES}, "
+                             f"got {on_policy_mode!r}")
         if not 1 <= branch_tokens[0] <= branch_tokens[1]:
             raise ValueError(f"branch_tokens must be (min, max) with 1 ≤ min ≤ max, got {branch_tokens}")
         self.actor_id, self.rows, self.queue, self.store = actor_id, rows, queue, store
@@ -469,7 +503,8 @@ class RolloutWorker:
         self._stop = threading.Event()
         self.counters = {"batches": 0, "tokens": 0, "put_wait_s": 0.0, "weight_loads": 0,
                          "scored_rows": 0, "cached_rows": 0, "sample_s": 0.0, "score_s": 0.0,
-                         "score_wait_s": 0.0}
+                         "score_wait_s": 0.0, "target_s": 0.0}
+        self._reported = {"scored": {}, "draft_s": 0.0, "target_s": 0.0, "put_wait_s": 0.0}
 
     def sync_weights(self, wait: bool = False) -> bool:
         """Load the newest published weights; with wait, block until a first version exists."""
@@ -539,10 +574,12 @@ class RolloutWorker:
         t1 = time.perf_counter()
         score_s, wait_s = t1 - s.submitted_at, t1 - t0
         for key, v in (("scored_rows", len(s.todo)), ("cached_rows", len(s.picks) - len(s.todo)),
-                       ("sample_s", s.sample_s), ("score_s", score_s), ("score_wait_s", wait_s)):
+                       ("sample_s", s.sample_s), ("score_s", score_s), ("score_wait_s", wait_s),
+                       ("target_s", s.target_s + wait_s)):
             self.counters[key] += v
         return build_batch(s.prompts, s.responses, scores, pad_id=self.pad_id, on_policy=s.flags,
                            draft_logprobs=s.draft_lp, policy_version=s.version, actor_id=self.actor_id,
+                           loss_masks=s.loss_masks, sampled=s.sampled,
                            prompt_ids=[str(r.get("prompt_id", "")) for r in s.picks],
                            timing={"sample_s": s.sample_s, "score_s": score_s, "score_wait_s": wait_s,
                                    "overlap_s": score_s - wait_s, "total_s": s.sample_s + score_s,
@@ -579,11 +616,22 @@ class RolloutWorker:
                     break
                 self.counters["batches"] += 1
                 self.counters["tokens"] += batch.n_tokens
-                self.store.report.remote(self.actor_id, batch.n_tokens)
+                self.store.report.remote(self.actor_id, batch.n_tokens, *self._since_report())
             if nxt is None:
                 break
             pending = nxt
         return self.stats()
+
+    def _since_report(self) -> tuple[dict, dict]:
+        """({engine: target tokens scored}, {draft_s, target_s, put_wait_s}) since the last report: the store
+        turns them into target tokens/s per engine and each actor's time split (the bottleneck)."""
+        c, last = self.counters, self._reported
+        scored = {e: n - last["scored"].get(e, 0) for e, n in self.pool.scored_tokens.items()}
+        now = {"draft_s": c["sample_s"] - (c["target_s"] - c["score_wait_s"]), "target_s": c["target_s"],
+               "put_wait_s": c["put_wait_s"]}
+        times = {k: v - last[k] for k, v in now.items()}
+        self._reported = {"scored": dict(self.pool.scored_tokens), **now}
+        return scored, times
 
     def stop(self) -> None:
         self._stop.set()
@@ -602,7 +650,8 @@ class RolloutActor(RolloutWorker):
 
 
 def create_rollout_actors(cfg, draft_path: str, rows_ref, engines: list, queue, store,
-                          name_prefix: str | None = None, draft_vocab: list[int] | None = None) -> list:
+                          name_prefix: str | None = None, draft_vocab: list[int] | None = None,
+                          actor_cls=None, **mode_kwargs) -> list:
     """`cfg.rollout.num_actors` RolloutActors, restartable, with resources from the job config
     (CPUs, GPUs and the custom Ray resources `rollout.resources`, e.g. to pin them to some nodes).
 
@@ -610,10 +659,12 @@ def create_rollout_actors(cfg, draft_path: str, rows_ref, engines: list, queue, 
     response_token_ids); passing a ref keeps one copy in the object store for every actor. The caller keeps
     it alive for as long as the actors may restart.
     name_prefix: actors are named `<prefix>-rollout-<i>` (found with ray.get_actor), else anonymous.
+    actor_cls, mode_kwargs: another actor class and its extra arguments (target_assisted:
+    `actors.assisted.create_assisted_actors`).
     """
     r = cfg.rollout
     device = "cuda" if r.gpus_per_actor > 0 else "cpu"
-    return [RolloutActor.options(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor,
+    return [(actor_cls or RolloutActor).options(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor,
                                  resources=dict(r.resources) or None,
                                  max_restarts=ROLLOUT_MAX_RESTARTS, max_task_retries=-1,
                                  name=f"{name_prefix}-rollout-{i}" if name_prefix else None).remote(
@@ -621,5 +672,5 @@ def create_rollout_actors(cfg, draft_path: str, rows_ref, engines: list, queue, 
         temperature=r.temperature, max_new_tokens=r.max_new_tokens, batch_size=r.batch_size,
         top_k=cfg.target.top_k_logprobs, seed=cfg.seed, device=device, draft_vocab=draft_vocab,
         on_policy_mode=r.on_policy_mode, branch_tokens=tuple(r.branch_tokens),
-        max_model_len=cfg.target.max_model_len)
+        max_model_len=cfg.target.max_model_len, **mode_kwargs)
         for i in range(r.num_actors)]

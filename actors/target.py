@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -66,6 +68,10 @@ class TargetEngine:
         self.vocab_size = mc.get_vocab_size()
         self.dtype = str(mc.dtype).removeprefix("torch.")
         self._closed = False
+        self._started = time.time()
+        self._score = {"calls": 0, "requests": 0, "sequences": 0, "tokens": 0, "positions": 0, "busy_s": 0.0}
+        self._llm_lock = threading.Lock()  # one vLLM call at a time, whatever the actor's max_concurrency
+        self._batcher = _Coalescer(self._score_merged)
 
     @classmethod
     def from_config(cls, cfg: TargetConfig, model_path: str, seed: int = 0,
@@ -125,8 +131,9 @@ class TargetEngine:
         lp = {"logprobs": logprobs, "flat_logprobs": True} if logprobs else {}
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                  seed=s, stop=stop, stop_token_ids=stop_token_ids, **lp) for s in seeds]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
-                                 use_tqdm=False)
+        with self._llm_lock:
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                                     use_tqdm=False)
         answers = []
         for o in outs:
             answers.append([])
@@ -159,10 +166,8 @@ class TargetEngine:
         seq[:start + t]. Returns per sequence {"ids": int64 (T, k), "logprobs": float32 (T, k)}
         with T = len(seq) - start, columns sorted by rank (most likely first); with k = -1 the
         whole vocabulary: {"ids": None, "logprobs": float32 (T, V)} indexed by token id.
+        Concurrent calls (an actor created with max_concurrency > 1) are batched into one vLLM call (`_Coalescer`).
         """
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
         self._check_open()
         if len(seqs) != len(starts):
             raise ValueError(f"score: {len(seqs)} sequences but {len(starts)} starts")
@@ -180,12 +185,45 @@ class TargetEngine:
                                  f"{self.max_model_len} leaves no room for the one generated token")
         if not seqs:
             return []
-        # flat_logprobs keeps vLLM's output as flat lists (no dict per position): much faster.
-        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in seqs], params,
-                                 use_tqdm=False)
-        return [self._unpack(o.prompt_logprobs, len(s), st, k)
-                for o, s, st in zip(outs, seqs, starts, strict=True)]
+        return self._batcher.run((seqs, starts, k))
+
+    def _score_merged(self, requests: list[tuple]) -> list[list[dict]]:
+        """One vLLM call per k for every waiting `score` request (`_Coalescer`): their sequences are batched."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        t0 = time.perf_counter()
+        results: list = [None] * len(requests)
+        for k in sorted({r[2] for r in requests}):
+            mine = [i for i, r in enumerate(requests) if r[2] == k]
+            seqs = [s for i in mine for s in requests[i][0]]
+            # flat_logprobs keeps vLLM's output as flat lists (no dict per position): much faster.
+            params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
+            with self._llm_lock:
+                outs = iter(self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in seqs], params,
+                                              use_tqdm=False))
+            for i in mine:
+                seqs_i, starts_i, _ = requests[i]
+                results[i] = [self._unpack(next(outs).prompt_logprobs, len(s), st, k)
+                              for s, st in zip(seqs_i, starts_i, strict=True)]
+        c = self._score
+        c["calls"] += 1
+        c["requests"] += len(requests)
+        for seqs, starts, _ in requests:
+            c["sequences"] += len(seqs)
+            c["tokens"] += sum(len(s) for s in seqs)
+            c["positions"] += sum(len(s) - st for s, st in zip(seqs, starts, strict=True))
+        c["busy_s"] += time.perf_counter() - t0
+        return results
+
+    def score_stats(self) -> dict:
+        """What `score` did since the engine started: calls (vLLM calls), requests (`score` calls; > calls when
+        requests from several rollout actors were batched), sequences, tokens (whole sequences, prefilled),
+        positions (returned), busy_s; tokens_per_s = tokens / busy_s (scoring speed), busy_frac = busy_s / uptime."""
+        c = dict(self._score)
+        up = max(time.time() - self._started, 1e-9)
+        return {**c, "tokens_per_s": c["tokens"] / max(c["busy_s"], 1e-9), "busy_frac": c["busy_s"] / up,
+                "uptime_s": up}
 
     def _unpack(self, plp, length: int, start: int, k: int) -> dict:
         # vLLM 0.32 FlatLogprobs: position 0 is empty; every later position holds width = k + 1
@@ -219,6 +257,45 @@ class TargetEngine:
             self.llm.llm_engine.engine_core.shutdown()
 
 
+class _Coalescer:
+    """Batches concurrent `score` requests (an engine actor with max_concurrency > 1, one thread per caller): a
+    request that arrives while the engine is busy waits, and every request waiting when it frees up runs as ONE
+    vLLM call — rollout actors are batched across actors without a batching window (no added latency when idle).
+    `fn(requests) -> results` in order; an exception in it is raised to every request of that call."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.cv = threading.Condition()
+        self.pending: list[tuple[object, tuple]] = []
+        self.done: dict[object, object] = {}
+        self.busy = False
+
+    def run(self, request: tuple):
+        with self.cv:
+            key = object()
+            self.pending.append((key, request))
+            while key not in self.done:
+                if self.busy:
+                    self.cv.wait()
+                    continue
+                self.busy, batch, self.pending = True, self.pending, []
+                self.cv.release()
+                try:
+                    results = self.fn([r for _, r in batch])
+                except Exception as e:  # noqa: BLE001 - handed to every caller of this batch
+                    results = [e] * len(batch)
+                finally:
+                    self.cv.acquire()
+                    self.busy = False
+                for (k, _), r in zip(batch, results, strict=True):
+                    self.done[k] = r
+                self.cv.notify_all()
+            out = self.done.pop(key)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+
 def _assigned_resources() -> dict[str, float]:
     ctx = ray.get_runtime_context() if ray.is_initialized() else None
     if ctx is None or ctx.get_actor_id() is None:
@@ -237,7 +314,8 @@ TARGET_MAX_RESTARTS = 8  # per engine: survives kills and preemptions, but a cra
 
 def create_target_actors(cfg: JobConfig, model_path: str, threads: int | None = None,
                          max_restarts: int = TARGET_MAX_RESTARTS, max_task_retries: int = -1,
-                         name_prefix: str | None = None, exclusive: bool = False, dtype: str | None = None) -> list:
+                         name_prefix: str | None = None, exclusive: bool = False, dtype: str | None = None,
+                         max_concurrency: int = 1) -> list:
     """Start `cfg.target.num_engines` TargetActors and wait until each engine is up.
 
     Each actor asks Ray for `cpus_per_engine` CPUs, `gpus_per_engine` GPUs (with tensor
@@ -248,12 +326,13 @@ def create_target_actors(cfg: JobConfig, model_path: str, threads: int | None = 
     caller says otherwise; an engine out of restarts raises RayActorError, on which
     `actors.rollout.TargetPool` moves to the next engine. name_prefix: actors are named
     `<prefix>-target-<i>` (found with ray.get_actor), else anonymous. exclusive: the engines own
-    their cores (stage 2), so idle OpenMP threads may spin (OMP_WAIT_POLICY=ACTIVE).
+    their cores (stage 2), so idle OpenMP threads may spin (OMP_WAIT_POLICY=ACTIVE). max_concurrency > 1:
+    `score` calls from several callers (stage 3's rollout actors) are batched into one vLLM call.
     """
     t = cfg.target
     threads = threads or engine_threads(t.cpus_per_engine)
     opts = {"num_cpus": t.cpus_per_engine, "max_restarts": max_restarts,
-            "max_task_retries": max_task_retries}
+            "max_task_retries": max_task_retries, "max_concurrency": max_concurrency}
     if t.resources:
         opts["resources"] = dict(t.resources)
     if t.tensor_parallel_size == 1:

@@ -2,11 +2,15 @@
 carries records from the serving replicas to the online learner (serve/online.py captures, learner/online.py
 trains; the format has its home here, below both).
 
-Round record (one per live sequence per round, `round_records`): the context, the γ proposals x, the draft's
-log q(x), the target's top-k at the γ + 1 scored positions, what the round committed and how many proposals were
-accepted, the draft version and the temperature. Request record (`request_records`): a request's rounds chained
-into one token sequence, with the scored positions, their top-k and the behaviour log q (0 past a rejection).
-`request_rows` / `to_rollout_batch` turn request records into stage 3's `RolloutBatch` rows (`actors.rollout`).
+Round record (one per live sequence per round, `round_record`; from a served round: `round_records`): the context,
+the γ proposals x, the draft's log q(x), the target's top-k at the γ + 1 scored positions, what the round committed
+and how many proposals were accepted, the draft version and the temperature. Stage 3's target-assisted rollouts
+(actors/assisted.py) write the same record, plus `kind` ("round", or "redraft": the draft drafting again from a
+rejection point, scored but not committed) and the accept test's `uniforms`. Request record (`request_records`): a
+request's rounds chained into one token sequence, with the scored positions, their top-k, the behaviour log q (0
+past a rejection) and the draft's proposal at each position (`drafted`, −1 at a bonus position).
+`request_rows` / `to_rollout_batch` turn request records into stage 3's `RolloutBatch` rows (`actors.rollout`);
+`drafted_rows` turns round records into rows trained at the drafted positions, labelled by the proposals.
 
 `RoundBuffer` is one named, detached Ray actor shared by the replicas: a bounded FIFO (drop-oldest, counted),
 optionally spilling every `put` as one JSONL shard written atomically.
@@ -61,6 +65,20 @@ class OnlineSettings:
                    rollback_margin=o.rollback_margin, rollback_z=o.rollback_z)
 
 
+def round_record(request: str, context, draft_tokens, draft_logprobs, target_ids, target_logprobs, committed,
+                 num_accepted: int, policy_version: int, temperature: float, **extra) -> dict:
+    """One round record (module docstring): context (C,), draft_tokens (γ,), draft_logprobs (γ,) log q(x_i),
+    target_ids / target_logprobs (γ + 1, k) the target's top-k at the γ + 1 verified positions, committed (m,) the
+    tokens the round kept, num_accepted κ; `extra` holds kind / uniforms where the writer has them."""
+    context = np.asarray(context, np.int32)
+    return {"request": request, "context": context, "start": len(context),
+            "draft_tokens": np.asarray(draft_tokens, np.int32),
+            "draft_logprobs": np.asarray(draft_logprobs, np.float32),
+            "target_ids": np.asarray(target_ids, np.int32), "target_logprobs": np.asarray(target_logprobs, np.float32),
+            "committed": np.asarray(committed, np.int32), "num_accepted": int(num_accepted),
+            "policy_version": int(policy_version), "temperature": float(temperature), "time": time.time(), **extra}
+
+
 def round_records(view, top_k: int) -> list[dict]:
     """One round record per live sequence of a `RoundView` (module docstring: the format)."""
     live = [s for s, a in enumerate(view.live) if a]
@@ -74,16 +92,9 @@ def round_records(view, top_k: int) -> list[dict]:
     q_x = view.draft_probs.gather(-1, x[..., None])[..., 0].clamp_min(1e-30).log().float().cpu().numpy()  # (B, γ)
     x = x.cpu().numpy().astype(np.int32)
     ids, mask = view.ids.cpu().numpy(), view.mask.cpu().numpy().astype(bool)
-    now = time.time()
-    out = []
-    for s in live:
-        context = ids[s][mask[s]].astype(np.int32)
-        out.append({"request": f"{view.call}.{s}", "context": context, "start": len(context), "draft_tokens": x[s],
-                    "draft_logprobs": q_x[s], "target_ids": top_ids[s], "target_logprobs": top_lp[s],
-                    "committed": np.asarray(view.committed[s] if view.committed else [], np.int32),
-                    "num_accepted": view.num_accepted[s], "policy_version": view.draft_version,
-                    "temperature": view.params.temperature, "time": now})
-    return out
+    return [round_record(f"{view.call}.{s}", ids[s][mask[s]], x[s], q_x[s], top_ids[s], top_lp[s],
+                         view.committed[s] if view.committed else [], view.num_accepted[s], view.draft_version,
+                         view.params.temperature) for s in live]
 
 
 def request_records(rounds: list[dict]) -> list[dict]:
@@ -101,7 +112,7 @@ def request_records(rounds: list[dict]) -> list[dict]:
 def _request_record(rounds: list[dict]) -> dict:
     last = rounds[-1]
     tokens = np.concatenate([np.asarray(last["context"], np.int32), np.asarray(last["committed"], np.int32)])
-    pos, ids, lps, q, ver = [], [], [], [], []
+    pos, ids, lps, q, ver, drafted, drafted_q = [], [], [], [], [], [], []
     for r in rounds:
         c, kept = int(r["start"]), np.asarray(r["committed"], np.int32)
         m, kappa = len(kept), min(int(r["num_accepted"]), len(kept))
@@ -109,14 +120,19 @@ def _request_record(rounds: list[dict]) -> dict:
         pos.append(c + np.arange(m))
         ids.append(np.asarray(r["target_ids"])[:m])
         lps.append(np.asarray(r["target_logprobs"])[:m])
-        q.append(np.concatenate([np.asarray(r["draft_logprobs"], np.float32)[:kappa], np.zeros(m - kappa, np.float32)]))
+        x, qx = np.asarray(r["draft_tokens"], np.int32), np.asarray(r["draft_logprobs"], np.float32)
+        q.append(np.concatenate([qx[:kappa], np.zeros(m - kappa, np.float32)]))
         ver.append(np.full(m, int(r["policy_version"]), np.int32))
+        g = min(m, len(x))  # positions i < γ were tested by proposal x_i (accepted, or the rejected one at i = κ)
+        drafted.append(np.concatenate([x[:g], np.full(m - g, -1, np.int32)]))
+        drafted_q.append(np.concatenate([qx[:g], np.zeros(m - g, np.float32)]))
     positions = np.concatenate(pos).astype(np.int32)
     assert np.all(np.diff(positions) > 0), f"request {last['request']}: rounds out of order"
     return {"request": last["request"], "tokens": tokens, "positions": positions,
             "target_ids": np.concatenate(ids).astype(np.int32),
             "target_logprobs": np.concatenate(lps).astype(np.float32), "draft_logprobs": np.concatenate(q),
             "draft_versions": np.concatenate(ver), "policy_version": min(int(r["policy_version"]) for r in rounds),
+            "drafted": np.concatenate(drafted).astype(np.int32), "drafted_logprobs": np.concatenate(drafted_q),
             "rounds": len(rounds), "accepted": sum(min(int(r["num_accepted"]), len(r["committed"])) for r in rounds),
             "temperature": last["temperature"], "time": last["time"]}
 
@@ -140,6 +156,50 @@ def request_rows(records: list[dict]) -> dict[str, list]:
         out["scores"].append({"ids": ids, "logprobs": lps})
         out["draft_logprobs"].append(q.tolist())
         out["loss_masks"].append(mask)
+    return out
+
+
+def drafted_rows(records: list[dict]) -> dict[str, list]:
+    """Round records of target-assisted rollouts → `build_batch` row lists trained where the draft proposed
+    (prompts, responses, scores, draft_logprobs, loss_masks, sampled; requests: each row's sequence), with the
+    proposal as the sampled token:
+
+        kind "round"    a sequence's rounds chained (`request_records`): the row is the committed text (the target's),
+                        the loss at each position i < min(m, γ) of each round — accepted proposals and the rejected
+                        one, whose label x_κ differs from the committed (recovered) token; not at bonus positions
+        kind "redraft"  one row: context + the re-drafted y_1 … y_γ, the loss at all γ (the error state and the
+                        states the draft's own proposals create after it)
+    """
+    out: dict[str, list] = {"prompts": [], "responses": [], "scores": [], "draft_logprobs": [], "loss_masks": [],
+                            "sampled": [], "requests": []}
+    rounds = [r for r in records if r.get("kind", "round") == "round"]
+    for r in request_records(rounds):
+        tested = np.asarray(r["drafted"]) >= 0
+        if not tested.any():
+            continue
+        rows = request_rows([{**r, "draft_logprobs": r["drafted_logprobs"]}])
+        t0, rel = int(r["positions"][0]), np.asarray(r["positions"]) - int(r["positions"][0])
+        mask = np.zeros(len(rows["responses"][0]), bool)
+        mask[rel[tested]] = True
+        sampled = np.asarray(rows["responses"][0], np.int64)
+        sampled[rel[tested]] = np.asarray(r["drafted"])[tested]
+        for key in ("prompts", "responses", "scores", "draft_logprobs"):
+            out[key].append(rows[key][0])
+        out["loss_masks"].append(mask)
+        out["sampled"].append(sampled.tolist())
+        out["requests"].append(r["request"])
+        assert t0 == len(out["prompts"][-1])
+    for r in records:
+        if r.get("kind") != "redraft":
+            continue
+        g = len(r["draft_tokens"])
+        out["prompts"].append(np.asarray(r["context"]).tolist())
+        out["responses"].append(np.asarray(r["draft_tokens"]).tolist())
+        out["scores"].append({"ids": np.asarray(r["target_ids"])[:g], "logprobs": np.asarray(r["target_logprobs"])[:g]})
+        out["draft_logprobs"].append(np.asarray(r["draft_logprobs"], np.float32).tolist())
+        out["loss_masks"].append(None)
+        out["sampled"].append(None)
+        out["requests"].append(r.get("parent", r["request"]))
     return out
 
 

@@ -184,16 +184,31 @@ class RolloutConfig(_Strict):
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(0.5, ge=0)
     gpus_per_actor: float = Field(0, ge=0)
-    on_policy_fraction: float = Field(0.5, ge=0, le=1, description="λ: share of on-policy samples")
-    on_policy_mode: Literal["continuation", "branch"] = Field(
+    on_policy_fraction: float = Field(0.5, ge=0, le=1, description="λ: share of on-policy samples (the rest "
+                                                                   "replays the distillation set, against forgetting)")
+    on_policy_mode: Literal["continuation", "branch", "target_assisted"] = Field(
         "continuation", description="continuation = the draft continues the prompt (up to max_new_tokens); "
                                     "branch = the draft samples a short branch after a random prefix of a "
-                                    "target answer (the states it meets when serving), scored on the branch only")
+                                    "target answer (the states it meets when serving), scored on the branch only; "
+                                    "target_assisted = speculative decoding of the prompt (Draft-OPD): the draft "
+                                    "proposes gamma, the target pool verifies, the continuation follows the "
+                                    "target, and the draft drafts again from rejection points (actors/assisted.py)")
+    gamma: int = Field(3, ge=1, description="target_assisted: draft tokens proposed per round")
+    redrafts_per_sequence: int = Field(
+        2, ge=0, description="target_assisted: rejection points per sequence (uniform among its rejections) from "
+                             "which the draft drafts gamma tokens again, scored by the target (the error "
+                             "positions); 0 = none")
+    redraft_temperature: float = Field(
+        1.0, gt=0, description="target_assisted: the draft's sampling temperature for re-drafts (its own "
+                               "sampling even when the rounds decode greedily)")
     branch_tokens: tuple[int, int] = Field(
         (3, 6), description="branch mode: (min, max) branch length L, inclusive, drawn per batch; "
                             "about γ to 2γ for the γ the draft will serve with")
-    temperature: float = Field(1.0, ge=0, description="draft sampling temperature on-policy")
-    max_new_tokens: int = Field(64, ge=1, description="continuation mode: longest on-policy continuation")
+    temperature: float = Field(1.0, ge=0, description="draft sampling temperature on-policy (target_assisted: "
+                                                      "the rounds' temperature, applied to draft and target; 0 = "
+                                                      "greedy)")
+    max_new_tokens: int = Field(64, ge=1, description="continuation / target_assisted mode: longest on-policy "
+                                                      "continuation")
     batch_size: int = Field(8, ge=1, description="sequences per RolloutBatch")
     queue_size: int = Field(8, ge=1, description="bounded queue between actors and learner")
     max_policy_lag: int = Field(2, ge=0, description="drop batches older than this many versions")

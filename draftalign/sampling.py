@@ -94,17 +94,21 @@ def greedy_verify(draft_tokens: torch.Tensor, target_argmax: torch.Tensor) -> tu
 
 
 def rejection_sample(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     generator: torch.Generator | None = None,
+                     uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Verify γ draft tokens against the target.
 
     draft_tokens (B, γ), draft_probs (B, γ, V), target_probs (B, γ+1, V).
     Returns num_accepted (B,) in [0, γ] and next_token (B,): the recovered token at position
     num_accepted, or the bonus token when num_accepted == γ.
+    uniforms (B, γ) float64: the u of the accept test u · q(x_i) < p(x_i), given instead of drawn (a caller that
+    records them can replay the test: actors/assisted.py).
     """
     B, gamma = draft_tokens.shape
     p_x = target_probs[:, :gamma].gather(-1, draft_tokens[..., None])[..., 0].double()  # (B, γ)
     q_x = draft_probs.gather(-1, draft_tokens[..., None])[..., 0].double()  # (B, γ)
-    u = torch.rand(B, gamma, dtype=torch.float64, generator=generator, device=draft_tokens.device)
+    u = (torch.rand(B, gamma, dtype=torch.float64, generator=generator, device=draft_tokens.device)
+         if uniforms is None else uniforms.to(device=draft_tokens.device, dtype=torch.float64))
     accept = u * q_x < p_x  # u < p/q, without dividing by q
     num_accepted = accept.long().cumprod(-1).sum(-1)  # (B,)
 

@@ -50,8 +50,15 @@ twice (`learner_attempt` tells them apart; TensorBoard drops the stale ones thro
 Scaling. Target engines, rollout actors and learner workers are sized independently (CPUs, GPUs
 and custom Ray resources each: `target.resources`, `rollout.resources`, `learner.resources`).
 `rollout_tokens_per_s/actor_<i>` (per logged step) and `rollout_tokens_per_s_per_actor`
-(distill_done.json) give each actor's throughput; distill_done.json's `scaling` records what each
-role asked for and what the learner workers were granted.
+(distill_done.json) give each actor's throughput, `target_tokens_per_s/engine_<i>` the tokens each
+target engine scored for the rollouts (engines batch concurrent actors' calls: actors/target.py), and
+distill_done.json adds each engine's scoring speed and busy share, each actor's time split and the
+stage's `bottleneck` (`bottleneck`), named in its closing line; `scaling` records what each role
+asked for and what the learner workers were granted.
+
+Target-assisted rollouts (`rollout.on_policy_mode: target_assisted`, actors/assisted.py) train on
+rows labelled by the draft's proposals (`RolloutBatch.sampled_ids`): the sampled TVD++ form rewards
+each drafted token by 1{p(x) > q(x)}; the exact losses (FKL, …) read only the states.
 """
 
 from __future__ import annotations
@@ -206,11 +213,13 @@ class ResponseLogits(torch.nn.Module):
 
 
 def batch_tensors(batch: RolloutBatch, device) -> dict:
-    """Torch views of a RolloutBatch restricted to response positions (N of them)."""
+    """Torch views of a RolloutBatch restricted to response positions (N of them); "tokens" are the sampled
+    tokens (the draft's proposals on target-assisted rows, else the sequence's own tokens)."""
     t = lambda a, dtype=None: torch.tensor(np.asarray(a), dtype=dtype, device=device)
     m = batch.loss_mask
     out = {"input_ids": t(batch.input_ids, torch.long), "attention_mask": t(batch.attention_mask, torch.long),
-           "loss_mask": t(m, torch.bool), "tokens": t(batch.input_ids[m], torch.long),
+           "loss_mask": t(m, torch.bool),
+           "tokens": t((batch.input_ids if batch.sampled_ids is None else batch.sampled_ids)[m], torch.long),
            "target_logprobs": t(batch.target_logprobs[m], torch.float32),
            "target_ids": None if batch.target_ids is None else t(batch.target_ids[m], torch.long),
            "on_policy": t(np.broadcast_to(batch.on_policy[:, None], m.shape)[m], torch.bool),
@@ -439,9 +448,11 @@ def _open_rank0(config: dict, cfg: JobConfig, learner: Learner, store) -> _Rank0
     return _Rank0Log(writer, jlog, attempt, hb, prev_store, time.perf_counter())
 
 
-def _finished(learner: Learner, max_steps: int, token_budget: int | None) -> bool:
-    """learner.max_steps reached, or the token budget (all ranks' tokens: every rank agrees) spent."""
-    return learner.step >= max_steps or bool(token_budget and learner.counters["global_tokens"] >= token_budget)
+def _finished(learner: Learner, max_steps: int, token_budget: int | None, time_budget_s: float | None = None) -> bool:
+    """learner.max_steps reached, or the token budget (all ranks' tokens: every rank agrees) or the time budget
+    (the learner's step time since the stage began, averaged over ranks: every rank agrees) spent."""
+    return (learner.step >= max_steps or bool(token_budget and learner.counters["global_tokens"] >= token_budget)
+            or bool(time_budget_s and learner.counters.get("stage_s", 0.0) >= time_budget_s))
 
 
 @torch.no_grad()
@@ -541,6 +552,8 @@ def _rank0_metrics(r0: _Rank0Log, learner: Learner, queue, store, is_ckpt: bool)
     out = {"rollout_tokens_per_s": (st["rollout_tokens"] - r0.prev_store["rollout_tokens"]) / elapsed}
     for i, tokens in st["actor_tokens"].items():
         out[f"rollout_tokens_per_s/actor_{i}"] = (tokens - r0.prev_store["actor_tokens"].get(i, 0)) / elapsed
+    for e, tokens in st["engine_tokens"].items():  # tokens the target engines scored for the rollouts
+        out[f"target_tokens_per_s/engine_{e}"] = (tokens - r0.prev_store["engine_tokens"].get(e, 0)) / elapsed
     out["queue_depth"] = queue.qsize()
     out["rollout_restarts"] = st["restarts"]
     out["learner_restarts"] = st["learner_restarts"]
@@ -557,7 +570,7 @@ def _log_step(r0: _Rank0Log, metrics: dict, is_ckpt: bool, digests: dict) -> Non
         if k == "step":
             continue
         group = ("heldout/" if k.startswith("heldout_") else
-                 "system/" if k in _SYSTEM_METRICS or k.startswith("rollout_tokens_per_s/")
+                 "system/" if k in _SYSTEM_METRICS or k.startswith(("rollout_tokens_per_s/", "target_tokens_per_s/"))
                  else "train/")
         r0.writer.add_scalar(group + k, v, step)  # tag leaf = metric name (report.py keys on it)
     # learner_attempt > 0: steps after a restart repeat those since the restored checkpoint
@@ -613,12 +626,12 @@ def train_loop_per_worker(config: dict) -> None:
     cfg, rank, world, device = worker_setup(config)
     lc = cfg.learner
     queue, store = config["queue"], config["store"]
-    budget = config.get("token_budget")
+    budget, time_budget = config.get("token_budget"), config.get("time_budget_s")
 
     learner = _restore(config, cfg, rank, world, device, autocast_dtype(device, lc.autocast))
     _skip_lost_versions(learner, store)
     r0 = _open_rank0(config, cfg, learner, store) if rank == 0 else None
-    done = _finished(learner, lc.max_steps, budget)
+    done = _finished(learner, lc.max_steps, budget, time_budget)
     while not done:
         t0 = time.perf_counter()
         batch, lag, waited = _pull_fresh(queue, store, learner.version, cfg.rollout.max_policy_lag,
@@ -634,7 +647,8 @@ def train_loop_per_worker(config: dict) -> None:
         sums = _reduce_sums({**sums, "lag": lag, "dropped_batches": learner.counters["dropped_batches"],
                              "consumed_batches": learner.counters["consumed_batches"], "wait_s": waited,
                              "step_s": dt, "on_policy_frac": float(batch.on_policy.mean())}, device)
-        done = _finished(learner, lc.max_steps, budget)
+        learner.counters["stage_s"] = learner.counters.get("stage_s", 0.0) + sums["step_s"] / world
+        done = _finished(learner, lc.max_steps, budget, time_budget)
         is_ckpt = learner.step % lc.checkpoint_every == 0 or done
         metrics = _step_metrics(sums, learner, lr, grad_norm, dt, waited, cfg.distill.loss)
         digests = {"restored_digest": learner.restored_digest} if learner.restored_digest else {}
@@ -720,6 +734,35 @@ def actor_restarts(handles: list) -> int:
     return total
 
 
+def _engine_stats(engines: list) -> dict:
+    """Each target engine's `score_stats` ({} for an engine that does not answer within 30 s)."""
+    import ray
+
+    out = {}
+    for i, e in enumerate(engines):
+        try:
+            out[f"engine_{i}"] = ray.get(e.score_stats.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - a dead engine has no stats; the run's result stands
+            out[f"engine_{i}"] = {}
+    return out
+
+
+def bottleneck(learner_idle_frac: float, actor_times: dict) -> tuple[str, dict]:
+    """The stage's bottleneck: "learner" when the learner almost never waits for a batch (idle < 10%: the actors
+    keep it fed, and block on the full queue), else whichever of the actors' own work ("rollout": drafting,
+    replay and batch building) and their wait on the target ("target") took longer, summed over actors.
+    Returns (name, the shares it was judged on)."""
+    draft = sum(t.get("draft_s", 0.0) for t in actor_times.values())
+    target = sum(t.get("target_s", 0.0) for t in actor_times.values())
+    put = sum(t.get("put_wait_s", 0.0) for t in actor_times.values())
+    total = max(draft + target + put, 1e-9)
+    shares = {"learner_idle_frac": round(learner_idle_frac, 3), "actor_draft_share": round(draft / total, 3),
+              "actor_target_share": round(target / total, 3), "actor_queue_share": round(put / total, 3)}
+    if learner_idle_frac < 0.1:
+        return "learner", shares
+    return ("target" if target > draft else "rollout"), shares
+
+
 def _starting_draft(cfg: JobConfig, rdir: Path, tok, target_path: str) -> tuple[Path, str]:
     """(HF dir the learner and actors load, what it is): the pretrained draft of this run, else
     draft.model, else a fresh draft.arch draft (saved under the run dir)."""
@@ -741,12 +784,15 @@ def _starting_draft(cfg: JobConfig, rdir: Path, tok, target_path: str) -> tuple[
     return save_pretrained_atomic(draft, tok, rdir / "distill_init"), "fresh"
 
 
-def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | None = None) -> Path:
+def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | None = None,
+                time_budget_s: float | None = None) -> Path:
     """Distill the draft against the target; return `<run_dir>/draft_distilled/` (HF format).
 
     resume=True continues from the newest good checkpoint under `ray_results/distill/` (or
     returns at once when `distill_done.json` already covers `learner.max_steps`); resume=False
     starts over and moves an earlier run's checkpoints to `ray_results/distill.prev`.
+    time_budget_s: also stop once the learner's steps (queue waits included) have taken this many seconds,
+    so benchmark arms get equal time whatever their rollouts cost (bench/opd.py).
     token_budget: also stop once the learner has trained on this many response tokens (all ranks
     together; the LR schedule still spans learner.max_steps), so ablation arms see equal data.
     Writes `<run_dir>/distill_done.json` (final metrics, held-out acceptance, counters).
@@ -781,12 +827,14 @@ def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | Non
     if resume_from is not None:
         state = torch.load(resume_from / STATE_FILE, map_location="cpu", weights_only=False)
     if state is not None and (state["step"] >= lc.max_steps
-                              or (token_budget and state["counters"]["global_tokens"] >= token_budget)):
+                              or (token_budget and state["counters"]["global_tokens"] >= token_budget)
+                              or (time_budget_s and state["counters"].get("stage_s", 0.0) >= time_budget_s)):
         _say(f"checkpoint step {start_step} already covers the run: exporting it")
         ckpt, metrics, rollout_stats, lost, system = resume_from, state["metrics"], {}, [], {}
     else:
         result, rollout_stats, lost, system = _train(cfg, init_dir, resume_from, train_rows, held_rows,
                                                      target_path, tok, token_budget, storage, tb_dir, log_path,
+                                                     time_budget_s,
                                                      draft_vocab, start_step)
         if result.checkpoint is not None:
             ckpt, metrics = result_checkpoint(result, exp), result.metrics
@@ -810,23 +858,38 @@ def run_distill(cfg: JobConfig, resume: bool = False, *, token_budget: int | Non
                                                for i, a in rollout_stats.get("per_actor", {}).items()},
             "rollout_tokens_per_actor": {f"actor_{i}": a["tokens"]
                                          for i, a in rollout_stats.get("per_actor", {}).items()},
+            "target_tokens_per_s_per_engine": {e: round(v.get("tokens_per_s", 0.0), 1)
+                                               for e, v in system.get("target_engines", {}).items()},
+            "target_busy_frac_per_engine": {e: round(v.get("busy_frac", 0.0), 3)
+                                            for e, v in system.get("target_engines", {}).items()},
+            "target_tokens_scored_for_rollouts": {f"engine_{e}": n
+                                                  for e, n in rollout_stats.get("engine_tokens", {}).items()},
+            "rollout_time_split": {f"actor_{i}": {k: round(v, 2) for k, v in t.items()}
+                                   for i, t in rollout_stats.get("actor_times", {}).items()},
             "learner_restarts": rollout_stats.get("learner_restarts"),
             "target_restarts": system.get("target_restarts"), "skipped_checkpoints": skipped,
             "scaling": system.get("scaling"),
             "loss_name": cfg.distill.loss, "form": cfg.distill.form, "baseline": cfg.distill.baseline,
             "wall_time_s": round(time.time() - t_start, 1), "resumed_from_step": start_step,
             "started_from": source, "init_dir": str(init_dir), "checkpoint": str(ckpt), "draft": str(final)}
+    if rollout_stats:
+        done["bottleneck"], done["bottleneck_shares"] = bottleneck(
+            metrics.get("learner_idle_frac_total", 0.0), rollout_stats.get("actor_times", {}))
     write_json_atomic(done_path, done)
     ha = done["heldout_acceptance"]
+    rates = ", ".join(f"{a} {v:,.0f}" for a, v in done["rollout_tokens_per_s_per_actor"].items())
+    target = ", ".join(f"{e} {v:,.0f}" for e, v in done["target_tokens_per_s_per_engine"].items())
     _say(f"done: step {done['steps']}, loss {done['loss']:.4f}, held-out acceptance "
          f"{'n/a' if ha is None else f'{ha:.4f}'}, dropped {done['dropped_batches']}, restarts "
-         f"{done['rollout_restarts']}, {done['wall_time_s']}s -> {final}")
+         f"{done['rollout_restarts']}, {done['wall_time_s']}s; rollout tok/s [{rates}], target scoring tok/s "
+         f"[{target or 'no engine'}], bottleneck {done.get('bottleneck', 'n/a')} -> {final}")
     return final
 
 
 def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows: list[dict],
            held_rows: list[dict], target_path: str, tok, token_budget: int | None, storage: Path,
-           tb_dir: Path, log_path: Path, draft_vocab: list[int] | None, start_step: int = 0):
+           tb_dir: Path, log_path: Path, time_budget_s: float | None, draft_vocab: list[int] | None,
+           start_step: int = 0):
     """Start engines, rollout actors, queue and store; run the TorchTrainer (from `start_step`, for the
     quiet console's progress line); always clean up.
     Returns (ray.train.Result, final store stats, messages about rollout loops that ended, system
@@ -848,7 +911,9 @@ def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows:
     try:
         k = cfg.target.top_k_logprobs
         if cfg.rollout.on_policy_fraction > 0 or any(cached_score(r, k) is None for r in train_rows + held_rows):
-            engines = create_target_actors(cfg, target_path, name_prefix=f"draftalign-{cfg.name}")
+            # one thread per rollout actor (+ the driver / a stats call): their score calls are batched
+            engines = create_target_actors(cfg, target_path, name_prefix=f"draftalign-{cfg.name}",
+                                           max_concurrency=cfg.rollout.num_actors + 2)
         else:
             _say("no target engine started: rollouts replay the set, whose rows carry the target's top-k")
         engine_info = ray.get([e.info.remote() for e in engines])
@@ -858,9 +923,11 @@ def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows:
         # Held here until the run ends: Ray re-runs a restarted actor's constructor with the same
         # arguments, so the object must outlive every restart (ray-project/ray#53727).
         rows_ref = ray.put(train_rows)
-        actors = create_rollout_actors(cfg, str(init_dir), rows_ref, engines, queue, store,
-                                       draft_vocab=draft_vocab,
-                                       name_prefix=f"draftalign-{cfg.name}")
+        create = create_rollout_actors
+        if cfg.rollout.on_policy_mode == "target_assisted":
+            from actors.assisted import create_assisted_actors as create
+        actors = create(cfg, str(init_dir), rows_ref, engines, queue, store, draft_vocab=draft_vocab,
+                        name_prefix=f"draftalign-{cfg.name}")
         supervisor = _RolloutSupervisor(actors, store)
         supervisor.start()
         tb_dir.mkdir(parents=True, exist_ok=True)
@@ -868,7 +935,7 @@ def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows:
                   "resume_from": str(resume_from) if resume_from else None,
                   "queue": queue, "store": store, "heldout_ref": [ray.put(hb)] if hb is not None else [],
                   "tb_dir": str(tb_dir), "log_path": str(log_path), "session": uuid.uuid4().hex[:8],
-                  "token_budget": token_budget, "draft_vocab": draft_vocab}
+                  "token_budget": token_budget, "time_budget_s": time_budget_s, "draft_vocab": draft_vocab}
         # a dead learner worker: Ray Train restarts the group from the latest checkpoint
         result = fit_stage(train_loop_per_worker, config, name=EXPERIMENT, storage=storage,
                            num_workers=lc.num_workers, use_gpu=lc.use_gpu, resources_per_worker=per_worker,
@@ -877,6 +944,7 @@ def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows:
                                                           "heldout_acceptance": "heldout"})
         stats = ray.get(store.stats.remote())
         system = {"target_restarts": actor_restarts(engines),
+                  "target_engines": _engine_stats(engines),
                   "scaling": {"learner": {"num_workers": lc.num_workers, "resources_per_worker": per_worker,
                                           "max_failures": lc.max_failures, **stats["learner_info"]},
                               "rollout": {"num_actors": cfg.rollout.num_actors,

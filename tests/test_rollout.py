@@ -28,6 +28,7 @@ class _Pool:
 
     def __init__(self, events: list):
         self.events, self.failures = events, 0
+        self.scored_tokens: dict[int, int] = {}  # TargetPool's per-engine count (rollout reports read it)
 
     def submit(self, seqs, starts, k):
         self.events.append("submit")

@@ -1,0 +1,240 @@
+"""Target-assisted on-policy rollouts (`rollout.on_policy_mode: target_assisted`; issue #38, after Draft-OPD,
+arXiv 2605.29343): the rollout actor decodes a train prompt speculatively, so the draft is trained on the states
+its own proposals create while the text stays the target's.
+
+A round, for every live sequence of the batch at once (its context c = prompt + what the rounds committed):
+
+    draft     x_1 … x_γ ~ q(· | c, x_<i)               (rollout.temperature, on the draft's vocabulary)
+    target    one `TargetPool.score` call for all sequences: the top-k at the γ + 1 positions after c
+              (c + x + one filler token, so the last row is the bonus position's distribution)
+    verify    `draftalign.sampling.rejection_sample` with recorded uniforms u_i (greedy_verify at T = 0):
+              accept x_i while u_i · q(x_i) < p̃(x_i); then the recovered token ~ norm(max(0, p̃ − q)), or the
+              bonus ~ p̃ after γ acceptances; p̃ = the target's top-k renormalised and tempered (k = −1: exact)
+    commit    x_1 … x_κ + that token, up to EOS / rollout.max_new_tokens: the continuation follows the target
+
+so the committed text is the target's (sampling with top-k = target.top_k_logprobs; at T = 0 exactly its greedy
+text). After the batch's rounds, up to rollout.redrafts_per_sequence rejection points per sequence (uniform among
+its rounds that rejected) are re-drafted: from c + x_≤κ, the state where the draft erred, it drafts γ tokens again
+at rollout.redraft_temperature, and the target scores them — the error positions, and the states the draft's own
+proposals create after them.
+
+Every round and re-draft is one round record (`actors.traffic.round_record`: the online path's format, plus `kind`
+and the `uniforms`), and `actors.traffic.drafted_rows` turns them into training rows labelled by the proposals: a
+sequence's rounds chained into one row (the committed text; loss at the accepted and the rejected proposals), and
+one row per re-draft. A batch holds them next to the replayed rows (1 − rollout.on_policy_fraction of the picks,
+the distillation set against forgetting) and goes through the bounded queue with its policy version, as the other
+modes' batches do; the learner's sampled TVD++ rewards each proposal by 1{p(x) > q(x)} (learner/distill.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+from actors.rollout import RolloutWorker, _Sampled, cached_score, create_rollout_actors
+from actors.traffic import drafted_rows, round_record
+from draftalign.sampling import SamplingParams, draw, greedy_verify, logits_to_probs, rejection_sample
+
+
+def target_probs(ids: torch.Tensor, logprobs: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
+    """p̃ over the vocabulary from the target's top-k: (..., k) ids and raw log-probs → (..., V), p̃ ∝ p^(1/T) on the
+    k listed tokens and 0 elsewhere (the truncation top-k sampling makes; k = V is exact). T = 0: one-hot argmax."""
+    lp = logprobs.double()
+    if temperature == 0:
+        w = torch.nn.functional.one_hot(lp.argmax(-1), lp.shape[-1]).double()  # (..., k)
+    else:
+        w = torch.softmax(lp / temperature, -1)  # (..., k)
+    return torch.zeros(*ids.shape[:-1], vocab_size, dtype=torch.float64).scatter_(-1, ids.long(), w)
+
+
+@torch.no_grad()
+def propose(model, contexts: list[list[int]], gamma: int, params: SamplingParams, pad_id: int,
+            outside: torch.Tensor | None, generator: torch.Generator):
+    """The draft's γ proposals for each context, batched with a KV cache (left padding):
+    tokens (B, γ) int64, q (B, γ, V) float32 the processed distribution each was drawn from (`logits_to_probs`,
+    q = 0 outside the draft's vocabulary), log q(x) (B, γ)."""
+    device = next(model.parameters()).device
+    P = max(len(c) for c in contexts)
+    ids = torch.full((len(contexts), P), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(contexts), P), dtype=torch.long)
+    for i, c in enumerate(contexts):
+        ids[i, P - len(c):] = torch.tensor(c)
+        attn[i, P - len(c):] = 1
+    ids, attn = ids.to(device), attn.to(device)
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)  # (B, P)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    xs, qs = [], []
+    for i in range(gamma):
+        z = out.logits[:, -1].float().cpu()  # (B, V)
+        if outside is not None:
+            z = z.masked_fill(outside, float("-inf"))
+        q = logits_to_probs(z, params)  # (B, V)
+        x = draw(q, params, generator)  # (B,)
+        xs.append(x)
+        qs.append(q)
+        if i + 1 < gamma:
+            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], 1)
+            out = model(input_ids=x[:, None].to(device), attention_mask=attn, position_ids=pos[:, -1:] + 1 + i,
+                        past_key_values=out.past_key_values, use_cache=True)
+    x, q = torch.stack(xs, 1), torch.stack(qs, 1)  # (B, γ), (B, γ, V)
+    log_qx = q.gather(-1, x[..., None])[..., 0].clamp_min(1e-30).log()  # (B, γ)
+    return x, q, log_qx
+
+
+def verify(x: torch.Tensor, q: torch.Tensor, scores: list[dict], temperature: float, generator: torch.Generator):
+    """The accept test of a round (`draftalign.sampling`): x (B, γ), q (B, γ, V), the target's top-k at the γ + 1
+    positions per row → (num_accepted (B,), next token (B,), uniforms (B, γ) float64 or None at T = 0)."""
+    ids = torch.stack([torch.as_tensor(s["ids"]) for s in scores])  # (B, γ+1, k)
+    lps = torch.stack([torch.as_tensor(s["logprobs"]) for s in scores])  # (B, γ+1, k)
+    if temperature == 0:
+        argmax = ids.gather(-1, lps.argmax(-1, keepdim=True))[..., 0]  # (B, γ+1)
+        k, nxt = greedy_verify(x, argmax)
+        return k, nxt, None
+    p = target_probs(ids, lps, q.shape[-1], temperature)  # (B, γ+1, V)
+    u = torch.rand(x.shape, dtype=torch.float64, generator=generator)  # (B, γ)
+    k, nxt = rejection_sample(x, q.double(), p, generator, uniforms=u)
+    return k, nxt, u
+
+
+class AssistedRolloutWorker(RolloutWorker):
+    """`RolloutWorker` whose on-policy rows are target-assisted rollouts (module docstring). `last_records`: the
+    round records of the latest batch (tests, benchmarks)."""
+
+    MODES = ("target_assisted",)
+
+    def __init__(self, *args, gamma: int = 3, redrafts_per_sequence: int = 2, redraft_temperature: float = 1.0,
+                 **kw):
+        kw.setdefault("on_policy_mode", "target_assisted")
+        super().__init__(*args, **kw)
+        if gamma < 1 or redrafts_per_sequence < 0 or redraft_temperature <= 0:
+            raise ValueError(f"target_assisted needs gamma ≥ 1, redrafts_per_sequence ≥ 0 and redraft_temperature "
+                             f"> 0, got {gamma}, {redrafts_per_sequence}, {redraft_temperature}")
+        if self.lam > 0 and not self.pool.engines:
+            raise ValueError("target_assisted rollouts need a TargetActor to verify the draft's proposals")
+        self.gamma, self.redrafts, self.redraft_temperature = gamma, redrafts_per_sequence, redraft_temperature
+        self.generator = torch.Generator().manual_seed(self.seed)
+        V = self.model.config.vocab_size
+        self.outside = None
+        if self.draft_vocab is not None:
+            self.outside = torch.ones(V, dtype=torch.bool)
+            self.outside[torch.tensor(self.draft_vocab)] = False
+        self.last_records: list[dict] = []
+        self.counters.update({"rounds": 0, "proposed": 0, "accepted": 0, "rejections": 0, "redrafts": 0,
+                              "committed": 0, "target_positions": 0})
+
+    def _params(self, temperature: float) -> SamplingParams:
+        return SamplingParams(temperature=temperature)
+
+    def _score(self, contexts: list[list[int]], x: torch.Tensor) -> tuple[list[dict], float]:
+        """The target's top-k at the γ + 1 positions after each context (a filler token after x_γ makes the last
+        row the bonus position's distribution); returns (scores, seconds waited)."""
+        t0 = time.perf_counter()
+        seqs = [list(c) + x[i].tolist() + [self.pad_id] for i, c in enumerate(contexts)]
+        scores = self.pool.score(seqs, [len(c) for c in contexts], self.top_k)
+        self.counters["target_positions"] += sum(len(s) - len(c) for s, c in zip(seqs, contexts, strict=True))
+        return scores, time.perf_counter() - t0
+
+    def rollout(self, prompts: list[list[int]], tag: str) -> tuple[list[list[int]], list[dict], float]:
+        """Target-assisted decoding of `prompts`: (continuations, round records incl. re-drafts, target seconds)."""
+        g, T, stop_len = self.gamma, self.temperature, self.max_new_tokens
+        ctx = [list(p) for p in prompts]
+        done = [len(c) + g + 1 >= self.max_len for c in ctx]  # the target scores c + γ + 1 tokens
+        new: list[list[int]] = [[] for _ in prompts]
+        records: list[dict] = []
+        target_s = 0.0
+        while not all(done):
+            live = [s for s in range(len(ctx)) if not done[s]]
+            x, q, log_qx = propose(self.model, [ctx[s] for s in live], g, self._params(T), self.pad_id,
+                                   self.outside, self.generator)
+            scores, dt = self._score([ctx[s] for s in live], x)
+            target_s += dt
+            k, nxt, u = verify(x, q, scores, T, self.generator)
+            for j, s in enumerate(live):
+                kappa = int(k[j])
+                out = x[j, :kappa].tolist() + [int(nxt[j])]
+                if self.eos_id in out:
+                    out = out[:out.index(self.eos_id) + 1]
+                out = out[:stop_len - len(new[s])]
+                records.append(round_record(
+                    f"{tag}.{s}", ctx[s], x[j], log_qx[j], scores[j]["ids"], scores[j]["logprobs"], out, kappa,
+                    self.version, T, kind="round", uniforms=None if u is None else u[j].numpy()))
+                self.counters["proposed"] += g
+                self.counters["accepted"] += kappa
+                self.counters["rejections"] += kappa < g
+                ctx[s] += out
+                new[s] += out
+                done[s] = (out[-1] == self.eos_id or len(new[s]) >= stop_len or len(ctx[s]) + g + 1 >= self.max_len)
+            self.counters["rounds"] += 1
+        redrafts, dt = self._redraft(records)
+        records += redrafts
+        target_s += dt
+        self.counters["committed"] += sum(len(n) for n in new)
+        return new, records, target_s
+
+    def _redraft(self, rounds: list[dict]) -> tuple[list[dict], float]:
+        """Re-drafts from up to `redrafts_per_sequence` rejection points per sequence (module docstring):
+        (their records, seconds waited on the target)."""
+        by: dict[str, list[dict]] = {}
+        for r in rounds:  # a rejection whose position was committed (not cut by EOS / max_new_tokens before it)
+            if r["num_accepted"] < len(r["draft_tokens"]) and len(r["committed"]) > r["num_accepted"]:
+                by.setdefault(r["request"], []).append(r)
+        picked = [r for rs in by.values() for r in self.rng.sample(rs, min(self.redrafts, len(rs)))]
+        if not picked:
+            return [], 0.0
+        T = self.redraft_temperature
+        contexts = [list(r["context"]) + list(r["draft_tokens"][:r["num_accepted"]]) for r in picked]
+        y, q, log_qy = propose(self.model, contexts, self.gamma, self._params(T), self.pad_id, self.outside,
+                               self.generator)
+        scores, waited = self._score(contexts, y)
+        k, nxt, u = verify(y, q, scores, T, self.generator)
+        out = []
+        for j, (r, c) in enumerate(zip(picked, contexts, strict=True)):
+            kappa = int(k[j])
+            out.append(round_record(f"{r['request']}.r{j}", c, y[j], log_qy[j], scores[j]["ids"],
+                                    scores[j]["logprobs"], y[j, :kappa].tolist() + [int(nxt[j])], kappa,
+                                    self.version, T, kind="redraft", uniforms=u[j].numpy(), parent=r["request"]))
+        self.counters["redrafts"] += len(out)
+        return out, waited
+
+    def sample(self) -> _Sampled:
+        """Pick rows, flip the on-policy coins; on-policy picks become target-assisted rollouts, already scored
+        (their rows: `actors.traffic.drafted_rows`), the rest replay the set."""
+        t0 = time.perf_counter()
+        picks = [self.rng.choice(self.rows) for _ in range(self.batch_size)]
+        flags = [self.rng.random() < self.lam for _ in picks]
+        on = [r for r, f in zip(picks, flags, strict=True) if f]
+        off = [r for r, f in zip(picks, flags, strict=True) if not f]
+        records, target_s, tag = [], 0.0, ""
+        if on:
+            tag = f"{self.actor_id}.{self.incarnation}.{self.counters['batches'] + self.counters['rounds']}"
+            _, records, target_s = self.rollout([list(r["prompt_token_ids"]) for r in on], tag)
+        self.last_records = records
+        rows = drafted_rows(records)
+        n_on = len(rows["prompts"])
+        prompts = rows["prompts"] + [list(r["prompt_token_ids"]) for r in off]
+        responses = rows["responses"] + [list(r["response_token_ids"]) for r in off]
+        cached = rows["scores"] + [cached_score(r, self.top_k) for r in off]
+        pid = {f"{tag}.{s}": r.get("prompt_id", "") for s, r in enumerate(on)} if on else {}
+        picks_out = [{"prompt_id": pid[req]} for req in rows["requests"]] + off
+        s = _Sampled(picks_out, prompts, responses, [True] * n_on + [False] * len(off),
+                     rows["draft_logprobs"] + [None] * len(off), cached, self.version,
+                     time.perf_counter() - t0, target_s=target_s)
+        s.loss_masks = rows["loss_masks"] + [None] * len(off)
+        s.sampled = rows["sampled"] + [None] * len(off)
+        return s
+
+
+AssistedRolloutActor = ray.remote(max_concurrency=2)(AssistedRolloutWorker)  # run() | stop() / stats()
+
+
+def create_assisted_actors(cfg, draft_path: str, rows_ref, engines: list, queue, store,
+                           name_prefix: str | None = None, draft_vocab: list[int] | None = None) -> list:
+    """`create_rollout_actors` with target-assisted rollout actors (rollout.gamma, rollout.redrafts_per_sequence,
+    rollout.redraft_temperature)."""
+    r = cfg.rollout
+    return create_rollout_actors(cfg, draft_path, rows_ref, engines, queue, store, name_prefix=name_prefix,
+                                 draft_vocab=draft_vocab, actor_cls=AssistedRolloutActor, gamma=r.gamma,
+                                 redrafts_per_sequence=r.redrafts_per_sequence,
+                                 redraft_temperature=r.redraft_temperature)
