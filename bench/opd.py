@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.ablation import _link_distill_set  # noqa: E402  (one home for the arms' shared set)
 from draftalign.config import load_config  # noqa: E402
 from draftalign.io import write_json_atomic  # noqa: E402
 
@@ -63,15 +63,6 @@ def arm_config(base, arm: str, draft: Path, root: Path, replay_fraction: float):
         section, field = key.split(".")
         setattr(getattr(cfg, section), field, value)
     return cfg
-
-
-def _link_distill_set(src_run: Path, arm_dir: Path) -> None:
-    src = src_run / "distill_set"
-    if not src.is_dir():
-        raise SystemExit(f"no distillation set at {src}: run `draftalign generate` for this job first")
-    arm_dir.mkdir(parents=True, exist_ok=True)
-    if not (arm_dir / "distill_set").exists():
-        os.symlink(src.resolve(), arm_dir / "distill_set")
 
 
 def train_interleaved(cfgs: dict, minutes: float, segments: int, say=print) -> dict:
