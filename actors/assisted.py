@@ -33,7 +33,7 @@ import time
 import ray
 import torch
 
-from actors.rollout import RolloutWorker, _Sampled, cached_score, create_rollout_actors
+from actors.rollout import RolloutWorker, _Sampled, cached_score, create_rollout_actors, left_pad
 from actors.traffic import drafted_rows, round_record
 from draftalign.sampling import SamplingParams, draw, greedy_verify, logits_to_probs, rejection_sample
 
@@ -56,13 +56,7 @@ def propose(model, contexts: list[list[int]], gamma: int, params: SamplingParams
     tokens (B, γ) int64, q (B, γ, V) float32 the processed distribution each was drawn from (`logits_to_probs`,
     q = 0 outside the draft's vocabulary), log q(x) (B, γ)."""
     device = next(model.parameters()).device
-    P = max(len(c) for c in contexts)
-    ids = torch.full((len(contexts), P), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(contexts), P), dtype=torch.long)
-    for i, c in enumerate(contexts):
-        ids[i, P - len(c):] = torch.tensor(c)
-        attn[i, P - len(c):] = 1
-    ids, attn = ids.to(device), attn.to(device)
+    ids, attn = (t.to(device) for t in left_pad(contexts, pad_id))
     pos = (attn.cumsum(-1) - 1).clamp_min(0)  # (B, P)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
     xs, qs = [], []

@@ -378,6 +378,18 @@ class _DraftVocab:
         return scores.masked_fill(self.outside.to(scores.device), float("-inf"))
 
 
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists → (ids, attention mask), each (B, max len) int64, left-padded with `pad_id`: every
+    sequence's last token sits in the last column, where a batched decode appends."""
+    P = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, P - len(x):] = torch.tensor(x)
+        attn[i, P - len(x):] = 1
+    return ids, attn
+
+
 def sample_continuations(model, prompts: list[list[int]], *, temperature: float, max_new_tokens: int,
                          eos_id: int, pad_id: int, generator_seed: int | None = None,
                          draft_vocab: list[int] | None = None):
@@ -391,12 +403,7 @@ def sample_continuations(model, prompts: list[list[int]], *, temperature: float,
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(prompts), P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        attn[i, P - len(p):] = 1
+    ids, attn = left_pad(prompts, pad_id)
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     outside = None
@@ -410,7 +417,7 @@ def sample_continuations(model, prompts: list[list[int]], *, temperature: float,
                              return_dict_in_generate=True, pad_token_id=pad_id, eos_token_id=eos_id,
                              logits_processor=LogitsProcessorList([_DraftVocab(outside)] if outside is not None
                                                                   else []))
-    new = out.sequences[:, P:].cpu()  # (B, S)
+    new = out.sequences[:, ids.shape[1]:].cpu()  # (B, S)
     logits = torch.stack(out.logits, 1).float().cpu()  # (B, S, V) raw
     if outside is not None:
         logits = logits.masked_fill(outside, float("-inf"))
