@@ -7,10 +7,12 @@ an S3-API emulator (moto's server)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -148,10 +150,13 @@ def test_an_unreachable_storage_names_the_uri_and_what_pyarrow_said(tmp_path, mo
 
 
 def test_s3_round_trip_through_an_s3_api_emulator(tmp_path, monkeypatch):
-    """moto's ThreadedMotoServer speaks the S3 API on localhost: an S3-API emulator, not AWS. It checks the layer's
-    object-store path (no rename: objects put at their final keys, the directory marker, listing, pulling) through
-    pyarrow's real S3 client."""
-    moto_server = pytest.importorskip("moto.server")
+    """moto's server speaks the S3 API on localhost: an S3-API emulator, not AWS. It checks the layer's object-store
+    path (no rename: objects put at their final keys, the directory marker, listing, pulling) through pyarrow's real
+    S3 client. The server runs in its own process: importing it here would put Flask's context proxies in
+    sys.modules, and vLLM's CPU kernel registration (which scans every module's globals) then fails in any later
+    engine start in this process."""
+    if importlib.util.find_spec("moto") is None:
+        pytest.skip("moto is not installed (test extra)")
     from cluster_helpers import free_port
 
     from draftalign.config import load_config
@@ -162,9 +167,18 @@ def test_s3_round_trip_through_an_s3_api_emulator(tmp_path, monkeypatch):
                  ("AWS_DEFAULT_REGION", "us-east-1"), ("DRAFTALIGN_STAGING", str(tmp_path / "node0"))):
         monkeypatch.setenv(k, v)
     port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, "moto server exited"
+                assert time.monotonic() < deadline, "moto server did not listen within 60 s"
+                time.sleep(0.2)
         uri = f"s3://bucket/runs?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
         import pyarrow.fs as pafs
 
@@ -181,7 +195,8 @@ def test_s3_round_trip_through_an_s3_api_emulator(tmp_path, monkeypatch):
         assert json.loads((here / "distill_done.json").read_text()) == {"steps": 3}
         assert (here / "draft_distilled" / "config.json").read_text() == "{}"
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.mark.slow
