@@ -33,7 +33,7 @@ import json
 import shutil
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 from draftalign.config import ConfigError, JobConfig
 from draftalign.distset import SCHEMA, SCHEMA_VERSION, distill_dir, shard_name
 from draftalign.io import write_atomic, write_json_atomic
+from draftalign.storage import exists, is_uri, join, pull, staging_dir
 
 PROMPT_SOURCE = "draftalign.data.train_messages (train-split chitchat + summarize; no eval prompts)"
 
@@ -134,6 +135,9 @@ def reusable_shards(old: dict, new: dict) -> list[int]:
 def reuse_shards(src: str | Path, d: Path, plan: dict) -> int:
     """Copy into `d` the shards of the set at `src` (a run_dir or its distill_set/) that `reusable_shards`
     allows and `d` lacks (atomically: a copy is whole or absent); returns how many were copied."""
+    if is_uri(src):  # a run (or its set) in storage: only the set is pulled, into this node's staging copy
+        whole_run = staging_dir(join(str(src), distill_dir("").name))
+        src = pull(whole_run) if exists(whole_run / "plan.json") else pull(staging_dir(str(src)))
     src = Path(src).expanduser()
     src = distill_dir(src) if (distill_dir(src) / "plan.json").is_file() else src
     if not (src / "plan.json").is_file():
@@ -206,7 +210,7 @@ def run_generate(cfg: JobConfig) -> Path:
     import ray
     from tqdm import tqdm
 
-    from actors.target import create_target_actors, shutdown_target_actors
+    from actors.target import create_target_actors, one_per_engine, shutdown_target_actors
     from draftalign.models import load_target_tokenizer, pick_dtype, resolve_target
     from draftalign.runtime import configure_vllm_env, init_ray, run_dir
 
@@ -227,7 +231,7 @@ def run_generate(cfg: JobConfig) -> Path:
     copied = reuse_shards(g.reuse_from, d, plan) if g.reuse_from else 0
 
     shards = [prompts[i: i + g.shard_size] for i in range(0, len(prompts), g.shard_size)]
-    pending = deque(i for i in range(len(shards)) if not (d / shard_name(i)).exists())
+    pending = [i for i in range(len(shards)) if not (d / shard_name(i)).exists()]
     reused = len(shards) - len(pending)
     new_prompts = new_tokens = 0
     gen_seconds = 0.0
@@ -240,38 +244,29 @@ def run_generate(cfg: JobConfig) -> Path:
             dtype = str(pick_dtype(g.dtype, "cuda" if cfg.target.gpus_per_engine else "cpu")).removeprefix("torch.")
             actors = create_target_actors(cfg, model_path, threads=_generate_threads(cfg), exclusive=True,
                                           dtype=dtype)
-            inflight: dict = {}  # ObjectRef -> (shard index, actor)
-
-            def submit(actor) -> None:
-                i = pending.popleft()
-                ref = actor.generate.remote(
+            def submit(actor, i: int):
+                return actor.generate.remote(
                     [p["prompt_token_ids"] for p in shards[i]], temperature=g.temperature, top_p=g.top_p,
                     max_tokens=g.max_tokens, n=g.responses_per_prompt,
                     seed=[prompt_seed(cfg.seed, p["prompt_id"]) for p in shards[i]],
                     logprobs=max(0, cfg.target.top_k_logprobs))
-                inflight[ref] = (i, actor)
 
-            t_gen = time.perf_counter()
-            bar = tqdm(total=len(prompts), initial=sum(len(shards[i]) for i in range(len(shards))
-                                                       if (d / shard_name(i)).exists()),
-                       unit="prompt", desc="generate", file=sys.stderr, dynamic_ncols=True)
-            for a in actors:  # one shard per engine at a time: each keeps busy, none hoards
-                if pending:
-                    submit(a)
-            while inflight:
-                [ref], _ = ray.wait(list(inflight), num_returns=1)
-                i, actor = inflight.pop(ref)
-                answers = ray.get(ref)
-                if pending:
-                    submit(actor)
+            def done(i: int, answers: list) -> None:
+                nonlocal new_prompts, new_tokens, gen_seconds
                 table = _rows(shards[i], answers)
-                write_atomic(d / shard_name(i), lambda tmp, table=table: pq.write_table(table, tmp))
+                write_atomic(d / shard_name(i), lambda tmp: pq.write_table(table, tmp))
                 new_prompts += len(shards[i])
                 new_tokens += sum(len(a["token_ids"]) for outs in answers for a in outs)
                 gen_seconds = time.perf_counter() - t_gen
                 bar.update(len(shards[i]))
                 bar.set_postfix_str(f"{new_prompts / gen_seconds:.2f} prompts/s, "
                                     f"{new_tokens / gen_seconds:.1f} tok/s")
+
+            t_gen = time.perf_counter()
+            bar = tqdm(total=len(prompts), initial=sum(len(shards[i]) for i in range(len(shards))
+                                                       if (d / shard_name(i)).exists()),
+                       unit="prompt", desc="generate", file=sys.stderr, dynamic_ncols=True)
+            one_per_engine(actors, pending, submit, done)
             bar.close()
         finally:
             if actors:

@@ -143,18 +143,15 @@ def sampler_key(cfg: JobConfig, pre: PreQuery) -> dict:
 
 def _sample(cfg: JobConfig, model_path: str, pre_ids: list[int], pre: PreQuery, todo: list[int], store) -> None:
     """Draw samples `todo` (indices) on the job's target engines, calling store(list of samples) per chunk."""
-    from collections import deque
-
     import ray
     from tqdm import tqdm
 
     from actors.generate import _generate_threads, prompt_seed
-    from actors.target import create_target_actors, shutdown_target_actors
+    from actors.target import create_target_actors, one_per_engine, shutdown_target_actors
     from draftalign.models import pick_dtype
     from draftalign.runtime import configure_vllm_env, init_ray
 
     q = cfg.data.self_queries
-    chunks = deque(todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK))
     configure_vllm_env(cfg.target.kv_cache_gib)
     started_ray = not ray.is_initialized()
     init_ray(cfg)
@@ -163,28 +160,20 @@ def _sample(cfg: JobConfig, model_path: str, pre_ids: list[int], pre: PreQuery, 
         dtype = str(pick_dtype(cfg.generate.dtype, "cuda" if cfg.target.gpus_per_engine else "cpu"))
         actors = create_target_actors(cfg, model_path, threads=_generate_threads(cfg), exclusive=True,
                                       dtype=dtype.removeprefix("torch."))
-        inflight: dict = {}
 
-        def submit(actor) -> None:
-            idx = chunks.popleft()
-            ref = actor.generate.remote([pre_ids] * len(idx), temperature=q.temperature, top_p=q.top_p,
-                                        max_tokens=q.max_tokens, seed=[prompt_seed(cfg.seed, f"self/{i}") for i in idx],
-                                        stop=list(pre.stop), stop_token_ids=list(pre.stop_token_ids))
-            inflight[ref] = (idx, actor)
+        def submit(actor, idx: list[int]):
+            return actor.generate.remote([pre_ids] * len(idx), temperature=q.temperature, top_p=q.top_p,
+                                         max_tokens=q.max_tokens,
+                                         seed=[prompt_seed(cfg.seed, f"self/{i}") for i in idx],
+                                         stop=list(pre.stop), stop_token_ids=list(pre.stop_token_ids))
 
-        bar = tqdm(total=len(todo), unit="query", desc="self queries", file=sys.stderr, dynamic_ncols=True)
-        for a in actors:
-            if chunks:
-                submit(a)
-        while inflight:
-            [ref], _ = ray.wait(list(inflight), num_returns=1)
-            idx, actor = inflight.pop(ref)
-            answers = ray.get(ref)
-            if chunks:
-                submit(actor)
+        def done(idx: list[int], answers: list) -> None:
             store([{"i": i, "token_ids": a[0]["token_ids"], "finish_reason": a[0]["finish_reason"]}
                    for i, a in zip(idx, answers, strict=True)])
             bar.update(len(idx))
+
+        bar = tqdm(total=len(todo), unit="query", desc="self queries", file=sys.stderr, dynamic_ncols=True)
+        one_per_engine(actors, (todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)), submit, done)
         bar.close()
     finally:
         if actors:

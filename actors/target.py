@@ -17,12 +17,15 @@ import math
 import os
 import threading
 import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
 
 from draftalign.runtime import configure_vllm_env
+from draftalign.storage import ensure_local
 
 if TYPE_CHECKING:
     from draftalign.config import JobConfig, TargetConfig
@@ -61,6 +64,7 @@ class TargetEngine:
             # holds the longest prompt. Seeded answers then also ignore batch composition.
             kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096))
         # dtype "auto" = vLLM's choice for the checkpoint and device; `info()` reports it.
+        model_path = str(ensure_local(model_path)) if os.path.isabs(model_path) else model_path  # a URI's copy
         self.llm = LLM(model_path, dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
                        max_logprobs=self.max_logprobs, seed=seed, tensor_parallel_size=tensor_parallel_size,
                        gpu_memory_utilization=gpu_memory_utilization, **kw)
@@ -367,3 +371,26 @@ def shutdown_target_actors(actors: list) -> None:
             pass
         ray.kill(a)
 
+
+
+def one_per_engine(actors: list, jobs: Iterable, submit: Callable, done: Callable) -> None:
+    """Run `jobs` on the engines with one in flight per engine (each keeps busy, none hoards): `submit(actor,
+    job)` returns an ObjectRef, `done(job, result)` is called in completion order — the place to write a shard
+    atomically, so a kill loses at most the jobs in flight."""
+    pending = deque(jobs)
+    inflight: dict = {}  # ObjectRef -> (job, actor)
+
+    def start(actor) -> None:
+        job = pending.popleft()
+        inflight[submit(actor, job)] = (job, actor)
+
+    for a in actors:
+        if pending:
+            start(a)
+    while inflight:
+        [ref], _ = ray.wait(list(inflight), num_returns=1)
+        job, actor = inflight.pop(ref)
+        result = ray.get(ref)
+        if pending:
+            start(actor)
+        done(job, result)

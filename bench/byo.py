@@ -101,6 +101,9 @@ def main() -> None:
     ap.add_argument("--chat-conversations", type=int, default=280, help="≈ 640 prompts with the code ones, as make run")
     ap.add_argument("--code-eval", type=int, default=24, help="HumanEval problems held out for the code task")
     ap.add_argument("--prompts", default="chat=24,code=24,summarize=8", help="eval prompts per task")
+    ap.add_argument("--gamma", default="3", help="eval.gamma of the comparison: an int or 'adaptive' (per-request "
+                    "goodput γ ≤ eval.gamma_max)")
+    ap.add_argument("--eval-only", action="store_true", help="the BYO job is trained already (--work): only the eval")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="job override key=value")
     ap.add_argument("--out", default="runs/bench/byo", help="directory for the eval JSONs and byo.json")
     a = ap.parse_args()
@@ -109,10 +112,13 @@ def main() -> None:
     export, evalset = build_export(work, a.chat_conversations, a.code_eval)
     counts = {k: int(v) for k, v in (kv.split("=") for kv in a.prompts.split(","))}
     common = [f"data.eval={{code: {{source: {evalset}}}}}", f"eval.prompts_per_task={json.dumps(counts)}",
-              "eval.tasks=[chat,code,summarize]"]
+              "eval.tasks=[chat,code,summarize]", f"eval.gamma=[{a.gamma}]"]
     sets = lambda extra: set_args([*common, *extra, *a.overrides])  # noqa: E731
-    cli("run", a.job, *sets(["name=byo", f"run_dir={work}", f"data.train=[{export}]"]))
+    if not a.eval_only:
+        cli("run", a.job, *sets(["name=byo", f"run_dir={work}", f"data.train=[{export}]"]))
     out.mkdir(parents=True, exist_ok=True)
+    if a.eval_only and not (work / "draft_distilled").is_dir():
+        sys.exit(f"--eval-only: no trained BYO draft in {work / 'draft_distilled'}")
     cli("eval", a.job, "--draft", f"embedded={Path(a.embedded).resolve()}", "--draft",
         f"byo={work / 'draft_distilled'}", "--out", str(out), *sets([f"run_dir={work}"]))
 

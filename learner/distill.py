@@ -93,6 +93,7 @@ from draftalign.models import (
     load_causal_lm,
     load_draft,
     load_tokenizer,
+    local_path,
     resolve_target,
     save_pretrained_atomic,
 )
@@ -774,8 +775,9 @@ def _starting_draft(cfg: JobConfig, rdir: Path, tok, target_path: str) -> tuple[
         load_draft(str(pre), tok, target_vocab=vocab)  # checks the tokenizer against the target's
         return pre, "pretrained"
     if cfg.draft.model:
-        load_draft(cfg.draft.model, tok, target_vocab=vocab)
-        return Path(cfg.draft.model).expanduser().resolve(), "draft.model"
+        model = local_path(cfg.draft.model)
+        load_draft(str(model), tok, target_vocab=vocab)
+        return model, "draft.model"
     _say(f"WARNING: no {pre} and no draft.model: distilling a FRESH draft.arch draft "
          "(run `draftalign pretrain` first for a useful drafter)")
     target = load_causal_lm(target_path) if cfg.draft.init != "random" else None

@@ -57,6 +57,7 @@ from draftalign.models import (
     load_causal_lm,
     load_draft,
     load_tokenizer,
+    local_path,
     resolve_target,
     save_pretrained_atomic,
 )
@@ -401,7 +402,7 @@ def _build_initial_draft(cfg: JobConfig, tok, target_path: str, dest: Path) -> P
 
     if cfg.draft.model:
         vocab = AutoConfig.from_pretrained(target_path).vocab_size
-        draft = load_draft(cfg.draft.model, tok, target_vocab=vocab)
+        draft = load_draft(str(local_path(cfg.draft.model)), tok, target_vocab=vocab)
         _say(f"draft: starting from {cfg.draft.model}")
     else:
         target = load_causal_lm(target_path) if cfg.draft.init != "random" else None

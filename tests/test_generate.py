@@ -299,7 +299,7 @@ def test_rerun_of_complete_set_is_a_noop(resumed_run):
 
 
 @pytest.mark.slow
-def test_reuse_from_copies_the_shards_of_another_set(resumed_run, tmp_path):
+def test_reuse_from_copies_the_shards_of_another_set(resumed_run, tmp_path, monkeypatch):
     """A smaller job over the same prompt order takes its shards from the finished set: no engine starts."""
     from actors.generate import run_generate
 
@@ -314,6 +314,12 @@ def test_reuse_from_copies_the_shards_of_another_set(resumed_run, tmp_path):
     assert ds["prompt_id"] == old["prompt_id"][:n]
     assert ds["response_token_ids"] == old["response_token_ids"][:n]
     assert json.loads((d / "metadata.json").read_text())["num_rows"] == n
+    # the same set named by a storage URI (a run a user keeps in a bucket): pulled, then copied
+    monkeypatch.setenv("DRAFTALIGN_STAGING", str(tmp_path / "staging"))
+    uri = load_config(resumed_run["job"], [f"run_dir={tmp_path / 'from_uri'}", f"generate.num_prompts={n}",
+                                           f"generate.reuse_from=file://{resumed_run['dir'].parent}"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert load_distill_set(run_generate(uri).parent)["response_token_ids"] == ds["response_token_ids"]
     bad = load_config(resumed_run["job"], [f"run_dir={tmp_path / 'other'}", "generate.temperature=0.0",
                                            f"generate.reuse_from={resumed_run['dir'].parent}"])
     with pytest.raises(PlanMismatch, match="sampling"):

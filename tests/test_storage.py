@@ -138,6 +138,26 @@ def test_serve_finds_the_newest_draft_of_a_uri_run_in_storage(uri_run):
     assert (Path(found) / "model.safetensors").read_bytes() == b"weights"
 
 
+def test_a_draft_and_a_target_named_by_uri_are_pulled_to_this_node(tmp_path, monkeypatch):
+    """draft.model and target.model may be storage URIs (a model a user keeps in a bucket): each is pulled into this
+    node's staging copy; one without config.json is refused naming the URI."""
+    from draftalign.config import load_config
+    from draftalign.models import ModelError, default_draft, resolve_target
+
+    monkeypatch.setenv("DRAFTALIGN_STAGING", str(tmp_path / "node0"))
+    for name in ("my-draft", "my-target"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "config.json").write_text("{}")
+        (tmp_path / "models" / name / "model.safetensors").write_bytes(name.encode())
+    cfg = load_config(None, [f"draft.model=file://{tmp_path}/models/my-draft"])
+    draft = Path(default_draft(cfg))
+    assert draft.is_relative_to(tmp_path / "node0") and (draft / "model.safetensors").read_bytes() == b"my-draft"
+    target = Path(resolve_target(f"file://{tmp_path}/models/my-target"))
+    assert target.is_relative_to(tmp_path / "node0") and (target / "model.safetensors").read_bytes() == b"my-target"
+    with pytest.raises(ModelError, match=f"model file://{tmp_path}/models/none holds no config.json"):
+        resolve_target(f"file://{tmp_path}/models/none")
+
+
 def test_an_unreachable_storage_names_the_uri_and_what_pyarrow_said(tmp_path, monkeypatch):
     from draftalign.config import load_config
     from draftalign.runtime import run_dir
