@@ -246,3 +246,73 @@ def test_other_formats_refuse_an_eagle3_head(exported, tiny_target_path, tmp_pat
     with pytest.raises(ExportRefused, match="--format eagle3"):
         export_draft(head, tmp_path / "x", "hf", tiny_target_path)
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------ the stage, on Ray
+from distill_helpers import job_fixture, peaked_target_fixture  # noqa: E402, F401 - fixtures
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from draftalign.runtime import init_ray
+
+    ray = init_ray(None, num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_eagle3_stage_trains_resumes_decodes_and_restarts_from_its_export(ray_local, job, peaked_target,
+                                                                          target_tokenizer, tmp_path):
+    """The FSPAD head's stage with draft.kind=eagle3 (real Ray: feature store of aux states, Ray Train, training-time
+    test from step 3): 4 steps, resumed to 6; the exported head is an EAGLE-3 head whose held-out figures recompute;
+    the engine decodes with it losslessly; its speculators export starts a new run (draft.eagle3.init_from) at
+    exactly its held-out acceptance."""
+    import math
+
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from learner.feature_heads import load_head
+    from learner.fspad_distill import evaluate_heldout, run_fspad
+    from serve.export import export_draft
+
+    over = dict(draft__kind="eagle3", learner__max_steps=4, learner__checkpoint_every=2, learner__lr=3e-3,
+                rollout__batch_size=4, draft__fspad__unroll=2, draft__fspad__unroll_from_step=2)
+    cfg = job("eagle3", **over)
+    out = run_fspad(cfg)
+    target = load_causal_lm(peaked_target)
+    head = load_head(out, target)
+    H = target.config.hidden_size
+    assert isinstance(head, EAGLE3Head) and head.aux_layers == [0, 1, 2] and head.vocab.ids is not None
+    shard = load_file(str(cfg.run_path / "fspad_features" / "shard-00000.safetensors"))
+    assert shard["F"].shape[-1] == 3 * H  # the store holds the aux states, not the last feature
+    log = [json.loads(line) for line in (cfg.run_path / "fspad_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["feature_loss"] == 0 for r in log)
+    assert [("unrolled_acceptance" in r) for r in log] == [False, False, True, True]
+    acc = EventAccumulator(str(cfg.run_path / "tensorboard" / "fspad"))
+    acc.Reload()
+    assert {"train/loss", "train/logit_loss", "heldout/heldout_acceptance"} <= set(acc.Tags()["scalars"])
+
+    cfg.learner.max_steps = 6
+    run_fspad(cfg, resume=True)
+    done = json.loads((cfg.run_path / "fspad_done.json").read_text())
+    assert done["resumed_from_step"] == 4 and done["steps"] == 6 and done["heldout_positions"] > 0
+    head = load_head(out, target).eval()
+    saved = torch.load(cfg.run_path / "fspad_features" / "heldout.pt", weights_only=False)["batch"]
+    assert saved.features.shape[-1] == 3 * H
+    recomputed = evaluate_heldout(head, saved, cfg, torch.device("cpu"))
+    for key in ("heldout_acceptance", "heldout_greedy_acceptance", "heldout_acceptance_2", "heldout_acceptance_3"):
+        assert math.isclose(recomputed[key], done[key], abs_tol=1e-5), (key, recomputed[key], done[key])
+
+    engine = SpecDecoder(load_causal_lm(peaked_target), head, target_tokenizer, gamma=3)
+    for p in random_prompts(3, V, seed=9):
+        assert engine.generate([p], SamplingParams(max_new_tokens=12))[0].token_ids == hf_greedy(
+            target, p, 12, target_tokenizer.eos_token_id)
+
+    spec = export_draft(out, tmp_path / "speculators", "eagle3", peaked_target)
+    again = job("eagle3-from-export", **{**over, "learner__max_steps": 1, "draft__eagle3__init_from": str(spec)})
+    run_fspad(again)
+    start = json.loads((again.run_path / "fspad_done.json").read_text())["heldout_acceptance_start"]
+    assert math.isclose(start, done["heldout_acceptance"], abs_tol=1e-5), (start, done["heldout_acceptance"])
