@@ -316,3 +316,26 @@ def test_eagle3_stage_trains_resumes_decodes_and_restarts_from_its_export(ray_lo
     run_fspad(again)
     start = json.loads((again.run_path / "fspad_done.json").read_text())["heldout_acceptance_start"]
     assert math.isclose(start, done["heldout_acceptance"], abs_tol=1e-5), (start, done["heldout_acceptance"])
+
+
+# ------------------------------------------------------------------------------------------ in vLLM
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("os").environ.get("DRAFTALIGN_SKIP_VLLM_SERVE") == "1",
+                    reason="DRAFTALIGN_SKIP_VLLM_SERVE=1 (it starts vLLM once: ~1 GiB, ~1 min)")
+@pytest.mark.timeout(1800)
+def test_eagle3_export_in_vllm_equals_target_greedy_at_the_engines_tau(exported, tiny_target_path, ref, trained,
+                                                                        target_tokenizer):
+    """export → vLLM loads it (method eagle3, its speculators config) → greedy output = HF generate → acceptance
+    > 0 from vLLM's counters, and τ = 1 + accepted / drafts within 5% of draftalign's engine with the same head."""
+    from bench.parity import engine_run, vllm_run
+
+    _, out = exported
+    prompts = PROMPTS[:6]
+    hf = [hf_greedy(ref, p, 24, eos=target_tokenizer.eos_token_id) for p in prompts]
+    served = vllm_run(tiny_target_path, str(out), prompts, 3, 24, context=256)
+    assert served["speculative_config"]["method"] == "eagle3"
+    assert served["outputs"] == hf
+    assert served["accepted"] > 0 and served["drafts"] > 0
+    ours = engine_run(ref, trained, None, target_tokenizer, prompts, 3, 24)
+    assert ours["outputs"] == hf
+    assert served["tau"] == pytest.approx(ours["tau"], rel=0.05), (served, ours)
