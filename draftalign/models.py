@@ -262,7 +262,8 @@ def check_draft(path: str, target_tok, target_vocab: int | None = None) -> Path:
         raise ModelError(f"draft {path} holds no config.json (not an HF-format checkpoint)")
     text = (p / "config.json").read_text()
     if '"kind": "fspad"' in text or '"kind": "eagle3"' in text or '"speculators_model_type"' in text:
-        raise ModelError(f"draft {path} is a feature-level head (FSPAD or EAGLE-3): it loads on its target "
+        kind = "an FSPAD head" if '"kind": "fspad"' in text else "an EAGLE-3 head"
+        raise ModelError(f"draft {path} is {kind}, a feature-level head: it loads on its target "
                          f"(serve.drafts.load_engine_draft)")
     try:
         draft_tok = AutoTokenizer.from_pretrained(str(p))
