@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from actors.features import BranchScorer, FeatureBatch, RowFeatures, collate
+from actors.features import BranchScorer, FeatureBatch, RowFeatures, collate, job_aux_layers
 from draftalign.io import write_atomic, write_json_atomic
 from draftalign.storage import ensure_local, published
 
@@ -44,10 +44,13 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
-def fingerprint(target_path: str, k: int, seed: int, rows: list[dict], dtype: str = "float32") -> str:
+def fingerprint(target_path: str, k: int, seed: int, rows: list[dict], dtype: str = "float32",
+                aux_layers: list[int] | None = None) -> str:
     """What a store's contents depend on: the target and the dtype it ran in (bf16 features differ from fp32
-    ones), k, the seed and the rows (feature sampling is recorded apart: a sampled store serves both)."""
-    h = hashlib.sha1(json.dumps([str(target_path), k, seed] + ([] if dtype == "float32" else [dtype])).encode())
+    ones), k, the seed, the rows and which features (the last state, or EAGLE-3's aux states `aux_layers`);
+    feature sampling is recorded apart: a sampled store serves both."""
+    h = hashlib.sha1(json.dumps([str(target_path), k, seed] + ([] if dtype == "float32" else [dtype])
+                                + ([] if aux_layers is None else [["aux", *aux_layers]])).encode())
     for r in rows:
         h.update(f"{r['prompt_id']}:{len(r['prompt_token_ids'])}:{len(r['response_token_ids'])};".encode())
     return h.hexdigest()
@@ -95,7 +98,8 @@ def build_store(cfg, target_path: str, rows: list[dict], rdir: Path, say=print) 
 
     path = Path(rdir) / STORE_DIR
     k, fs = cfg.target.top_k_logprobs, cfg.draft.fspad.feature_sampling
-    meta = {"fingerprint": fingerprint(target_path, k, cfg.seed, rows, store_dtype(cfg)), "num_rows": len(rows),
+    aux = job_aux_layers(cfg, target_path)
+    meta = {"fingerprint": fingerprint(target_path, k, cfg.seed, rows, store_dtype(cfg), aux), "num_rows": len(rows),
             "shard_rows": SHARD_ROWS, "num_shards": math.ceil(len(rows) / SHARD_ROWS), "k": k,
             "feature_sampling": fs}
     old = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else None
@@ -116,7 +120,8 @@ def build_store(cfg, target_path: str, rows: list[dict], rdir: Path, say=print) 
     cls = ray.remote(TargetFeatures)
     actors = [cls.options(num_cpus=t.cpus_per_engine, num_gpus=t.gpus_per_engine, resources=dict(t.resources),
                           max_restarts=2, max_task_retries=2).remote(
-        target_path, t.dtype, [], 1, k, meta["feature_sampling"], cfg.seed, threads=threads) for _ in range(n)]
+        target_path, t.dtype, [], 1, k, meta["feature_sampling"], cfg.seed, threads=threads, aux_layers=aux)
+        for _ in range(n)]
     say(f"feature store: {len(todo)} of {meta['num_shards']} shards to compute ({len(rows)} rows, "
         f"{n} target actor(s) × {threads} threads) -> {path}")
     t0, done = time.time(), 0
@@ -167,7 +172,7 @@ class StoredFeatures(BranchScorer):
     CPUs are free meanwhile)."""
 
     def __init__(self, path: str, rows: list[dict], batch_size: int, feature_sampling: bool, seed: int,
-                 pad_id: int = 0, scoring: tuple[str, str, int] | None = None):
+                 pad_id: int = 0, scoring: tuple[str, str, int] | None = None, aux_layers: list[int] | None = None):
         from draftalign.batching import BatchSampler
 
         torch.set_num_threads(1)
@@ -177,7 +182,7 @@ class StoredFeatures(BranchScorer):
         self.rows, self.B, self.feature_sampling, self.pad_id = rows, batch_size, feature_sampling, pad_id
         self.k = self.store.meta["k"]  # the store's fingerprint includes k: the job's top_k_logprobs
         self.sampler = BatchSampler(len(rows), seed)
-        self.scoring, self._target = scoring, None
+        self.scoring, self._target, self.aux_layers = scoring, None, aux_layers
 
     def scoring_target(self):
         if self.scoring is None:
@@ -215,4 +220,4 @@ def create_stored_feature_actor(cfg, path: Path, rows_ref, name_prefix: str = "d
     return [cls.options(num_cpus=t.cpus_per_engine, scheduling_strategy=here, max_restarts=2, max_task_retries=2,
                         name=f"{name_prefix}-stored-features").remote(
         str(path), rows_ref, cfg.rollout.batch_size, cfg.draft.fspad.feature_sampling, cfg.seed,
-        scoring=scoring)]
+        scoring=scoring, aux_layers=None if target_path is None else job_aux_layers(cfg, target_path))]

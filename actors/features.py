@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from draftalign.aux_states import recording, resolve_aux_layers
+
 TOPK_CHUNK = 256  # rows of W·g at a time when the top-k is computed from features (V floats each)
 
 
@@ -100,24 +102,41 @@ def _answer_dists(target, row: dict, F_row: torch.Tensor, k: int) -> tuple[torch
 
 
 @torch.no_grad()
-def _target_pass(target, seqs: list[list[int]], pad_id: int, keep_cache: bool):
-    """One batched, right-padded causal pass → (features (B, Lmax, H) float32, KV cache or None)."""
+def _decoder_pass(target, aux_layers: list[int] | None, **kw):
+    """The target's decoder on `kw` → (the head's input features (B, n, W) float32: the last post-norm state
+    (W = H), or with `aux_layers` the EAGLE-3 aux states concatenated (W = len · H, `draftalign.aux_states`);
+    the last post-norm state (B, n, H) float32, whose softmax(W ·) is the target's distribution; the output)."""
+    dec = target.get_decoder()
+    if aux_layers is None:
+        out = dec(**kw)
+        last = out.last_hidden_state.float()
+        return last, last, out
+    with recording(dec, aux_layers) as aux:
+        out = dec(**kw)
+    return torch.cat(aux, -1).float(), out.last_hidden_state.float(), out
+
+
+@torch.no_grad()
+def _target_pass(target, seqs: list[list[int]], pad_id: int, keep_cache: bool, aux_layers: list[int] | None = None):
+    """One batched, right-padded causal pass → (the head's input features (B, Lmax, W), the last post-norm features
+    (B, Lmax, H), KV cache or None); W = H without `aux_layers` (`_decoder_pass`)."""
     B, Lmax = len(seqs), max(len(s) for s in seqs)
     ids = torch.full((B, Lmax), pad_id, dtype=torch.long)
     mask = torch.zeros(B, Lmax, dtype=torch.long)
     for b, s in enumerate(seqs):
         ids[b, :len(s)] = torch.tensor(s)
         mask[b, :len(s)] = 1
-    out = target.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=keep_cache)
-    return out.last_hidden_state.float(), (out.past_key_values if keep_cache else None)
+    F_in, F_last, out = _decoder_pass(target, aux_layers, input_ids=ids, attention_mask=mask, use_cache=keep_cache)
+    return F_in, F_last, (out.past_key_values if keep_cache else None)
 
 
 @torch.no_grad()
 def _branch_pass(target, cache, lengths: list[int], branches: list[list[tuple[int, list[int]]]], Lmax: int,
-                 pad_id: int) -> torch.Tensor:
+                 pad_id: int, aux_layers: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The target's features on token chains grafted onto the cached first pass (a tree pass, one per batch):
     branches[b] = [(c, [x_1, …, x_m]), …] puts x_i at position c + i, seeing the cached s_≤c and x_1 … x_i of its
-    own chain. Returns (B, A, H) float32, A = the most chain tokens in a row, in the rows' chain order."""
+    own chain. Returns (the head's input features (B, A, W), the last post-norm ones (B, A, H)) float32, A = the most
+    chain tokens in a row, in the rows' chain order (`_decoder_pass`)."""
     from draftalign.models import additive_mask
 
     B, A = len(branches), max(sum(len(x) for _, x in row) for row in branches)
@@ -134,18 +153,19 @@ def _branch_pass(target, cache, lengths: list[int], branches: list[list[tuple[in
                 allowed[b, a, Lmax + a - i + 1:Lmax + a + 1] = True  # x_1 … x_i of this chain
                 a += 1
     dtype = target.get_output_embeddings().weight.dtype
-    out = target.get_decoder()(input_ids=ids, attention_mask=additive_mask(allowed, dtype), position_ids=pos,
-                               past_key_values=cache, use_cache=True)
-    return out.last_hidden_state.float()
+    G_in, G_last, _ = _decoder_pass(target, aux_layers, input_ids=ids, attention_mask=additive_mask(allowed, dtype),
+                                    position_ids=pos, past_key_values=cache, use_cache=True)
+    return G_in, G_last
 
 
 @torch.no_grad()
 def branch_features(target, rows: list[dict], branches: list[list[tuple[int, list[int]]]], *, k: int,
-                    pad_id: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                    pad_id: int = 0, aux_layers: list[int] | None = None
+                    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The target's side of the head's on-policy chains (`learner.fspad_distill.sample_chains`): one causal pass
     over the rows, one tree pass over their chains (`_branch_pass`) → per row (G (n, H), ids (n, k), lps (n, k)):
-    the target's feature after each chain token, in chain order, and the top-k of softmax(W g) — the
-    distribution of the token after it."""
+    the target's feature after each chain token, in chain order (the head's input features: aux states with
+    `aux_layers`), and the top-k of softmax(W g) — the distribution of the token after it."""
     _check_rows(rows, k)
     if len(branches) != len(rows):
         raise ValueError(f"branch_features: {len(branches)} branch lists for {len(rows)} rows")
@@ -154,14 +174,15 @@ def branch_features(target, rows: list[dict], branches: list[list[tuple[int, lis
         if any(not 0 <= c < len(s) for c, _ in row):
             raise ValueError(f"branch_features: a chain grafted at position ≥ the row's length {len(s)}")
     if not any(xs for row in branches for _, xs in row):
-        return [(torch.zeros(0, target.config.hidden_size), torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k))
-                for _ in rows]
-    _, cache = _target_pass(target, seqs, pad_id, keep_cache=True)
-    G = _branch_pass(target, cache, [len(s) for s in seqs], branches, max(len(s) for s in seqs), pad_id)
+        W = target.config.hidden_size * (len(aux_layers) if aux_layers else 1)
+        return [(torch.zeros(0, W), torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)) for _ in rows]
+    _, _, cache = _target_pass(target, seqs, pad_id, keep_cache=True)
+    G, G_last = _branch_pass(target, cache, [len(s) for s in seqs], branches, max(len(s) for s in seqs), pad_id,
+                             aux_layers)
     out = []
     for b, row in enumerate(branches):
-        g = G[b, :sum(len(xs) for _, xs in row)]
-        out.append((g, *topk_from_features(target, g, k)))
+        n = sum(len(xs) for _, xs in row)
+        out.append((G[b, :n], *topk_from_features(target, G_last[b, :n], k)))
     return out
 
 
@@ -169,11 +190,11 @@ def branch_features(target, rows: list[dict], branches: list[list[tuple[int, lis
 class RowFeatures:
     """The target's side of one row (module docstring): all a FeatureBatch needs from the target."""
 
-    F: torch.Tensor  # (L, H) float: features of s_0 … s_{L−1}
+    F: torch.Tensor  # (L, W) float: the head's input features of s_0 … s_{L−1} (W = H, or the aux states' width)
     ids: torch.Tensor  # (R, k) int64: the top-k of each answer token r_j
     lps: torch.Tensor  # (R, k) float32
     alts: list[tuple[int, int]]  # re-drawn tokens (d, x): x at position d + 1
-    G: torch.Tensor  # (m, H) float: the target's feature after each re-drawn token
+    G: torch.Tensor  # (m, W) float: the target's feature after each re-drawn token
     g_ids: torch.Tensor  # (m, k) int64: the top-k of softmax(W g)
     g_lps: torch.Tensor  # (m, k) float32
 
@@ -191,14 +212,15 @@ def _check_rows(rows: list[dict], k: int) -> None:
 @torch.no_grad()
 def row_features(target, rows: list[dict], *, k: int, feature_sampling: bool = False,
                  generator: torch.Generator | list[torch.Generator] | None = None,
-                 pad_id: int = 0) -> list[RowFeatures]:
+                 pad_id: int = 0, aux_layers: list[int] | None = None) -> list[RowFeatures]:
     """The target's passes over a batch of rows (one causal pass; with feature sampling a second pass of the
     re-drawn tokens on its KV cache) → one RowFeatures per row. `generator`: one for the batch (drawn row by
-    row) or one per row (a row's draws then do not depend on its batch: the feature store's case)."""
+    row) or one per row (a row's draws then do not depend on its batch: the feature store's case). `aux_layers`:
+    the features are EAGLE-3's aux states (`_decoder_pass`); the distributions always come from the last state."""
     _check_rows(rows, k)
     seqs = [list(r["prompt_token_ids"]) + list(r["response_token_ids"]) for r in rows]
-    F, cache = _target_pass(target, seqs, pad_id, keep_cache=feature_sampling)  # (B, Lmax, H)
-    dists = [_answer_dists(target, r, F[b], k) for b, r in enumerate(rows)]
+    F, F_last, cache = _target_pass(target, seqs, pad_id, feature_sampling, aux_layers)  # (B, Lmax, W), (B, Lmax, H)
+    dists = [_answer_dists(target, r, F_last[b], k) for b, r in enumerate(rows)]
     alts: list[list[tuple[int, int]]] = [[] for _ in rows]
     if feature_sampling:
         for b, r in enumerate(rows):
@@ -209,26 +231,28 @@ def row_features(target, rows: list[dict], *, k: int, feature_sampling: bool = F
             x = sample_from_topk(dists[b][0][:R - 1], dists[b][1][:R - 1], gen)  # (R−1,) draws for r_0…r_{R−2}
             data = torch.tensor(r["response_token_ids"][:R - 1])
             alts[b] = [(P - 1 + j, int(x[j])) for j in (x != data).nonzero()[:, 0].tolist()]
-    G = None
+    G = G_last = None
     if any(alts):
-        G = _branch_pass(target, cache, [len(s) for s in seqs], [[(d, [x]) for d, x in a] for a in alts],
-                         F.shape[1], pad_id)  # (B, A, H): x at position d + 1, seeing s_≤d
+        G, G_last = _branch_pass(target, cache, [len(s) for s in seqs], [[(d, [x]) for d, x in a] for a in alts],
+                                 F.shape[1], pad_id, aux_layers)  # (B, A, W), (B, A, H): x at d + 1, seeing s_≤d
     out = []
-    H = F.shape[-1]
+    W, H = F.shape[-1], F_last.shape[-1]
     for b, s in enumerate(seqs):
-        g = G[b, :len(alts[b])] if alts[b] else F.new_zeros(0, H)
-        g_ids, g_lps = topk_from_features(target, g, k)
+        g = G[b, :len(alts[b])] if alts[b] else F.new_zeros(0, W)
+        g_ids, g_lps = topk_from_features(target, G_last[b, :len(alts[b])] if alts[b] else F.new_zeros(0, H), k)
         out.append(RowFeatures(F[b, :len(s)], dists[b][0], dists[b][1], alts[b], g, g_ids, g_lps))
     return out
 
 
 def feature_batch(target, rows: list[dict], *, k: int, feature_sampling: bool = False,
-                  generator: torch.Generator | None = None, pad_id: int = 0) -> FeatureBatch:
+                  generator: torch.Generator | None = None, pad_id: int = 0,
+                  aux_layers: list[int] | None = None) -> FeatureBatch:
     """Rows of the distillation set (`learner.distill.load_rows`) → one FeatureBatch (module docstring).
 
     k: the top-k kept per position (the set's stored rows are cut to k; rows that store fewer, and every
     re-drawn node, get the top-k of the target's own softmax(W F))."""
-    feats = row_features(target, rows, k=k, feature_sampling=feature_sampling, generator=generator, pad_id=pad_id)
+    feats = row_features(target, rows, k=k, feature_sampling=feature_sampling, generator=generator, pad_id=pad_id,
+                         aux_layers=aux_layers)
     return collate(rows, feats, pad_id)
 
 
@@ -289,7 +313,8 @@ def row_seed(seed: int, index: int) -> int:
 
 @torch.no_grad()
 def compute_shard(target, rows: list[dict], first: int, *, k: int, feature_sampling: bool, seed: int,
-                  pad_id: int = 0, pass_rows: int = PASS_ROWS) -> dict[str, torch.Tensor]:
+                  pad_id: int = 0, pass_rows: int = PASS_ROWS, aux_layers: list[int] | None = None
+                 ) -> dict[str, torch.Tensor]:
     """Rows `first …` of the train set → one store shard's tensors (layout: `actors/feature_store.py`), in row order."""
     size = [len(r["prompt_token_ids"]) + len(r["response_token_ids"]) for r in rows]
     order = sorted(range(len(rows)), key=size.__getitem__)
@@ -298,7 +323,7 @@ def compute_shard(target, rows: list[dict], first: int, *, k: int, feature_sampl
         idx = order[lo:lo + pass_rows]
         gens = [torch.Generator().manual_seed(row_seed(seed, first + i)) for i in idx]
         for i, f in zip(idx, row_features(target, [rows[i] for i in idx], k=k, feature_sampling=feature_sampling,
-                                          generator=gens, pad_id=pad_id), strict=True):
+                                          generator=gens, pad_id=pad_id, aux_layers=aux_layers), strict=True):
             feats[i] = f
     H = feats[0].F.shape[-1]
     alts = [torch.tensor(f.alts, dtype=torch.long).reshape(-1, 2) for f in feats]
@@ -319,13 +344,15 @@ def batch_seed(seed: int, step: int, rank: int) -> int:
 class BranchScorer:
     """What the feature actors share for on-policy training (`draft.fspad.on_policy`): `score_branches(step, rank,
     world, branches)` → `branch_features` of the head's chains on that (step, rank) batch's rows, picked exactly as
-    `batch` picks them. Needs `rows`, `B`, `k`, `pad_id`, `sampler` and `scoring_target()`."""
+    `batch` picks them. Needs `rows`, `B`, `k`, `pad_id`, `sampler`, `aux_layers` and `scoring_target()`."""
+
+    aux_layers: list[int] | None = None
 
     def score_branches(self, step: int, rank: int, world: int,
                        branches: list[list[tuple[int, list[int]]]]) -> list[tuple[torch.Tensor, ...]]:
         idx = self.sampler.indices(step * self.B, self.B)[rank::world]
         return branch_features(self.scoring_target(), [self.rows[i] for i in idx], branches, k=self.k,
-                               pad_id=self.pad_id)
+                               pad_id=self.pad_id, aux_layers=self.aux_layers)
 
 
 class TargetFeatures(BranchScorer):
@@ -334,7 +361,7 @@ class TargetFeatures(BranchScorer):
     permutations seeded by the job seed (draftalign.batching.BatchSampler); rank r takes every world-th."""
 
     def __init__(self, target_path: str, dtype: str, rows: list[dict], batch_size: int, k: int,
-                 feature_sampling: bool, seed: int, threads: int = 1):
+                 feature_sampling: bool, seed: int, threads: int = 1, aux_layers: list[int] | None = None):
         from draftalign.batching import BatchSampler
         from draftalign.models import load_causal_lm, load_tokenizer, pick_dtype
 
@@ -342,26 +369,45 @@ class TargetFeatures(BranchScorer):
         self.target = load_causal_lm(target_path, pick_dtype(dtype))
         self.pad_id = load_tokenizer(target_path).pad_token_id or 0
         self.rows, self.B, self.k, self.seed = rows, batch_size, k, seed
-        self.feature_sampling = feature_sampling
+        self.feature_sampling, self.aux_layers = feature_sampling, aux_layers
         self.sampler = BatchSampler(len(rows), seed)
 
     def batch(self, step: int, rank: int, world: int) -> FeatureBatch:
         idx = self.sampler.indices(step * self.B, self.B)[rank::world]
         gen = torch.Generator().manual_seed(batch_seed(self.seed, step, rank))
         return feature_batch(self.target, [self.rows[i] for i in idx], k=self.k,
-                             feature_sampling=self.feature_sampling, generator=gen, pad_id=self.pad_id)
+                             feature_sampling=self.feature_sampling, generator=gen, pad_id=self.pad_id,
+                             aux_layers=self.aux_layers)
 
     def shard(self, rows: list[dict], first: int) -> dict[str, torch.Tensor]:
         """Rows `first …` of the train set as one feature-store shard (`actors/feature_store.py`)."""
         return compute_shard(self.target, rows, first, k=self.k, feature_sampling=self.feature_sampling,
-                             seed=self.seed, pad_id=self.pad_id)
+                             seed=self.seed, pad_id=self.pad_id, aux_layers=self.aux_layers)
 
     def scoring_target(self):
         return self.target
 
     def fixed_batch(self, rows: list[dict]) -> FeatureBatch:
         """`rows` as they are (no re-drawn tokens): the held-out batch."""
-        return feature_batch(self.target, rows, k=self.k, feature_sampling=False, pad_id=self.pad_id)
+        return feature_batch(self.target, rows, k=self.k, feature_sampling=False, pad_id=self.pad_id,
+                             aux_layers=self.aux_layers)
+
+
+def job_aux_layers(cfg, target_path: str) -> list[int] | None:
+    """The aux layer ids the job's head reads (`draft.kind: eagle3`), None for the FSPAD head (the last feature):
+    `draft.eagle3.aux_layers`, else those of the `draft.eagle3.init_from` checkpoint, else the default."""
+    if cfg.draft.kind != "eagle3":
+        return None
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    ids = cfg.draft.eagle3.aux_layers
+    if ids is None and cfg.draft.eagle3.init_from:
+        ids = json.loads((Path(cfg.draft.eagle3.init_from) / "config.json").read_text()).get(
+            "eagle_aux_hidden_state_layer_ids")
+    return resolve_aux_layers(ids, AutoConfig.from_pretrained(target_path).num_hidden_layers)
 
 
 def create_feature_actors(cfg, target_path: str, rows_ref, name_prefix: str = "draftalign") -> list:
@@ -374,5 +420,5 @@ def create_feature_actors(cfg, target_path: str, rows_ref, name_prefix: str = "d
     return [cls.options(num_cpus=t.cpus_per_engine, num_gpus=t.gpus_per_engine, resources=dict(t.resources),
                         max_restarts=2, max_task_retries=2, name=f"{name_prefix}-features-{i}").remote(
         target_path, t.dtype, rows_ref, cfg.rollout.batch_size, t.top_k_logprobs, cfg.draft.fspad.feature_sampling,
-        cfg.seed, threads=max(1, math.ceil(t.cpus_per_engine - 1e-9)))
+        cfg.seed, threads=max(1, math.ceil(t.cpus_per_engine - 1e-9)), aux_layers=job_aux_layers(cfg, target_path))
         for i in range(t.num_engines)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from draftalign.config import ConfigError, JobConfig, load_config
+from draftalign.config import FEATURE_KINDS, ConfigError, JobConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train draft models for speculative decoding and serve them.")
@@ -146,8 +146,8 @@ def pretrain(job: Path = JobArg, resume: bool = typer.Option(False, help="contin
 
     def go():
         cfg = _load(job, overrides)
-        if cfg.draft.kind == "fspad":
-            _fail("draft.kind=fspad has no stage 1: the head trains on the target's features "
+        if cfg.draft.kind in FEATURE_KINDS:
+            _fail(f"draft.kind={cfg.draft.kind} has no stage 1: the head trains on the target's features "
                   "(`draftalign distill` runs its stage)")
         run_pretrain(cfg, resume=resume)
 
@@ -172,7 +172,7 @@ def distill(job: Path = JobArg, resume: bool = typer.Option(False, help="continu
 
     def go():
         cfg = _load(job, overrides)
-        if cfg.draft.kind == "fspad":
+        if cfg.draft.kind in FEATURE_KINDS:
             from learner.fspad_distill import run_fspad
 
             return run_fspad(cfg, resume=resume)

@@ -116,11 +116,35 @@ class FSPADConfig(_Strict):
         return self
 
 
+class Eagle3Config(_Strict):
+    """The EAGLE-3 head (`draft.kind: eagle3`, `learner/eagle3.py`). It trains in the FSPAD head's stage with
+    `draft.fspad`'s data and training-time-test settings (feature_store, feature_sampling, unroll, on_policy,
+    logit_weight); it has no feature regression, so feature_weight and aligned_fraction do not apply."""
+
+    aux_layers: list[int] | None = Field(
+        None, description="target layer ids whose residual stream (before the final norm) is fused, ascending "
+                          "(0 = the embedding, N = the last layer's output); None = vLLM's (2, N//2, N-3) where "
+                          "distinct, else (0, N//2, N) (draftalign/aux_states.py)")
+    norm_before_residual: bool = Field(
+        False, description="the layer's residual stream is hidden_norm(g) instead of g (a speculators option; "
+                           "EAGLE-3's own code: false)")
+    init_from: str | None = Field(
+        None, description="a speculators-format EAGLE-3 checkpoint (config.json with speculators_model_type "
+                          "eagle3, as `draftalign export --format eagle3` writes) to start from instead of a "
+                          "fresh head; its aux layers, vocabulary and norm option are kept")
+
+
+FEATURE_KINDS = ("fspad", "eagle3")  # heads on the target's features, trained by learner/fspad_distill.py
+
+
 class DraftConfig(_Strict):
-    kind: Literal["llama", "fspad"] = Field(
+    kind: Literal["llama", "fspad", "eagle3"] = Field(
         "llama", description="llama = a standalone Llama draft (token level); fspad = a one-layer head on the "
-                             "target's last features, decoding through the target's frozen LM head")
-    fspad: FSPADConfig = Field(default_factory=FSPADConfig, description="draft.kind=fspad only")
+                             "target's last features, decoding through the target's frozen LM head; eagle3 = "
+                             "EAGLE-3's head on fused low/mid/high target features with its own LM head over the "
+                             "draft vocabulary (exports to vLLM: draftalign export --format eagle3)")
+    fspad: FSPADConfig = Field(default_factory=FSPADConfig, description="draft.kind=fspad or eagle3 (its training)")
+    eagle3: Eagle3Config = Field(default_factory=Eagle3Config, description="draft.kind=eagle3 only")
     model: str | None = Field(None, description="path to an HF-format draft; None = build `arch`")
     arch: DraftArch = Field(default_factory=DraftArch)
     init: Literal["random", "from_target", "target_projection"] = Field(

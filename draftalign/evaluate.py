@@ -87,6 +87,10 @@ def load_draft_for(cfg: JobConfig, target, tok, draft: str | None):
     dtype = next(target.parameters()).dtype
     if draft == "new" and cfg.draft.kind == "fspad":
         return FSPADHead.from_target(target, seed=cfg.seed).eval(), None, draft
+    if draft == "new" and cfg.draft.kind == "eagle3":
+        from learner.eagle3 import EAGLE3Head
+
+        return EAGLE3Head.from_target(target, aux_layers=cfg.draft.eagle3.aux_layers, seed=cfg.seed).eval(), None, draft
     if draft == "new":
         model = build_draft(cfg.draft.arch, tok, target, cfg.draft.init, cfg.draft.copy_layers, cfg.seed).to(dtype)
         return model, None, draft

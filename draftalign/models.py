@@ -279,9 +279,11 @@ def check_draft(path: str, target_tok, target_vocab: int | None = None) -> Path:
         raise ModelError(f"draft {path} does not exist")
     if not (p / "config.json").is_file():
         raise ModelError(f"draft {path} holds no config.json (not an HF-format checkpoint)")
-    if '"kind": "fspad"' in (p / "config.json").read_text():
-        raise ModelError(f"draft {path} is an FSPAD head (draft.kind=fspad): it loads with learner.fspad.FSPADHead "
-                         f"on its target (load_engine_draft)")
+    text = (p / "config.json").read_text()
+    if '"kind": "fspad"' in text or '"kind": "eagle3"' in text or '"speculators_model_type"' in text:
+        kind = "an FSPAD head" if '"kind": "fspad"' in text else "an EAGLE-3 head"
+        raise ModelError(f"draft {path} is {kind}, a feature-level head: it loads on its target "
+                         f"(serve.drafts.load_engine_draft)")
     try:
         draft_tok = AutoTokenizer.from_pretrained(str(p))
     except (OSError, ValueError) as e:
@@ -325,7 +327,7 @@ def default_draft(cfg) -> str:
     directory (distilled before pretrained). Raises ModelError saying what to run when there is none."""
     if cfg.draft.model:
         return str(local_path(cfg.draft.model))
-    dirs = FSPAD_DIRS if cfg.draft.kind == "fspad" else DRAFT_DIRS
+    dirs = FSPAD_DIRS if cfg.draft.kind in ("fspad", "eagle3") else DRAFT_DIRS
     found = newest_trained_draft(cfg.run_path, dirs)
     if found is None:
         raise ModelError(f"no trained draft under {cfg.run_path.resolve()}/{{{','.join(dirs)}}} and no "

@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from draftalign.config import ConfigError, JobConfig, check_fits_cluster
+from draftalign.config import FEATURE_KINDS, ConfigError, JobConfig, check_fits_cluster
 from draftalign.io import write_json_atomic
 from draftalign.runtime import run_dir
 from draftalign.storage import pull
@@ -120,7 +120,7 @@ def run_pipeline(cfg: JobConfig) -> Path:
     write_json_atomic(out / "job.json", json.loads(cfg.model_dump_json()))
     t0 = time.time()
     _stage("generate", out / "distill_set" / "metadata.json", lambda: run_generate(resolve_self_sources(cfg)))
-    if cfg.draft.kind == "fspad":
+    if cfg.draft.kind in FEATURE_KINDS:
         return _run_fspad(cfg, out, t0)
     _stage("pretrain", out / "pretrain_done.json",
            lambda: run_pretrain(cfg, resume=_has_checkpoint(out / "ray_results" / "pretrain")))

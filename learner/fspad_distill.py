@@ -64,14 +64,16 @@ from actors.feature_store import (
     save_heldout,
     store_dtype,
 )
-from actors.features import FeatureBatch, batch_seed, create_feature_actors
-from draftalign.config import JobConfig
+from actors.features import FeatureBatch, batch_seed, create_feature_actors, job_aux_layers
+from draftalign.config import FEATURE_KINDS, JobConfig
 from draftalign.io import atomic_dir, write_json_atomic
 from draftalign.models import load_causal_lm, load_tokenizer, resolve_target
 from draftalign.runtime import init_ray, run_dir
 from draftalign.sampling import sample
 from draftalign.vocab import job_draft_vocab
 from learner.distill import distill_loss, load_split
+from learner.eagle3 import EAGLE3Head
+from learner.feature_heads import load_head
 from learner.fspad import CONFIG_FILE, WEIGHTS_FILE, FSPADHead
 from learner.losses import BaselineState, TargetDist, masked_mean, partial_alignment_loss, tvd
 from learner.trainer import (
@@ -121,6 +123,9 @@ def _losses(core: FSPADHead, f_hat: torch.Tensor, t_feat: torch.Tensor, t_ids: t
     bt = {"on_policy": torch.zeros(n, dtype=torch.bool, device=logits.device), "target_ids": t_ids,
           "target_logprobs": t_lps, "tokens": torch.zeros(n, dtype=torch.long, device=logits.device)}
     logit_loss, stats = distill_loss(logits.float(), bt, cfg.distill, baseline_state, core.vocab)  # (N,)
+    if not getattr(core, "feature_regression", True):  # EAGLE-3: tokens only, its ĥ is not the target's feature
+        return logit_loss, {**stats, "feature_loss": 0.0, "logit_loss": float(logit_loss.detach().mean()) if n
+                            else 0.0}, logits
     per_pos, pad = partial_alignment_loss(f_hat, t_feat, logit_loss, aligned_fraction=fs.aligned_fraction,
                                           feature_weight=fs.feature_weight, logit_weight=fs.logit_weight)
     return per_pos, {**stats, **pad}, logits
@@ -339,10 +344,17 @@ def evaluate_heldout(core: FSPADHead, hb: FeatureBatch, cfg: JobConfig, device, 
 # ----------------------------------------------------------------------------- worker loop
 
 def _build_head(config: dict, cfg: JobConfig, ckpt_dir: Path | None) -> FSPADHead:
-    """The head on the target's frozen embedding and LM head: from the checkpoint, else fresh (seed)."""
+    """The head on the target's frozen embedding and LM head: from the checkpoint, else fresh (seed) — for
+    draft.kind=eagle3 an EAGLE-3 head, fresh or from `draft.eagle3.init_from` (a speculators checkpoint)."""
     target = load_causal_lm(config["target_path"])
+    e3 = cfg.draft.eagle3
     if ckpt_dir is not None:
-        head = FSPADHead.load(ckpt_dir, target)
+        head = load_head(ckpt_dir, target)
+    elif cfg.draft.kind == "eagle3" and e3.init_from:
+        head = EAGLE3Head.from_speculators(e3.init_from, target, cfg.draft.fspad.model_dump())
+    elif cfg.draft.kind == "eagle3":
+        head = EAGLE3Head.from_target(target, config["draft_vocab"], config["aux_layers"], e3.norm_before_residual,
+                                      cfg.draft.fspad.model_dump(), seed=cfg.seed)
     else:
         head = FSPADHead.from_target(target, config["draft_vocab"], cfg.draft.fspad.model_dump(), seed=cfg.seed)
     del target  # only the embedding and LM-head rows stay (as the head's buffers)
@@ -540,11 +552,11 @@ def run_fspad(cfg: JobConfig, resume: bool = False) -> Path:
     to `ray_results/fspad.prev`). Writes `<run_dir>/fspad_done.json`."""
     import ray
 
-    if cfg.draft.kind != "fspad":
-        raise ValueError(f"run_fspad trains draft.kind=fspad heads; this job has draft.kind={cfg.draft.kind}")
+    if cfg.draft.kind not in FEATURE_KINDS:
+        raise ValueError(f"run_fspad trains draft.kind=fspad or eagle3 heads; this job has draft.kind={cfg.draft.kind}")
     if cfg.target.top_k_logprobs < 1:
-        raise ValueError("draft.kind=fspad distils on the target's top-k: target.top_k_logprobs must be ≥ 1 "
-                         f"(got {cfg.target.top_k_logprobs}; full-vocabulary features batches would not fit)")
+        raise ValueError(f"draft.kind={cfg.draft.kind} distils on the target's top-k: target.top_k_logprobs must be "
+                         f"≥ 1 (got {cfg.target.top_k_logprobs}; full-vocabulary features batches would not fit)")
     t_start = time.time()
     lc = cfg.learner
     rdir = run_dir(cfg)
@@ -553,6 +565,9 @@ def run_fspad(cfg: JobConfig, resume: bool = False) -> Path:
     target_path = resolve_target(cfg.target.model)
     load_tokenizer(target_path)  # a target without a usable tokenizer fails here, not in a worker
     draft_vocab = job_draft_vocab(cfg, rdir)
+    aux_layers = job_aux_layers(cfg, target_path)  # EAGLE-3's target layers; None for the FSPAD head
+    if cfg.draft.kind == "eagle3" and cfg.draft.eagle3.init_from:  # the checkpoint's vocabulary (its d2t) is kept
+        draft_vocab = None
 
     skipped: list = []
     start, start_step, resume_from = prepare_resume(
@@ -581,7 +596,8 @@ def run_fspad(cfg: JobConfig, resume: bool = False) -> Path:
         try:
             rows_ref = ray.put(train_rows)  # held until the end: restarted actors re-read their arguments
             store = build_store(cfg, target_path, train_rows, rdir, say=_say) if cfg.draft.fspad.feature_store else None
-            held_key = fingerprint(target_path, cfg.target.top_k_logprobs, cfg.seed, held_rows, store_dtype(cfg))
+            held_key = fingerprint(target_path, cfg.target.top_k_logprobs, cfg.seed, held_rows, store_dtype(cfg),
+                                   aux_layers)
             hb = load_heldout(store, held_key) if store is not None and held_rows else None
             if store is None or (held_rows and hb is None):  # a target to stream from, or for the held-out rows
                 actors = create_feature_actors(cfg, target_path, rows_ref, name_prefix=f"draftalign-{cfg.name}")
@@ -596,6 +612,7 @@ def run_fspad(cfg: JobConfig, resume: bool = False) -> Path:
                                                      target_path=target_path)
             tb_dir.mkdir(parents=True, exist_ok=True)
             config = {"cfg": cfg.model_dump(mode="json"), "target_path": target_path, "draft_vocab": draft_vocab,
+                      "aux_layers": aux_layers,
                       "actors": actors, "heldout_ref": [ray.put(hb)] if hb is not None else [],
                       "resume_from": str(resume_from) if resume_from else None, "tb_dir": str(tb_dir),
                       "log_path": str(log_path), "session": uuid.uuid4().hex[:8]}

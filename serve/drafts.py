@@ -1,5 +1,6 @@
 """The drafts the engine decodes with, whatever their kind: an HF-format Llama draft (+ its draft vocabulary) or a
-feature-level FSPAD head (`learner.fspad`) on the target's frozen embedding and LM head. The kind is read from the
+feature-level head — FSPAD (`learner.fspad`) or EAGLE-3 (`learner.eagle3`, also read from a speculators
+checkpoint) — on the target's frozen weights. The kind is read from the
 checkpoint's config.json, so a job, `eval` and the endpoint take either from one path.
 """
 
@@ -12,17 +13,17 @@ import torch
 from draftalign.models import check_draft, load_draft
 from draftalign.storage import ensure_local
 from draftalign.vocab import load_draft_vocab
-from learner.fspad import FSPADHead, check_target, is_fspad_head, read_config
+from learner.feature_heads import check_head, is_feature_head, load_head
 
 
 def check_engine_draft(path: str, target_tok, target_config) -> Path:
     """`check_draft` for an HF-format draft; for an FSPAD head its config, checked against the target's shape.
     Reads no weights."""
     path = str(ensure_local(path))  # a URI (s3://…/draft_distilled) or a URI run's staging copy, pulled
-    if not is_fspad_head(path):
+    if not is_feature_head(path):
         return check_draft(path, target_tok, target_config.vocab_size)
     p = Path(path).expanduser()
-    check_target(read_config(p)["target"], target_config, str(p))
+    check_head(p, target_config)
     return p
 
 
@@ -31,7 +32,7 @@ def load_engine_draft(path: str, target, target_tok, dtype: torch.dtype = torch.
     Llama draft (`load_draft`, + its draft_vocab.json) or an FSPAD head on `target`'s frozen embedding and LM head
     (`learner.fspad.FSPADHead.load`; float32, its vocabulary inside it, so None here)."""
     path = str(ensure_local(path))
-    if is_fspad_head(path):
-        return FSPADHead.load(path, target).to(device).eval(), None
+    if is_feature_head(path):  # FSPAD, EAGLE-3, or a speculators EAGLE-3 checkpoint
+        return load_head(path, target).to(device).eval(), None
     vocab_size = target.config.vocab_size
     return load_draft(path, target_tok, dtype, device, vocab_size), load_draft_vocab(path, vocab_size)

@@ -21,7 +21,17 @@ layer's un-normed output. Our head matches all of that except two things, each r
 bias of `fc` (vLLM's `fc` has none; a head whose bias is exactly zero exports) and a reduced vocabulary (EAGLE-1
 drafts with the target's full, shared LM head).
 
-`eagle3` — refused: the EAGLE-3 head (`draft.kind: eagle3`) does not exist yet.
+`eagle3` — the EAGLE-3 head (`draft.kind: eagle3`, `learner.eagle3`) as a speculators-format checkpoint for
+`method: eagle3` (vLLM `llama_eagle3.py`, config read by `transformers_utils/configs/speculators`): config.json
+with `speculators_model_type: eagle3`, `transformer_layer_config` (a one-layer Llama at the target's shape),
+`draft_vocab_size`, `target_hidden_size`, `norm_before_residual` (written out: vLLM's default when absent is
+true), `eagle_aux_hidden_state_layer_ids` (written out: vLLM's default (2, N//2, N−3) is not ours on a shallow
+target); weights named as vLLM maps them: `fc.weight` (H, n·H), `layers.0.*` (q/k/v over 2H,
+`hidden_norm`, `input_layernorm`), `norm.weight`, `lm_head.weight` (n_d, H) and, with a reduced vocabulary,
+`d2t` (n_d,) int64 — draft row j is target id j + d2t[j] — and `t2d` (V,) bool. No embedding: vLLM shares the
+target's, which is the head's frozen one. Every piece maps one to one: the export is exact. An FSPAD head is
+refused (its feature is the post-norm last state, its layer has no hidden_norm: another architecture), and
+`eagle` refuses an EAGLE-3 head.
 
 Every export writes `draftalign_export.json` ({format, method, source, ...}) beside the weights.
 """
@@ -72,6 +82,10 @@ def export_hf(draft_path: str | Path, out: str | Path, target_path: str) -> Path
     """The Llama draft at `draft_path` as a plain HF checkpoint covering the target's vocabulary (module doc)."""
     if is_fspad_head(draft_path):
         raise ExportRefused(f"{draft_path} is an FSPAD head (draft.kind=fspad): export it with --format eagle")
+    from learner.eagle3 import is_eagle3_head
+
+    if is_eagle3_head(draft_path):
+        raise ExportRefused(f"{draft_path} is an EAGLE-3 head (draft.kind=eagle3): export it with --format eagle3")
     tok = load_tokenizer(target_path)
     from transformers import AutoConfig
 
@@ -122,14 +136,85 @@ def eagle_refusals(cfg: dict, state: dict[str, torch.Tensor], vocab: list[int] |
     return why
 
 
+def speculators_config(head, target_config, target_path: str, gamma: int = 3) -> dict:
+    """The config.json of an EAGLE-3 head's speculators checkpoint (module docstring)."""
+    from learner.fspad import layer_config
+
+    layer = layer_config(head.shape, getattr(target_config, "max_position_embeddings", 32768))
+    layer.architectures = ["LlamaForCausalLM"]
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(layer, key, getattr(target_config, key, None))
+    layer_dict = layer.to_dict()
+    layer_dict.pop("_attn_implementation_internal", None)
+    layer_dict["model_type"] = "llama"
+    return {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
+            "speculators_version": "draftalign", "speculators_config": {
+                "algorithm": "eagle3", "default_proposal_method": "greedy",
+                "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": gamma}],
+                "verifier": {"name_or_path": str(target_path),
+                             "architectures": list(getattr(target_config, "architectures", None) or [])}},
+            "transformer_layer_config": layer_dict, "draft_vocab_size": head.lm_head.out_features,
+            "target_hidden_size": head.shape["hidden_size"], "norm_before_residual": head.norm_before_residual,
+            "norm_before_fc": False, "fc_norm": False, "norm_output": False,
+            "eagle_aux_hidden_state_layer_ids": list(head.aux_layers), "torch_dtype": "float32"}
+
+
+def speculators_weights(head) -> dict[str, torch.Tensor]:
+    """The head's own weights under the speculators names (they are its own names), plus d2t and t2d."""
+    w = {k: v.detach().float().contiguous().cpu() for k, v in head.state_dict().items()}
+    d2t = head.d2t()
+    if d2t is not None:
+        t2d = torch.zeros(head.shape["vocab_size"], dtype=torch.bool)
+        t2d[head.vocab.ids] = True
+        w |= {"d2t": d2t.contiguous(), "t2d": t2d}
+    return w
+
+
+def export_eagle3(head_path: str | Path, out: str | Path, target_path: str) -> Path:
+    """The EAGLE-3 head at `head_path` as a speculators checkpoint for vLLM (`method: eagle3`), or ExportRefused."""
+    from transformers import AutoConfig
+
+    from draftalign.models import load_causal_lm
+    from learner.eagle3 import EAGLE3Head, check_target, is_eagle3_head
+    from learner.eagle3 import read_config as read_eagle3
+
+    p = Path(head_path).expanduser()
+    if not is_eagle3_head(p):
+        kind = "an FSPAD head (its feature is the target's post-norm last state, one layer, no hidden_norm or own " \
+               "LM head: not EAGLE-3's architecture; --format eagle)" if is_fspad_head(p) else "not an EAGLE-3 head"
+        raise ExportRefused(f"{head_path} is {kind}: --format eagle3 exports draft.kind=eagle3 heads")
+    target_config = AutoConfig.from_pretrained(target_path)
+    check_target(read_eagle3(p), target_config, str(p))
+    head = EAGLE3Head.load(p, load_causal_lm(target_path))
+    meta = {"format": "eagle3", "method": METHOD["eagle3"], "source": str(p.resolve()),
+            "feature": "target aux hidden states (pre final norm)", "aux_layers": head.aux_layers,
+            "draft_vocab_size": head.lm_head.out_features, "shared_with_target": ["embed_tokens"],
+            "exact_for": "every draft_sample_method (the head's own law over its vocabulary, -inf elsewhere)"}
+
+    def write(d: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(speculators_weights(head), str(d / "model.safetensors"))
+        cfg = speculators_config(head, target_config, target_path)
+        (d / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+        load_tokenizer(target_path).save_pretrained(d)
+        (d / EXPORT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+
+    return atomic_dir(Path(out), write)
+
+
 def export_eagle(head_path: str | Path, out: str | Path, target_path: str) -> Path:
     """The FSPAD head at `head_path` as an EAGLE-1 checkpoint for vLLM (`method: eagle`), or ExportRefused."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
+    from learner.eagle3 import is_eagle3_head
     from learner.fspad import check_target, layer_config
 
     p = Path(head_path).expanduser()
+    if is_eagle3_head(p):
+        raise ExportRefused(f"{head_path} is an EAGLE-3 head (fused aux states, own norm and LM head): EAGLE-1 has "
+                            f"no place for them; export it with --format eagle3")
     if not is_fspad_head(p):
         raise ExportRefused(f"{head_path} is not an FSPAD head: --format eagle exports draft.kind=fspad heads; a "
                             f"Llama draft exports with --format hf")
@@ -172,12 +257,7 @@ def export_draft(draft_path: str | Path, out: str | Path, fmt: str, target_path:
         raise ModelError(f"draft {draft_path} does not exist")
     if Path(out).expanduser().resolve() == Path(draft_path).expanduser().resolve():
         raise ModelError(f"export destination {out} is the draft itself: give another directory")
-    if fmt == "eagle3":
-        raise ExportRefused("--format eagle3: the EAGLE-3 head (draft.kind: eagle3, fused low/mid/high target "
-                            "features with d2t) does not exist in draftalign yet (issue #34), so there is nothing "
-                            "to export; an FSPAD head with the full vocabulary and no fc bias exports as --format "
-                            "eagle, a Llama draft as --format hf")
-    return (export_hf if fmt == "hf" else export_eagle)(draft_path, out, target_path)
+    return {"hf": export_hf, "eagle": export_eagle, "eagle3": export_eagle3}[fmt](draft_path, out, target_path)
 
 
 def read_export(path: str | Path) -> dict | None:
@@ -193,7 +273,9 @@ def export_for_vllm(draft_path: str, target_path: str, cache: Path) -> tuple[Pat
     if meta is not None:
         return Path(draft_path), meta["method"]
     p = Path(draft_path).expanduser().resolve()
-    fmt = "eagle" if is_fspad_head(p) else "hf"
+    from learner.eagle3 import is_eagle3_head
+
+    fmt = "eagle3" if is_eagle3_head(p) else "eagle" if is_fspad_head(p) else "hf"
     import hashlib
 
     stamp = "|".join(f"{f.name}:{f.stat().st_mtime_ns}:{f.stat().st_size}" for f in sorted(p.iterdir())

@@ -88,6 +88,10 @@ class _Features(_Rows):
         super().__init__(head.head_weight, None if ids is None else ids.to(head.head_weight.device),
                          head.shape["vocab_size"], one_row_dtype)
         self.head = head
+        self.readout = getattr(head, "readout", None)  # EAGLE-3: its own final norm before the LM head
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return super().logits(h if self.readout is None else self.readout(h))
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache()
@@ -109,7 +113,13 @@ def _causal(keys: torch.Tensor, start: int) -> torch.Tensor:
 
 class FSPADProposer(Verification):
     """Mixin of `serve.specdec.SpecDecoder`: chain and token-tree rounds drafted by an FSPAD head `_f` (a
-    `_Features`) from the target's features; static trees are `tree`, dynamic ones (EAGLE-2) `dynamic`."""
+    `_Features`) from the target's features; static trees are `tree`, dynamic ones (EAGLE-2) `dynamic`. An
+    EAGLE-3 head drafts the same rounds from the target's aux states instead (`_head_inputs`)."""
+
+    def _head_inputs(self, h: torch.Tensor) -> torch.Tensor:
+        """The features the head reads from the target pass that returned h (B, n, H), column for column: h itself
+        (FSPAD: post-norm last states) or that pass's aux states (B, n, len · H) (EAGLE-3, `serve.heads._Head`)."""
+        return h if self._t.aux_layers is None else self._t.aux
 
     def _fspad_root(self, f_cache, batch: _Batch, pending: torch.Tensor, h_len: int, first: torch.Tensor,
                     extra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -167,8 +177,10 @@ class FSPADProposer(Verification):
 
             # 2. Target scores all γ + 1 positions in one pass; its features there are the head's next inputs.
             h, hv, z, p = self._score_chain(t_cache, batch, t_len, x, L, g, params)  # hv: features at the slots
+            a = self._head_inputs(h)  # (B, n, W) what the head reads
+            av = a[torch.arange(B, device=self.device)[:, None], self._verified_slots(batch, t_len, L, g)]
             if pending is None:  # the first pass covers the prompt: column j ← f_{j−1}
-                pending = torch.cat([h.new_zeros(B, 1, h.shape[-1]), h[:, : L - 1]], 1)  # (B, L, H)
+                pending = torch.cat([a.new_zeros(B, 1, a.shape[-1]), a[:, : L - 1]], 1)  # (B, L, W)
 
             # 3. Verify, as `_spec_rounds`.
             out, ks = self._verify_chain(x, q, p, params, gen)  # (B, γ+1), k_s per sequence
@@ -178,7 +190,7 @@ class FSPADProposer(Verification):
             t_len = L + min(ks[s] for s in live)
             _crop(t_cache, t_len)
             _crop(f_cache, h_len)
-            pending = torch.cat([pending, hv[:, :n]], 1)
+            pending = torch.cat([pending, av[:, :n]], 1)
             yield new, gens
         yield [[] for _ in gens], self._finish(gens)
 
@@ -206,15 +218,17 @@ class FSPADProposer(Verification):
             L = batch.length
             if pending is None:  # no features yet: a target step over the prompt gives every column's
                 h = self._timed("target", True, self._t.hidden, t_cache, batch, 0)  # (B, L, H)
-                pending = torch.cat([h.new_zeros(B, 1, h.shape[-1]), h[:, : L - 1]], 1)  # column j ← f_{j−1}
+                a = self._head_inputs(h)  # (B, L, W)
+                pending = torch.cat([a.new_zeros(B, 1, a.shape[-1]), a[:, : L - 1]], 1)  # column j ← f_{j−1}
                 hv = h[rows, batch.last][:, None]  # (B, 1, H)
+                av = a[rows, batch.last][:, None]  # (B, 1, W)
                 p, _ = self._t.probs(hv[:, 0], params)
                 nxt = draw(p, params, gen)  # (B,)
                 new = self._commit(gens, active, nxt[:, None].tolist(), params)
                 for s in range(B):
                     gens[s].record_round(0, 0, len(new[s]))
                 batch.append(nxt[:, None])
-                t_len, pending = L, torch.cat([pending, hv], 1)
+                t_len, pending = L, torch.cat([pending, av], 1)
                 yield new, gens
                 continue
             # 1. Draft: the pending verified nodes (→ f̂ at the root), then one head pass per depth.
@@ -234,6 +248,7 @@ class FSPADProposer(Verification):
             at = torch.cat([(batch.last - t_len).clamp_min(0)[:, None],  # finished rows: any column
                             (L - t_len + torch.arange(N, device=self.device))[None].expand(B, -1)], 1)  # (B, N+1)
             hs = h[rows[:, None], at]  # (B, N+1, H)
+            hs_in = self._head_inputs(h)[rows[:, None], at]  # (B, N+1, W) what the head reads there
             p, _ = self._t.probs(hs, params)  # (B, N+1, V)
 
             # 3. Verify, as `_tree_rounds`.
@@ -246,7 +261,7 @@ class FSPADProposer(Verification):
             t_len = L + m
             _crop(f_cache, h_len)
             before = torch.cat([torch.zeros_like(path[:, :1]), path + 1], 1)  # slot before new column i
-            pending = torch.cat([pending, hs[rows[:, None], before[:, :n]]], 1)
+            pending = torch.cat([pending, hs_in[rows[:, None], before[:, :n]]], 1)
             yield new, gens
         yield [[] for _ in gens], self._finish(gens)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from draftalign.aux_states import recording
 from draftalign.sampling import SamplingParams, logits_to_probs
 from serve.batch_state import _Batch
 from serve.kernels import half_copy, one_row_linear
@@ -51,10 +52,13 @@ class _Head(_Rows):
     runs through `serve.lean_llama` where it supports the model (lean=True), else HF's own forward."""
 
     def __init__(self, model, vocab: list[int] | None = None, lean: bool = True,
-                 one_row_dtype: torch.dtype | None = None):
+                 one_row_dtype: torch.dtype | None = None, aux_layers: list[int] | None = None):
         if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
             raise ValueError(f"{type(model).__name__}: logit soft-capping / scaling is not supported by the engine")
         self.model, self.body = model, model.get_decoder()
+        # EAGLE-3's draft reads the target's aux states (`draftalign.aux_states`): each `hidden` call leaves those of
+        # the columns it fed in `aux` (B, n, len · H), column for column with its return value
+        self.aux_layers, self.aux = aux_layers, None
         self.lean = LeanLlama(model, one_row_dtype) if lean and LeanLlama.supports(model) else None
         weight = model.get_output_embeddings().weight  # (V, H)
         ids = None if vocab is None else torch.tensor(vocab, dtype=torch.long, device=weight.device)
@@ -79,14 +83,19 @@ class _Head(_Rows):
             positions[:, L:] = batch.mask.sum(1, keepdim=True) + anc.sum(1)[None] - 1  # prefix_len + depth − 1
             attn = _tree_rows(anc, L, start)  # (n, T)
         if self.lean is not None:
-            return self.lean.hidden(cache, ids, mask, positions, start, attn)
+            got: list = []
+            h = self.lean.hidden(cache, ids, mask, positions, start, attn, self.aux_layers, got)
+            self.aux = got[0] if self.aux_layers else None
+            return h
         if attn is not None:  # HF takes a 4D additive mask over (cache + new) columns as it is
             allowed = attn[None, None] & mask.bool()[:, None, None]  # (B, 1, n, T)
             dtype = self.weight.dtype
             mask = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill_(
                 ~allowed, torch.finfo(dtype).min)  # finite: a query without keys gives no NaN
-        out = self.body(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions[:, start:],
-                        past_key_values=cache, use_cache=True)
+        with recording(self.body, self.aux_layers or []) as got:
+            out = self.body(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions[:, start:],
+                            past_key_values=cache, use_cache=True)
+        self.aux = torch.cat(got, -1) if self.aux_layers else None
         return out.last_hidden_state
 
     def new_cache(self, batch: _Batch):

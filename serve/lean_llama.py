@@ -189,14 +189,18 @@ class LeanLlama:
 
     @torch.inference_mode()
     def hidden(self, cache: KVCache, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-               start: int, attn: torch.Tensor | None = None) -> torch.Tensor:
+               start: int, attn: torch.Tensor | None = None, aux_layers: list[int] | None = None,
+               aux_out: list | None = None) -> torch.Tensor:
         """ids (B, T_total) long, mask (B, T_total) long/bool, positions (B, T_total) long; cache holds
         columns [0, start). Feeds columns [start, T_total): appends their keys/values to the cache, returns
         hidden (B, T_total - start, H) after the final RMSNorm.
 
         attn (n, T_total) or (B, n, T_total) bool, n = T_total − start: query i (column start + i) sees
         column j iff attn[..., i, j] and mask[b, j] — a tree pass's rows (`serve.tree.tree_attention_mask`).
-        Default: the causal rule j <= start + i."""
+        Default: the causal rule j <= start + i.
+
+        aux_layers (ascending, `draftalign.aux_states`): aux_out gets [(B, n, len · H)], EAGLE-3's aux states of the
+        fed columns — the residual stream entering each listed layer (0 = the embedding)."""
         B, T = ids.shape
         n = T - start
         if cache.length != start:
@@ -233,6 +237,7 @@ class LeanLlama:
             ~allowed, float("-inf"))  # (B, 1, n, T): additive, SDPA's own conversion of a boolean mask
 
         x = F.embedding(ids[:, start:], self.embed)  # (B, n, H)
+        aux = [x] if aux_layers and aux_layers[0] == 0 else []
         for i, (ln1, qkv_w, o_w, ln2, gu_w, down_w) in enumerate(self.layers):
             _, qkv_h, o_h, _, gu_h, down_h = self.half[i]
             h = self._rms_norm(x, ln1)  # (B, n, H)
@@ -253,5 +258,9 @@ class LeanLlama:
             h = self._rms_norm(x, ln2)  # (B, n, H)
             gu = one_row_linear(h, gu_w, gu_h)  # (B, n, 2I)
             x = x + one_row_linear(F.silu(gu[..., :FF]) * gu[..., FF:], down_w, down_h)  # (B, n, H)
+            if aux_layers and i + 1 in aux_layers:
+                aux.append(x)
+        if aux_layers:
+            aux_out[:] = [torch.cat(aux, -1)]  # (B, n, len · H)
         cache.length = T
         return self._rms_norm(x, self.norm)  # (B, n, H)

@@ -59,22 +59,29 @@ class SpecDecoder(DraftModelProposer, DraftTreeProposer, FSPADProposer):
     (a fixed-γ eval arm). `draftalign eval`'s adaptive arms and the served engine use the same policy.
     draft_step_dtype: the dtype of the draft's single-row products (`serve.kernels.one_row_linear`, e.g.
     torch.float16 on CPU), None = the draft's own. Lossless either way: q is what the draft computed.
-    draft may also be an FSPAD head (`learner.fspad.FSPADHead`, draft.kind=fspad): it drafts from the target's
-    features of the last verification pass (`_fspad_rounds`); its draft vocabulary is its own (draft_vocab
-    None), and it has no goodput policy or hot-swap; draft_step_dtype applies to its layer and LM-head rows.
+    draft may also be an FSPAD head (`learner.fspad.FSPADHead`, draft.kind=fspad) or an EAGLE-3 head
+    (`learner.eagle3.EAGLE3Head`, draft.kind=eagle3, which reads the target's aux states): it drafts from the
+    target's features of the last verification pass (`_fspad_rounds`); its draft vocabulary is its own
+    (draft_vocab None), and it has no goodput policy or hot-swap; draft_step_dtype applies to its layer and
+    LM-head rows.
     """
 
     def __init__(self, target, draft=None, tokenizer=None, gamma: int = 3, verifier=rejection_sample,
                  draft_vocab: list[int] | None = None, decode_matmul: bool = True, lean: bool = True,
                  tree: list[int] | None = None, drafting: str = "topk", policy: GoodputPolicy | None = None,
                  draft_step_dtype: torch.dtype | None = None):
+        from learner import eagle3
         from learner.fspad import FSPADHead, check_target
 
-        features = isinstance(draft, FSPADHead)
+        features = isinstance(draft, (FSPADHead, eagle3.EAGLE3Head))
+        aux_layers = draft.aux_layers if isinstance(draft, eagle3.EAGLE3Head) else None
         if features:
             if draft_vocab is not None:
-                raise ValueError("an FSPAD head carries its own draft vocabulary: pass draft_vocab=None")
-            check_target(draft.shape, target.config, "given to the engine")
+                raise ValueError("a feature-level head carries its own draft vocabulary: pass draft_vocab=None")
+            if aux_layers is None:
+                check_target(draft.shape, target.config, "given to the engine")
+            else:
+                eagle3.check_target(draft.config(), target.config, "given to the engine")
             draft_vocab = None if draft.vocab.ids is None else draft.vocab.ids.tolist()
         self.tree, self.dynamic = None, None
         if tree is not None:
@@ -112,7 +119,7 @@ class SpecDecoder(DraftModelProposer, DraftTreeProposer, FSPADProposer):
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.gamma, self.verifier = gamma, verifier
         self.device = next(target.parameters()).device
-        self._t = _Head(target, lean=lean)
+        self._t = _Head(target, lean=lean, aux_layers=aux_layers)  # EAGLE-3: it keeps the aux states of each pass
         self._d = _Head(draft, draft_vocab, lean, draft_step_dtype) if draft is not None and not features else None
         self._f = _Features(draft, draft_step_dtype) if features else None  # the FSPAD head (then _d is None)
         eos = target.generation_config.eos_token_id if target.generation_config else None

@@ -102,7 +102,7 @@ def test_eagle_export_refuses_an_fc_bias_and_a_reduced_vocabulary(tiny_target_pa
         export_draft(reduced.save(tmp_path / "reduced"), tmp_path / "x", "eagle", tiny_target_path)
     with pytest.raises(ExportRefused, match="--format eagle"):
         export_draft(biased, tmp_path / "x", "hf", tiny_target_path)
-    with pytest.raises(ExportRefused, match="does not exist in draftalign yet"):
+    with pytest.raises(ExportRefused, match="not EAGLE-3's architecture"):
         export_draft(biased, tmp_path / "x", "eagle3", tiny_target_path)
     assert not (tmp_path / "x").exists()
 
