@@ -93,7 +93,12 @@ def best_gamma(alpha: float, batch: int, gamma_max: int, costs: StepCosts) -> in
 @dataclass
 class AcceptanceEstimate:
     """α̂ = a / (a + r) over recent rounds, counts decayed by `decay` per round, started from a prior
-    of `prior` worth `weight` decisive outcomes (so the first rounds do not swing γ)."""
+    of `prior` worth `weight` tested positions (so the first rounds do not swing γ).
+
+    a and r may be expected counts: a round that tested positions i = 1 … n (up to its first rejection) adds
+    a = Σ_i α_i and r = n − a with α_i = Σ_x min(p_i(x), q_i(x)) the chance the accept test passes at i given the
+    prefix (`serve.verification`), instead of the draws 1{accepted}. Same mean, far less variance at T > 0
+    (Rao–Blackwell: E[1{accepted} | prefix] = α_i); at T = 0 the two are equal (one-hot p and q)."""
 
     prior: float = 0.5
     weight: float = 8.0
@@ -108,10 +113,21 @@ class AcceptanceEstimate:
     def alpha(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
 
-    def update(self, accepted: int, rejected: int) -> None:
-        """One round's (or one batch round's) accepted draft tokens and rounds ended by a rejection."""
+    @property
+    def evidence(self) -> float:
+        """a + r: the tested positions α̂ rests on (decayed)."""
+        return self.accepted + self.rejected
+
+    def update(self, accepted: float, rejected: float) -> None:
+        """One round's (or one batch round's) accepted draft tokens and rounds ended by a rejection (or their
+        expected counts, class docstring)."""
         self.accepted = self.decay * self.accepted + accepted
         self.rejected = self.decay * self.rejected + rejected
+
+    def age(self) -> None:
+        """A round that tested nothing (γ = 0): α̂ is kept, its evidence decays, so the next tested round
+        (a probe) weighs more the longer the request went without drafting."""
+        self.update(0.0, 0.0)
 
 
 @dataclass
@@ -125,37 +141,47 @@ class GoodputPolicy:
     costs: StepCosts
     gamma_max: int
     estimate: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
-    request_weight: float = 4.0
+    request_weight: float = 2.0
     request_decay: float = 0.95
     probe_every: int = 16
+    probe_max: int = 64
 
     def begin(self, batch: int) -> RequestGoodput:
         """The per-request state of one decoding call over `batch` sequences."""
         return RequestGoodput(self, [AcceptanceEstimate(self.estimate.alpha, self.request_weight,
-                                                        self.request_decay) for _ in range(batch)])
+                                                        self.request_decay) for _ in range(batch)],
+                              wait=self.probe_every)
 
 
 @dataclass
 class RequestGoodput:
-    """One decoding call: α̂_s per sequence, and the run of γ = 0 rounds that triggers a probe."""
+    """One decoding call: α̂_s per sequence, the run of γ = 0 rounds that triggers a probe, and the probe's
+    wait, doubled (up to `probe_max`) after each probe that left the call at γ = 0, reset once it drafts."""
 
     policy: GoodputPolicy
     estimates: list[AcceptanceEstimate]
     idle: int = 0  # rounds in a row at γ = 0
+    wait: int = 16  # γ = 0 rounds before the next probe
 
     def choose(self, live: list[bool]) -> int:
-        """This round's γ: `best_round_gamma` over the live sequences; 1 after `probe_every` rounds at 0."""
+        """This round's γ: `best_round_gamma` over the live sequences; 1 after `wait` rounds in a row at 0."""
         p = self.policy
         g = best_round_gamma([e.alpha for e, a in zip(self.estimates, live) if a], len(live), p.gamma_max, p.costs)
-        self.idle = self.idle + 1 if g == 0 else 0
-        if g == 0 and self.idle >= p.probe_every and any(live):
-            self.idle = 0
+        if g:
+            self.idle, self.wait = 0, p.probe_every
+            return g
+        self.idle += 1
+        if self.idle >= self.wait and any(live):
+            self.idle, self.wait = 0, min(2 * self.wait, p.probe_max)
             return 1
-        return g
+        for e, a in zip(self.estimates, live):
+            if a:
+                e.age()
+        return 0
 
-    def observe(self, outcomes: dict[int, tuple[int, int]]) -> None:
-        """A drafted round's (accepted, rejected) per sequence s (`serve.acceptance.round_outcome`): each
-        sequence's α̂_s and the engine's prior."""
+    def observe(self, outcomes: dict[int, tuple[float, float]]) -> None:
+        """A drafted round's (accepted, rejected) per sequence s (`serve.acceptance.round_outcome`, or their
+        expected counts: `AcceptanceEstimate`): each sequence's α̂_s and the engine's prior."""
         for s, (acc, rej) in outcomes.items():
             self.estimates[s].update(acc, rej)
         self.policy.estimate.update(sum(a for a, _ in outcomes.values()), sum(r for _, r in outcomes.values()))
