@@ -24,10 +24,16 @@ cost compute — a big batch, or fp32 on a CPU (a pass over 4 tokens ≈ 1.4 ste
 whose draft keeps failing or a batch that alone fills the machine.
 
 α̂_s (`AcceptanceEstimate`) starts from the engine's acceptance over recent rounds of every request (the
-prior, worth `request_weight` decisive outcomes) and follows the request's own rounds, decayed by
-`request_decay` per drafted round. Probing: a round at γ* = 0 drafts nothing and so learns nothing of α; after
-`probe_every` such rounds in a row the call drafts one round at γ = 1, so a request whose draft starts agreeing
-again (code turning back into prose) gets speculation back. t_T and t_D are measured on the engine itself
+prior, worth `request_weight` tested positions) and follows the request's own rounds, decayed by `request_decay`
+per round. It learns from the expected acceptance Σ_i α_i, α_i = Σ_x min(p_i(x), q_i(x)), over the positions a
+round tested rather than from the accept draws: both are at hand exactly, same mean, and at T > 0 the draws'
+variance is what pushed a request whose α sits just above the break-even below it (the measured T = 1 chat arm
+drafted in 56% of its rounds where γ = 1 paid on every one); at T = 0 the two are equal. Probing: a round at γ* = 0
+drafts nothing and so learns nothing of α; after `probe_every` such rounds in a row the call drafts one round at
+γ = 1, so a request whose draft starts agreeing again (code turning back into prose) gets speculation back. Its
+evidence ages meanwhile (α̂ kept, its weight decayed every idle round), so that probe moves α̂ more; a probe that
+leaves the request at γ = 0 doubles the wait (up to `probe_max`), so a request the draft never knows pays for ~2
+probes in 64 tokens, not 4. t_T and t_D are measured on the engine itself
 (`StepCosts`, interpolated in rows). Choosing γ from the past keeps decoding lossless: given the prefix (and
 every sequence's past), a round's tokens follow the target whatever γ it drafted.
 """
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from typing import Literal
 
 from serve.acceptance import expected_block_efficiency
 
@@ -141,10 +148,11 @@ class GoodputPolicy:
     costs: StepCosts
     gamma_max: int
     estimate: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
-    request_weight: float = 2.0
+    request_weight: float = 3.0
     request_decay: float = 0.95
     probe_every: int = 16
     probe_max: int = 64
+    estimator: Literal["expected", "drawn"] = "expected"  # α̂ from Σ min(p, q) (AcceptanceEstimate) or the draws
 
     def begin(self, batch: int) -> RequestGoodput:
         """The per-request state of one decoding call over `batch` sequences."""
@@ -179,9 +187,13 @@ class RequestGoodput:
                 e.age()
         return 0
 
-    def observe(self, outcomes: dict[int, tuple[float, float]]) -> None:
-        """A drafted round's (accepted, rejected) per sequence s (`serve.acceptance.round_outcome`, or their
-        expected counts: `AcceptanceEstimate`): each sequence's α̂_s and the engine's prior."""
+    def observe(self, outcomes: dict[int, tuple[int, int]],
+                expected: dict[int, tuple[float, float]] | None = None) -> None:
+        """A drafted round's (accepted, rejected) per sequence s (`serve.acceptance.round_outcome`) and, when the
+        engine has them, their expected counts (Σ α_i, n − Σ α_i over the same tested positions): each sequence's
+        α̂_s and the engine's prior learn from the expected counts unless `policy.estimator` is "drawn"."""
+        if expected is not None and self.policy.estimator == "expected":
+            outcomes = expected
         for s, (acc, rej) in outcomes.items():
             self.estimates[s].update(acc, rej)
         self.policy.estimate.update(sum(a for a, _ in outcomes.values()), sum(r for _, r in outcomes.values()))

@@ -142,13 +142,12 @@ class Verification:
         live = [s for s in range(B) if was_active[s]]
         outcomes = [gens[s].record_round(ks[s], g, len(new[s])) for s in live]
         if requests is not None and g:
+            soft = None
             if expected is not None:  # Rao–Blackwell: E[accepted] over the same tested positions
                 sums = expected.cumsum(-1).tolist()
-                outcomes_seen = [(sums[s][a + r - 1], a + r - sums[s][a + r - 1]) if a + r else (0.0, 0.0)
-                                 for s, (a, r) in zip(live, outcomes)]
-            else:
-                outcomes_seen = outcomes
-            requests.observe(dict(zip(live, outcomes_seen)))
+                soft = {s: (sums[s][a + r - 1], a + r - sums[s][a + r - 1]) if a + r else (0.0, 0.0)
+                        for s, (a, r) in zip(live, outcomes)}
+            requests.observe(dict(zip(live, outcomes)), soft)
         if self.observer is not None and g:
             self.observer(RoundView(batch.ids, batch.mask, was_active, x, q, z, ks, outcomes, params,
                                     self.draft_version, new, batch.call))

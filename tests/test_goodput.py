@@ -256,16 +256,22 @@ def test_measured_step_costs_drive_a_real_engine(partial_pair, target_tokenizer)
 
 
 class _Observed(GoodputPolicy):
-    """The real policy, every (accepted, rejected) the engine feeds it recorded."""
+    """The real policy, the expected (accepted, rejected) the engine feeds it recorded, and the counted ones."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.seen: list[tuple[float, float]] = []
+        self.counted: list[tuple[int, int]] = []
 
     def begin(self, batch: int) -> RequestGoodput:
         call = super().begin(batch)
         observe = call.observe
-        call.observe = lambda outcomes: self.seen.extend(outcomes.values()) or observe(outcomes)
+
+        def record(outcomes, expected=None):
+            self.seen.extend(expected.values())
+            self.counted.extend(outcomes.values())
+            observe(outcomes, expected)
+        call.observe = record
         return call
 
 
@@ -283,6 +289,7 @@ def test_the_engine_feeds_the_policy_expected_acceptance():
         accepted, rejected = sum(g.accepted for g in gens), sum(g.rejected for g in gens)
         soft = sum(a for a, _ in policy.seen)
         assert sum(a + r for a, r in policy.seen) == pytest.approx(accepted + rejected)  # the same positions
+        assert [a + r for a, r in policy.seen] == pytest.approx([a + r for a, r in policy.counted])
         assert 0 < accepted < accepted + rejected
         if params.greedy:
             assert soft == accepted and all(a == int(a) for a, _ in policy.seen)
