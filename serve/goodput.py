@@ -32,8 +32,9 @@ drafted in 56% of its rounds where γ = 1 paid on every one); at T = 0 the two a
 drafts nothing and so learns nothing of α; after `probe_every` such rounds in a row the call drafts one round at
 γ = 1, so a request whose draft starts agreeing again (code turning back into prose) gets speculation back. Its
 evidence ages meanwhile (α̂ kept, its weight decayed every idle round), so that probe moves α̂ more; a probe that
-leaves the request at γ = 0 doubles the wait (up to `probe_max`), so a request the draft never knows pays for ~2
-probes in 64 tokens, not 4. t_T and t_D are measured on the engine itself
+leaves the request at γ = 0 doubles the wait (8, 16, 32, …, up to `probe_max`), so a request the draft never
+knows pays for about 3 probes in 64 tokens while a greedy request whose acceptance dipped resumes after 8.
+t_T and t_D are measured on the engine itself
 (`StepCosts`, interpolated in rows). Choosing γ from the past keeps decoding lossless: given the prefix (and
 every sequence's past), a round's tokens follow the target whatever γ it drafted.
 """
@@ -150,8 +151,8 @@ class GoodputPolicy:
     estimate: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
     request_weight: float = 3.0
     request_decay: float = 0.95
-    probe_every: int = 16
-    probe_max: int = 64
+    probe_every: int = 8
+    probe_max: int = 32
     estimator: Literal["expected", "drawn"] = "expected"  # α̂ from Σ min(p, q) (AcceptanceEstimate) or the draws
 
     def begin(self, batch: int) -> RequestGoodput:
@@ -169,7 +170,7 @@ class RequestGoodput:
     policy: GoodputPolicy
     estimates: list[AcceptanceEstimate]
     idle: int = 0  # rounds in a row at γ = 0
-    wait: int = 16  # γ = 0 rounds before the next probe
+    wait: int = 8  # γ = 0 rounds before the next probe
 
     def choose(self, live: list[bool]) -> int:
         """This round's γ: `best_round_gamma` over the live sequences; 1 after `wait` rounds in a row at 0."""
