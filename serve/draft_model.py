@@ -51,7 +51,8 @@ class DraftModelProposer(Verification):
 
             # 3. Verify: accept a prefix, then a recovered or bonus token; sequence s emits k_s + 1 tokens.
             out, ks = self._verify_chain(x, q, p, params, gen)  # (B, γ+1), k_s per sequence
-            new, live, n = self._emit(gens, active, batch, out, ks, g, params, x, q, z, requests)
+            expected = torch.minimum(p[:, :g], q).sum(-1) if requests is not None and g else None  # α_i (B, γ)
+            new, live, n = self._emit(gens, active, batch, out, ks, g, params, x, q, z, requests, expected)
             # 4. Roll both caches back to the columns every sequence still agrees with.
             t_len = L + min(ks[s] for s in live)
             _crop(t_cache, t_len)

@@ -24,10 +24,17 @@ cost compute — a big batch, or fp32 on a CPU (a pass over 4 tokens ≈ 1.4 ste
 whose draft keeps failing or a batch that alone fills the machine.
 
 α̂_s (`AcceptanceEstimate`) starts from the engine's acceptance over recent rounds of every request (the
-prior, worth `request_weight` decisive outcomes) and follows the request's own rounds, decayed by
-`request_decay` per drafted round. Probing: a round at γ* = 0 drafts nothing and so learns nothing of α; after
-`probe_every` such rounds in a row the call drafts one round at γ = 1, so a request whose draft starts agreeing
-again (code turning back into prose) gets speculation back. t_T and t_D are measured on the engine itself
+prior, worth `request_weight` tested positions) and follows the request's own rounds, decayed by `request_decay`
+per round. It learns from the expected acceptance Σ_i α_i, α_i = Σ_x min(p_i(x), q_i(x)), over the positions a
+round tested rather than from the accept draws: both are at hand exactly, same mean, and at T > 0 the draws'
+variance is what pushed a request whose α sits just above the break-even below it (the measured T = 1 chat arm
+drafted in 56% of its rounds where γ = 1 paid on every one); at T = 0 the two are equal. Probing: a round at γ* = 0
+drafts nothing and so learns nothing of α; after `probe_every` such rounds in a row the call drafts one round at
+γ = 1, so a request whose draft starts agreeing again (code turning back into prose) gets speculation back. Its
+evidence ages meanwhile (α̂ kept, its weight decayed every idle round), so that probe moves α̂ more; a probe that
+leaves the request at γ = 0 doubles the wait (8, 16, 32, …, up to `probe_max`), so a request the draft never
+knows pays for about 3 probes in 64 tokens while a greedy request whose acceptance dipped resumes after 8.
+t_T and t_D are measured on the engine itself
 (`StepCosts`, interpolated in rows). Choosing γ from the past keeps decoding lossless: given the prefix (and
 every sequence's past), a round's tokens follow the target whatever γ it drafted.
 """
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from typing import Literal
 
 from serve.acceptance import expected_block_efficiency
 
@@ -93,7 +101,12 @@ def best_gamma(alpha: float, batch: int, gamma_max: int, costs: StepCosts) -> in
 @dataclass
 class AcceptanceEstimate:
     """α̂ = a / (a + r) over recent rounds, counts decayed by `decay` per round, started from a prior
-    of `prior` worth `weight` decisive outcomes (so the first rounds do not swing γ)."""
+    of `prior` worth `weight` tested positions (so the first rounds do not swing γ).
+
+    a and r may be expected counts: a round that tested positions i = 1 … n (up to its first rejection) adds
+    a = Σ_i α_i and r = n − a with α_i = Σ_x min(p_i(x), q_i(x)) the chance the accept test passes at i given the
+    prefix (`serve.verification`), instead of the draws 1{accepted}. Same mean, far less variance at T > 0
+    (Rao–Blackwell: E[1{accepted} | prefix] = α_i); at T = 0 the two are equal (one-hot p and q)."""
 
     prior: float = 0.5
     weight: float = 8.0
@@ -108,10 +121,21 @@ class AcceptanceEstimate:
     def alpha(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
 
-    def update(self, accepted: int, rejected: int) -> None:
-        """One round's (or one batch round's) accepted draft tokens and rounds ended by a rejection."""
+    @property
+    def evidence(self) -> float:
+        """a + r: the tested positions α̂ rests on (decayed)."""
+        return self.accepted + self.rejected
+
+    def update(self, accepted: float, rejected: float) -> None:
+        """One round's (or one batch round's) accepted draft tokens and rounds ended by a rejection (or their
+        expected counts, class docstring)."""
         self.accepted = self.decay * self.accepted + accepted
         self.rejected = self.decay * self.rejected + rejected
+
+    def age(self) -> None:
+        """A round that tested nothing (γ = 0): α̂ is kept, its evidence decays, so the next tested round
+        (a probe) weighs more the longer the request went without drafting."""
+        self.update(0.0, 0.0)
 
 
 @dataclass
@@ -125,37 +149,52 @@ class GoodputPolicy:
     costs: StepCosts
     gamma_max: int
     estimate: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
-    request_weight: float = 4.0
+    request_weight: float = 3.0
     request_decay: float = 0.95
-    probe_every: int = 16
+    probe_every: int = 8
+    probe_max: int = 32
+    estimator: Literal["expected", "drawn"] = "expected"  # α̂ from Σ min(p, q) (AcceptanceEstimate) or the draws
 
     def begin(self, batch: int) -> RequestGoodput:
         """The per-request state of one decoding call over `batch` sequences."""
         return RequestGoodput(self, [AcceptanceEstimate(self.estimate.alpha, self.request_weight,
-                                                        self.request_decay) for _ in range(batch)])
+                                                        self.request_decay) for _ in range(batch)],
+                              wait=self.probe_every)
 
 
 @dataclass
 class RequestGoodput:
-    """One decoding call: α̂_s per sequence, and the run of γ = 0 rounds that triggers a probe."""
+    """One decoding call: α̂_s per sequence, the run of γ = 0 rounds that triggers a probe, and the probe's
+    wait, doubled (up to `probe_max`) after each probe that left the call at γ = 0, reset once it drafts."""
 
     policy: GoodputPolicy
     estimates: list[AcceptanceEstimate]
     idle: int = 0  # rounds in a row at γ = 0
+    wait: int = 8  # γ = 0 rounds before the next probe
 
     def choose(self, live: list[bool]) -> int:
-        """This round's γ: `best_round_gamma` over the live sequences; 1 after `probe_every` rounds at 0."""
+        """This round's γ: `best_round_gamma` over the live sequences; 1 after `wait` rounds in a row at 0."""
         p = self.policy
         g = best_round_gamma([e.alpha for e, a in zip(self.estimates, live) if a], len(live), p.gamma_max, p.costs)
-        self.idle = self.idle + 1 if g == 0 else 0
-        if g == 0 and self.idle >= p.probe_every and any(live):
-            self.idle = 0
+        if g:
+            self.idle, self.wait = 0, p.probe_every
+            return g
+        self.idle += 1
+        if self.idle >= self.wait and any(live):
+            self.idle, self.wait = 0, min(2 * self.wait, p.probe_max)
             return 1
-        return g
+        for e, a in zip(self.estimates, live):
+            if a:
+                e.age()
+        return 0
 
-    def observe(self, outcomes: dict[int, tuple[int, int]]) -> None:
-        """A drafted round's (accepted, rejected) per sequence s (`serve.acceptance.round_outcome`): each
-        sequence's α̂_s and the engine's prior."""
+    def observe(self, outcomes: dict[int, tuple[int, int]],
+                expected: dict[int, tuple[float, float]] | None = None) -> None:
+        """A drafted round's (accepted, rejected) per sequence s (`serve.acceptance.round_outcome`) and, when the
+        engine has them, their expected counts (Σ α_i, n − Σ α_i over the same tested positions): each sequence's
+        α̂_s and the engine's prior learn from the expected counts unless `policy.estimator` is "drawn"."""
+        if expected is not None and self.policy.estimator == "expected":
+            outcomes = expected
         for s, (acc, rej) in outcomes.items():
             self.estimates[s].update(acc, rej)
         self.policy.estimate.update(sum(a for a, _ in outcomes.values()), sum(r for _, r in outcomes.values()))

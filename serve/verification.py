@@ -128,10 +128,12 @@ class Verification:
 
     def _emit(self, gens: list[Generation], active: list[bool], batch: _Batch, out: torch.Tensor, ks: list[int],
               g: int, params: SamplingParams, x: torch.Tensor, q: torch.Tensor | None,
-              z: torch.Tensor, requests=None) -> tuple[list[list[int]], list[int], int]:
+              z: torch.Tensor, requests=None, expected: torch.Tensor | None = None
+              ) -> tuple[list[list[int]], list[int], int]:
         """After a chain round's verification (either draft kind): sequence s emits out[s, :k_s + 1] up to its
-        stop; the round is counted, the call's goodput state (`requests`, a `serve.goodput.RequestGoodput`) and the
-        online observer told; the emitted tokens join
+        stop; the round is counted, the call's goodput state (`requests`, a `serve.goodput.RequestGoodput`: the
+        expected counts Σ α_i, (tested − Σ α_i) over the positions tested, from `expected` (B, γ) α_i = Σ min(p_i, q_i)
+        when given, else the counted outcomes) and the online observer told; the emitted tokens join
         the grid (ragged: masked beyond k_s + 1). Returns (tokens committed per sequence, the sequences that
         were active, n = the widest emission)."""
         B = len(gens)
@@ -140,7 +142,12 @@ class Verification:
         live = [s for s in range(B) if was_active[s]]
         outcomes = [gens[s].record_round(ks[s], g, len(new[s])) for s in live]
         if requests is not None and g:
-            requests.observe(dict(zip(live, outcomes)))
+            soft = None
+            if expected is not None:  # Rao–Blackwell: E[accepted] over the same tested positions
+                sums = expected.cumsum(-1).tolist()
+                soft = {s: (sums[s][a + r - 1], a + r - sums[s][a + r - 1]) if a + r else (0.0, 0.0)
+                        for s, (a, r) in zip(live, outcomes)}
+            requests.observe(dict(zip(live, outcomes)), soft)
         if self.observer is not None and g:
             self.observer(RoundView(batch.ids, batch.mask, was_active, x, q, z, ks, outcomes, params,
                                     self.draft_version, new, batch.call))

@@ -62,11 +62,35 @@ def test_acceptance_estimate_moves_from_its_prior_to_recent_rounds():
     assert est.alpha == pytest.approx(0.75, abs=1e-3)
 
 
-def test_policy_probes_after_a_run_of_target_only_rounds():
-    policy = GoodputPolicy(LINEAR, gamma_max=3, probe_every=4)
+def test_acceptance_estimate_takes_expected_counts_and_ages_while_idle():
+    est = AcceptanceEstimate(prior=0.5, weight=2, decay=0.9)
+    est.update(accepted=0.3, rejected=0.7)  # one tested position whose accept test passes with probability 0.3
+    assert est.alpha == pytest.approx((0.9 + 0.3) / (1.8 + 1.0))
+    alpha, evidence = est.alpha, est.evidence
+    for _ in range(10):
+        est.age()  # a round at γ = 0 tests nothing: α̂ stays, its evidence decays
+    assert est.alpha == pytest.approx(alpha) and est.evidence == pytest.approx(evidence * 0.9 ** 10)
+    est.update(accepted=1.0, rejected=0.0)  # so the next tested position (a probe) weighs more than it would have
+    fresh = AcceptanceEstimate(prior=0.5, weight=2, decay=0.9)
+    fresh.update(0.3, 0.7)
+    fresh.update(1.0, 0.0)
+    assert est.alpha - alpha > fresh.alpha - alpha > 0
+
+
+def test_policy_probes_after_a_run_of_target_only_rounds_and_backs_off():
+    policy = GoodputPolicy(LINEAR, gamma_max=3, probe_every=4, probe_max=8)
     call = policy.begin(8)
-    choices = [call.choose([True] * 8) for _ in range(8)]
-    assert choices == [0, 0, 0, 1, 0, 0, 0, 1]
+    choices = [call.choose([True] * 8) for _ in range(4 + 8 + 8)]
+    # a probe after 4 rounds at γ = 0; it left the call at γ = 0 (drafting never pays here), so the wait doubles,
+    # up to probe_max
+    assert choices == [0, 0, 0, 1] + [0] * 7 + [1] + [0] * 7 + [1]
+    policy = GoodputPolicy(CPU, gamma_max=3, probe_every=4, probe_max=64)
+    call = policy.begin(1)
+    call.estimates[0] = AcceptanceEstimate(prior=0.02, weight=8)
+    assert [call.choose([True]) for _ in range(4)] == [0, 0, 0, 1] and call.wait == 8
+    call.observe({0: (1.0, 0.0)})
+    call.observe({0: (1.0, 0.0)})
+    assert call.choose([True]) > 0 and call.wait == 4  # drafting again: the next idle run probes after 4
 
 
 def test_round_goodput_sums_each_request_over_the_round_cost():
@@ -117,8 +141,10 @@ def test_a_request_at_gamma_zero_probes_and_gets_speculation_back_when_the_draft
         played.append(g)
         if g:  # the draft now agrees with every token it proposes
             call.observe({0: (g, 0)})
-    assert played[:4] == [0, 0, 0, 1]  # three target steps, then a probe
-    assert played[-1] == 3 and 0 in played[4:] and max(played[4:8]) >= 1, played
+    # three target steps, a probe; one accepted token is not yet enough against a prior of 0.02, so the next
+    # probe waits twice as long, and its success (the evidence aged meanwhile) brings speculation back
+    assert played[:12] == [0, 0, 0, 1] + [0] * 7 + [1], played
+    assert played[-1] == 3 and 0 not in played[12:], played
 
 
 def test_new_requests_start_from_the_engine_acceptance():
@@ -227,3 +253,47 @@ def test_measured_step_costs_drive_a_real_engine(partial_pair, target_tokenizer)
     assert engine.generate([p], params)[0].token_ids == engine.generate_target_only([p], params)[0].token_ids
     with pytest.raises(ValueError, match="no draft"):
         SpecDecoder(target, None, target_tokenizer).measure_step_costs()
+
+
+class _Observed(GoodputPolicy):
+    """The real policy, the expected (accepted, rejected) the engine feeds it recorded, and the counted ones."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.seen: list[tuple[float, float]] = []
+        self.counted: list[tuple[int, int]] = []
+
+    def begin(self, batch: int) -> RequestGoodput:
+        call = super().begin(batch)
+        observe = call.observe
+
+        def record(outcomes, expected=None):
+            self.seen.extend(expected.values())
+            self.counted.extend(outcomes.values())
+            observe(outcomes, expected)
+        call.observe = record
+        return call
+
+
+def test_the_engine_feeds_the_policy_expected_acceptance():
+    """At T > 0 the policy learns from Σ_i min(p_i, q_i) over the positions each round tested, not from the accept
+    draws: the same tested positions, the same mean (E[1{accepted} | prefix] = Σ min(p, q)), non-integer counts; at
+    T = 0 the two are the counted outcomes exactly (one-hot p and q)."""
+    target = small_lm(0, 60.0)
+    prompts = [[1, 5, 2], [3, 4], [7, 1, 1, 2]] * 40
+    # T = 1: the target's weights, flatter (α ≈ 0.35 … 0.5); T = 0: another model's, agreeing now and then
+    for params, draft in ((SamplingParams(temperature=1.0, max_new_tokens=12, seed=5), small_lm(0, 6.0)),
+                          (SamplingParams(max_new_tokens=12), small_lm(1, 6.0))):
+        policy = _Observed(FLAT, gamma_max=3)
+        gens = SpecDecoder(target, draft, None, gamma=3, policy=policy).generate(prompts, params)
+        accepted, rejected = sum(g.accepted for g in gens), sum(g.rejected for g in gens)
+        soft = sum(a for a, _ in policy.seen)
+        assert sum(a + r for a, r in policy.seen) == pytest.approx(accepted + rejected)  # the same positions
+        assert [a + r for a, r in policy.seen] == pytest.approx([a + r for a, r in policy.counted])
+        assert 0 < accepted < accepted + rejected
+        if params.greedy:
+            assert soft == accepted and all(a == int(a) for a, _ in policy.seen)
+        else:
+            assert any(a != int(a) for a, _ in policy.seen)
+            tested = accepted + rejected  # accepted − soft: a sum of `tested` zero-mean terms, each |·| ≤ 1
+            assert abs(accepted - soft) < 4 * (tested / 4) ** 0.5, (accepted, soft, tested)

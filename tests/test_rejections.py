@@ -148,8 +148,10 @@ def test_a_rule_that_never_rejects_fails_the_same_test():
 def _swinging_policy(record: list[int]):
     """The served per-request policy (`serve.goodput.GoodputPolicy`) on a cost model whose γ* moves across 0 … 3
     with α̂ (each extra verified token costs 0.15 steps), request estimates that follow their last rounds, and a
-    probe after 2 target steps: γ changes mid-sequence inside the 5-token window. record[i]: the γ of every round
-    of decoding call i."""
+    probe after 2 target steps: γ changes mid-sequence inside the 5-token window. α̂ learns from the accept draws
+    (estimator="drawn"): the served expected counts Σ min(p, q) move α̂ too little over a batch of 500 copies of one
+    prompt for γ to cross 0 … 3 in every call; either estimator reads only the past. record[i]: the γ of every
+    round of decoding call i."""
     from serve.goodput import GoodputPolicy, StepCosts
 
     class Recorded(GoodputPolicy):
@@ -162,7 +164,7 @@ def _swinging_policy(record: list[int]):
 
     rows = {r * BATCH: 1.0 + 0.15 * (r - 1) for r in (1, 2, 3, 4)}  # a pass over r tokens per sequence
     return Recorded(StepCosts(target=rows, draft={BATCH: 0.01}), gamma_max=3, request_weight=1.0,
-                    request_decay=0.5, probe_every=2)
+                    request_decay=0.5, probe_every=2, probe_max=2, estimator="drawn")
 
 
 @pytest.mark.parametrize("params", CASES[:2], ids=IDS[:2])
