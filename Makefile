@@ -31,7 +31,7 @@ run: setup
 	$(VENV)/bin/draftalign run $(JOB)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=25
 
 lint: setup
 	$(VENV)/bin/ruff check .

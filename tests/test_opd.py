@@ -207,8 +207,9 @@ def test_rounds_match_an_independent_recomputation(ray_local, job, peaked_target
 
 
 @pytest.mark.slow
-def test_target_assisted_distill_trains_reports_and_resumes(ray_local, job):
-    """Stage 3 in target_assisted mode (3 of 4 picks on-policy, sampled TVD++) with the Ray Train learner."""
+def test_target_assisted_distill_trains_and_reports(ray_local, job):
+    """Stage 3 in target_assisted mode (3 of 4 picks on-policy, sampled TVD++) with the Ray Train learner. (Resume is
+    the stage's, proven on state in tests/test_distill.py; a second run here cost the suite a minute.)"""
     from learner.distill import run_distill
 
     cfg = job("opd", rollout__on_policy_mode="target_assisted", rollout__on_policy_fraction=0.75,
@@ -224,13 +225,6 @@ def test_target_assisted_distill_trains_reports_and_resumes(ray_local, job):
     assert any(r["on_policy_frac"] > 0 for r in log) and any("target_tokens_per_s/engine_0" in r for r in log)
     assert all(math.isfinite(r["loss"]) for r in log)
 
-    cfg.learner.max_steps = 8
-    run_distill(cfg, resume=True)
-    again = done(cfg)
-    assert again["resumed_from_step"] == 6 and again["steps"] == 8
-    log = distill_log(cfg)
-    assert next(r for r in log if r["step"] == 7)["restored_digest"] == next(
-        r for r in log if r["step"] == 6)["state_digest"]
 
 
 def test_concurrent_score_requests_are_batched_into_one_engine_call():
