@@ -56,6 +56,24 @@ def fingerprint(target_path: str, k: int, seed: int, rows: list[dict], dtype: st
     return h.hexdigest()
 
 
+def store_bytes(tokens: int, answer_tokens: int, width: int, k: int, draws: int = 0) -> int:
+    """The store's size in bytes: float16 features at every token (width W = H, or n·H for EAGLE-3's fused aux
+    states), the target's top-k (int32 id + float32 log-prob) at every answer token, and per feature-sampling draw
+    its branch's feature and top-k:   2·W·T + 8·k·A + d·(2·W + 8·k)."""
+    return 2 * width * tokens + 8 * k * answer_tokens + draws * (2 * width + 8 * k)
+
+
+def use_store(cfg, rows: list[dict], width: int) -> tuple[bool, int]:
+    """(store the features?, the store's estimated bytes): `draft.fspad.feature_store` true / false as set; "auto"
+    stores when the estimate (no feature-sampling draws counted) is ≤ draft.fspad.max_store_gib, else streams
+    (docs/feature_store.md: the estimate for an 8B and a 70B target)."""
+    tokens = sum(len(r["prompt_token_ids"]) + len(r["response_token_ids"]) for r in rows)
+    answers = sum(len(r["response_token_ids"]) for r in rows)
+    size = store_bytes(tokens, answers, width, max(1, cfg.target.top_k_logprobs))
+    mode = cfg.draft.fspad.feature_store
+    return (size <= cfg.draft.fspad.max_store_gib * 2**30 if mode == "auto" else bool(mode)), size
+
+
 def store_dtype(cfg) -> str:
     """The dtype the target computes the store's features in on this machine (`target.dtype`, auto resolved)."""
     from draftalign.models import pick_dtype

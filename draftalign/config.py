@@ -77,10 +77,14 @@ class FSPADConfig(_Strict):
         0.5, gt=0, le=1, description="partial alignment distillation: feature regression (smooth-L1) on the first "
                                      "ceil(fraction · H) feature dimensions only; 1.0 = EAGLE's full regression. "
                                      "The paper's split was not verified from its text: measure it")
-    feature_store: bool = Field(
-        True, description="run the target over the distillation set once and train on its stored features "
-                          "(actors/feature_store.py: one fixed feature-sampling draw per answer token); false = "
-                          "a target pass per training batch (a fresh draw every step, the head waits on it)")
+    feature_store: bool | Literal["auto"] = Field(
+        "auto", description="run the target over the distillation set once and train on its stored features "
+                            "(actors/feature_store.py: one fixed feature-sampling draw per answer token); false = "
+                            "a target pass per training batch (a fresh draw every step, the head waits on it); "
+                            "auto = store when its estimated size is ≤ max_store_gib (docs/feature_store.md)")
+    max_store_gib: float = Field(
+        1024.0, gt=0, description="feature_store=auto streams instead when the store would exceed this (an 8B "
+                                  "target's EAGLE-3 store for 500k conversations is ≈ 13 TiB)")
     unroll: int = Field(
         3, ge=1, le=8, description="training-time test (EAGLE-3 / HASS): chain steps 1 … unroll are trained, steps "
                                    "≥ 2 on the head's own predicted features as in decoding (1 = teacher-forced "

@@ -63,6 +63,7 @@ from actors.feature_store import (
     load_heldout,
     save_heldout,
     store_dtype,
+    use_store,
 )
 from actors.features import FeatureBatch, batch_seed, create_feature_actors, job_aux_layers
 from draftalign.config import FEATURE_KINDS, JobConfig
@@ -595,7 +596,13 @@ def run_fspad(cfg: JobConfig, resume: bool = False) -> Path:
         actors = []
         try:
             rows_ref = ray.put(train_rows)  # held until the end: restarted actors re-read their arguments
-            store = build_store(cfg, target_path, train_rows, rdir, say=_say) if cfg.draft.fspad.feature_store else None
+            from transformers import AutoConfig
+
+            width = AutoConfig.from_pretrained(target_path).hidden_size * (len(aux_layers) if aux_layers else 1)
+            stored, size = use_store(cfg, train_rows, width)
+            _say(f"feature store ({cfg.draft.fspad.feature_store}): ≈ {size / 2**30:.2f} GiB for {len(train_rows)} "
+                 f"rows → {'stored' if stored else 'streamed: a target pass per batch'}")
+            store = build_store(cfg, target_path, train_rows, rdir, say=_say) if stored else None
             held_key = fingerprint(target_path, cfg.target.top_k_logprobs, cfg.seed, held_rows, store_dtype(cfg),
                                    aux_layers)
             hb = load_heldout(store, held_key) if store is not None and held_rows else None

@@ -672,3 +672,20 @@ def test_on_policy_unrolled_steps_read_the_heads_tokens_and_the_targets_scores(t
         assert torch.isfinite(st.loss).all()
     with pytest.raises(Exception, match="unroll"):
         JobConfig.model_validate({"draft": {"kind": "fspad", "fspad": {"on_policy": True, "unroll": 1}}})
+
+
+def test_feature_store_auto_stores_only_under_the_size_cap():
+    """draft.fspad.feature_store=auto (the default): the store's estimated size 2·W·T + 8·k·A decides — stored at
+    or below draft.fspad.max_store_gib, streamed above; true / false are obeyed whatever the size."""
+    from actors.feature_store import store_bytes, use_store
+    from draftalign.config import load_config
+
+    rows = [{"prompt_token_ids": [1] * 30, "response_token_ids": [2] * 70}] * 4  # T = 400, A = 280
+    assert store_bytes(400, 280, 576, 20) == 2 * 576 * 400 + 8 * 20 * 280
+    size = store_bytes(400, 280, 3 * 576, 20)  # EAGLE-3: three fused layers
+    for mode, cap_gib, stored in (("auto", size / 2**30, True), ("auto", 0.99 * size / 2**30, False),
+                                  ("true", 1e-9, True), ("false", 1e3, False)):
+        cfg = load_config(None, [f"draft.fspad.feature_store={mode}", f"draft.fspad.max_store_gib={cap_gib}",
+                                 "target.top_k_logprobs=20"])
+        assert use_store(cfg, rows, 3 * 576) == (stored, size), (mode, cap_gib)
+    assert load_config(None, []).draft.fspad.feature_store == "auto"
