@@ -273,10 +273,10 @@ def fspad_trees() -> str:
 SAMPLING = "sampling/adaptive.json"  # bench/adaptive.py: fixed γ vs adaptive γ, greedy and sampled
 
 
-def adaptive_vs_fixed() -> str:
+def adaptive_vs_fixed(rel: str = SAMPLING) -> str:
     """bench/adaptive.py: per task, fixed γ against the served per-request policy, at T = 0 and the sampled
     temperatures, side by side (α greedy beside α sampled); the adaptive arm's paired Δ speedup to each fixed γ."""
-    d = load(SAMPLING)
+    d = load(rel)
     temps = sorted({r["temperature"] for r in d["rows"]})
     arms = [str(g) for g in d["gammas"]]
     cell = {(r["temperature"], r["task"], r["arm"]): r for r in d["rows"]}
@@ -294,11 +294,11 @@ def adaptive_vs_fixed() -> str:
                            + (f", γ̄ {r['mean_gamma']:.2f}" if arm == "adaptive" else "")
                            + f", **{r['speedup']:.2f}×**{ci(r['speedup_ci95'])}" + (f" ({vs})" if vs else ""))
             rows.append(row)
-    ev = load(f"sampling/{d['evals'][next(iter(d['evals']))]}")
+    ev = load(f"{Path(rel).parent}/{d['evals'][next(iter(d['evals']))]}")
     return (table(["task (prompts)", "arm", *(f"T = {t:g}" if t else "greedy" for t in temps)], rows)
             + f"\n\n{d['max_new_tokens']} new tokens, top-p 1; one interleaved eval per temperature (all arms and "
             + f"target-only per prompt); {mismatches(ev)} at T = 0; draft `{d['draft']}`; {machine(d)}; "
-            + f"{link(SAMPLING)} and the eval JSONs beside it.")
+            + f"{link(rel)} and the eval JSONs beside it.")
 
 
 ONLINE_RUNS = [  # (label, JSON) in the order they ran; the archived ones are the recipe history
@@ -340,6 +340,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "fspad-trees": fspad_trees,
     "online-history": online_history,
     "adaptive-vs-fixed": adaptive_vs_fixed,
+    "adaptive-policy-v2": lambda: adaptive_vs_fixed("sampling/policy_v2/adaptive.json"),
 }
 
 
