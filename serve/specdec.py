@@ -235,27 +235,40 @@ class SpecDecoder(DraftModelProposer, DraftTreeProposer, FSPADProposer):
         """The decoding loop. Yields after every target pass: (tokens each sequence committed, generations);
         a last ([] per sequence, finished generations) yield sets `text` and `finish_reason`."""
         call = next(self._calls)
+        rounds = self._call(call, prompts, params, gamma, use_draft)
         try:
-            yield from self._call(call, prompts, params, gamma, use_draft)
+            while True:
+                # Inference mode is entered and left within each round, never held across a yield: the replica
+                # advances several streams round by round on one thread, and a mode held across yields is unwound
+                # by whichever stream ends first (a guard restores the mode it found), so the other streams' later
+                # rounds ran with autograd on (graphs built, and target logits requiring grad, which the online
+                # capture could not read).
+                with torch.inference_mode():
+                    item = next(rounds, None)
+                if item is None:
+                    break
+                yield item
         finally:
+            with torch.inference_mode():
+                rounds.close()  # a cancelled stream's generator unwinds here
             if self.call_done is not None:
                 self.call_done(call)
 
     def _call(self, call: int, prompts: list[list[int]], params: SamplingParams, gamma: int | None, use_draft: bool):
-        with torch.inference_mode():
-            gen = torch.Generator(self.device)
-            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
-            batch = _Batch(prompts, self.pad_id, self.device, call)
-            if self.draft is None or not use_draft:
-                yield from self._target_rounds(batch, params, gen)
-            elif self.tree is not None or self.dynamic is not None:
-                if gamma not in (None, self.gamma):
-                    raise ValueError(f"gamma={gamma}: in tree mode gamma is the tree's depth {self.gamma}")
-                yield from (self._tree_rounds if self._f is None else self._fspad_tree_rounds)(batch, params, gen)
-            elif self._f is not None:
-                yield from self._fspad_rounds(batch, params, gamma or self.gamma, gen)
-            else:
-                yield from self._spec_rounds(batch, params, gamma or self.gamma, gen)
+        """The rounds of one decoding call; `stream` runs each in inference mode."""
+        gen = torch.Generator(self.device)
+        gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        batch = _Batch(prompts, self.pad_id, self.device, call)
+        if self.draft is None or not use_draft:
+            yield from self._target_rounds(batch, params, gen)
+        elif self.tree is not None or self.dynamic is not None:
+            if gamma not in (None, self.gamma):
+                raise ValueError(f"gamma={gamma}: in tree mode gamma is the tree's depth {self.gamma}")
+            yield from (self._tree_rounds if self._f is None else self._fspad_tree_rounds)(batch, params, gen)
+        elif self._f is not None:
+            yield from self._fspad_rounds(batch, params, gamma or self.gamma, gen)
+        else:
+            yield from self._spec_rounds(batch, params, gamma or self.gamma, gen)
 
     def _target_rounds(self, batch: _Batch, params: SamplingParams, gen: torch.Generator):
         cache, cached = self._t.new_cache(batch), 0

@@ -65,7 +65,8 @@ def partial_pair(tiny_target_path):
 
 # `slow` means an integration test with real Ray / vLLM / Serve (pyproject's marker). By rule, not by hand: a test
 # that requests one of the fixtures that start them is marked, whatever its module remembered to say.
-INTEGRATION_FIXTURES = {"ray_local", "ray_slots", "server", "keyed_server", "engine", "two_node_cluster"}
+INTEGRATION_FIXTURES = {"ray_local", "ray_slots", "server", "keyed_server", "engine", "two_node_cluster",
+                        "endpoint"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,8 +13,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from specdec_helpers import chi2_p, empirical, exact_three_token_dist, hf_greedy, random_prompts, small_lm
+from specdec_helpers import (
+    chi2_p,
+    empirical,
+    exact_three_token_dist,
+    hf_greedy,
+    random_prompts,
+    small_lm,
+    train_head,
+)
 
 from draftalign.models import load_causal_lm
 from draftalign.sampling import SamplingParams, sample
@@ -47,29 +54,6 @@ def ref(tiny_target_path):
 
 
 PROMPTS = random_prompts(24, 49152, seed=100)  # the prompts the trained head is tested on (it memorises them)
-
-
-def train_head(target, prompts: list[list[int]], steps: int = 8, seed: int = 0) -> FSPADHead:
-    """EAGLE's teacher-forced feature regression, smooth-L1(f̂_{t+1}, f_{t+1}), on the target's own greedy
-    continuations of `prompts`: a head that agrees with the target on them often, not always (a random tiny
-    target repeats prompt-specific tokens, so the head learns these prompts, not the target in general)."""
-    engine = SpecDecoder(target, None, None)
-    seqs = [p + g.token_ids for p, g in zip(prompts, engine.generate(prompts, SamplingParams(max_new_tokens=30)))]
-    T = max(len(q) for q in seqs)
-    ids = torch.tensor([q + [0] * (T - len(q)) for q in seqs])  # (B, T) right-padded: causal rows never see it
-    valid = torch.tensor([[1.0] * len(q) + [0.0] * (T - len(q)) for q in seqs])[:, 1:, None]  # (B, T−1, 1)
-    with torch.no_grad():
-        feats = target.get_decoder()(input_ids=ids).last_hidden_state  # (B, T, H)
-    head = FSPADHead.from_target(target, seed=seed)
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
-    pos = torch.arange(T - 1)[None].expand(len(seqs), -1)
-    for _ in range(steps):
-        f_hat = head(feats[:, :-1], ids[:, 1:], pos)  # (B, T−1, H) predicts feats[:, 1:]
-        loss = (F.smooth_l1_loss(f_hat, feats[:, 1:], reduction="none") * valid).sum() / (valid.sum() * f_hat.shape[-1])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return head.eval()
 
 
 @pytest.fixture(scope="module")

@@ -91,6 +91,32 @@ def test_ragged_batch_equals_single_with_partial_acceptance(partial_pair, target
         assert (b.rounds, b.accepted, b.rejected) == (single.rounds, single.accepted, single.rejected)
 
 
+@pytest.mark.parametrize("kind", ["llama", "fspad"])
+def test_interleaved_streams_run_every_round_without_autograd(partial_pair, target_tokenizer, kind):
+    """The replica advances several streams round by round on one thread. Stream a starts first and ends while b
+    is in flight: b's later rounds still run without autograd. (Inference mode held across yields was unwound by
+    a's end — a guard restores the mode it found — so b's target logits required grad and the online capture
+    failed on them; the answers stayed right.) Both streams equal HF `generate`."""
+    from learner.fspad import FSPADHead
+
+    target, ref, draft = partial_pair
+    engine = SpecDecoder(target, draft if kind == "llama" else FSPADHead.from_target(target, seed=0),
+                         target_tokenizer, gamma=3)
+    rounds = []  # (stream's prompt length, target logits need grad, autograd on) of every drafted round
+    engine.observer = lambda v: rounds.append((int(v.mask.sum()), v.target_logits.requires_grad,
+                                               torch.is_grad_enabled()))
+    pa, pb = random_prompts(2, target.config.vocab_size, seed=41)
+    a = engine.generate_stream(pa, SamplingParams(max_new_tokens=3))
+    b = engine.generate_stream(pb, SamplingParams(max_new_tokens=24))
+    got_a, got_b = list(next(a)[0]), list(next(b)[0])  # a enters first, then b
+    got_a += [t for new, _ in a for t in new]  # a ends
+    got_b += [t for new, _ in b for t in new]  # b's remaining rounds
+    eos = target_tokenizer.eos_token_id
+    assert got_a == hf_greedy(ref, pa, 3, eos) and got_b == hf_greedy(ref, pb, 24, eos)
+    assert len(rounds) > 3 and not torch.is_inference_mode_enabled()  # the caller's mode is its own again
+    assert [r for r in rounds if r[1] or r[2]] == []
+
+
 def test_restricted_draft_vocabulary_stays_lossless(partial_pair, target_tokenizer):
     target, ref, draft = partial_pair
     vocab = sorted(set(range(0, target.config.vocab_size, 3)) | {target_tokenizer.eos_token_id})
