@@ -43,7 +43,7 @@ from draftalign.io import atomic_dir
 from draftalign.models import ModelError, additive_mask
 from draftalign.vocab import load_draft_vocab, save_draft_vocab
 from learner.draft_head import DraftHead
-from learner.fspad import SHAPE_FIELDS, layer_config, target_shape
+from learner.fspad import SHAPE_FIELDS, layer_config, read_head_config, target_shape
 
 KIND = "eagle3"
 CONFIG_FILE = "config.json"
@@ -294,19 +294,7 @@ def check_target(cfg: dict, target_config, where: str) -> None:
 
 def read_config(path: str | Path) -> dict:
     """The head's config.json, checked to be an EAGLE-3 head of a known format."""
-    p = Path(path)
-    f = p / CONFIG_FILE
-    if not f.is_file():
-        raise ModelError(f"EAGLE-3 head {p} does not exist or holds no {CONFIG_FILE}")
-    try:
-        cfg = json.loads(f.read_text())
-    except ValueError as e:
-        raise ModelError(f"EAGLE-3 head {p}: {CONFIG_FILE} is not JSON ({e})") from None
-    if cfg.get("kind") != KIND:
-        raise ModelError(f"{p} is not an EAGLE-3 head (config kind {cfg.get('kind')!r})")
-    if cfg.get("format_version") != FORMAT_VERSION or not isinstance(cfg.get("target"), dict):
-        raise ModelError(f"EAGLE-3 head {p}: unknown format {cfg.get('format_version')!r} (expected {FORMAT_VERSION})")
-    return cfg
+    return read_head_config(path, KIND, "EAGLE-3", FORMAT_VERSION)
 
 
 def is_eagle3_head(path: str | Path) -> bool:

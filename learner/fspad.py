@@ -210,22 +210,28 @@ class FSPADHead(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def read_config(path: str | Path) -> dict:
-    """The head's config.json, checked to be an FSPAD head of a known format."""
+def read_head_config(path: str | Path, kind: str, name: str, version: int, hint: str = "") -> dict:
+    """A feature head's config.json (`kind`, e.g. "fspad" or "eagle3"; `name` for messages), checked: present, JSON,
+    of that kind and of a known format version; else a ModelError naming the problem."""
     p = Path(path)
     f = p / CONFIG_FILE
     if not f.is_file():
-        raise ModelError(f"FSPAD head {p} does not exist or holds no {CONFIG_FILE}")
+        raise ModelError(f"{name} head {p} does not exist or holds no {CONFIG_FILE}")
     try:
         cfg = json.loads(f.read_text())
     except ValueError as e:
-        raise ModelError(f"FSPAD head {p}: {CONFIG_FILE} is not JSON ({e})") from None
-    if cfg.get("kind") != KIND:
-        raise ModelError(f"{p} is not an FSPAD head (config kind {cfg.get('kind')!r}; an HF-format Llama draft "
-                         f"is draft.kind=llama)")
-    if cfg.get("format_version") != FORMAT_VERSION or not isinstance(cfg.get("target"), dict):
-        raise ModelError(f"FSPAD head {p}: unknown format {cfg.get('format_version')!r} (expected {FORMAT_VERSION})")
+        raise ModelError(f"{name} head {p}: {CONFIG_FILE} is not JSON ({e})") from None
+    if cfg.get("kind") != kind:
+        raise ModelError(f"{p} is not an {name} head (config kind {cfg.get('kind')!r}{hint})")
+    if cfg.get("format_version") != version or not isinstance(cfg.get("target"), dict):
+        raise ModelError(f"{name} head {p}: unknown format {cfg.get('format_version')!r} (expected {version})")
     return cfg
+
+
+def read_config(path: str | Path) -> dict:
+    """The head's config.json, checked to be an FSPAD head of a known format."""
+    return read_head_config(path, KIND, "FSPAD", FORMAT_VERSION,
+                            hint="; an HF-format Llama draft is draft.kind=llama")
 
 
 def is_fspad_head(path: str | Path) -> bool:
