@@ -142,7 +142,7 @@ def draft_step_dtype(name: str, draft_dtype: torch.dtype, device: str | torch.de
 
 def _here(path: str) -> str:
     """A model path as this node reads it: a URI run's staging copy is pulled where it is missing."""
-    return str(ensure_local(path)) if "://" in str(path) or os.path.isabs(str(path)) else str(path)
+    return str(ensure_local(path)) if is_uri(path) or os.path.isabs(str(path)) else str(path)
 
 
 def load_tokenizer(path: str):
