@@ -3,7 +3,8 @@ Ray Train learner on tiny models (helpers shared with tests/test_distill.py).
 
 Start-up dominates (≈30 s of engine + trainer per run on 2 cores), so one run takes all three kills:
 a RolloutActor and a TargetActor (ray.kill with restart) and the learner's rank-0 worker process
-(SIGKILL: Ray Train restarts the worker group from the last checkpoint). The same run's checkpoints
+(SIGKILL: Ray Train restarts the worker group from the last checkpoint); the same run, on-policy with
+max_policy_lag 0 and two DDP ranks, proves that stale batches are dropped and counted. The same run's checkpoints
 then serve the corrupt-checkpoint resume. Custom Ray resources (`*_slot`) are declared on the local
 cluster and asked for by every role, so their plumbing is exercised too.
 """
@@ -104,14 +105,16 @@ def _killer(ray, cfg, events: dict, errors: list) -> None:
 
 @pytest.fixture(scope="module")
 def fault_run(ray_slots, tmp_path_factory, peaked_target, tiny_draft_path, target_tokenizer):
-    """One 15-step run (2 rollout actors, 2 learner ranks, checkpoints every 5 steps) with the kills."""
+    """One 15-step run (2 on-policy rollout actors, 2 learner ranks, checkpoints every 5 steps) with the kills.
+    `max_policy_lag=0` with a publish after every step: a batch sampled before its actor saw the newest weights
+    is stale, dropped and counted."""
     from learner.distill import run_distill
 
     cfg = _job(tmp_path_factory.mktemp("faults"), "faults", peaked_target, tiny_draft_path, target_tokenizer,
                rollout__num_actors=2, rollout__cpus_per_actor=0.25, rollout__queue_size=3,
-               rollout__max_policy_lag=3, learner__num_workers=2, learner__cpus_per_worker=0.5,
-               learner__sync_every=1, learner__max_steps=MAX_STEPS, learner__checkpoint_every=CKPT_EVERY,
-               learner__max_failures=2)
+               rollout__on_policy_fraction=1.0, rollout__max_policy_lag=0, learner__num_workers=2,
+               learner__cpus_per_worker=0.5, learner__sync_every=1, learner__max_steps=MAX_STEPS,
+               learner__checkpoint_every=CKPT_EVERY, learner__max_failures=2)
     events, errors = {}, []
     t = threading.Thread(target=_killer, args=(ray_slots, cfg, events, errors), daemon=True)
     t.start()
@@ -129,8 +132,11 @@ def test_run_survives_killed_rollout_target_and_learner(fault_run):
     d = done(cfg)
     assert d["steps"] == MAX_STEPS, d
     assert d["rollout_restarts"] >= 1 and d["target_restarts"] >= 1 and d["learner_restarts"] >= 1, d
+    assert d["rollout_actor_starts"] >= 3 and d["dropped_batches"] > 0, d  # 2 actors + the restart; stale dropped
     log = distill_log(cfg)
     assert log[-1]["step"] == MAX_STEPS and log[-1]["learner_restarts"] >= 1
+    assert all(r["policy_lag"] == 0 for r in log)  # nothing older than max_policy_lag was trained on
+    assert log[-1]["trained_tokens"] > 0
 
     # the step counter: consecutive within an attempt; after the restart it goes back to the
     # checkpoint Ray Train restored, which is no older than the one registered before the kill
