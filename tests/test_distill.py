@@ -220,7 +220,7 @@ def test_queue_is_bounded_and_weights_flow_through_the_store(ray_local, tiny_dra
 # ----------------------------------------------------------------------------- end-to-end runs
 
 @pytest.mark.slow
-def test_distill_run_lowers_heldout_tvd_and_resumes(ray_local, job, target_tokenizer):
+def test_distill_run_lowers_heldout_tvd(ray_local, job, target_tokenizer):
     from draftalign.models import load_draft
     from learner.distill import run_distill
 
@@ -244,15 +244,6 @@ def test_distill_run_lowers_heldout_tvd_and_resumes(ray_local, job, target_token
             "learner_idle_frac"} <= set(log[-1])
     assert max(r["queue_depth"] for r in log) <= cfg.rollout.queue_size
 
-    cfg.learner.max_steps = 34  # resume continues from the step-30 checkpoint
-    run_distill(cfg, resume=True)
-    again = _done(cfg)
-    assert again["resumed_from_step"] == 30 and again["steps"] == 34
-    assert again["policy_version"] == 34 // cfg.learner.sync_every
-    log = [json.loads(line) for line in (cfg.run_path / "distill_log.jsonl").read_text().splitlines()]
-    at30, after = next(r for r in log if r["step"] == 30), next(r for r in log if r["step"] == 31)
-    assert after["restored_digest"] == at30["state_digest"]  # weights + optimizer restored exactly
-    assert "restored_digest" not in next(r for r in log if r["step"] == 32)
 
 
 @pytest.mark.slow

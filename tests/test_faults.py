@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from distill_helpers import distill_log, done, make_job, peaked_target_fixture, write_distill_set  # noqa: F401
 
-from learner.trainer import CKPT_RE, list_checkpoints
+from learner.trainer import CKPT_RE, STATE_FILE, list_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -149,7 +150,12 @@ def test_run_survives_killed_rollout_target_and_learner(fault_run):
     assert restored % CKPT_EVERY == 0 and events["learner"]["registered_ckpt"] <= restored <= first[-1], (
         events, restored, first[-1])
     assert d["scaling"]["learner"]["start_step"] == restored, d["scaling"]
-    assert Path(d["scaling"]["learner"]["restored_from"]).name.startswith(f"checkpoint_step_{restored:08d}_")
+    restored_from = Path(d["scaling"]["learner"]["restored_from"])
+    assert restored_from.name.startswith(f"checkpoint_step_{restored:08d}_")
+    # weights + optimizer restored exactly: the restarted rank's digest is the one saved in that checkpoint
+    saved = torch.load(restored_from / STATE_FILE, map_location="cpu", weights_only=False)["state_digest"]
+    first_again = next(r for r in log if r["learner_attempt"] >= 1)
+    assert first_again["restored_digest"] == saved, (first_again.get("restored_digest"), saved)
     assert events["learner"]["pid"] != d["scaling"]["learner"]["pid"]  # a new rank-0 process
 
     # weight versions keep increasing across the restart (the store rejects anything else)
@@ -174,7 +180,7 @@ def test_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(fault_r
     # Ray Train keeps two registered checkpoints (steps 15 and 10). On a slow machine the killed
     # attempt may have written its own step-15 checkpoint before dying, unregistered: it stays on
     # disk under the attempt-0 name and, being complete, is the one to fall back to.
-    (latest_step, latest), (prev_step, _) = list_checkpoints(exp)[:2]
+    (latest_step, latest), (prev_step, prev) = list_checkpoints(exp)[:2]
     assert latest_step == MAX_STEPS and prev_step in (MAX_STEPS, MAX_STEPS - CKPT_EVERY), list_checkpoints(exp)
     weights = latest / "model.safetensors"
     with open(weights, "r+b") as f:
@@ -190,8 +196,14 @@ def test_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(fault_r
     assert d["resumed_from_step"] == prev_step and d["steps"] == MAX_STEPS + 3, d
     assert len(d["skipped_checkpoints"]) == 1 and latest.name in d["skipped_checkpoints"][0], d
     assert "skipping corrupt checkpoint" in out.out + out.err and latest.name in out.out + out.err
-    resumed = [r["step"] for r in distill_log(cfg)[n_lines:]]
+    log = distill_log(cfg)
+    resumed = [r["step"] for r in log[n_lines:]]
     assert resumed == list(range(prev_step + 1, MAX_STEPS + 4)), resumed
+    # the driver-level resume restores weights + optimizer exactly (the digest saved in the checkpoint used)
+    saved = torch.load(prev / STATE_FILE, map_location="cpu", weights_only=False)["state_digest"]
+    assert log[n_lines]["restored_digest"] == saved and "restored_digest" not in log[n_lines + 1]
+    versions = [r["policy_version"] for r in log]
+    assert versions == sorted(versions) and versions[-1] > versions[n_lines - 1], versions  # newer weights flow on
 
 
 def test_rollout_actors_scale_without_touching_the_learner(fault_run, ray_slots, tmp_path, peaked_target,
