@@ -32,15 +32,6 @@ LOG_EVERY = 5  # each ray.train.report is a round trip through the Train control
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> list[str]:
-    d = tmp_path_factory.mktemp("corpus")
-    (d / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    (d / "b.jsonl").write_text("\n".join(json.dumps({"text": "hello world, this is a repeated sentence. " * 20})
-                                         for _ in range(2)))
-    return [str(d / "a.txt"), str(d / "b.jsonl")]
-
-
-@pytest.fixture(scope="module")
 def varied_corpus(tmp_path_factory) -> list[str]:
     """~90 blocks of distinct text: a data cursor off by one block reads different tokens (the repeated
     sentences above would hide it). 40 steps x batch 4 cross an epoch boundary."""
@@ -78,13 +69,20 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, corpus, ray_local, tiny_draft_path) -> Path:
-    """One 30-step single-worker run (checkpoints at 10, 20, 30), logged every 5 steps, starting from
-    an existing HF-format draft (draft.model); the kill test covers freshly built drafts."""
+def trained(tmp_path_factory, varied_corpus, ray_local, tiny_draft_path) -> Path:
+    """One uninterrupted 40-step single-worker run (checkpoints at 20 and 40), logged every 5 steps, starting
+    from an existing HF-format draft (draft.model; every `draftalign run` test builds a fresh one): the
+    reference that the killed and the two-worker runs are held against."""
     run = tmp_path_factory.mktemp("pt") / "run"
-    out = run_pretrain(make_cfg(run, corpus, draft_model=tiny_draft_path), log_every=LOG_EVERY)
+    out = run_pretrain(reference_cfg(run, varied_corpus, tiny_draft_path), log_every=LOG_EVERY)
     assert out == run / "draft_pretrained"
     return run
+
+
+def reference_cfg(run_dir: Path, corpus: list[str], draft_model: str, **over) -> JobConfig:
+    """The reference job: 40 steps of batch 4 cross an epoch of the varied corpus; checkpoints at 20 and 40 only,
+    so a kill after the first lands well before a second could appear."""
+    return make_cfg(run_dir, corpus, draft_model=draft_model, max_steps=40, checkpoint_every=20, lr=3e-3, **over)
 
 
 # ------------------------------------------------------------------------------- pure helpers
@@ -159,42 +157,43 @@ def test_loss_decreases_and_checkpoints_load(trained, target_tokenizer):
     from draftalign.models import check_tokenizers_match
 
     log = read_log(trained)
-    assert [r["step"] for r in log] == [5, 10, 15, 20, 25, 30]
+    assert [r["step"] for r in log] == list(range(5, 41, 5))
     assert log[-1]["loss"] < log[0]["loss"] - 2, (log[0]["loss"], log[-1]["loss"])
     assert all(k in log[-1] for k in ("loss", "perplexity", "tokens_per_s", "lr", "step", "val_loss"))
     done = json.loads((trained / "pretrain_done.json").read_text())
-    assert done["steps"] == 30 and done["val_loss"] < log[0]["loss"]
+    assert done["steps"] == 40 and done["val_loss"] < log[0]["loss"]
 
     ckpts = list_checkpoints(trained / "ray_results" / "pretrain")
-    assert [s for s, _ in ckpts] == [30, 20]  # num_to_keep=2
+    assert [s for s, _ in ckpts] == [40, 20]  # num_to_keep=2
     for path in (ckpts[0][1], trained / "draft_pretrained"):
         model = AutoModelForCausalLM.from_pretrained(path)
         check_tokenizers_match(target_tokenizer, AutoTokenizer.from_pretrained(path),
                                draft_vocab=model.config.vocab_size)
         assert model.config.num_hidden_layers == 1 and model.config.hidden_size == 32
-    assert verify_checkpoint(ckpts[0][1]) == 30
+    assert verify_checkpoint(ckpts[0][1]) == 40
 
     import torch
 
     state = torch.load(ckpts[0][1] / STATE_FILE, weights_only=False)
-    assert state["step"] == 30 and state["cursor"] == 30 * 4
+    assert state["step"] == 40 and state["cursor"] == 40 * 4
     assert {"optimizer", "scheduler", "rng", "config"} <= set(state)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(trained / "tensorboard" / "pretrain"))
     acc.Reload()
-    assert len(acc.Scalars("train/loss")) == 6 and len(acc.Scalars("val/val_loss")) == 3
+    assert len(acc.Scalars("train/loss")) == 8 and len(acc.Scalars("val/val_loss")) == 2
 
 
-def test_resume_on_two_workers_skips_a_truncated_checkpoint(trained, corpus, tmp_path, ray_local, capfd):
-    """Truncate the newest checkpoint (step 30) of the 1-worker run and resume it on 2 DDP workers:
+def test_resume_on_two_workers_skips_a_truncated_checkpoint(trained, varied_corpus, tiny_draft_path, tmp_path,
+                                                           ray_local, capfd):
+    """Truncate the newest checkpoint (step 40) of the 1-worker run and resume it on 2 DDP workers:
     the corrupt checkpoint is named and skipped, training continues at step 21, and the losses of
-    steps 21-30 repeat the uninterrupted 1-worker run's (global-token normalisation makes sharding
+    steps 21-40 repeat the uninterrupted 1-worker run's (global-token normalisation makes sharding
     invisible)."""
     run = tmp_path / "run"
     shutil.copytree(trained, run)
-    (run / "pretrain_done.json").unlink()  # as if killed right after writing the step-30 checkpoint
+    (run / "pretrain_done.json").unlink()  # as if killed right after writing the step-40 checkpoint
     latest = list_checkpoints(run / "ray_results" / "pretrain")[0][1]
     weights = latest / "model.safetensors"
     with open(weights, "r+b") as f:
@@ -202,14 +201,15 @@ def test_resume_on_two_workers_skips_a_truncated_checkpoint(trained, corpus, tmp
     with pytest.raises(CorruptCheckpoint, match="truncated"):
         verify_checkpoint(latest)
 
-    run_pretrain(make_cfg(run, corpus, num_workers=2), resume=True, log_every=LOG_EVERY)
+    run_pretrain(reference_cfg(run, varied_corpus, tiny_draft_path, num_workers=2), resume=True,
+                 log_every=LOG_EVERY)
     err = capfd.readouterr().err
     assert "skipping corrupt checkpoint" in err and latest.name in err
     done = json.loads((run / "pretrain_done.json").read_text())
-    assert done["resumed_from_step"] == 20 and done["steps"] == 30
+    assert done["resumed_from_step"] == 20 and done["steps"] == 40
     log = read_log(run)
     resumed = [r for r in log if r["session"] != log[0]["session"]]
-    assert [r["step"] for r in resumed] == [25, 30]
+    assert [r["step"] for r in resumed] == [25, 30, 35, 40]
     saved = next(r for r in read_log(trained) if r["step"] == 20)["state_digest"]
     assert resumed[0]["restored_digest"] == saved  # 2 ranks restored the 1-rank run's exact state
     uninterrupted = {r["step"]: r["loss"] for r in read_log(trained)}
@@ -268,16 +268,15 @@ def _first_good_checkpoint(exp: Path) -> int | None:
     return None
 
 
-def test_killed_run_resumes_without_a_jump(varied_corpus, tmp_path, ray_local):
+def test_killed_run_resumes_without_a_jump(trained, varied_corpus, tiny_draft_path, tmp_path, ray_local):
     """SIGKILL a run (driver, Ray and workers) after it has logged past its first good checkpoint,
     resume it, and hold it against an uninterrupted run of the same job. Proven on state, not counters:
     the restored weights + optimizer hash to the digest saved at the checkpoint (and to the uninterrupted
     run's at that step); the batches read between log rows hash the same as the uninterrupted run's, so the
     rows seen are the same rows in the same order, none missing or read twice (across an epoch boundary);
     the losses of every step match."""
-    run, ref = tmp_path / "run", tmp_path / "ref"
-    # checkpoints at 20 and 40 only: the kill lands well before a second checkpoint could appear
-    cfg = make_cfg(run, varied_corpus, max_steps=40, checkpoint_every=20, lr=3e-3)
+    run = tmp_path / "run"
+    cfg = reference_cfg(run, varied_corpus, tiny_draft_path)
     exp = run / "ray_results" / "pretrain"
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -317,8 +316,7 @@ def test_killed_run_resumes_without_a_jump(varied_corpus, tmp_path, ray_local):
 
     saved = torch.load(_checkpoint_at(run, 20) / STATE_FILE, weights_only=False)["state_digest"]
     assert after[0]["restored_digest"] == saved == {r["step"]: r for r in before}[20]["state_digest"]
-    run_pretrain(cfg.model_copy(update={"run_dir": str(ref)}), log_every=LOG_EVERY)
-    uninterrupted = {r["step"]: r for r in read_log(ref)}
+    uninterrupted = {r["step"]: r for r in read_log(trained)}  # the same job, never killed
     effective = [r for r in before if r["step"] <= start] + after
     assert [r["step"] for r in effective] == sorted(uninterrupted) == list(range(LOG_EVERY, 41, LOG_EVERY))
     assert [r["batch_digest"] for r in effective] == [uninterrupted[r["step"]]["batch_digest"] for r in effective]
