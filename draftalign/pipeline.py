@@ -85,16 +85,6 @@ def _stage(name: str, marker: Path, fn) -> None:
     print(f"[run] {name}: done in {time.time() - t0:.0f} s", flush=True)
 
 
-def _with_ray(cfg: JobConfig) -> JobConfig:
-    """Start (or join) the job's Ray instance before generation, so that generation, the self queries and the
-    training stages share one instance (a local start costs ≈ 10 s on 2 cores); the eval stage shuts it down."""
-    from draftalign.runtime import configure_vllm_env, init_ray
-
-    configure_vllm_env(cfg.target.kv_cache_gib)  # before init_ray: the target actors inherit the environment
-    init_ray(cfg)
-    return cfg
-
-
 def _eval_drafts(cfg: JobConfig, out: Path, drafts: dict[str, str], suffix: str = "") -> None:
     """Evaluate drafts {name: path} in one interleaved run, `<out>/eval_<name><suffix>.json` each, Ray shut
     down first."""
@@ -130,7 +120,7 @@ def run_pipeline(cfg: JobConfig) -> Path:
     write_json_atomic(out / "job.json", json.loads(cfg.model_dump_json()))
     t0 = time.time()
     _stage("generate", out / "distill_set" / "metadata.json",
-           lambda: run_generate(resolve_self_sources(_with_ray(cfg))))
+           lambda: run_generate(resolve_self_sources(cfg), keep_ray=True))
     if cfg.draft.kind in FEATURE_KINDS:
         return _run_fspad(cfg, out, t0)
     _stage("pretrain", out / "pretrain_done.json",
