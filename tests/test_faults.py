@@ -187,7 +187,8 @@ def test_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(fault_r
         f.truncate(weights.stat().st_size // 2)
     with pytest.raises(CorruptCheckpoint, match="truncated"):
         verify_checkpoint(latest)
-    n_lines = len(distill_log(cfg))
+    saved = torch.load(prev / STATE_FILE, map_location="cpu", weights_only=False)["state_digest"]  # before the
+    n_lines = len(distill_log(cfg))  # resume's own checkpoints retire it (Ray Train keeps two)
     cfg.learner.max_steps = MAX_STEPS + 3
     capfd.readouterr()
     run_distill(cfg, resume=True)
@@ -200,7 +201,6 @@ def test_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(fault_r
     resumed = [r["step"] for r in log[n_lines:]]
     assert resumed == list(range(prev_step + 1, MAX_STEPS + 4)), resumed
     # the driver-level resume restores weights + optimizer exactly (the digest saved in the checkpoint used)
-    saved = torch.load(prev / STATE_FILE, map_location="cpu", weights_only=False)["state_digest"]
     assert log[n_lines]["restored_digest"] == saved and "restored_digest" not in log[n_lines + 1]
     versions = [r["policy_version"] for r in log]
     assert versions == sorted(versions) and versions[-1] > versions[n_lines - 1], versions  # newer weights flow on
