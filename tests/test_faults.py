@@ -187,8 +187,9 @@ def test_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(fault_r
         f.truncate(weights.stat().st_size // 2)
     with pytest.raises(CorruptCheckpoint, match="truncated"):
         verify_checkpoint(latest)
-    saved = torch.load(prev / STATE_FILE, map_location="cpu", weights_only=False)["state_digest"]  # before the
-    n_lines = len(distill_log(cfg))  # resume's own checkpoints retire it (Ray Train keeps two)
+    state = torch.load(prev / STATE_FILE, map_location="cpu", weights_only=False)  # before the resume's own
+    saved, saved_version = state["state_digest"], state["policy_version"]  # checkpoints retire it (Ray Train keeps 2)
+    n_lines = len(distill_log(cfg))
     cfg.learner.max_steps = MAX_STEPS + 3
     capfd.readouterr()
     run_distill(cfg, resume=True)
@@ -202,8 +203,9 @@ def test_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(fault_r
     assert resumed == list(range(prev_step + 1, MAX_STEPS + 4)), resumed
     # the driver-level resume restores weights + optimizer exactly (the digest saved in the checkpoint used)
     assert log[n_lines]["restored_digest"] == saved and "restored_digest" not in log[n_lines + 1]
-    versions = [r["policy_version"] for r in log]
-    assert versions == sorted(versions) and versions[-1] > versions[n_lines - 1], versions  # newer weights flow on
+    versions = [r["policy_version"] for r in log[n_lines:]]  # the weight versions go on from the checkpoint's
+    assert versions == sorted(versions) and versions[0] > saved_version, (saved_version, versions)
+    assert d["policy_version"] == saved_version + (MAX_STEPS + 3 - prev_step) // cfg.learner.sync_every, d
 
 
 def test_rollout_actors_scale_without_touching_the_learner(fault_run, ray_slots, tmp_path, peaked_target,
