@@ -263,12 +263,13 @@ def ray_local():
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_eagle3_stage_trains_resumes_decodes_and_restarts_from_its_export(ray_local, job, peaked_target,
-                                                                          target_tokenizer, tmp_path):
+def test_eagle3_stage_trains_restores_decodes_and_restarts_from_its_export(ray_local, job, peaked_target,
+                                                                           target_tokenizer, tmp_path):
     """The FSPAD head's stage with draft.kind=eagle3 (real Ray: feature store of aux states, Ray Train, training-time
-    test from step 3): 4 steps, resumed to 6; the exported head is an EAGLE-3 head whose held-out figures recompute;
-    the engine decodes with it losslessly; its speculators export, read as draft.eagle3.init_from reads it, has
-    exactly its held-out acceptance."""
+    test from step 3): 6 steps, checkpoints at 2, 4, 6; a checkpoint restores as the worker restores it on resume
+    (the stage's resume itself is the FSPAD head's, tests/test_fspad.py: one code path for both kinds); the exported
+    head is an EAGLE-3 head whose held-out figures recompute; the engine decodes with it losslessly; its speculators
+    export, read as draft.eagle3.init_from reads it, has exactly its held-out acceptance."""
     import math
 
     from safetensors.torch import load_file
@@ -276,30 +277,38 @@ def test_eagle3_stage_trains_resumes_decodes_and_restarts_from_its_export(ray_lo
 
     from learner.feature_heads import load_head
     from learner.fspad_distill import evaluate_heldout, run_fspad
+    from learner.trainer import STATE_FILE, adamw, check_restored, param_groups
     from serve.export import export_draft
 
-    over = dict(draft__kind="eagle3", learner__max_steps=4, learner__checkpoint_every=2, learner__lr=3e-3,
+    over = dict(draft__kind="eagle3", learner__max_steps=6, learner__checkpoint_every=2, learner__lr=3e-3,
                 rollout__batch_size=4, draft__fspad__unroll=2, draft__fspad__unroll_from_step=2)
     cfg = job("eagle3", **over)
     out = run_fspad(cfg)
     target = load_causal_lm(peaked_target)
-    head = load_head(out, target)
+    head = load_head(out, target).eval()
     H = target.config.hidden_size
     assert isinstance(head, EAGLE3Head) and head.aux_layers == [0, 1, 2] and head.vocab.ids is not None
     shard = load_file(str(cfg.run_path / "fspad_features" / "shard-00000.safetensors"))
     assert shard["F"].shape[-1] == 3 * H  # the store holds the aux states, not the last feature
     log = [json.loads(line) for line in (cfg.run_path / "fspad_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["feature_loss"] == 0 for r in log)
-    assert [("unrolled_acceptance" in r) for r in log] == [False, False, True, True]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and all(r["feature_loss"] == 0 for r in log)
+    assert [("unrolled_acceptance" in r) for r in log] == [False, False, True, True, True, True]
     acc = EventAccumulator(str(cfg.run_path / "tensorboard" / "fspad"))
     acc.Reload()
     assert {"train/loss", "train/logit_loss", "heldout/heldout_acceptance"} <= set(acc.Tags()["scalars"])
-
-    cfg.learner.max_steps = 6
-    run_fspad(cfg, resume=True)
     done = json.loads((cfg.run_path / "fspad_done.json").read_text())
-    assert done["resumed_from_step"] == 4 and done["steps"] == 6 and done["heldout_positions"] > 0
-    head = load_head(out, target).eval()
+    assert done["resumed_from_step"] == 0 and done["steps"] == 6 and done["heldout_positions"] > 0
+
+    # what a resume from step 4 restores (`train_loop_per_worker`): the checkpoint's head (`load_head`) and its
+    # optimizer state, refused unless the pair hashes to the digest saved with it — and logged at step 4
+    ckpt = next((cfg.run_path / "ray_results" / "fspad").glob("checkpoint_step_00000004_*"))
+    state = torch.load(ckpt / STATE_FILE, weights_only=False)
+    back = load_head(ckpt, target).train()
+    assert isinstance(back, EAGLE3Head) and back.aux_layers == head.aux_layers
+    opt = adamw(param_groups(back, cfg.learner.weight_decay), lr=cfg.learner.lr)
+    opt.load_state_dict(state["optimizer"])
+    assert state["step"] == 4 and check_restored(back, opt, state, ckpt) == log[3]["state_digest"]
+
     saved = torch.load(cfg.run_path / "fspad_features" / "heldout.pt", weights_only=False)["batch"]
     assert saved.features.shape[-1] == 3 * H
     recomputed = evaluate_heldout(head, saved, cfg, torch.device("cpu"))
@@ -312,7 +321,7 @@ def test_eagle3_stage_trains_resumes_decodes_and_restarts_from_its_export(ray_lo
             target, p, 12, target_tokenizer.eos_token_id)
 
     # draft.eagle3.init_from: the stage's builder reads a speculators checkpoint with from_speculators; from this
-    # head's export it starts at exactly its held-out figures (no third stage run: the loader is what is new)
+    # head's export it starts at exactly its held-out figures (no second stage run: the loader is what is new)
     spec = export_draft(out, tmp_path / "speculators", "eagle3", peaked_target)
     start = evaluate_heldout(EAGLE3Head.from_speculators(spec, target, cfg.draft.fspad.model_dump()).eval(), saved,
                              cfg, torch.device("cpu"))

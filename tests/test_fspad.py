@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from distill_helpers import job_fixture, peaked_target_fixture  # noqa: F401 - fixtures
+from distill_helpers import peaked_target_fixture  # noqa: F401 - fixture
 
 from actors.features import feature_batch, sample_from_topk
 from draftalign.models import ModelError, load_causal_lm
@@ -446,56 +446,67 @@ def test_stored_features_actor_scores_chains_on_the_rows_of_its_batch(target, ti
 
 # ------------------------------------------------------------------------------ the stage, on Ray
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_draftalign_run_kind_fspad_generates_then_trains_the_head(tmp_path, tiny_target_path):
-    """The CLI, as a user runs it: `draftalign run JOB --set draft.kind=fspad` = generate (vLLM, the set stores
-    the target's top-k) → no stage 1 → the fspad stage → eval with the head (chain and tree) → report; a rerun
-    skips them all. (Before the Ray fixture below: the
-    subprocess starts its own Ray.)"""
+@pytest.fixture(scope="module")
+def fspad_run(tmp_path_factory, tiny_target_path):
+    """`draftalign run JOB --set draft.kind=fspad`, as a user runs it (a subprocess), then once more: the job, the
+    run dir, both logs and the first run's summaries read at once (the stage test below resumes that run's fspad
+    stage in place). Made before the Ray fixture below: the subprocess starts its own Ray. 6 steps, checkpoints
+    at 3 and 6, chain steps 1 … 3 trained from the fifth step on."""
     import os
     import subprocess
     import sys
     from pathlib import Path
+    from types import SimpleNamespace
 
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
-    job = tmp_path / "job.yaml"
+    root, tmp = Path(__file__).resolve().parents[1], tmp_path_factory.mktemp("fspad-run")
+    job = tmp / "job.yaml"
     job.write_text(yaml.safe_dump({
-        "name": "fspad-cli", "run_dir": str(tmp_path / "run"), "seed": 1,
+        "name": "fspad-cli", "run_dir": str(tmp / "run"), "seed": 1,
         "target": {"model": tiny_target_path, "dtype": "float32", "max_model_len": 512, "cpus_per_engine": 0.5,
                    "top_k_logprobs": 8},
+        "draft": {"fspad": {"unroll": 3, "unroll_from_step": 4}},
         "generate": {"num_prompts": 12, "shard_size": 6, "max_tokens": 12},
         "rollout": {"batch_size": 4},
-        "learner": {"max_steps": 4, "checkpoint_every": 2, "warmup_steps": 1},
+        "learner": {"max_steps": 6, "checkpoint_every": 3, "warmup_steps": 1, "lr": 3e-3},
         "eval": {"tasks": ["chat"], "prompts_per_task": {"chat": 2}, "gamma": [2], "trees": [[2, 1]],
                  "max_new_tokens": 8},
         "cluster": {"nodes": [{"cpus": 2}]}}))
     env = {**os.environ, "PYTHONPATH": str(root)}
 
     def run(name: str) -> str:
-        log = tmp_path / name
+        log = tmp / name
         with log.open("w") as f:
             rc = subprocess.run([sys.executable, "-m", "draftalign.cli", "run", str(job), "--set", "draft.kind=fspad"],
                                 cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=540).returncode
         assert rc == 0, log.read_text()[-4000:]
         return log.read_text()
 
-    out = run("first.log")
-    rdir = tmp_path / "run"
-    assert "pretrain: skipped for draft.kind=fspad" in out and not (rdir / "draft_pretrained").exists()
-    done = json.loads((rdir / "fspad_done.json").read_text())
-    assert done["steps"] == 4 and done["fspad"]["feature_sampling"] is True
-    FSPADHead.load(rdir / "draft_fspad", load_causal_lm(tiny_target_path))
-    ev = json.loads((rdir / "eval_distilled.json").read_text())  # the eval decoded with the head: chain and tree
-    assert ev["draft"] == str(rdir / "draft_fspad") and "tree:2-1" in ev["by_tree"]
-    assert ev["lossless_greedy"]["mismatches"] == 0 and ev["lossless_greedy"]["checked"] > 0
-    assert "fspad" in (rdir / "report.md").read_text()
-    assert "acceptance by chain step k" in (rdir / "report.md").read_text()  # training-time test vs engine, by depth
-    again = run("second.log")
-    assert "fspad: complete (fspad_done.json), skipped" in again and "eval: complete" in again
+    rdir = tmp / "run"
+    first = run("first.log")
+    read = {"done": json.loads((rdir / "fspad_done.json").read_text()),
+            "eval": json.loads((rdir / "eval_distilled.json").read_text()), "report": (rdir / "report.md").read_text()}
+    return SimpleNamespace(job=job, run_dir=rdir, first=first, second=run("second.log"), **read)
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_draftalign_run_kind_fspad_generates_then_trains_the_head(fspad_run, tiny_target_path):
+    """The CLI, as a user runs it: `draftalign run JOB --set draft.kind=fspad` = generate (vLLM, the set stores
+    the target's top-k) → no stage 1 → the fspad stage → eval with the head (chain and tree) → report; a rerun
+    skips them all."""
+    out, rdir, done, ev = fspad_run.first, fspad_run.run_dir, fspad_run.done, fspad_run.eval
+    assert "[run] generate: done" in out  # the set was generated by this run, not found
+    assert "pretrain: skipped for draft.kind=fspad" in out and not (rdir / "draft_pretrained").exists()
+    assert done["steps"] == 6 and done["fspad"]["feature_sampling"] is True
+    FSPADHead.load(rdir / "draft_fspad", load_causal_lm(tiny_target_path))
+    assert ev["draft"] == str(rdir / "draft_fspad") and "tree:2-1" in ev["by_tree"]  # decoded with the head
+    assert ev["lossless_greedy"]["mismatches"] == 0 and ev["lossless_greedy"]["checked"] > 0
+    assert "fspad" in fspad_run.report
+    assert "acceptance by chain step k" in fspad_run.report  # training-time test vs engine, by depth
+    again = fspad_run.second
+    assert "fspad: complete (fspad_done.json), skipped" in again and "eval: complete" in again
 
 
 @pytest.fixture(scope="module")
@@ -508,21 +519,25 @@ def ray_local():
 
 
 @pytest.mark.slow
-def test_fspad_stage_trains_checkpoints_and_resumes(ray_local, job, peaked_target):
-    """Real Ray: the feature store (a TargetFeatures actor runs the HF target over the set) feeding a one-worker
-    TorchTrainer through a StoredFeatures actor; 6 steps with a checkpoint
-    at 3 and 6 (chain steps 1 … 3 trained from the fifth step on), then a resume to 8 from the step-6 checkpoint,
-    then to 10 with on-policy chains (the StoredFeatures actor loads the target and scores them)."""
+@pytest.mark.timeout(1200)
+def test_fspad_stage_trains_checkpoints_and_resumes(fspad_run, ray_local, target, tiny_target_path):
+    """Real Ray: the fspad stage of `draftalign run` above — the feature store (a TargetFeatures actor runs the HF
+    target over the generated set) feeding a one-worker TorchTrainer through a StoredFeatures actor; 6 steps with a
+    checkpoint at 3 and 6 (chain steps 1 … 3 trained from the fifth step on) — then resumed here (`run_fspad`) to 8
+    from the step-6 checkpoint with on-policy chains (the StoredFeatures actor loads the target and scores them).
+    The resume is held to what an uninterrupted run does without running one: the restored head + optimizer hash
+    to the digest saved at step 6, every step read the store's batch (step, rank) — a pure function of the step,
+    so an uninterrupted run's batch —, the schedule went on from step 6, and step 7's logged loss is recomputed
+    from the step-6 checkpoint on that batch and its chains."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from draftalign.config import load_config
     from learner.fspad_distill import run_fspad
 
-    cfg = job("fspad", draft__kind="fspad", learner__max_steps=6, learner__checkpoint_every=3,
-              learner__lr=3e-3, rollout__batch_size=4, draft__fspad__unroll=3, draft__fspad__unroll_from_step=4)
-    out = run_fspad(cfg)
-    done = json.loads((cfg.run_path / "fspad_done.json").read_text())
-    assert out == cfg.run_path.resolve() / "draft_fspad" and done["steps"] == 6 and done["resumed_from_step"] == 0
-    head = FSPADHead.load(out, load_causal_lm(peaked_target))  # the exported head loads on its target
+    cfg = load_config(fspad_run.job, ["draft.kind=fspad"])  # the job as `draftalign run` read it
+    done, out = fspad_run.done, cfg.run_path.resolve() / "draft_fspad"
+    assert done["draft"] == str(out) and done["steps"] == 6 and done["resumed_from_step"] == 0
+    head = FSPADHead.load(out, target)  # the exported head loads on its target
     assert head.vocab.ids is not None  # the job's draft vocabulary travelled with it
     assert done["heldout_positions"] > 0
     assert done["sampled_frac"] > 0  # feature sampling is on by default and re-drew tokens
@@ -549,33 +564,67 @@ def test_fspad_stage_trains_checkpoints_and_resumes(ray_local, job, peaked_targe
     assert {"train/loss", "train/feature_loss", "train/logit_loss", "train/acceptance",
             "heldout/heldout_acceptance"} <= set(acc.Tags()["scalars"])
 
-    cfg.learner.max_steps = 8
+    cfg.draft.fspad.on_policy, cfg.learner.max_steps = True, 8  # on-policy chains, scored by the stored actor's target
     run_fspad(cfg, resume=True)
     again = json.loads((cfg.run_path / "fspad_done.json").read_text())
-    assert again["resumed_from_step"] == 6 and again["steps"] == 8
+    assert again["resumed_from_step"] == 6 and again["steps"] == 8 and again["fspad"]["on_policy"] is True
     log = [json.loads(line) for line in (cfg.run_path / "fspad_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 9))  # continued after step 6, nothing repeated
-    saved = torch.load(next((cfg.run_path / "ray_results" / "fspad").glob("checkpoint_step_00000006_*"))
-                       / "trainer_state.pt", weights_only=False)["state_digest"]
-    assert log[6]["restored_digest"] == saved == log[5]["state_digest"]  # the state at step 6, exactly
-    # an uninterrupted 8-step run of the same job: the same state at step 6, the same batches at every step
-    straight = job("fspad-straight", draft__kind="fspad", learner__max_steps=8, learner__checkpoint_every=3,
-                   learner__lr=3e-3, rollout__batch_size=4, draft__fspad__unroll=3, draft__fspad__unroll_from_step=4)
-    run_fspad(straight)
-    ref = [json.loads(line) for line in (straight.run_path / "fspad_log.jsonl").read_text().splitlines()]
-    assert [r["batch_digest"] for r in log] == [r["batch_digest"] for r in ref]
-    # two fresh runs of this stage are not bitwise equal (their states at step 6 hash differently), so the
-    # uninterrupted run is held to the losses, within 2%; the restored state is held exactly to its checkpoint above
-    assert all(math.isclose(r["loss"], u["loss"], rel_tol=0.02) for r, u in zip(log, ref, strict=True)), (
-        [(r["loss"], u["loss"]) for r, u in zip(log, ref, strict=True)])
+    assert all(0 < r["rollout_frac"] < 1 and "unrolled_acceptance" in r for r in log[6:]), log[6:]
+    assert not any("rollout_frac" in r for r in log[:6])
+    ckpt = next((cfg.run_path / "ray_results" / "fspad").glob("checkpoint_step_00000006_*"))
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert log[6]["restored_digest"] == state["state_digest"] == log[5]["state_digest"]  # the state at step 6, exactly
+    assert "restored_digest" not in log[7]
+    # the schedule went on from step 6, no new warm-up: step 7 at the restored optimizer's lr, step 8 at the
+    # 8-step schedule's step 7 (the scheduler's restored count + 1)
+    from learner.trainer import lr_factor
 
-    cfg.draft.fspad.on_policy, cfg.learner.max_steps = True, 10  # on-policy chains, scored by the stored actor's target
-    run_fspad(cfg, resume=True)
-    log = [json.loads(line) for line in (cfg.run_path / "fspad_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == list(range(1, 11))
-    assert all(0 < r["rollout_frac"] < 1 and "unrolled_acceptance" in r for r in log[8:]), log[8:]
-    assert not any("rollout_frac" in r for r in log[:8])
-    assert json.loads((cfg.run_path / "fspad_done.json").read_text())["fspad"]["on_policy"] is True
+    lc = cfg.learner
+    assert log[6]["lr"] == state["optimizer"]["param_groups"][0]["lr"]
+    assert math.isclose(log[7]["lr"], lc.lr * lr_factor(7, lc.warmup_steps, 8, lc.min_lr_ratio), rel_tol=1e-9)
+
+    # what an uninterrupted run reads: batch (step, rank) of the store, recomputed here from the same store and rows
+    from transformers import DynamicCache
+
+    from actors.feature_store import StoredFeatures
+    from actors.features import batch_seed
+    from learner.distill import load_split
+    from learner.fspad_distill import head_loss, sample_chains, unrolled_steps
+    from learner.losses import BaselineState
+    from learner.trainer import BatchDigest
+
+    threads = torch.get_num_threads()
+    try:
+        rows = load_split(cfg.run_path, cfg.target.max_model_len, 0)[0]
+        store = StoredFeatures(str(cfg.run_path / "fspad_features"), rows, cfg.rollout.batch_size,
+                               cfg.draft.fspad.feature_sampling, cfg.seed,
+                               scoring=(tiny_target_path, cfg.target.dtype, threads))
+        want = []
+        for s in range(8):
+            d = BatchDigest()
+            d.update(store.batch(s, 0, 1).input_ids.numpy())
+            want.append(d.take(1))
+        assert [r["batch_digest"] for r in log] == want  # the same rows, the same re-drawn tokens, in step order
+        # step 7 as the worker ran it: the step-6 head draws its chains (seeded by the step), the store's target
+        # scores them, and the loss of chain steps 1 … 3 on them (with the checkpoint's TVD++ baseline state)
+        fb = store.batch(6, 0, 1)
+        restored = FSPADHead.load(ckpt, target)
+        gen = torch.Generator().manual_seed(batch_seed(cfg.seed + 1, 6, 0))
+        chains = sample_chains(restored, fb, 3, cfg.rollout.temperature, gen)
+        assert chains.valid.any()
+        chains = chains.scored(store.score_branches(6, 0, 1, chains.requests()))
+        baseline = BaselineState(**state["baseline_state"])
+        with torch.no_grad():
+            cache = DynamicCache()
+            per_pos, _, _, f_hat = head_loss(restored, restored, fb, cfg, baseline, cache)
+            deep = unrolled_steps(restored, fb, f_hat, cache, 3, cfg, baseline, chains)
+    finally:
+        torch.set_num_threads(threads)
+    all_pos = torch.cat([per_pos] + [st.loss for st in deep])
+    assert [st.k for st in deep] == [2, 3]
+    assert math.isclose(float(all_pos.sum()) / all_pos.shape[0], log[6]["loss"], rel_tol=1e-5), (
+        float(all_pos.sum()) / all_pos.shape[0], log[6]["loss"])
 
 
 # ------------------------------------------------------------------------------ on-policy chains
