@@ -51,6 +51,35 @@ def tiny_draft_path(tmp_path_factory, target_tokenizer) -> str:
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): tiny models
+    gain nothing from a second thread, and on a loaded 2-core machine its OpenMP barrier made a 2 ms forward take
+    200 ms."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def target(tiny_target_path):
+    """The tiny target, loaded once per module (a module may define its own `target`)."""
+    from draftalign.models import load_causal_lm
+
+    return load_causal_lm(tiny_target_path)
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_target_path):
+    """The same weights in a second model: HF `generate` runs on it, unpatched by the engine."""
+    from draftalign.models import load_causal_lm
+
+    return load_causal_lm(tiny_target_path)
+
+
+@pytest.fixture(scope="module")
 def partial_pair(tiny_target_path):
     """(engine target, HF reference target, draft): the draft is the target with its last layer removed and
     its final norm perturbed (same embeddings and head), so it agrees with the target often but not always

@@ -30,22 +30,7 @@ V = 49152
 VOCAB = [i for i in range(V) if i % 3 != 1]  # a reduced draft vocabulary with gaps everywhere (token 0 in it)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def target(tiny_target_path):
-    return load_causal_lm(tiny_target_path)
-
-
-@pytest.fixture(scope="module")
-def ref(tiny_target_path):
-    return load_causal_lm(tiny_target_path)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 PROMPTS = random_prompts(16, V, seed=100)

@@ -17,11 +17,6 @@ from learner.fspad import FSPADHead, is_fspad_head, read_config
 from learner.losses import TargetDist, compute_loss, feature_regression, partial_alignment_loss
 
 
-@pytest.fixture(scope="module")
-def target(tiny_target_path):
-    return load_causal_lm(tiny_target_path)
-
-
 def _rows(n=3, seed=0, prompt=(4, 9), answer=(5, 12), k=None, target=None):
     """Random token rows in the distillation set's layout; with `target` and `k`, the answers carry the
     target's own top-k (what the set stores)."""

@@ -23,7 +23,6 @@ from specdec_helpers import (
     train_head,
 )
 
-from draftalign.models import load_causal_lm
 from draftalign.sampling import SamplingParams, sample
 from draftalign.tree_shapes import DynamicTree
 from learner.fspad import FSPADHead
@@ -33,24 +32,7 @@ from serve.specdec import SpecDecoder
 P_MIN = 0.01  # χ² p-value above which the empirical distribution is accepted as the target's
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread; on a loaded 2-core machine its barrier costs 100×."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def target(tiny_target_path):
-    return load_causal_lm(tiny_target_path)
-
-
-@pytest.fixture(scope="module")
-def ref(tiny_target_path):
-    """The same weights in a second model: HF `generate` runs on it, unpatched by the engine."""
-    return load_causal_lm(tiny_target_path)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 PROMPTS = random_prompts(24, 49152, seed=100)  # the prompts the trained head is tested on (it memorises them)

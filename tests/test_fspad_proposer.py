@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from draftalign.models import load_causal_lm
 from learner.fspad import FSPADHead
 from serve.fspad_proposer import draft_chain, propose
-
-
-@pytest.fixture(scope="module")
-def target(tiny_target_path):
-    return load_causal_lm(tiny_target_path)
 
 
 def _reference_chain(target, head, prompt, gamma):

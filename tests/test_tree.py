@@ -38,14 +38,7 @@ ATOL = 1e-5
 P_MIN = 1e-3  # χ² p-value above which the empirical distribution is accepted as the target's
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread; on a loaded 2-core machine its OpenMP barrier made a
-    2 ms forward take 200 ms."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- shape, mask, positions

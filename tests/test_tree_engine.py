@@ -33,13 +33,7 @@ ATOL = 1e-5
 P_MIN = 0.01  # χ² p-value above which the empirical distribution is accepted as the target's
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread; on a loaded 2-core machine its barrier costs 100×."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- LeanLlama: tree pass and compaction
