@@ -50,7 +50,8 @@ def test_launch_places_target_actor_on_the_node_its_resources_name(two_node_clus
     # Where to watch it, and the driver ran on the cluster's Python (this venv), found without PATH.
     assert f"dashboard:   {two_node_cluster}/#/jobs/raysubmit_" in r.stdout
     assert f"follow logs: ray job logs --follow --address {two_node_cluster} raysubmit_" in r.stdout
-    assert f"draftalign launch: driver python {BIN}/python" in r.stdout
+    driver = r.stdout.split("draftalign launch: driver python ", 1)[1].split()[0]
+    assert same_file(driver, BIN / "python"), driver
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     nodes = list_nodes(address=two_node_cluster, detail=True)
@@ -77,10 +78,15 @@ def _find_python(env: dict[str, str]) -> str:
                           check=True, timeout=120).stdout.strip()
 
 
+def same_file(a, b) -> bool:
+    """The same interpreter, however reached: a venv may be a symlink (the maps read the resolved path)."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def test_the_entrypoint_finds_the_python_ray_runs_on_without_path():
     env = {**cluster_env(), "PATH": "/usr/bin:/bin"}  # no venv on PATH
-    assert _find_python(env) == f"{BIN}/python"
-    assert _find_python({**env, "VIRTUAL_ENV": str(BIN.parent)}) == f"{BIN}/python"
+    assert same_file(_find_python(env), BIN / "python")
+    assert same_file(_find_python({**env, "VIRTUAL_ENV": str(BIN.parent)}), BIN / "python")
     assert _find_python({**env, "DRAFTALIGN_PYTHON": "/opt/elsewhere/python"}) == "/opt/elsewhere/python"
 
 
