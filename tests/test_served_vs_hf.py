@@ -85,7 +85,9 @@ def _long_prompts(tokenizer, n: int = 4) -> list[list[int]]:
     return out
 
 
-def _check(client, prompts, tokenizer, target) -> int:
+def _check(client, prompts, tokenizer, target, depth: int | None = None) -> int:
+    """Every served greedy answer equals HF `generate`'s; returns the accepted draft tokens. A static tree of
+    `depth` levels reports γ = depth and depth proposed tokens per round (the path it verifies)."""
     accepted = 0
     eos = tokenizer.eos_token_id
     for p in prompts:
@@ -93,7 +95,10 @@ def _check(client, prompts, tokenizer, target) -> int:
         want = hf_greedy(target, p, NEW, eos)
         assert r.choices[0].text == tokenizer.decode(want, skip_special_tokens=True), (len(p), want)
         assert r.usage.completion_tokens == len(want)
-        accepted += r.model_extra["spec_decoding"]["accepted"]
+        spec = r.model_extra["spec_decoding"]
+        if depth is not None:
+            assert spec["gamma"] == depth and spec["proposed"] == depth * spec["rounds"], spec
+        accepted += spec["accepted"]
     return accepted
 
 
@@ -111,7 +116,7 @@ def test_served_chain_and_tree_equal_hf_generate_on_long_contexts(endpoint, hf_t
     tree_cfg = cfg.model_copy(deep=True)
     tree_cfg.serve.tree = [2, 1, 1]
     with _app(root, tree_cfg, tiny_target_path, draft, "tree") as tree:
-        assert _check(tree, prompts, target_tokenizer, hf_target) > 0
+        assert _check(tree, prompts, target_tokenizer, hf_target, depth=3) > 0
 
 
 @pytest.mark.slow
