@@ -567,14 +567,14 @@ def test_fspad_stage_trains_checkpoints_and_resumes(fspad_run, ray_local, target
     assert [r["step"] for r in log] == list(range(1, 9))  # continued after step 6, nothing repeated
     assert all(0 < r["rollout_frac"] < 1 and "unrolled_acceptance" in r for r in log[6:]), log[6:]
     assert not any("rollout_frac" in r for r in log[:6])
+    from learner.trainer import STATE_FILE, lr_factor
+
     ckpt = next((cfg.run_path / "ray_results" / "fspad").glob("checkpoint_step_00000006_*"))
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    state = torch.load(ckpt / STATE_FILE, weights_only=False)
     assert log[6]["restored_digest"] == state["state_digest"] == log[5]["state_digest"]  # the state at step 6, exactly
     assert "restored_digest" not in log[7]
     # the schedule went on from step 6, no new warm-up: step 7 at the restored optimizer's lr, step 8 at the
     # 8-step schedule's step 7 (the scheduler's restored count + 1)
-    from learner.trainer import lr_factor
-
     lc = cfg.learner
     assert log[6]["lr"] == state["optimizer"]["param_groups"][0]["lr"]
     assert math.isclose(log[7]["lr"], lc.lr * lr_factor(7, lc.warmup_steps, 8, lc.min_lr_ratio), rel_tol=1e-9)
