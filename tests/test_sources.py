@@ -130,9 +130,12 @@ def test_mixing_by_weight_keeps_a_prefix_order(tmp_path):
 
 
 def test_embedded_default_is_the_packaged_mix():
-    """make run's prompts are unchanged: data.train's default is draftalign.data.train_messages, eval the same sets."""
+    """data.train's default is draftalign.data.train_messages; make run's job adds the target's own queries to it
+    (embedded:self) and evaluates on the same packaged sets, so its chat figures stay comparable."""
+    default = load_config(None)
+    assert train_prompts(default.data, 64, default.seed) == data.train_messages(64, default.seed)
     cfg = load_config("cluster/jobs/local.yaml")
-    assert train_prompts(cfg.data, 64, cfg.seed) == data.train_messages(64, cfg.seed)
+    assert [s.source for s in cfg.data.train] == ["embedded:chitchat", "embedded:self"]
     assert eval_prompts(cfg.data, "chat", 16, 0) == data.chat_messages("eval", 16, 0)
     assert eval_prompts(cfg.data, "code", 4, 0) == data.code_messages(4)
     assert eval_prompts(cfg.data, "summarize", 4, 0) == data.summarize_messages("eval", 4, 0)
