@@ -99,10 +99,11 @@ def chat_row(what: str, rel: str, s: dict, d: dict, extra: str = "") -> list[str
 
 def headline() -> str:
     rows = []
-    rel = "make_run_s3/eval_distilled.json"
+    rel = f"{MAKE_RUN}/eval_distilled.json"
     d = load(rel)
+    a, code = arm_by_gamma(d, ADAPTIVE), arm_by_gamma(d, ADAPTIVE, "code")
     rows.append(chat_row("`make run`: the embedded job's 4 × 256 Llama draft (stages 1 + 3), γ = 3", rel,
-                         arm_by_gamma(d, 3), d))
+                         arm_by_gamma(d, 3), d, f"; adaptive γ ≤ 3: chat {speedup(a)}, code {code['speedup']:.2f}×"))
     rel = "make_run_fspad/eval_distilled.json"
     d = load(rel)
     rows.append(chat_row("`make run` with `--set draft.kind=fspad`: the FSPAD head, chain γ = 3", rel,
@@ -141,25 +142,34 @@ def headline() -> str:
     return table(["result", "measured", "machine", "JSON"], rows)
 
 
+ADAPTIVE = "adaptive"
+MAKE_RUN = "make_run_epyc_self"  # the current recipe's fresh-clone run
+
+
 def make_run_tasks() -> str:
-    pre_rel, dis_rel = "make_run_s3/eval_pretrained.json", "make_run_s3/eval_distilled.json"
+    pre_rel, dis_rel = f"{MAKE_RUN}/eval_pretrained.json", f"{MAKE_RUN}/eval_distilled.json"
     pre, dis = load(pre_rel), load(dis_rel)
     paired = (dis.get("paired") or {}).get("pretrained@3", {})
     rows = []
     for task in [*dis["tasks"], "overall"]:
-        a, b = arm_by_gamma(pre, 3, task), arm_by_gamma(dis, 3, task)
+        a, b, ad = arm_by_gamma(pre, 3, task), arm_by_gamma(dis, 3, task), arm_by_gamma(dis, ADAPTIVE, task)
         p = paired.get(task, {}).get("block_efficiency")
         rows.append([f"{task} ({b['n_prompts']})", f2(a["block_efficiency"]), tau(b),
                      f"{sgn(p['delta'])}{ci(p['ci95'], signed=True)}" if p else "–",
                      f"{a['acceptance_rate']:.3f} → {b['acceptance_rate']:.3f}", speedup(b),
-                     f"{b['cost_ratio_c']:.3f} / {b['verify_cost_v']:.2f}"])
+                     f"{b['cost_ratio_c']:.3f} / {b['verify_cost_v']:.2f}",
+                     f"{ad['mean_gamma']:.2f} / {tau(ad)} / {speedup(ad)}"])
     return (table(["task (prompts)", "τ after stage 1", "τ after stage 3 [95% CI]", "stage 3 adds Δτ (paired)",
-                   "α stage 1 → 3", "speedup after stage 3 [95% CI]", "c / v"], rows)
-            + f"\n\nγ = 3, greedy, 64 new tokens; {mismatches(dis)} (stage 3), {mismatches(pre)} (stage 1); "
-            + f"{machine(dis)}; {link(pre_rel)}, {link(dis_rel)}.")
+                   "α stage 1 → 3", "speedup after stage 3 [95% CI]", "c / v", "adaptive γ ≤ 3: mean γ / τ / speedup"],
+                  rows)
+            + f"\n\nγ = 3 and adaptive, greedy, 64 new tokens; {mismatches(dis)} (stage 3), {mismatches(pre)} "
+            + f"(stage 1); {machine(dis)}; {link(pre_rel)}, {link(dis_rel)}.")
 
 
-MAKE_RUNS = ("make_run_s3", "make_run_epyc_avx512")  # one fresh-clone `make run` per machine class
+MAKE_RUNS = {  # one fresh-clone `make run` per machine class: its prompt mix
+    "make_run_s3": "chitchat (before 9b66efa)",
+    "make_run_epyc_self": "chitchat + `embedded:self`",
+}
 
 
 def chat_alphas(run: str, d: dict) -> str:
@@ -181,11 +191,17 @@ def make_run_machines() -> str:
         total = re.search(r"\[run\] finished in (\d+) s", timing)
         stages = dict(re.findall(r"\[run\] (\w+): done in (\d+) s", timing))
         chat, code = arm_by_gamma(d, 3, "chat"), arm_by_gamma(d, 3, "code")
-        rows.append([machine(d), f"{int(total[1]) / 60:.1f} min" if total else "–",
+        adaptive = "–"
+        if ADAPTIVE in d["by_gamma"]:
+            a_chat, a_code = arm_by_gamma(d, ADAPTIVE, "chat"), arm_by_gamma(d, ADAPTIVE, "code")
+            adaptive = f"chat {speedup(a_chat)}, code {a_code['speedup']:.2f}×"
+        rows.append([machine(d), MAKE_RUNS[run], f"{int(total[1]) / 60:.1f} min" if total else "–",
                      " / ".join(f"{k} {int(v) / 60:.1f}" for k, v in stages.items()), tau(chat), speedup(chat),
-                     chat_alphas(run, d), f"{code['speedup']:.2f}×", mismatches(d), link(f"{run}/eval_distilled.json")])
-    return table(["machine", "`make run` (after setup)", "stages, min", "chat τ [95% CI]", "chat speedup [95% CI]",
-                  "chat α greedy / sampled", "code speedup", "lossless", "JSON"], rows)
+                     chat_alphas(run, d), f"{code['speedup']:.2f}×", adaptive, mismatches(d),
+                     link(f"{run}/eval_distilled.json")])
+    return table(["machine", "prompts", "`make run` (after setup)", "stages, min", "chat τ [95% CI]",
+                  "chat speedup γ = 3 [95% CI]", "chat α greedy / sampled", "code speedup γ = 3", "adaptive γ ≤ 3",
+                  "lossless", "JSON"], rows)
 
 
 def byo() -> str:
