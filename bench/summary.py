@@ -204,20 +204,19 @@ def make_run_machines() -> str:
                   "lossless", "JSON"], rows)
 
 
-def byo() -> str:
+def byo(rel: str = "byo/byo.json") -> str:
     """bench/byo.py: a drafter trained on a user's ShareGPT export (chat + code) vs the embedded job's draft."""
-    rel = "byo/byo.json"
-    d = load(rel)
+    d, ev = load(rel), load(rel.replace("byo.json", "eval_byo.json"))
     rows = []
     for r in d["rows"]:
         rows.append([f"{r['task']} ({r['n_prompts']})",
                      f"{r['tau_embedded']:.2f}{ci(r['tau_embedded_ci'])}", f"{r['tau_byo']:.2f}{ci(r['tau_byo_ci'])}",
                      f"{sgn(r['dtau'])}{ci(r['dtau_ci'], signed=True)}" if r["dtau"] is not None else "–",
                      f"{r['speedup_embedded']:.2f}×", f"{r['speedup_byo']:.2f}×{ci(r['speedup_byo_ci'])}"])
-    ev = load("byo/eval_byo.json")
+    what = f"{ev['gamma']} γ ≤ {ev['gamma_max']}" if ev["gamma"] == ADAPTIVE else f"γ = {ev['gamma']}"
     return (table(["task (prompts)", "τ embedded draft", "τ BYO draft", "Δτ BYO − embedded (paired)",
                    "speedup embedded", "speedup BYO"], rows)
-            + f"\n\nγ = 3, greedy, one interleaved eval; {mismatches(ev)} (BYO); {machine(ev)}; {link(rel)}.")
+            + f"\n\n{what}, greedy, one interleaved eval; {mismatches(ev)} (BYO); {machine(ev)}; {link(rel)}.")
 
 
 def long_job() -> str:
@@ -351,6 +350,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "make-run-tasks": make_run_tasks,
     "make-run-machines": make_run_machines,
     "byo": byo,
+    "byo-adaptive": lambda: byo("byo/adaptive/byo.json"),
     "long-job": long_job,
     "loss-ablation": loss_ablation,
     "fspad-trees": fspad_trees,
