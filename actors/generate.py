@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 from draftalign.config import ConfigError, JobConfig
 from draftalign.distset import SCHEMA, SCHEMA_VERSION, distill_dir, shard_name
 from draftalign.io import write_atomic, write_json_atomic
+from draftalign.sources import stable_source
 from draftalign.storage import exists, is_uri, join, pull, staging_dir
 
 PROMPT_SOURCE = "draftalign.data.train_messages (train-split chitchat + summarize; no eval prompts)"
@@ -80,7 +81,8 @@ def prompt_source(cfg: JobConfig) -> str:
     """What the plan's prompts are drawn from (part of the plan: a set made from other sources is not reused)."""
     if cfg.data.is_default_train():
         return PROMPT_SOURCE
-    return "data.train=" + json.dumps([s.model_dump() for s in cfg.data.train], sort_keys=True)
+    return "data.train=" + json.dumps([{**s.model_dump(), "source": stable_source(s.source)} for s in cfg.data.train],
+                                      sort_keys=True)
 
 
 def _sampling(cfg: JobConfig) -> dict:

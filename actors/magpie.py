@@ -29,10 +29,11 @@ from pathlib import Path
 from draftalign.config import SELF_SOURCE, ConfigError, JobConfig, SelfQueryConfig
 from draftalign.io import read_json, write_atomic, write_json_atomic
 from draftalign.query_filters import deduplicate, reject_reason
+from draftalign.sources import SELF_COPY
 
 SENTINEL = "\ue000draftalign-query\ue001"  # private-use characters: no chat template writes them itself
 CHUNK = 64  # samples per engine call
-DIR = "self_queries"
+DIR, QUERIES = SELF_COPY  # <run_dir>/self_queries/self.jsonl
 
 
 class PreQueryError(ConfigError):
@@ -190,7 +191,7 @@ def materialise(cfg: JobConfig, n: int) -> Path:
 
     t0 = time.perf_counter()
     d = run_dir(cfg) / DIR
-    out, meta_path, samples_path = d / "self.jsonl", d / "meta.json", d / "samples.json"
+    out, meta_path, samples_path = d / QUERIES, d / "meta.json", d / "samples.json"
     model_path = resolve_target(cfg.target.model)
     tok = load_target_tokenizer(model_path)
     pre = pre_query_template(tok)

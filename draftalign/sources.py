@@ -282,6 +282,16 @@ def _embedded(source: str, part: str, n: int | None, seed: int) -> list[dict]:
     return data.code_messages(n)
 
 
+SELF_COPY = ("self_queries", "self.jsonl")  # <run_dir>/self_queries/self.jsonl: a run's embedded:self queries
+
+
+def stable_source(source: str) -> str:
+    """A source as a job's prompt order and its plan name it: a run's own copy of its `embedded:self` queries is
+    `embedded:self` wherever the run dir lies, so the job, not the run dir's path, decides its prompts."""
+    p = Path(source)
+    return "embedded:self" if (p.parent.name, p.name) == SELF_COPY else source
+
+
 def _shuffled(prompts: list[dict], seed: int, salt: str) -> list[dict]:
     out = list(prompts)
     random.Random(f"{seed}:{salt}").shuffle(out)
@@ -298,7 +308,7 @@ def train_prompts(data_cfg, n: int | None, seed: int, say=print) -> list[dict]:
             pool = _embedded(src.source, "train", None, seed)
         else:
             skips = Skips()
-            pool = _shuffled(source_prompts(src, "train", data_cfg.holdout, skips), seed, src.source)
+            pool = _shuffled(source_prompts(src, "train", data_cfg.holdout, skips), seed, stable_source(src.source))
             if skips.total():
                 say(f"data: {src.source}: skipped {skips.summary()}")
         pools.append(pool[:src.max_prompts] if src.max_prompts else pool)

@@ -99,6 +99,29 @@ def test_a_bigger_plan_shares_every_full_shard_of_a_smaller_one(target_tokenizer
         gen.reusable_shards(small, plan(40, "generate.shard_size=5"))
 
 
+def test_a_set_with_embedded_self_queries_is_reused_from_another_run_dir(tmp_path, target_tokenizer,
+                                                                         tiny_target_path):
+    """A run's own copy of its self queries lies in its run dir; another run of the same job in another place has
+    the same prompts in the same order and plan (the run dir's path decides nothing) and reuses the shards; other
+    queries in the same place do not."""
+    queries = "".join(json.dumps({"prompt": f"How do I plant tomato number {i}?"}) + "\n" for i in range(12))
+    for run in ("a", "b"):
+        (tmp_path / run / "self_queries").mkdir(parents=True)
+        (tmp_path / run / "self_queries" / "self.jsonl").write_text(queries)
+
+    def plan(run: str) -> dict:
+        cfg = load_config(None, [f"target.model={tiny_target_path}", "generate.num_prompts=8", "generate.shard_size=4",
+                                 f"data.train=[{tmp_path / run / 'self_queries' / 'self.jsonl'}]"])
+        return make_plan(cfg, *build_prompts(cfg, target_tokenizer))
+
+    a, b = plan("a"), plan("b")
+    assert a["prompt_ids"] == b["prompt_ids"] and '"source": "embedded:self"' in a["prompt_source"]
+    assert {k: v for k, v in a.items() if k != "target"} == {k: v for k, v in b.items() if k != "target"}
+    assert gen.reusable_shards(a, b) == [0, 1]
+    (tmp_path / "b" / "self_queries" / "self.jsonl").write_text(queries.replace("tomato", "potato"))
+    assert gen.reusable_shards(a, plan("b")) == []  # other queries: other content-hashed ids, nothing reused
+
+
 def test_rows_one_per_answer_in_prompt_order():
     prompts = [{"prompt_id": f"p{i}", "prompt": f"text {i}", "prompt_token_ids": [1, i]} for i in range(3)]
     answers = [[{"token_ids": [i, j], "text": f"a{i}{j}", "finish_reason": "length"} for j in range(2)]
