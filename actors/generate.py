@@ -184,6 +184,40 @@ def _generate_threads(cfg: JobConfig) -> int:
     return max(engine_threads(t.cpus_per_engine), fair)
 
 
+class Stage2Engines:
+    """Stage 2's target engines (`generate.dtype`, the node's cores): started on first use, shut down on exit.
+
+    One pool serves everything stage 2 samples in a run (the target's own queries, `actors/magpie.py`, then
+    its answers), so a run pays one engine start (≈ 25 s on 2 cores), not one per caller. Ray must be up."""
+
+    def __init__(self, cfg: JobConfig, model_path: str):
+        self.cfg, self.model_path, self._actors = cfg, model_path, []
+
+    def actors(self) -> list:
+        if not self._actors:
+            from actors.target import create_target_actors
+            from draftalign.models import pick_dtype
+
+            device = "cuda" if self.cfg.target.gpus_per_engine else "cpu"
+            dtype = str(pick_dtype(self.cfg.generate.dtype, device)).removeprefix("torch.")
+            self._actors = create_target_actors(self.cfg, self.model_path, threads=_generate_threads(self.cfg),
+                                                exclusive=True, dtype=dtype)
+        return self._actors
+
+    def close(self) -> None:
+        from actors.target import shutdown_target_actors
+
+        if self._actors:
+            shutdown_target_actors(self._actors)
+        self._actors = []
+
+    def __enter__(self) -> Stage2Engines:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _summarize(d: Path, plan: dict) -> dict:
     """Counts over every shard; also checks each (prompt, response_index) appears exactly once."""
     n_resp = plan["sampling"]["responses_per_prompt"]
@@ -207,15 +241,15 @@ def _summarize(d: Path, plan: dict) -> dict:
     return {"num_rows": rows, "num_response_tokens": tokens, "finish_reasons": dict(finish)}
 
 
-def run_generate(cfg: JobConfig, keep_ray: bool = False) -> Path:
-    """Build (or finish) the distillation set of this job; return its directory. A Ray instance this call
-    started is shut down at the end, unless `keep_ray` (the pipeline's training stages join it: a local start
-    costs ≈ 10 s on 2 cores)."""
+def run_generate(cfg: JobConfig, engines: Stage2Engines | None = None) -> Path:
+    """Build (or finish) the distillation set of this job; return its directory. `engines`: a pool the caller
+    owns (`draftalign run` shares one with the self queries, in the Ray instance its training stages join);
+    otherwise engines, and a Ray instance this call started, are shut down at the end."""
     import ray
     from tqdm import tqdm
 
-    from actors.target import create_target_actors, one_per_engine, shutdown_target_actors
-    from draftalign.models import load_target_tokenizer, pick_dtype, resolve_target
+    from actors.target import one_per_engine
+    from draftalign.models import load_target_tokenizer, resolve_target
     from draftalign.runtime import configure_vllm_env, init_ray, run_dir
 
     t0 = time.perf_counter()
@@ -243,11 +277,11 @@ def run_generate(cfg: JobConfig, keep_ray: bool = False) -> Path:
         configure_vllm_env(cfg.target.kv_cache_gib)  # before init_ray: actors inherit the env
         started_ray = not ray.is_initialized()
         init_ray(cfg)
-        actors = []
+        own = engines is None
+        pool = Stage2Engines(cfg, model_path) if own else engines
         try:
-            dtype = str(pick_dtype(g.dtype, "cuda" if cfg.target.gpus_per_engine else "cpu")).removeprefix("torch.")
-            actors = create_target_actors(cfg, model_path, threads=_generate_threads(cfg), exclusive=True,
-                                          dtype=dtype)
+            actors = pool.actors()
+
             def submit(actor, i: int):
                 return actor.generate.remote(
                     [p["prompt_token_ids"] for p in shards[i]], temperature=g.temperature, top_p=g.top_p,
@@ -273,10 +307,10 @@ def run_generate(cfg: JobConfig, keep_ray: bool = False) -> Path:
             one_per_engine(actors, pending, submit, done)
             bar.close()
         finally:
-            if actors:
-                shutdown_target_actors(actors)
-            if started_ray and not keep_ray:
-                ray.shutdown()
+            if own:
+                pool.close()
+                if started_ray:
+                    ray.shutdown()
 
     counts = _summarize(d, plan)
     if pending or not (d / "metadata.json").exists():

@@ -142,25 +142,25 @@ def sampler_key(cfg: JobConfig, pre: PreQuery) -> dict:
             "temperature": q.temperature, "top_p": q.top_p, "max_tokens": q.max_tokens, "pre_query": pre.text}
 
 
-def _sample(cfg: JobConfig, model_path: str, pre_ids: list[int], pre: PreQuery, todo: list[int], store) -> None:
-    """Draw samples `todo` (indices) on the job's target engines, calling store(list of samples) per chunk."""
+def _sample(cfg: JobConfig, model_path: str, pre_ids: list[int], pre: PreQuery, todo: list[int], store,
+            engines=None) -> None:
+    """Draw samples `todo` (indices) on stage 2's target engines (`engines`, a pool the caller owns, else a pool
+    and a Ray instance of this call's own), calling store(list of samples) per chunk."""
     import ray
     from tqdm import tqdm
 
-    from actors.generate import _generate_threads, prompt_seed
-    from actors.target import create_target_actors, one_per_engine, shutdown_target_actors
-    from draftalign.models import pick_dtype
+    from actors.generate import Stage2Engines, prompt_seed
+    from actors.target import one_per_engine
     from draftalign.runtime import configure_vllm_env, init_ray
 
     q = cfg.data.self_queries
     configure_vllm_env(cfg.target.kv_cache_gib)
     started_ray = not ray.is_initialized()
     init_ray(cfg)
-    actors = []
+    own = engines is None
+    pool = Stage2Engines(cfg, model_path) if own else engines
     try:
-        dtype = str(pick_dtype(cfg.generate.dtype, "cuda" if cfg.target.gpus_per_engine else "cpu"))
-        actors = create_target_actors(cfg, model_path, threads=_generate_threads(cfg), exclusive=True,
-                                      dtype=dtype.removeprefix("torch."))
+        actors = pool.actors()
 
         def submit(actor, idx: list[int]):
             return actor.generate.remote([pre_ids] * len(idx), temperature=q.temperature, top_p=q.top_p,
@@ -177,15 +177,15 @@ def _sample(cfg: JobConfig, model_path: str, pre_ids: list[int], pre: PreQuery, 
         one_per_engine(actors, (todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)), submit, done)
         bar.close()
     finally:
-        if actors:
-            shutdown_target_actors(actors)
-        if started_ray:
-            ray.shutdown()
+        if own:
+            pool.close()
+            if started_ray:
+                ray.shutdown()
 
 
-def materialise(cfg: JobConfig, n: int) -> Path:
+def materialise(cfg: JobConfig, n: int, engines=None) -> Path:
     """Sample (or reuse) n queries of the job's target and write the kept ones to `<run_dir>/self_queries/
-    self.jsonl`; returns that path."""
+    self.jsonl`; returns that path. `engines`: stage 2's pool, where the caller shares one (`_sample`)."""
     from draftalign.models import load_target_tokenizer, resolve_target
     from draftalign.runtime import run_dir
 
@@ -223,7 +223,7 @@ def materialise(cfg: JobConfig, n: int) -> Path:
 
         print(f"self queries: sampling {len(todo)} of {n} ({n - len(todo)} stored) from the target, pre-query "
               f"template {pre.text!r}", flush=True)
-        _sample(cfg, model_path, pre_ids, pre, todo, store)
+        _sample(cfg, model_path, pre_ids, pre, todo, store, engines)
 
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
     queries, counts = select_queries([samples[i] for i in range(n)], decode, pre, cfg.data.self_queries)
@@ -237,10 +237,10 @@ def materialise(cfg: JobConfig, n: int) -> Path:
     return out
 
 
-def resolve_self_sources(cfg: JobConfig, eval_tasks: list[str] | None = None) -> JobConfig:
+def resolve_self_sources(cfg: JobConfig, eval_tasks: list[str] | None = None, engines=None) -> JobConfig:
     """The job with every `embedded:self` source replaced by its sampled query file (sampled first where missing):
     for the generate stage (eval_tasks None) when data.train names it, for an eval when one of `eval_tasks` does.
-    Otherwise the job comes back unchanged."""
+    Otherwise the job comes back unchanged. `engines`: stage 2's pool where the caller shares one."""
     d = cfg.data
     if eval_tasks is None:
         used = any(s.source == SELF_SOURCE for s in d.train)
@@ -248,7 +248,7 @@ def resolve_self_sources(cfg: JobConfig, eval_tasks: list[str] | None = None) ->
         used = any(d.eval[t].source == SELF_SOURCE for t in eval_tasks if t in d.eval)
     if not used:
         return cfg
-    path = str(materialise(cfg, self_query_budget(cfg, eval_tasks or [])))
+    path = str(materialise(cfg, self_query_budget(cfg, eval_tasks or []), engines))
     swap = lambda s: s.model_copy(update={"source": path}) if s.source == SELF_SOURCE else s  # noqa: E731
     data = d.model_copy(update={"train": [swap(s) for s in d.train], "eval": {k: swap(v) for k, v in d.eval.items()}})
     return cfg.model_copy(update={"data": data})

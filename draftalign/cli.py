@@ -157,10 +157,9 @@ def pretrain(job: Path = JobArg, resume: bool = typer.Option(False, help="contin
 @app.command()
 def generate(job: Path = JobArg, overrides: list[str] = SetOpt):
     """Stage 2: the vLLM-hosted target answers prompts → the distillation set (parquet)."""
-    from actors.generate import run_generate
-    from actors.magpie import resolve_self_sources
+    from draftalign.pipeline import generate_stage
 
-    _guard(lambda: run_generate(resolve_self_sources(_load(job, overrides))))
+    _guard(lambda: generate_stage(_load(job, overrides)))
 
 
 @app.command()
