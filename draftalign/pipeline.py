@@ -143,7 +143,7 @@ def run_pipeline(cfg: JobConfig) -> Path:
 
 
 def _run_fspad(cfg: JobConfig, out: Path, t0: float) -> Path:
-    """draft.kind=fspad: generate → fspad (the head on the target's features) → eval → report.
+    """draft.kind=fspad or eagle3: generate → fspad (the head on the target's features) → eval → report.
 
     No stage 1: the head only exists on top of the target's features, and the target's own answers are what
     it learns from (learner/fspad_distill.py). The eval decodes with the head (`eval_distilled.json`: the
@@ -151,8 +151,8 @@ def _run_fspad(cfg: JobConfig, out: Path, t0: float) -> Path:
     from draftalign.report import write_report
     from learner.fspad_distill import DONE_FILE, run_fspad
 
-    print("[run] pretrain: skipped for draft.kind=fspad (the head trains on the target's features of the "
-          "distillation set)", flush=True)
+    print(f"[run] pretrain: skipped for draft.kind={cfg.draft.kind} (the head trains on the target's features of "
+          "the distillation set)", flush=True)
     _stage("fspad", out / DONE_FILE, lambda: run_fspad(cfg, resume=_has_checkpoint(out / "ray_results" / "fspad")))
     done = json.loads((out / DONE_FILE).read_text())
 
