@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from draftalign.config import FEATURE_KINDS, ConfigError, JobConfig, check_fits_cluster
-from draftalign.io import write_json_atomic
+from draftalign.io import read_json, write_json_atomic
+from draftalign.report import STAGE_TIMES, stages_line
 from draftalign.runtime import run_dir
 from draftalign.storage import pull
 
@@ -75,14 +76,24 @@ def _check_same_job(out: Path, cfg: JobConfig) -> None:
                           f"(--set name=... or --set run_dir=...) or remove {out}.")
 
 
-def _stage(name: str, marker: Path, fn) -> None:
+def _stage(out: Path, name: str, marker: Path, fn) -> None:
     if _done(marker):
         print(f"[run] {name}: complete ({marker.name}), skipped", flush=True)
         return
     print(f"[run] {name}: starting", flush=True)
     t0 = time.time()
     fn()
-    print(f"[run] {name}: done in {time.time() - t0:.0f} s", flush=True)
+    seconds = time.time() - t0
+    print(f"[run] {name}: done in {seconds:.0f} s", flush=True)
+    from draftalign.evaluate import machine
+
+    times = read_json(out / STAGE_TIMES) or {}  # a resumed run keeps the times of the stages it skipped
+    write_json_atomic(out / STAGE_TIMES, {**times, name: {"seconds": round(seconds, 1), "machine": machine()}})
+
+
+def _finish(out: Path, t0: float, what: str) -> None:
+    print(f"[run] finished in {time.time() - t0:.0f} s; {what}", flush=True)
+    print(f"[run] stages: {stages_line(out)}", flush=True)
 
 
 def _eval_drafts(cfg: JobConfig, out: Path, drafts: dict[str, str], suffix: str = "") -> None:
@@ -99,10 +110,10 @@ def _eval_drafts(cfg: JobConfig, out: Path, drafts: dict[str, str], suffix: str 
 
 def _evals(cfg: JobConfig, out: Path, drafts: dict[str, str]) -> None:
     """The eval stage (eval.temperature, every task and γ), then eval.sampled's when the job asks for it."""
-    _stage("eval", out / "eval_distilled.json", lambda: _eval_drafts(cfg, out, drafts))
+    _stage(out, "eval", out / "eval_distilled.json", lambda: _eval_drafts(cfg, out, drafts))
     if (s := cfg.eval.sampled) is not None:
         sampled = cfg.model_copy(update={"eval": cfg.eval.at_temperature()})
-        _stage(f"eval at T = {s.temperature:g}", out / f"eval_distilled_{s.suffix}.json",
+        _stage(out, f"eval at T = {s.temperature:g}", out / f"eval_distilled_{s.suffix}.json",
                lambda: _eval_drafts(sampled, out, drafts, suffix=f"_{s.suffix}"))
 
 
@@ -129,16 +140,16 @@ def run_pipeline(cfg: JobConfig) -> Path:
     _check_same_job(out, cfg)
     write_json_atomic(out / "job.json", json.loads(cfg.model_dump_json()))
     t0 = time.time()
-    _stage("generate", out / "distill_set" / "metadata.json", lambda: generate_stage(cfg))
+    _stage(out, "generate", out / "distill_set" / "metadata.json", lambda: generate_stage(cfg))
     if cfg.draft.kind in FEATURE_KINDS:
         return _run_fspad(cfg, out, t0)
-    _stage("pretrain", out / "pretrain_done.json",
+    _stage(out, "pretrain", out / "pretrain_done.json",
            lambda: run_pretrain(cfg, resume=_has_checkpoint(out / "ray_results" / "pretrain")))
-    _stage("distill", out / "distill_done.json",
+    _stage(out, "distill", out / "distill_done.json",
            lambda: run_distill(cfg, resume=_has_checkpoint(out / "ray_results" / "distill")))
     _evals(cfg, out, {n: str(out / f"draft_{n}") for n in ("pretrained", "distilled")})
     report = write_report(out)
-    print(f"[run] finished in {time.time() - t0:.0f} s; report: {report}", flush=True)
+    _finish(out, t0, f"report: {report}")
     return out
 
 
@@ -153,10 +164,10 @@ def _run_fspad(cfg: JobConfig, out: Path, t0: float) -> Path:
 
     print(f"[run] pretrain: skipped for draft.kind={cfg.draft.kind} (the head trains on the target's features of "
           "the distillation set)", flush=True)
-    _stage("fspad", out / DONE_FILE, lambda: run_fspad(cfg, resume=_has_checkpoint(out / "ray_results" / "fspad")))
+    _stage(out, "fspad", out / DONE_FILE, lambda: run_fspad(cfg, resume=_has_checkpoint(out / "ray_results" / "fspad")))
     done = json.loads((out / DONE_FILE).read_text())
 
     _evals(cfg, out, {"distilled": done["draft"]})
     report = write_report(out)
-    print(f"[run] finished in {time.time() - t0:.0f} s; head: {done['draft']}; report: {report}", flush=True)
+    _finish(out, t0, f"head: {done['draft']}; report: {report}")
     return out

@@ -6,7 +6,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from draftalign.io import read_json
 from draftalign.storage import published
+
+STAGE_TIMES = "stage_times.json"  # {stage: {"seconds", "machine"}}, each timed by the run that did the stage
+
+
+def _machine_words(m: dict) -> str:
+    isa = "AMX" if m.get("amx") else "native bf16" if m.get("bf16_native") else "no native bf16"
+    return f"{m.get('cores')} cores of {m.get('cpu')} ({isa})"
+
+
+def stages_line(run: Path) -> str:
+    """'generate 254 s · pretrain 98 s · … on 2 cores of <cpu> (native bf16)' from the run dir's stage times, each
+    stage's machine named where they differ ('' when none is recorded)."""
+    times = read_json(run / STAGE_TIMES) or {}
+    machines = {_machine_words(t["machine"]) for t in times.values()}
+    if len(machines) == 1:
+        return " · ".join(f"{k} {t['seconds']:.0f} s" for k, t in times.items()) + f" on {machines.pop()}"
+    return " · ".join(f"{k} {t['seconds']:.0f} s on {_machine_words(t['machine'])}" for k, t in times.items())
+
 
 CURVES = [("pretrain", "loss"), ("distill", "loss"), ("distill", "heldout_acceptance"), ("distill", "acceptance")]
 
@@ -194,6 +213,8 @@ def write_report(run: Path) -> Path:
                      f"turn ({', '.join(ev['interleaved_with'])}), batch 1, {ev['dtype']}, "
                      f"{m.get('threads')} threads on {m.get('cores')} cores ({m.get('cpu')}); intervals are "
                      f"95% bootstrap over prompts")
+    if stages := stages_line(run):
+        lines.append(f"- stage times (each from the run that did it): {stages}")
     lines += ["", *_table(evals), ""]
     if sampled:
         t = next(iter(sampled.values()))["temperature"]

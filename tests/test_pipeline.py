@@ -123,6 +123,10 @@ def test_user_jsonl_run_killed_during_generation_then_rerun_completes_and_serves
     report = (run / "report.md").read_text()
     assert "(γ = 2, T = 1)" in report and "Sampled at T = 1" in report
     assert (run / "report.png").stat().st_size > 0
+    times = json.loads((run / "stage_times.json").read_text())  # each stage timed by the run that did it
+    assert list(times) == ["generate", "pretrain", "distill", "eval", "eval at T = 1"]
+    assert all(t["seconds"] > 0 and t["machine"]["cores"] for t in times.values())
+    assert "- stage times (each from the run that did it): generate " in report and "[run] stages: generate" in log
     assert (run / "draft_distilled" / "config.json").is_file()
 
     third = subprocess.run([sys.executable, "-m", "draftalign.cli", "run", str(job)], cwd=ROOT, capture_output=True,
@@ -148,3 +152,19 @@ def test_report_headline_is_at_the_served_gamma(tmp_path):
     assert headline_gamma(tmp_path, {"pretrained": ev, "distilled": ev}) == 3
     (tmp_path / "job.json").write_text(json.dumps({"serve": {"gamma": 4}}))  # not measured: the first γ
     assert headline_gamma(tmp_path, {"pretrained": ev, "distilled": ev}) == 1
+
+
+def test_stage_times_name_the_machine_once_or_per_stage(tmp_path):
+    """The run summary's stage line: one machine named once; a run resumed elsewhere names each stage's machine."""
+    from draftalign.report import STAGE_TIMES, stages_line
+
+    assert stages_line(tmp_path) == ""
+    epyc = {"cpu": "AMD EPYC 9B14", "cores": 2, "bf16_native": True, "amx": False}
+    xeon = {"cpu": "Intel Xeon", "cores": 2, "bf16_native": True, "amx": True}
+    (tmp_path / STAGE_TIMES).write_text(json.dumps({"generate": {"seconds": 254.2, "machine": epyc},
+                                                    "pretrain": {"seconds": 97.6, "machine": epyc}}))
+    assert stages_line(tmp_path) == "generate 254 s · pretrain 98 s on 2 cores of AMD EPYC 9B14 (native bf16)"
+    (tmp_path / STAGE_TIMES).write_text(json.dumps({"generate": {"seconds": 254.2, "machine": epyc},
+                                                    "pretrain": {"seconds": 60.0, "machine": xeon}}))
+    assert stages_line(tmp_path) == ("generate 254 s on 2 cores of AMD EPYC 9B14 (native bf16) · "
+                                     "pretrain 60 s on 2 cores of Intel Xeon (AMX)")
