@@ -56,6 +56,7 @@ from draftalign.models import (
 from draftalign.sampling import SamplingParams
 from draftalign.sources import eval_prompts as task_prompts
 from draftalign.tree_shapes import DynamicTree, tree_depth, tree_spec
+from learner.feature_heads import is_head
 from learner.fspad import FSPADHead
 from serve.acceptance import draft_acceptance, expected_block_efficiency, per_token_acceptance
 from serve.drafts import load_engine_draft
@@ -195,16 +196,16 @@ def measure(target, drafts: dict[str, tuple], tok, cfg: JobConfig, progress: boo
         for g in ev.gamma:
             if g != ADAPTIVE:
                 arms.append((f"{name}@{g}", engines[name], g))
-            elif not isinstance(model, FSPADHead):  # the policy measures Llama draft steps
+            elif not is_head(model):  # the policy measures Llama draft steps
                 arms.append((f"{name}@{ADAPTIVE}", adaptive_engine(target, model, tok, vocab, step[name],
                                                                   ev.gamma_max), ev.gamma_max))
             elif not fixed:
-                raise ValueError(f"draft {name!r} is an FSPAD head, which drafts a fixed γ: eval.gamma={ev.gamma} "
+                raise ValueError(f"draft {name!r} is a feature head, which drafts a fixed γ: eval.gamma={ev.gamma} "
                                  "leaves it no arm; add a fixed γ, e.g. [adaptive, 3]")
     arms += [(f"{name}@{tree_label(t)}", SpecDecoder(target, model, tok, draft_vocab=vocab, tree=tree_spec(t),
                                                       draft_step_dtype=step[name]), tree_depth(t))
              for name, (model, vocab) in drafts.items() for t in ev.trees if (trees_for is None or name in trees_for)
-             and (isinstance(model, FSPADHead) or not isinstance(tree_spec(t), DynamicTree))]  # dynamic: heads only
+             and (is_head(model) or not isinstance(tree_spec(t), DynamicTree))]  # dynamic: feature heads only
     # warm-up: every arm, so the first timed prompt runs like the last (allocator, thread pool, caches)
     warm = next(iter(prompts.values()))[0]
     for _ in range(WARMUP_ROUNDS):

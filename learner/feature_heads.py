@@ -31,6 +31,14 @@ def is_feature_head(path: str | Path) -> bool:
     return head_kind(path) is not None
 
 
+HEADS = (fspad.FSPADHead, eagle3.EAGLE3Head)  # the feature-level heads: they draft on the target's features
+
+
+def is_head(model) -> bool:
+    """A loaded draft is a feature-level head (FSPAD or EAGLE-3), not a Llama draft."""
+    return isinstance(model, HEADS)
+
+
 def check_head(path: str | Path, target_config) -> None:
     """The head's config checked against the target's shape (reads no weights); a speculators checkpoint is checked
     when it is loaded."""

@@ -54,7 +54,7 @@ class NativeEngine:
         import torch
 
         from draftalign.models import draft_step_dtype, load_causal_lm, load_tokenizer, pick_dtype
-        from learner.fspad import FSPADHead
+        from learner.feature_heads import is_head
         from serve.drafts import load_engine_draft
         from serve.goodput import GoodputPolicy
         from serve.specdec import SpecDecoder
@@ -67,12 +67,12 @@ class NativeEngine:
         draft, vocab = (load_engine_draft(draft_path, target, self.tokenizer, dtype, device) if draft_path
                         else (None, None))
         tree = s.tree if draft is not None else None  # already the engine's spec (`draftalign.tree_shapes.tree_spec`)
-        self.features = isinstance(draft, FSPADHead)  # draft.kind=fspad
+        self.features = is_head(draft)  # draft.kind=fspad or eagle3
         step = draft_step_dtype(s.draft_step_dtype, dtype, device)
         self.decoder = SpecDecoder(target, draft, self.tokenizer, gamma=s.gamma, draft_vocab=vocab, tree=tree,
                                    draft_step_dtype=step)
         self.decoder.max_len = min(self.decoder.max_len, context)
-        # trees: a fixed shape per round; an FSPAD head: a fixed γ (the policy measures Llama draft steps)
+        # trees: a fixed shape per round; a feature head: a fixed γ (the policy measures Llama draft steps)
         if draft is not None and tree is None and s.gamma_policy == "goodput" and not self.features:
             sizes = tuple(b for b in (1, 2, 4, 8, 16, 32) if b <= s.max_batch_size)
             costs = self.decoder.measure_step_costs(sizes)

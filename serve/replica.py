@@ -65,7 +65,7 @@ class SpecDecodeReplica:
             if not (isinstance(self.engine, NativeEngine) and self.speculative):
                 raise ValueError("serve.online needs the native engine with a draft")
             if self.engine.features:
-                raise ValueError("serve.online captures and hot-swaps Llama drafts, not an FSPAD head")
+                raise ValueError("serve.online captures and hot-swaps Llama drafts, not a feature head")
             self.online = OnlineDraft(self.engine.decoder, settings.online, self._executor)
         if settings.lossy_sampling(self.speculative):
             logger.warning("engine=vllm on CPU: vLLM's draft-model speculative decoding is exact at temperature 0 "

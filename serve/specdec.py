@@ -71,9 +71,10 @@ class SpecDecoder(DraftModelProposer, DraftTreeProposer, FSPADProposer):
                  tree: list[int] | None = None, drafting: str = "topk", policy: GoodputPolicy | None = None,
                  draft_step_dtype: torch.dtype | None = None):
         from learner import eagle3
-        from learner.fspad import FSPADHead, check_target
+        from learner.feature_heads import is_head
+        from learner.fspad import check_target
 
-        features = isinstance(draft, (FSPADHead, eagle3.EAGLE3Head))
+        features = is_head(draft)
         aux_layers = draft.aux_layers if isinstance(draft, eagle3.EAGLE3Head) else None
         if features:
             if draft_vocab is not None:

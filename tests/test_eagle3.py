@@ -120,6 +120,15 @@ def _check_against_proposer(target, head, views, gamma):
     return checked
 
 
+def test_eval_and_serving_treat_an_eagle3_head_as_a_feature_head(target, trained):
+    """Eval's arms (dynamic trees, no adaptive arm) and the serving engine (fixed γ, no online capture) decide by
+    `is_head`: an EAGLE-3 head is one, as the FSPAD head is (eval silently dropped its dynamic trees before)."""
+    from learner.feature_heads import is_head
+    from learner.fspad import FSPADHead
+
+    assert is_head(trained) and is_head(FSPADHead.from_target(target)) and not is_head(target)
+
+
 def test_proposals_equal_the_proposer_from_scratch(target, trained):
     """Ragged batches: every row's proposals are the reference chain on its own verified aux states, so the head's
     cache holds exactly the verified nodes, re-fed with the target's real aux states."""
