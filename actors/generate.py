@@ -34,6 +34,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -218,6 +219,27 @@ class Stage2Engines:
         self.close()
 
 
+@contextmanager
+def stage2_actors(cfg: JobConfig, model_path: str, engines: Stage2Engines | None = None):
+    """The target actors stage 2 samples on: those of `engines` (a pool the caller owns), else of a pool of this
+    block's own, shut down at its end with the Ray instance it started, if it started one."""
+    import ray
+
+    from draftalign.runtime import configure_vllm_env, init_ray
+
+    configure_vllm_env(cfg.target.kv_cache_gib)  # before init_ray: actors inherit the env
+    started_ray = not ray.is_initialized()
+    init_ray(cfg)
+    pool = engines if engines is not None else Stage2Engines(cfg, model_path)
+    try:
+        yield pool.actors()
+    finally:
+        if engines is None:
+            pool.close()
+            if started_ray:
+                ray.shutdown()
+
+
 def _summarize(d: Path, plan: dict) -> dict:
     """Counts over every shard; also checks each (prompt, response_index) appears exactly once."""
     n_resp = plan["sampling"]["responses_per_prompt"]
@@ -245,12 +267,11 @@ def run_generate(cfg: JobConfig, engines: Stage2Engines | None = None) -> Path:
     """Build (or finish) the distillation set of this job; return its directory. `engines`: a pool the caller
     owns (`draftalign run` shares one with the self queries, in the Ray instance its training stages join);
     otherwise engines, and a Ray instance this call started, are shut down at the end."""
-    import ray
     from tqdm import tqdm
 
     from actors.target import one_per_engine
     from draftalign.models import load_target_tokenizer, resolve_target
-    from draftalign.runtime import configure_vllm_env, init_ray, run_dir
+    from draftalign.runtime import run_dir
 
     t0 = time.perf_counter()
     g = cfg.generate
@@ -274,14 +295,7 @@ def run_generate(cfg: JobConfig, engines: Stage2Engines | None = None) -> Path:
     new_prompts = new_tokens = 0
     gen_seconds = 0.0
     if pending:
-        configure_vllm_env(cfg.target.kv_cache_gib)  # before init_ray: actors inherit the env
-        started_ray = not ray.is_initialized()
-        init_ray(cfg)
-        own = engines is None
-        pool = Stage2Engines(cfg, model_path) if own else engines
-        try:
-            actors = pool.actors()
-
+        with stage2_actors(cfg, model_path, engines) as actors:
             def submit(actor, i: int):
                 return actor.generate.remote(
                     [p["prompt_token_ids"] for p in shards[i]], temperature=g.temperature, top_p=g.top_p,
@@ -306,11 +320,6 @@ def run_generate(cfg: JobConfig, engines: Stage2Engines | None = None) -> Path:
                        unit="prompt", desc="generate", file=sys.stderr, dynamic_ncols=True)
             one_per_engine(actors, pending, submit, done)
             bar.close()
-        finally:
-            if own:
-                pool.close()
-                if started_ray:
-                    ray.shutdown()
 
     counts = _summarize(d, plan)
     if pending or not (d / "metadata.json").exists():

@@ -146,22 +146,13 @@ def _sample(cfg: JobConfig, model_path: str, pre_ids: list[int], pre: PreQuery, 
             engines=None) -> None:
     """Draw samples `todo` (indices) on stage 2's target engines (`engines`, a pool the caller owns, else a pool
     and a Ray instance of this call's own), calling store(list of samples) per chunk."""
-    import ray
     from tqdm import tqdm
 
-    from actors.generate import Stage2Engines, prompt_seed
+    from actors.generate import prompt_seed, stage2_actors
     from actors.target import one_per_engine
-    from draftalign.runtime import configure_vllm_env, init_ray
 
     q = cfg.data.self_queries
-    configure_vllm_env(cfg.target.kv_cache_gib)
-    started_ray = not ray.is_initialized()
-    init_ray(cfg)
-    own = engines is None
-    pool = Stage2Engines(cfg, model_path) if own else engines
-    try:
-        actors = pool.actors()
-
+    with stage2_actors(cfg, model_path, engines) as actors:
         def submit(actor, idx: list[int]):
             return actor.generate.remote([pre_ids] * len(idx), temperature=q.temperature, top_p=q.top_p,
                                          max_tokens=q.max_tokens,
@@ -176,11 +167,6 @@ def _sample(cfg: JobConfig, model_path: str, pre_ids: list[int], pre: PreQuery, 
         bar = tqdm(total=len(todo), unit="query", desc="self queries", file=sys.stderr, dynamic_ncols=True)
         one_per_engine(actors, (todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)), submit, done)
         bar.close()
-    finally:
-        if own:
-            pool.close()
-            if started_ray:
-                ray.shutdown()
 
 
 def materialise(cfg: JobConfig, n: int, engines=None) -> Path:

@@ -161,10 +161,13 @@ def self_run(tmp_path_factory, embedded_target_path):
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     cfg = load_config(path)
-    from actors.generate import run_generate
+    import ray
 
-    resolved = resolve_self_sources(cfg)
-    d = run_generate(resolved)
+    from draftalign.pipeline import generate_stage
+
+    d = generate_stage(cfg)  # the queries and their answers on one pool of engines, as `draftalign run` samples them
+    ray.shutdown()  # left up for a run's training stages; this module has none
+    resolved = resolve_self_sources(cfg)  # the stored queries, reused: no engine
     return {"cfg": cfg, "resolved": resolved, "distill": d, "dir": tmp / "run" / "self_queries"}
 
 
