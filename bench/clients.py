@@ -8,13 +8,40 @@ an exception — failures are a result the benches report.
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import time
 
 QUIET = {"enable_access_log": False}  # the benches print their own tables; Serve's access log is noise there
 
 
+# Ray's processes bind ports after a test picks one: its workers take 10002-19999 (Ray's default
+# min/max_worker_port) and its raylet, object manager, agents and gRPC servers take ports from the kernel's
+# ephemeral range. A port picked from either can be taken before Serve binds it ("Failed to bind to address",
+# CI, 27 errors), so free ports are drawn from neither.
+RAY_WORKER_PORTS = range(10002, 20000)
+
+
+def _ephemeral_ports() -> range:
+    try:
+        lo, hi = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return range(lo, hi + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+
+
 def free_port() -> int:
+    """A loopback port free now and outside the ranges Ray or the kernel hand out by themselves (a random one,
+    so concurrent callers rarely meet); the kernel's pick where no such range is left."""
+    ephemeral = _ephemeral_ports()
+    candidates = [p for p in range(20000, 65536) if p not in ephemeral and p not in RAY_WORKER_PORTS]
+    for port in random.sample(candidates, min(len(candidates), 200)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

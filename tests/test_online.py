@@ -11,12 +11,12 @@ test installs version 1, the rollback test needs it.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from cluster_helpers import free_port
 
 MODEL = "draftalign"
 GAMMA = 3
@@ -29,12 +29,6 @@ STORE = "test-online-weight-store"
 WINDOW = 16
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot", "1, 2, 3, 4, 5,"]
 STREAMS = ["In a quiet village by the sea,", "Here is a list of things to pack:"]  # only the swap test's streams
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -62,7 +56,7 @@ def _cfg(tiny_target_path, **online):
 
     return JobConfig.model_validate({
         "target": {"model": tiny_target_path, "dtype": "float32", "max_model_len": CONTEXT},
-        "serve": {"port": _free_port(), "gamma": GAMMA, "gamma_policy": "fixed", "max_tokens_cap": CAP,
+        "serve": {"port": free_port(), "gamma": GAMMA, "gamma_policy": "fixed", "max_tokens_cap": CAP,
                   "max_batch_size": 8, "batch_wait_timeout_s": 0.02, "cpus_per_replica": 1, "model_name": MODEL,
                   "online": online}})
 

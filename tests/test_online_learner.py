@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from cluster_helpers import free_port
 from distill_helpers import peaked_target_fixture  # noqa: F401 - fixture
 
 from draftalign.sampling import SamplingParams
@@ -32,12 +32,6 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a
            "My favourite food is", "The weather today", "import numpy as np", "Dear team, thank you"]
 REPLAY_PROMPTS = ["Hello there, how are", "A list of fruits:", "In 1999 the", "The quick brown fox",
                   "Rain falls on", "Water boils at", "Let me explain why", "Here is my plan"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ids(tok, text: str) -> list[int]:
@@ -85,7 +79,7 @@ def _cfg(run_dir, target: str, name: str, learner: dict | None = None, **online)
         "name": name, "run_dir": str(run_dir), "seed": 0,
         "target": {"model": target, "dtype": "float32", "max_model_len": CONTEXT, "top_k_logprobs": TOP_K},
         "distill": {"loss": "fkl"},  # the local job's loss; the learner runs any distill.loss
-        "serve": {"port": _free_port(), "gamma": GAMMA, "gamma_policy": "fixed", "max_tokens_cap": 400,
+        "serve": {"port": free_port(), "gamma": GAMMA, "gamma_policy": "fixed", "max_tokens_cap": 400,
                   "max_batch_size": 8, "batch_wait_timeout_s": 0.02, "cpus_per_replica": 1,
                   "online": {"enabled": True, "top_k_logprobs": TOP_K, "buffer_name": f"{name}-buffer",
                              "namespace": NAMESPACE, "push_every": 4, "push_interval_s": 0.2,

@@ -48,3 +48,13 @@ def test_past_the_queue_limit_503_with_retry_after_and_accepted_requests_complet
         choice = body["choices"][0]
         assert choice["finish_reason"] in ("length", "stop") and body["usage"]["completion_tokens"] >= 1
         assert choice["finish_reason"] == "stop" or body["usage"]["completion_tokens"] == MAX_TOKENS
+
+
+def test_free_port_is_outside_the_ranges_ray_and_the_kernel_hand_out():
+    """A Serve port picked before Ray starts must not be one Ray's own processes can take first: CI once lost a
+    whole module to 'Failed to bind to address' on a port from the kernel's ephemeral range."""
+    from bench.clients import RAY_WORKER_PORTS, _ephemeral_ports
+
+    ports = [free_port() for _ in range(50)]
+    assert not any(p in _ephemeral_ports() or p in RAY_WORKER_PORTS for p in ports), ports
+    assert len(set(ports)) > 1  # random, so concurrent callers rarely meet
