@@ -77,6 +77,92 @@ def propose(model, contexts: list[list[int]], gamma: int, params: SamplingParams
     return x, q, log_qx
 
 
+class DraftCache:
+    """The draft's KV cache across a batch's rounds, so a round feeds the draft only what the last round committed
+    and not yet fed, then its γ − 1 proposals — not the whole context again (as `propose` does).
+
+    The batch is left-padded once; each round appends a block of W = max pending columns (a row's pending tokens
+    right-aligned, the slack masked) and then one column per proposal step. Proposals a round rejected stay in the
+    cache as holes: their columns are masked out of the attention mask, and every token keeps its true position id
+    (the mask, not the column, says what a query sees). Per row after a round with κ accepted of γ:
+
+        in the cache   c, x_1 … x_min(κ, γ−1)       pending   the rest of what it committed (the recovered token;
+                                                               after γ acceptances x_γ and the bonus)
+
+    `propose(rows)` drafts for the batch rows still live (finished rows are dropped from the cache);
+    `commit(committed, num_accepted)` then records, per row of that call, what the round kept."""
+
+    def __init__(self, model, contexts: list[list[int]], pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        self.device = next(model.parameters()).device
+        self.rows = list(range(len(contexts)))  # batch row → original index
+        self.pending = [list(c) for c in contexts]  # not yet in the cache
+        self.next_pos = [0] * len(contexts)  # position id of each row's next token
+        self.attn = torch.zeros(len(contexts), 0, dtype=torch.long)  # (B, L) cache columns that are real tokens
+        self.past = None
+        self._fed: list[int] = []  # per batch row, proposal columns fed in the last round
+
+    def _keep(self, live: list[int]) -> None:
+        if live == self.rows:
+            return
+        idx = [self.rows.index(s) for s in live]
+        if self.past is not None:
+            self.past.batch_select_indices(torch.tensor(idx, device=self.device))
+        self.attn = self.attn[idx]
+        self.pending = [self.pending[i] for i in idx]
+        self.next_pos = [self.next_pos[i] for i in idx]
+        self.rows = list(live)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.attn = torch.cat([self.attn, mask], 1)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=self.attn.to(self.device),
+                         position_ids=pos.to(self.device), past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1].float().cpu()  # (B, V)
+
+    @torch.no_grad()
+    def propose(self, live: list[int], gamma: int, params: SamplingParams, outside: torch.Tensor | None,
+                generator: torch.Generator):
+        """`propose`'s result for the contexts of rows `live` (original indices, in batch order)."""
+        self._keep(live)
+        B, W = len(self.rows), max(len(p) for p in self.pending)
+        ids = torch.full((B, W), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(B, W, dtype=torch.long)
+        pos = torch.zeros(B, W, dtype=torch.long)
+        for b, p in enumerate(self.pending):
+            ids[b, W - len(p):] = torch.tensor(p)
+            mask[b, W - len(p):] = 1
+            pos[b, W - len(p):] = torch.arange(self.next_pos[b], self.next_pos[b] + len(p))
+            self.next_pos[b] += len(p)
+        z = self._forward(ids, mask, pos)
+        xs, qs = [], []
+        for i in range(gamma):
+            if outside is not None:
+                z = z.masked_fill(outside, float("-inf"))
+            q = logits_to_probs(z, params)  # (B, V)
+            x = draw(q, params, generator)  # (B,)
+            xs.append(x)
+            qs.append(q)
+            if i + 1 < gamma:
+                z = self._forward(x[:, None], torch.ones(B, 1, dtype=torch.long),
+                                  torch.tensor(self.next_pos)[:, None] + i)
+        self.pending = [[] for _ in self.rows]
+        x, q = torch.stack(xs, 1), torch.stack(qs, 1)  # (B, γ), (B, γ, V)
+        self._gamma = gamma
+        return x, q, q.gather(-1, x[..., None])[..., 0].clamp_min(1e-30).log()
+
+    def commit(self, committed: list[list[int]], num_accepted: list[int]) -> None:
+        """After the round: mask the rejected proposals' columns, queue what the cache still lacks."""
+        g = self._gamma
+        fed = g - 1  # x_1 … x_{γ−1} were fed, in the last γ − 1 columns
+        for b, (out, kappa) in enumerate(zip(committed, num_accepted, strict=True)):
+            kept = min(kappa, fed)
+            if fed:
+                self.attn[b, self.attn.shape[1] - fed + kept:] = 0  # x_{κ+1} … x_{γ−1}: holes
+            self.pending[b] = list(out[kept:])
+            self.next_pos[b] += kept
+
+
 def verify(x: torch.Tensor, q: torch.Tensor, scores: list[dict], temperature: float, generator: torch.Generator):
     """The accept test of a round (`draftalign.sampling`): x (B, γ), q (B, γ, V), the target's top-k at the γ + 1
     positions per row → (num_accepted (B,), next token (B,), uniforms (B, γ) float64 or None at T = 0)."""
@@ -138,13 +224,14 @@ class AssistedRolloutWorker(RolloutWorker):
         new: list[list[int]] = [[] for _ in prompts]
         records: list[dict] = []
         target_s = 0.0
+        cache = DraftCache(self.model, ctx, self.pad_id)
         while not all(done):
             live = [s for s in range(len(ctx)) if not done[s]]
-            x, q, log_qx = propose(self.model, [ctx[s] for s in live], g, self._params(T), self.pad_id,
-                                   self.outside, self.generator)
+            x, q, log_qx = cache.propose(live, g, self._params(T), self.outside, self.generator)
             scores, dt = self._score([ctx[s] for s in live], x)
             target_s += dt
             k, nxt, u = verify(x, q, scores, T, self.generator)
+            kept = []
             for j, s in enumerate(live):
                 kappa = int(k[j])
                 out = x[j, :kappa].tolist() + [int(nxt[j])]
@@ -157,9 +244,11 @@ class AssistedRolloutWorker(RolloutWorker):
                 self.counters["proposed"] += g
                 self.counters["accepted"] += kappa
                 self.counters["rejections"] += kappa < g
+                kept.append(out)
                 ctx[s] += out
                 new[s] += out
                 done[s] = (out[-1] == self.eos_id or len(new[s]) >= stop_len or len(ctx[s]) + g + 1 >= self.max_len)
+            cache.commit(kept, k.tolist())
             self.counters["rounds"] += 1
         redrafts, dt = self._redraft(records)
         records += redrafts

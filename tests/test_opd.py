@@ -227,6 +227,36 @@ def test_target_assisted_distill_trains_and_reports(ray_local, job):
 
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_draft_cache_across_rounds_equals_drafting_from_scratch(tiny_draft_path, temperature):
+    """`DraftCache` (one KV cache over a batch's rounds, rejected proposals masked as holes) proposes what `propose`
+    (the whole context re-encoded every round) does: the same greedy tokens, q within float tolerance — over
+    rounds with every outcome (κ = 0, a middle one, all γ plus the bonus) and rows finishing at different rounds."""
+    from transformers import AutoModelForCausalLM
+
+    from actors.assisted import DraftCache, propose
+    from draftalign.sampling import SamplingParams
+
+    draft = AutoModelForCausalLM.from_pretrained(tiny_draft_path, dtype=torch.float32).eval()
+    rng = np.random.default_rng(0)
+    ctx = [rng.integers(5, 1000, n).tolist() for n in (7, 3, 12, 5)]
+    params, g = SamplingParams(temperature=temperature), 3
+    cache = DraftCache(draft, ctx, pad_id=0)
+    live = [0, 1, 2, 3]
+    for rnd in range(6):
+        x, q, lq = cache.propose(live, g, params, None, torch.Generator().manual_seed(rnd))
+        x0, q0, lq0 = propose(draft, [ctx[s] for s in live], g, params, 0, None, torch.Generator().manual_seed(rnd))
+        assert torch.equal(x, x0), rnd
+        torch.testing.assert_close(q, q0, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(lq, lq0, atol=1e-4, rtol=1e-4)
+        kappas = [(rnd + j) % (g + 1) for j in range(len(live))]  # 0 … γ: every outcome
+        committed = [x[j, :k].tolist() + [int(rng.integers(5, 1000))] for j, k in enumerate(kappas)]
+        cache.commit(committed, kappas)
+        for j, s in enumerate(live):
+            ctx[s] += committed[j]
+        live = [s for s in live if not (s == 1 and rnd == 1) and not (s == 3 and rnd == 3)]  # rows finish
+
+
 def test_concurrent_score_requests_are_batched_into_one_engine_call():
     """`actors.target._Coalescer` (a target engine actor with max_concurrency > 1): requests that arrive while a call
     runs wait and then go as ONE call; each caller gets its own answer; an error reaches every caller of its call."""
