@@ -212,7 +212,7 @@ class AssistedRolloutWorker(RolloutWorker):
         row the bonus position's distribution); returns (scores, seconds waited)."""
         t0 = time.perf_counter()
         seqs = [list(c) + x[i].tolist() + [self.pad_id] for i, c in enumerate(contexts)]
-        scores = self.pool.score(seqs, [len(c) for c in contexts], self.top_k)
+        scores = self.pool.score(seqs, [len(c) for c in contexts], self.top_k, prefix_cache=True)
         self.counters["target_positions"] += sum(len(s) - len(c) for s, c in zip(seqs, contexts, strict=True))
         return scores, time.perf_counter() - t0
 

@@ -214,6 +214,7 @@ class ScoreCall:
     starts: list[int]
     k: int
     deadline: float  # time.monotonic() after which collect gives up
+    prefix_cache: bool = False  # TargetEngine.score's: read the engine's prefix cache
     ref: object = None  # the engine call's ObjectRef; None = (re)send at collect
     tries: int = 0  # engine failures so far
     engine: int = -1  # the engine the call was last sent to
@@ -227,21 +228,23 @@ class TargetPool:
     engine on an engine error, pausing 1 s after every full pass of failures (Ray restarts engines)
     and giving up SCORE_RETRY_S after submit. `score` = collect(submit(…)).
     `scored_tokens[i]`: the tokens (whole sequences: the engine prefills them) engine i answered for this pool.
+    A `prefix_cache` call goes to the engine the pool's last call went to (the one holding its prefix), and on to
+    the next only when that one fails.
     """
 
     def __init__(self, engines: list, start: int = 0):
         self.engines = list(engines)
-        self._next = start % max(1, len(self.engines))
+        self._next = self._home = start % max(1, len(self.engines))
         self.failures = 0
         self.scored_tokens: dict[int, int] = defaultdict(int)
 
-    def score(self, seqs: list[list[int]], starts: list[int], k: int) -> list[dict]:
-        return self.collect(self.submit(seqs, starts, k))
+    def score(self, seqs: list[list[int]], starts: list[int], k: int, prefix_cache: bool = False) -> list[dict]:
+        return self.collect(self.submit(seqs, starts, k, prefix_cache))
 
-    def submit(self, seqs: list[list[int]], starts: list[int], k: int) -> ScoreCall:
+    def submit(self, seqs: list[list[int]], starts: list[int], k: int, prefix_cache: bool = False) -> ScoreCall:
         if not self.engines:
             raise RuntimeError("a row needs the target's scores but no TargetActor was started")
-        call = ScoreCall(seqs, starts, k, deadline=time.monotonic() + SCORE_RETRY_S)
+        call = ScoreCall(seqs, starts, k, deadline=time.monotonic() + SCORE_RETRY_S, prefix_cache=prefix_cache)
         try:
             call.ref = self._send(call)
         except _ENGINE_ERRORS as e:
@@ -269,6 +272,9 @@ class TargetPool:
                 time.sleep(1.0)  # every engine is down: give Ray time to restart one
 
     def _send(self, call: ScoreCall):
+        if call.prefix_cache:  # stay with the engine that holds the prefix
+            call.engine = self._home
+            return self.engines[self._home].score.remote(call.seqs, call.starts, call.k, True)
         call.engine, engine = self._next, self.engines[self._next]
         self._next = (self._next + 1) % len(self.engines)
         return engine.score.remote(call.seqs, call.starts, call.k)
@@ -277,6 +283,8 @@ class TargetPool:
         self.failures += 1
         call.tries += 1
         call.ref = None
+        if call.prefix_cache:  # move on from the failed engine
+            self._home = (call.engine + 1) % len(self.engines)
         log.warning("target engine failed (%s); trying the next one", type(e).__name__)
 
 

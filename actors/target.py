@@ -42,7 +42,7 @@ class TargetEngine:
     def __init__(self, model_path: str, dtype: str = "auto", max_model_len: int = 1024,
                  top_k_logprobs: int = 20, seed: int = 0, tensor_parallel_size: int = 1,
                  kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.5,
-                 threads: int | None = None):
+                 threads: int | None = None, block_size: int | None = None):
         configure_vllm_env(kv_cache_gib, threads)
         from vllm import LLM  # after configure_vllm_env: vLLM reads the environment at import
 
@@ -53,7 +53,7 @@ class TargetEngine:
         self.model_path = model_path
         self.max_model_len = max_model_len
         self.max_logprobs = _max_logprobs(top_k_logprobs)
-        kw = {}
+        kw = {} if block_size is None else {"block_size": block_size}
         if tensor_parallel_size > 1:
             kw["distributed_executor_backend"] = "ray"  # TP workers as Ray actors (GPU clusters)
         from vllm.platforms import current_platform
@@ -73,7 +73,8 @@ class TargetEngine:
         self.dtype = str(mc.dtype).removeprefix("torch.")
         self._closed = False
         self._started = time.time()
-        self._score = {"calls": 0, "requests": 0, "sequences": 0, "tokens": 0, "positions": 0, "busy_s": 0.0}
+        self._score = {"calls": 0, "requests": 0, "sequences": 0, "tokens": 0, "positions": 0, "busy_s": 0.0,
+                       "cached_tokens": 0, "rescored": 0}
         self._llm_lock = threading.Lock()  # one vLLM call at a time, whatever the actor's max_concurrency
         self._batcher = _Coalescer(self._score_merged)
 
@@ -83,7 +84,7 @@ class TargetEngine:
         return cls(model_path, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                    top_k_logprobs=cfg.top_k_logprobs, seed=seed,
                    tensor_parallel_size=cfg.tensor_parallel_size, kv_cache_gib=cfg.kv_cache_gib,
-                   gpu_memory_utilization=cfg.gpu_memory_utilization, threads=threads)
+                   gpu_memory_utilization=cfg.gpu_memory_utilization, threads=threads, block_size=cfg.block_size)
 
     def info(self) -> dict:
         """What this engine serves; also a cheap readiness probe for actors. `resources` = what
@@ -163,7 +164,7 @@ class TargetEngine:
         lps = np.asarray(flat.logprobs[first:last], dtype=np.float32).reshape(length, width)[:, 1:]
         return ids, lps
 
-    def score(self, seqs: list[list[int]], starts: list[int], k: int) -> list[dict]:
+    def score(self, seqs: list[list[int]], starts: list[int], k: int, prefix_cache: bool = False) -> list[dict]:
         """The target's next-token distribution at every position i in [start, len(seq)).
 
         Row t of the result is the distribution that predicts seq[start + t], conditioned on
@@ -171,6 +172,12 @@ class TargetEngine:
         with T = len(seq) - start, columns sorted by rank (most likely first); with k = -1 the
         whole vocabulary: {"ids": None, "logprobs": float32 (T, V)} indexed by token id.
         Concurrent calls (an actor created with max_concurrency > 1) are batched into one vLLM call (`_Coalescer`).
+
+        prefix_cache: read vLLM's prefix cache, so a sequence that extends one scored before prefills only its new
+        blocks (a round of target-assisted decoding: O(block + γ) tokens, not O(context)). vLLM skips the cache
+        for prompt log-probs by default because it computes none for cached positions; only rows from the first
+        uncached position on are real, so a sequence whose cached prefix reaches past start − 1 is scored again
+        without the cache.
         """
         self._check_open()
         if len(seqs) != len(starts):
@@ -189,7 +196,7 @@ class TargetEngine:
                                  f"{self.max_model_len} leaves no room for the one generated token")
         if not seqs:
             return []
-        return self._batcher.run((seqs, starts, k))
+        return self._batcher.run((seqs, starts, k, prefix_cache))
 
     def _score_merged(self, requests: list[tuple]) -> list[list[dict]]:
         """One vLLM call per k for every waiting `score` request (`_Coalescer`): their sequences are batched."""
@@ -198,22 +205,38 @@ class TargetEngine:
 
         t0 = time.perf_counter()
         results: list = [None] * len(requests)
-        for k in sorted({r[2] for r in requests}):
-            mine = [i for i, r in enumerate(requests) if r[2] == k]
-            seqs = [s for i in mine for s in requests[i][0]]
+        c = self._score
+
+        def run(seqs: list[list[int]], k: int, cached: bool) -> list:
             # flat_logprobs keeps vLLM's output as flat lists (no dict per position): much faster.
-            params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
+            params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True,
+                                    skip_reading_prefix_cache=not cached)
             with self._llm_lock:
-                outs = iter(self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in seqs], params,
-                                              use_tqdm=False))
+                outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in seqs], params,
+                                         use_tqdm=False)
+            c["cached_tokens"] += sum(o.num_cached_tokens or 0 for o in outs)
+            return outs
+
+        for k, cached in sorted({(r[2], r[3]) for r in requests}):
+            mine = [i for i, r in enumerate(requests) if r[2] == k and r[3] == cached]
+            seqs = [s for i in mine for s in requests[i][0]]
+            starts = [st for i in mine for st in requests[i][1]]
+            outs = run(seqs, k, cached)
+            if cached:  # rows before the cached prefix's end are not computed: score those sequences again
+                again = [j for j, (o, st) in enumerate(zip(outs, starts, strict=True))
+                         if (o.num_cached_tokens or 0) > st - 1]
+                if again:
+                    c["rescored"] += len(again)
+                    for j, o in zip(again, run([seqs[j] for j in again], k, False), strict=True):
+                        outs[j] = o
+            outs = iter(outs)
             for i in mine:
-                seqs_i, starts_i, _ = requests[i]
+                seqs_i, starts_i, *_ = requests[i]
                 results[i] = [self._unpack(next(outs).prompt_logprobs, len(s), st, k)
                               for s, st in zip(seqs_i, starts_i, strict=True)]
-        c = self._score
         c["calls"] += 1
         c["requests"] += len(requests)
-        for seqs, starts, _ in requests:
+        for seqs, starts, *_ in requests:
             c["sequences"] += len(seqs)
             c["tokens"] += sum(len(s) for s in seqs)
             c["positions"] += sum(len(s) - st for s, st in zip(seqs, starts, strict=True))
@@ -222,8 +245,10 @@ class TargetEngine:
 
     def score_stats(self) -> dict:
         """What `score` did since the engine started: calls (vLLM calls), requests (`score` calls; > calls when
-        requests from several rollout actors were batched), sequences, tokens (whole sequences, prefilled),
-        positions (returned), busy_s; tokens_per_s = tokens / busy_s (scoring speed), busy_frac = busy_s / uptime."""
+        requests from several rollout actors were batched), sequences, tokens (whole sequences), cached_tokens (of
+        those, read from the prefix cache, not prefilled), rescored (prefix-cache reads scored again: too long a
+        hit), positions (returned), busy_s; tokens_per_s = tokens / busy_s (scoring speed, cached tokens counted),
+        busy_frac = busy_s / uptime."""
         c = dict(self._score)
         up = max(time.time() - self._started, 1e-9)
         return {**c, "tokens_per_s": c["tokens"] / max(c["busy_s"], 1e-9), "busy_frac": c["busy_s"] / up,
@@ -350,7 +375,7 @@ def create_target_actors(cfg: JobConfig, model_path: str, threads: int | None = 
     actors = [TargetActor.options(**opts, name=f"{name_prefix}-target-{i}" if name_prefix else None).remote(
         model_path, dtype=dtype or t.dtype, max_model_len=t.max_model_len, top_k_logprobs=t.top_k_logprobs,
         seed=cfg.seed, tensor_parallel_size=t.tensor_parallel_size, kv_cache_gib=t.kv_cache_gib,
-        gpu_memory_utilization=t.gpu_memory_utilization, threads=threads)
+        gpu_memory_utilization=t.gpu_memory_utilization, threads=threads, block_size=t.block_size)
         for i in range(t.num_engines)]
     try:
         ray.get([a.info.remote() for a in actors])  # an error in __init__ ends the actor: no restart loop

@@ -57,6 +57,10 @@ class TargetConfig(_Strict):
     kv_cache_gib: float = Field(1, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     max_model_len: int = Field(1024, ge=32)
+    block_size: int | None = Field(None, ge=1, description="vLLM's KV-cache block size (None: vLLM's default, 128 "
+                                   "on CPU, where it must be a multiple of 32); the prefix cache reuses whole "
+                                   "blocks, so target-assisted rollouts, which score each round's context again, "
+                                   "re-prefill up to one block per round")
     top_k_logprobs: int = Field(20, ge=-1, description="k target log-probs per position; -1 = full vocab")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per engine")
 
