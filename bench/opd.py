@@ -59,6 +59,8 @@ def arm_config(base, arm: str, draft: Path, root: Path, replay_fraction: float):
     spec = dict(ARMS[arm])
     if spec.get("rollout.on_policy_mode") == "target_assisted":
         spec["rollout.on_policy_fraction"] = 1.0 - replay_fraction
+        if base.target.block_size is None:  # each round re-prefills < 32 tokens past its cached prefix
+            spec["target.block_size"] = 32
     for key, value in spec.items():
         section, field = key.split(".")
         setattr(getattr(cfg, section), field, value)
