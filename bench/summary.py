@@ -167,7 +167,7 @@ def make_run_tasks() -> str:
 
 
 MAKE_RUNS = {  # one fresh-clone `make run` per machine class: its prompt mix
-    "make_run_s3": "chitchat (before 9b66efa)",
+    "make_run_xeon_self": "chitchat + `embedded:self`",
     "make_run_epyc_self": "chitchat + `embedded:self`",
 }
 
