@@ -33,7 +33,7 @@ import time
 import ray
 import torch
 
-from actors.rollout import RolloutWorker, _Sampled, cached_score, create_rollout_actors, left_pad
+from actors.rollout import RolloutWorker, _Sampled, cached_score, create_rollout_actors
 from actors.traffic import drafted_rows, round_record
 from draftalign.sampling import SamplingParams, draw, greedy_verify, logits_to_probs, rejection_sample
 
@@ -49,32 +49,12 @@ def target_probs(ids: torch.Tensor, logprobs: torch.Tensor, vocab_size: int, tem
     return torch.zeros(*ids.shape[:-1], vocab_size, dtype=torch.float64).scatter_(-1, ids.long(), w)
 
 
-@torch.no_grad()
 def propose(model, contexts: list[list[int]], gamma: int, params: SamplingParams, pad_id: int,
             outside: torch.Tensor | None, generator: torch.Generator):
-    """The draft's γ proposals for each context, batched with a KV cache (left padding):
-    tokens (B, γ) int64, q (B, γ, V) float32 the processed distribution each was drawn from (`logits_to_probs`,
-    q = 0 outside the draft's vocabulary), log q(x) (B, γ)."""
-    device = next(model.parameters()).device
-    ids, attn = (t.to(device) for t in left_pad(contexts, pad_id))
-    pos = (attn.cumsum(-1) - 1).clamp_min(0)  # (B, P)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-    xs, qs = [], []
-    for i in range(gamma):
-        z = out.logits[:, -1].float().cpu()  # (B, V)
-        if outside is not None:
-            z = z.masked_fill(outside, float("-inf"))
-        q = logits_to_probs(z, params)  # (B, V)
-        x = draw(q, params, generator)  # (B,)
-        xs.append(x)
-        qs.append(q)
-        if i + 1 < gamma:
-            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], 1)
-            out = model(input_ids=x[:, None].to(device), attention_mask=attn, position_ids=pos[:, -1:] + 1 + i,
-                        past_key_values=out.past_key_values, use_cache=True)
-    x, q = torch.stack(xs, 1), torch.stack(qs, 1)  # (B, γ), (B, γ, V)
-    log_qx = q.gather(-1, x[..., None])[..., 0].clamp_min(1e-30).log()  # (B, γ)
-    return x, q, log_qx
+    """The draft's γ proposals for each context, batched with a KV cache (left padding), from scratch (a
+    `DraftCache` of one round): tokens (B, γ) int64, q (B, γ, V) float32 the processed distribution each was drawn
+    from (`logits_to_probs`, q = 0 outside the draft's vocabulary), log q(x) (B, γ)."""
+    return DraftCache(model, contexts, pad_id).propose(list(range(len(contexts))), gamma, params, outside, generator)
 
 
 class DraftCache:
