@@ -13,7 +13,14 @@ A round, for every live sequence of the batch at once (its context c = prompt + 
     commit    x_1 … x_κ + that token, up to EOS / rollout.max_new_tokens: the continuation follows the target
 
 so the committed text is the target's (sampling with top-k = target.top_k_logprobs; at T = 0 exactly its greedy
-text). After the batch's rounds, up to rollout.redrafts_per_sequence rejection points per sequence (uniform among
+text). At T = 0 on a greedy distillation set whose rows carry the target's top-k (`stored_greedy`: `make run`'s),
+every round lies on the stored answer, so the rounds follow from it with no engine call: the draft's argmax at each
+answer position (one teacher-forced pass) against the stored argmax — x_i = a_{n+i−1} while the previous ones
+matched, κ = the first mismatch, committed = the stored tokens n … n + κ (the target's token, or after γ the bonus),
+the target's rows the stored top-k there. Such a record holds the tested proposals only (min(κ + 1, γ) of them, and
+`scored: "stored"`): the ones after a rejection are never trained on. Only the re-drafts need the engine.
+
+After the batch's rounds, up to rollout.redrafts_per_sequence rejection points per sequence (uniform among
 its rounds that rejected) are re-drafted: from c + x_≤κ, the state where the draft erred, it drafts γ tokens again
 at rollout.redraft_temperature, and the target scores them — the error positions, and the states the draft's own
 proposals create after them.
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import ray
 import torch
 
@@ -165,7 +173,7 @@ class AssistedRolloutWorker(RolloutWorker):
     MODES = ("target_assisted",)
 
     def __init__(self, *args, gamma: int = 3, redrafts_per_sequence: int = 2, redraft_temperature: float = 1.0,
-                 **kw):
+                 stored_greedy: bool = False, **kw):
         kw.setdefault("on_policy_mode", "target_assisted")
         super().__init__(*args, **kw)
         if gamma < 1 or redrafts_per_sequence < 0 or redraft_temperature <= 0:
@@ -174,6 +182,7 @@ class AssistedRolloutWorker(RolloutWorker):
         if self.lam > 0 and not self.pool.engines:
             raise ValueError("target_assisted rollouts need a TargetActor to verify the draft's proposals")
         self.gamma, self.redrafts, self.redraft_temperature = gamma, redrafts_per_sequence, redraft_temperature
+        self.stored_greedy = stored_greedy  # the set's answers are the target's greedy text (module docstring)
         self.generator = torch.Generator().manual_seed(self.seed)
         V = self.model.config.vocab_size
         self.outside = None
@@ -182,7 +191,7 @@ class AssistedRolloutWorker(RolloutWorker):
             self.outside[torch.tensor(self.draft_vocab)] = False
         self.last_records: list[dict] = []
         self.counters.update({"rounds": 0, "proposed": 0, "accepted": 0, "rejections": 0, "redrafts": 0,
-                              "committed": 0, "target_positions": 0})
+                              "committed": 0, "target_positions": 0, "stored_rounds": 0})
 
     def _params(self, temperature: float) -> SamplingParams:
         return SamplingParams(temperature=temperature)
@@ -196,8 +205,19 @@ class AssistedRolloutWorker(RolloutWorker):
         self.counters["target_positions"] += sum(len(s) - len(c) for s, c in zip(seqs, contexts, strict=True))
         return scores, time.perf_counter() - t0
 
-    def rollout(self, prompts: list[list[int]], tag: str) -> tuple[list[list[int]], list[dict], float]:
-        """Target-assisted decoding of `prompts`: (continuations, round records incl. re-drafts, target seconds)."""
+    def rollout(self, prompts: list[list[int]], tag: str,
+                rows: list[dict] | None = None) -> tuple[list[list[int]], list[dict], float]:
+        """Target-assisted decoding of `prompts`: (continuations, round records incl. re-drafts, target seconds).
+        `rows`: the set's rows of those prompts — at T = 0 on a stored greedy set the rounds come from them."""
+        if (self.temperature == 0 and self.stored_greedy and rows is not None
+                and all(cached_score(r, self.top_k) is not None for r in rows)):
+            records = self._stored_rounds(rows, tag)
+            new = [[] for _ in rows]
+            for r in records:
+                new[int(r["request"].rsplit(".", 1)[1])] += np.asarray(r["committed"]).tolist()
+            redrafts, target_s = self._redraft(records)
+            self.counters["committed"] += sum(len(n) for n in new)
+            return new, records + redrafts, target_s
         g, T, stop_len = self.gamma, self.temperature, self.max_new_tokens
         ctx = [list(p) for p in prompts]
         done = [len(c) + g + 1 >= self.max_len for c in ctx]  # the target scores c + γ + 1 tokens
@@ -236,6 +256,53 @@ class AssistedRolloutWorker(RolloutWorker):
         self.counters["committed"] += sum(len(n) for n in new)
         return new, records, target_s
 
+    @torch.no_grad()
+    def _stored_rounds(self, rows: list[dict], tag: str) -> list[dict]:
+        """The greedy rounds of each row's prompt, read off its stored answer (module docstring): round records with
+        `scored: "stored"`. A stored answer is used up to its end, rollout.max_new_tokens, the context limit, or the
+        first position whose stored argmax is not the stored token (a tie: past it the text is not the argmax's)."""
+        g, stop_len = self.gamma, self.max_new_tokens
+        device = next(self.model.parameters()).device
+        records = []
+        for s, row in enumerate(rows):
+            prompt, R = list(row["prompt_token_ids"]), np.asarray(row["response_token_ids"], np.int64)
+            sc = cached_score(row, self.top_k)
+            ids, lps = np.asarray(sc["ids"]), np.asarray(sc["logprobs"])  # (L, k)
+            L = min(len(R), len(ids), stop_len + g + 1, self.max_len - len(prompt) - 1)
+            argmax = ids[np.arange(L), lps[:L].argmax(-1)]
+            off = np.nonzero(argmax != R[:L])[0]
+            L = int(off[0]) if len(off) else L
+            if L < 1:
+                continue
+            z = self.model(input_ids=torch.tensor([prompt + R[:L - 1].tolist()], device=device)).logits[0]
+            z = z[len(prompt) - 1:].float().cpu()  # (L, V): row t predicts R[t]
+            if self.outside is not None:
+                z = z.masked_fill(self.outside, float("-inf"))
+            a = z.argmax(-1).numpy()  # the draft's greedy proposal at each answer position
+            n, new = 0, 0
+            while n < L and new < stop_len:
+                ge = min(g, L - n)  # proposals testable on the stored answer
+                match = a[n:n + ge] == R[n:n + ge]
+                kappa = int(ge if match.all() else np.argmin(match))
+                m = kappa + 1 if n + kappa < L else kappa  # + the target's token (or the bonus), where stored
+                out = R[n:n + m].tolist()
+                if self.eos_id in out:
+                    out = out[:out.index(self.eos_id) + 1]
+                out = out[:stop_len - new]
+                tested = a[n:n + min(kappa + 1, ge)]
+                records.append(round_record(
+                    f"{tag}.{s}", prompt + R[:n].tolist(), tested, np.zeros(len(tested), np.float32),
+                    ids[n:n + len(out)], lps[n:n + len(out)], out, kappa, self.version, 0.0, kind="round",
+                    uniforms=None, scored="stored"))
+                self.counters["stored_rounds"] += 1
+                self.counters["proposed"] += ge
+                self.counters["accepted"] += kappa
+                self.counters["rejections"] += kappa < ge
+                n, new = n + len(out), new + len(out)
+                if out[-1] == self.eos_id:
+                    break
+        return records
+
     def _redraft(self, rounds: list[dict]) -> tuple[list[dict], float]:
         """Re-drafts from up to `redrafts_per_sequence` rejection points per sequence (module docstring):
         (their records, seconds waited on the target)."""
@@ -272,7 +339,7 @@ class AssistedRolloutWorker(RolloutWorker):
         records, target_s, tag = [], 0.0, ""
         if on:
             tag = f"{self.actor_id}.{self.incarnation}.{self.counters['batches'] + self.counters['rounds']}"
-            _, records, target_s = self.rollout([list(r["prompt_token_ids"]) for r in on], tag)
+            _, records, target_s = self.rollout([list(r["prompt_token_ids"]) for r in on], tag, rows=on)
         self.last_records = records
         rows = drafted_rows(records)
         n_on = len(rows["prompts"])
@@ -293,11 +360,12 @@ AssistedRolloutActor = ray.remote(max_concurrency=2)(AssistedRolloutWorker)  # r
 
 
 def create_assisted_actors(cfg, draft_path: str, rows_ref, engines: list, queue, store,
-                           name_prefix: str | None = None, draft_vocab: list[int] | None = None) -> list:
+                           name_prefix: str | None = None, draft_vocab: list[int] | None = None,
+                           stored_greedy: bool = False) -> list:
     """`create_rollout_actors` with target-assisted rollout actors (rollout.gamma, rollout.redrafts_per_sequence,
-    rollout.redraft_temperature)."""
+    rollout.redraft_temperature; stored_greedy: the set's answers are the target's greedy text)."""
     r = cfg.rollout
     return create_rollout_actors(cfg, draft_path, rows_ref, engines, queue, store, name_prefix=name_prefix,
                                  draft_vocab=draft_vocab, actor_cls=AssistedRolloutActor, gamma=r.gamma,
                                  redrafts_per_sequence=r.redrafts_per_sequence,
-                                 redraft_temperature=r.redraft_temperature)
+                                 redraft_temperature=r.redraft_temperature, stored_greedy=stored_greedy)

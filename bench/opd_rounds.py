@@ -1,7 +1,8 @@
 """Where a target-assisted rollout batch's time goes (issue #38 item 3), in steady state.
 
 A job's stage-1 draft (`<run_dir>/draft_pretrained/`, its draft vocabulary) and distillation set, one vLLM
-`TargetActor` and one `AssistedRolloutActor` with the job's rollout settings (rollout.batch_size prompts,
+`TargetActor` and one `AssistedRolloutActor` with the job's rollout settings (at T = 0 on a greedy set the rounds
+come from the stored answers, as in stage 3, unless --engine-rounds) (rollout.batch_size prompts,
 rollout.max_new_tokens, γ = rollout.gamma, re-drafts); `--batches` batches of the same prompts, the first a warm-up.
 Per batch: wall time, the actor's wait on the target, the engine's busy time, rounds (one vLLM call each), proposals,
 acceptances, committed tokens, tokens per call (whole sequences) and how many came from the prefix cache.
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from draftalign.config import load_config  # noqa: E402
 from draftalign.io import write_json_atomic  # noqa: E402
 
-ACTOR = ("rounds", "proposed", "accepted", "redrafts", "committed", "target_positions")
+ACTOR = ("rounds", "stored_rounds", "proposed", "accepted", "redrafts", "committed", "target_positions")
 ENGINE = ("calls", "tokens", "cached_tokens", "rescored", "busy_s")
 
 
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=None, help="rollout temperature (default: the job's)")
     ap.add_argument("--batches", type=int, default=3, help="batches timed after one warm-up")
     ap.add_argument("--set", action="append", default=[], help="job overrides, key=value")
+    ap.add_argument("--engine-rounds", action="store_true",
+                    help="at T = 0 on a greedy set, score the rounds with the engine anyway (not from the set)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
@@ -41,6 +44,7 @@ def main() -> None:
 
     from actors.assisted import AssistedRolloutActor
     from actors.target import create_target_actors, shutdown_target_actors
+    from draftalign.distset import set_sampling
     from draftalign.evaluate import machine
     from draftalign.models import resolve_target
     from draftalign.vocab import job_draft_vocab
@@ -55,18 +59,20 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         rows, _ = load_split(rdir, cfg.target.max_model_len, 16)
+        stored_greedy = not args.engine_rounds and set_sampling(rdir).get("temperature") == 0
         [engine] = create_target_actors(cfg, resolve_target(cfg.target.model))
         actor = AssistedRolloutActor.options(num_cpus=0).remote(
             0, str(rdir / "draft_pretrained"), rows, [engine], None, None, on_policy_fraction=1.0, temperature=T,
             max_new_tokens=r.max_new_tokens, batch_size=r.batch_size, top_k=cfg.target.top_k_logprobs, seed=cfg.seed,
             max_model_len=cfg.target.max_model_len, gamma=r.gamma, redrafts_per_sequence=r.redrafts_per_sequence,
-            redraft_temperature=r.redraft_temperature, draft_vocab=job_draft_vocab(cfg, rdir))
+            redraft_temperature=r.redraft_temperature, draft_vocab=job_draft_vocab(cfg, rdir),
+            stored_greedy=stored_greedy)
         prompts = [list(row["prompt_token_ids"]) for row in rows[:r.batch_size]]
         batches = []
         for i in range(args.batches + 1):
             s0, e0 = ray.get(actor.stats.remote()), ray.get(engine.score_stats.remote())
             t0 = time.perf_counter()
-            _, _, target_s = ray.get(actor.rollout.remote(prompts, f"b{i}"))
+            _, _, target_s = ray.get(actor.rollout.remote(prompts, f"b{i}", rows[:r.batch_size]))
             wall = time.perf_counter() - t0
             s1, e1 = ray.get(actor.stats.remote()), ray.get(engine.score_stats.remote())
             b = {"warm_up": i == 0, "wall_s": round(wall, 2), "target_wait_s": round(target_s, 2),
@@ -92,8 +98,8 @@ def main() -> None:
         "issue": 38, "what": "target-assisted rollout batches in steady state (bench/opd_rounds.py)",
         "job": args.job, "overrides": args.set, "run_dir": str(rdir), "temperature": T, "gamma": r.gamma,
         "batch_size": r.batch_size, "max_new_tokens": r.max_new_tokens, "top_k": cfg.target.top_k_logprobs,
-        "block_size": cfg.target.block_size, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                                           time.gmtime()),
+        "block_size": cfg.target.block_size, "stored_greedy": stored_greedy, "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "mean": mean, "batches": batches})
     print(f"wrote {args.out}")
 

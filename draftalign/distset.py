@@ -12,6 +12,7 @@ sit in different stages, so the format has its home here, below all of them.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,6 +34,13 @@ SCHEMA = pa.schema([
 
 def distill_dir(run_path: str | Path) -> Path:
     return Path(run_path) / "distill_set"
+
+
+def set_sampling(run_path: str | Path) -> dict:
+    """How the set's answers were generated (metadata.json's "sampling": temperature, top_p, …; {} if it records
+    none). temperature 0: the answers are the target's greedy text."""
+    meta = distill_dir(run_path) / "metadata.json"
+    return json.loads(meta.read_text()).get("sampling", {}) if meta.is_file() else {}
 
 
 def shard_name(i: int) -> str:

@@ -87,6 +87,7 @@ from actors.rollout import (
     score_rows,
 )
 from draftalign.config import JobConfig, requested_resources
+from draftalign.distset import set_sampling
 from draftalign.io import write_json_atomic
 from draftalign.models import (
     build_draft,
@@ -925,11 +926,13 @@ def _train(cfg: JobConfig, init_dir: Path, resume_from: Path | None, train_rows:
         # Held here until the run ends: Ray re-runs a restarted actor's constructor with the same
         # arguments, so the object must outlive every restart (ray-project/ray#53727).
         rows_ref = ray.put(train_rows)
-        create = create_rollout_actors
+        create, mode = create_rollout_actors, {}
         if cfg.rollout.on_policy_mode == "target_assisted":
             from actors.assisted import create_assisted_actors as create
+
+            mode = {"stored_greedy": set_sampling(run_dir(cfg)).get("temperature") == 0}  # greedy rounds: no engine
         actors = create(cfg, str(init_dir), rows_ref, engines, queue, store, draft_vocab=draft_vocab,
-                        name_prefix=f"draftalign-{cfg.name}")
+                        name_prefix=f"draftalign-{cfg.name}", **mode)
         supervisor = _RolloutSupervisor(actors, store)
         supervisor.start()
         tb_dir.mkdir(parents=True, exist_ok=True)

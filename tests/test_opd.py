@@ -202,8 +202,44 @@ def test_rounds_match_an_independent_recomputation(ray_local, job, peaked_target
                 ref = ray.get(engine.generate.remote(prompts, temperature=0.0, max_tokens=16))
                 assert new == [a[0]["token_ids"] for a in ref]
             print(f"T={T}: {len(rounds)} rounds, {acc} accepted, {rej} rejections, {len(redrafts)} re-drafts")
+        _check_stored_greedy_rounds(ray, engine, prompts, rows, close_draft, hf_draft, eos, cfg)
     finally:
         shutdown_target_actors([engine])
+
+
+def _check_stored_greedy_rounds(ray, engine, prompts, rows, draft, hf_draft, eos, cfg):
+    """T = 0 on a greedy set with the target's top-k (`stored_greedy`): the rounds are read off the stored answers
+    with no engine call (only the re-drafts are scored), and they decode what vLLM's greedy decoding does."""
+    from actors.assisted import AssistedRolloutActor
+
+    answers = ray.get(engine.generate.remote(prompts, temperature=0.0, max_tokens=24, logprobs=TOP_K))
+    stored = [{**r, "response_token_ids": a[0]["token_ids"], "target_ids": a[0]["target_ids"],
+               "target_logprobs": a[0]["target_logprobs"]} for r, a in zip(rows[:len(prompts)], answers, strict=True)]
+    actor = AssistedRolloutActor.options(num_cpus=0).remote(
+        0, draft, stored, [engine], None, None, on_policy_fraction=1.0, temperature=0.0, max_new_tokens=16,
+        batch_size=4, top_k=TOP_K, seed=3, max_model_len=cfg.target.max_model_len, gamma=3,
+        redrafts_per_sequence=2, redraft_temperature=1.0, stored_greedy=True)
+    new, records, target_s = ray.get(actor.rollout.remote(prompts, "s", stored))
+    stats = ray.get(actor.stats.remote())
+    ray.kill(actor)
+    assert stats["rounds"] == 0 and stats["stored_rounds"] > 0 and stats["redrafts"] > 0 and target_s > 0, stats
+    assert new == [a[0]["token_ids"][:16] for a in answers]  # vLLM's greedy continuation, as the engine path's
+    for s, r in enumerate(stored):
+        mine = [x for x in records if x["kind"] == "round" and x["request"] == f"s.{s}"]
+        R = list(r["response_token_ids"])
+        for x in mine:
+            n, out, kappa, tested = len(x["context"]) - len(prompts[s]), list(x["committed"]), x["num_accepted"], \
+                list(x["draft_tokens"])
+            assert x["scored"] == "stored" and out == R[n:n + len(out)]
+            np.testing.assert_array_equal(x["target_ids"], r["target_ids"][n:n + len(out)])
+            assert tested[:kappa] == R[n:n + kappa] and (len(tested) == kappa or tested[kappa] != R[n + kappa])
+            with torch.no_grad():  # each tested proposal is the draft's argmax there (up to float ties)
+                z = hf_draft(torch.tensor([list(x["context"]) + tested])).logits[0, -len(tested) - 1:-1].float()
+            picked = z.gather(-1, torch.tensor(tested)[:, None])[:, 0]
+            assert (picked >= z.max(-1).values - 1e-3).all()
+    for x in records:
+        if x["kind"] == "redraft":  # the engine scored these: γ + 1 rows from a rejection point on the stored text
+            assert np.asarray(x["target_ids"]).shape == (4, TOP_K)
 
 
 @pytest.mark.slow
