@@ -6,6 +6,8 @@ Arms, all from the same stage-1 draft (the job's `<run_dir>/draft_pretrained/`) 
     opd_tvd_pp   target-assisted rollouts (rollout.on_policy_mode target_assisted), sampled TVD++ (reward = acceptance
                  of each drafted token, 1{p > q}), with --replay-fraction of the rows replayed from the set
     opd_fkl      the same rollouts, FKL on the same states
+    opd_fkl_greedy  greedy target-assisted rollouts (rollout.temperature 0): on a greedy set their rounds are the
+                 stored answers' (no engine call), so the states they add are the re-drafts from rejection points
 
 Equal time: every arm's stage 3 stops after --minutes of learner step time (`run_distill(time_budget_s=…)`: the
 training loop's wall time, queue waits included, engine and trainer start-up excluded), on this one machine. The
@@ -15,8 +17,9 @@ the arm's draft is kept as a snapshot (τ against stage-3 steps).
 
 Eval: the final drafts in ONE interleaved `run_eval` per temperature (--temperatures, default greedy and T = 1) on
 the job's tasks (chat, code, summarize), with paired Δτ (same prompts, 95% bootstrap interval) for
-opd_tvd_pp − replay_fkl, opd_fkl − replay_fkl and opd_tvd_pp − opd_fkl; the snapshots (and the stage-1 draft as
-step 0) in one more interleaved eval on --curve-task at greedy, for the plot of τ against stage-3 steps.
+opd_tvd_pp − replay_fkl, opd_fkl − replay_fkl, opd_tvd_pp − opd_fkl and opd_fkl_greedy − replay_fkl; the
+snapshots (and the stage-1 draft as step 0) in one more interleaved eval on --curve-task at greedy, for the plot
+of τ against stage-3 steps.
 
 Writes `<out>/compare.json` — {"paired": [{"a", "b", "budget", "temperature", "task", "dtau", "dtau_ci"}],
 "budgets": {budget: {arms, curve, …}}, …}; rows of another --budget already in the file are kept — and
@@ -44,8 +47,12 @@ ARMS: dict[str, dict] = {
     "replay_fkl": {"distill.loss": "fkl", "distill.form": "exact", "rollout.on_policy_fraction": 0.0},
     "opd_tvd_pp": {"distill.loss": "tvd_pp", "distill.form": "sampled", "rollout.on_policy_mode": "target_assisted"},
     "opd_fkl": {"distill.loss": "fkl", "distill.form": "exact", "rollout.on_policy_mode": "target_assisted"},
+    # greedy rounds on the greedy set: read off the stored answers, only the re-drafts scored by the engine
+    "opd_fkl_greedy": {"distill.loss": "fkl", "distill.form": "exact", "rollout.on_policy_mode": "target_assisted",
+                       "rollout.temperature": 0.0},
 }
-PAIRS = [("opd_tvd_pp", "replay_fkl"), ("opd_fkl", "replay_fkl"), ("opd_tvd_pp", "opd_fkl")]
+PAIRS = [("opd_tvd_pp", "replay_fkl"), ("opd_fkl", "replay_fkl"), ("opd_tvd_pp", "opd_fkl"),
+         ("opd_fkl_greedy", "replay_fkl")]
 QUICK = ["learner.checkpoint_every=1000", "learner.sync_every=2", "rollout.max_new_tokens=16",
          "rollout.batch_size=4", "eval.prompts_per_task=2", "eval.max_new_tokens=16", "eval.gamma=[3]"]
 
