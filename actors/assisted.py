@@ -260,7 +260,7 @@ class AssistedRolloutWorker(RolloutWorker):
     def _stored_rounds(self, rows: list[dict], tag: str) -> list[dict]:
         """The greedy rounds of each row's prompt, read off its stored answer (module docstring): round records with
         `scored: "stored"`. A stored answer is used up to its end, rollout.max_new_tokens, the context limit, or the
-        first position whose stored argmax is not the stored token (a tie: past it the text is not the argmax's)."""
+        first position whose stored token is not the stored top-k's maximum (past it the text is not greedy)."""
         g, stop_len = self.gamma, self.max_new_tokens
         device = next(self.model.parameters()).device
         records = []
@@ -269,8 +269,9 @@ class AssistedRolloutWorker(RolloutWorker):
             sc = cached_score(row, self.top_k)
             ids, lps = np.asarray(sc["ids"]), np.asarray(sc["logprobs"])  # (L, k)
             L = min(len(R), len(ids), stop_len + g + 1, self.max_len - len(prompt) - 1)
-            argmax = ids[np.arange(L), lps[:L].argmax(-1)]
-            off = np.nonzero(argmax != R[:L])[0]
+            # the stored token is the target's argmax there (a tie counts: vLLM picked that token)
+            lp_r = np.where(ids[:L] == R[:L, None], lps[:L], -np.inf).max(-1)  # (L,) −inf: not in the top-k
+            off = np.nonzero(lp_r < lps[:L].max(-1))[0]
             L = int(off[0]) if len(off) else L
             if L < 1:
                 continue
