@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny rollouts and evals")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value")
     ap.add_argument("--out", type=Path, default=Path("bench/results/opd"), help="compare.json and the plot go here")
+    ap.add_argument("--skip-train", action="store_true",
+                    help="reuse a finished training (<run_dir>/opd/<budget>/trained.json) and the arms' eval JSONs")
     ap.add_argument("--scaling", action="store_true",
                     help="instead: the scaling check (1 → 2 rollout actors, 1 → 2 target engines) → scaling.json")
     args = ap.parse_args(argv)
@@ -214,7 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     for cfg in cfgs.values():
         _link_distill_set(src_run, cfg.run_path)
     t0 = time.time()
-    trained = train_interleaved(cfgs, args.minutes, args.segments)
+    trained_path = root / "trained.json"  # --skip-train reuses it (and the arms' eval JSONs) after a crash
+    if args.skip_train:
+        trained = json.loads(trained_path.read_text())
+    else:
+        trained = train_interleaved(cfgs, args.minutes, args.segments)
+        write_json_atomic(trained_path, trained)
 
     import ray
 
@@ -225,13 +232,20 @@ def main(argv: list[str] | None = None) -> int:
     for temp in args.temperatures:
         cfg = base.model_copy(deep=True)
         cfg.eval.temperature = temp
-        evals = run_eval(cfg, finals, out={a: root / a / f"eval_T{temp:g}.json" for a in arms})
+        outs = {a: root / a / f"eval_T{temp:g}.json" for a in arms}
+        if args.skip_train and all(p.is_file() for p in outs.values()):
+            evals = {a: json.loads(p.read_text()) for a, p in outs.items()}
+        else:
+            evals = run_eval(cfg, finals, out=outs)
         rows += paired_rows(evals, args.budget, temp, gamma)
         for a in arms:
             taus[a][f"T={temp:g}"] = tau_cells(evals[a], gamma)
 
     cfg = base.model_copy(deep=True)  # τ against steps: every snapshot + the stage-1 draft, one interleaved eval
-    cfg.eval.temperature, cfg.eval.tasks = 0.0, [args.curve_task]
+    n = cfg.eval.prompts_per_task
+    cfg.eval = type(cfg.eval).model_validate({
+        **cfg.eval.model_dump(), "temperature": 0.0, "tasks": [args.curve_task],
+        "prompts_per_task": {args.curve_task: n.get(args.curve_task, 8) if isinstance(n, dict) else n}})
     snaps = {"stage1": str(draft)} | {f"{a}_s{s['segment']}": s["snapshot"] for a in arms
                                       for s in trained[a]["segments"]}
     curve_eval = run_eval(cfg, snaps)
