@@ -210,18 +210,17 @@ def test_rounds_match_an_independent_recomputation(ray_local, job, peaked_target
 def _check_stored_greedy_rounds(ray, engine, prompts, rows, draft, hf_draft, eos, cfg):
     """T = 0 on a greedy set with the target's top-k (`stored_greedy`): the rounds are read off the stored answers
     with no engine call (only the re-drafts are scored), and they decode what vLLM's greedy decoding does."""
-    from actors.assisted import AssistedRolloutActor
+    from actors.assisted import AssistedRolloutWorker
 
     answers = ray.get(engine.generate.remote(prompts, temperature=0.0, max_tokens=24, logprobs=TOP_K))
     stored = [{**r, "response_token_ids": a[0]["token_ids"], "target_ids": a[0]["target_ids"],
                "target_logprobs": a[0]["target_logprobs"]} for r, a in zip(rows[:len(prompts)], answers, strict=True)]
-    actor = AssistedRolloutActor.options(num_cpus=0).remote(
+    worker = AssistedRolloutWorker(  # in this process (no actor start-up); the engine is the same actor
         0, draft, stored, [engine], None, None, on_policy_fraction=1.0, temperature=0.0, max_new_tokens=16,
         batch_size=4, top_k=TOP_K, seed=3, max_model_len=cfg.target.max_model_len, gamma=3,
         redrafts_per_sequence=2, redraft_temperature=1.0, stored_greedy=True)
-    new, records, target_s = ray.get(actor.rollout.remote(prompts, "s", stored))
-    stats = ray.get(actor.stats.remote())
-    ray.kill(actor)
+    new, records, target_s = worker.rollout(prompts, "s", stored)
+    stats = worker.stats()
     assert stats["rounds"] == 0 and stats["stored_rounds"] > 0 and stats["redrafts"] > 0 and target_s > 0, stats
     assert new == [a[0]["token_ids"][:16] for a in answers]  # vLLM's greedy continuation, as the engine path's
     for s, r in enumerate(stored):
