@@ -88,7 +88,6 @@ class DraftCache:
         self.next_pos = [0] * len(contexts)  # position id of each row's next token
         self.attn = torch.zeros(len(contexts), 0, dtype=torch.long)  # (B, L) cache columns that are real tokens
         self.past = None
-        self._fed: list[int] = []  # per batch row, proposal columns fed in the last round
 
     def _keep(self, live: list[int]) -> None:
         if live == self.rows:
@@ -211,10 +210,7 @@ class AssistedRolloutWorker(RolloutWorker):
         `rows`: the set's rows of those prompts — at T = 0 on a stored greedy set the rounds come from them."""
         if (self.temperature == 0 and self.stored_greedy and rows is not None
                 and all(cached_score(r, self.top_k) is not None for r in rows)):
-            records = self._stored_rounds(rows, tag)
-            new = [[] for _ in rows]
-            for r in records:
-                new[int(r["request"].rsplit(".", 1)[1])] += np.asarray(r["committed"]).tolist()
+            new, records = self._stored_rounds(rows, tag)
             redrafts, target_s = self._redraft(records)
             self.counters["committed"] += sum(len(n) for n in new)
             return new, records + redrafts, target_s
@@ -257,13 +253,14 @@ class AssistedRolloutWorker(RolloutWorker):
         return new, records, target_s
 
     @torch.no_grad()
-    def _stored_rounds(self, rows: list[dict], tag: str) -> list[dict]:
-        """The greedy rounds of each row's prompt, read off its stored answer (module docstring): round records with
-        `scored: "stored"`. A stored answer is used up to its end, rollout.max_new_tokens, the context limit, or the
-        first position whose stored token is not the stored top-k's maximum (past it the text is not greedy)."""
+    def _stored_rounds(self, rows: list[dict], tag: str) -> tuple[list[list[int]], list[dict]]:
+        """The greedy rounds of each row's prompt, read off its stored answer (module docstring): (continuations,
+        round records with `scored: "stored"`). A stored answer is used up to its end, rollout.max_new_tokens, the
+        context limit, or the first position whose stored token is not the stored top-k's maximum (past it the text
+        is not greedy)."""
         g, stop_len = self.gamma, self.max_new_tokens
         device = next(self.model.parameters()).device
-        records = []
+        records, continuations = [], [[] for _ in rows]
         for s, row in enumerate(rows):
             prompt, R = list(row["prompt_token_ids"]), np.asarray(row["response_token_ids"], np.int64)
             sc = cached_score(row, self.top_k)
@@ -280,8 +277,8 @@ class AssistedRolloutWorker(RolloutWorker):
             if self.outside is not None:
                 z = z.masked_fill(self.outside, float("-inf"))
             a = z.argmax(-1).numpy()  # the draft's greedy proposal at each answer position
-            n, new = 0, 0
-            while n < L and new < stop_len:
+            n, new = 0, continuations[s]
+            while n < L and len(new) < stop_len:
                 ge = min(g, L - n)  # proposals testable on the stored answer
                 match = a[n:n + ge] == R[n:n + ge]
                 kappa = int(ge if match.all() else np.argmin(match))
@@ -289,7 +286,7 @@ class AssistedRolloutWorker(RolloutWorker):
                 out = R[n:n + m].tolist()
                 if self.eos_id in out:
                     out = out[:out.index(self.eos_id) + 1]
-                out = out[:stop_len - new]
+                out = out[:stop_len - len(new)]
                 tested = a[n:n + min(kappa + 1, ge)]
                 records.append(round_record(
                     f"{tag}.{s}", prompt + R[:n].tolist(), tested, np.zeros(len(tested), np.float32),
@@ -299,10 +296,11 @@ class AssistedRolloutWorker(RolloutWorker):
                 self.counters["proposed"] += ge
                 self.counters["accepted"] += kappa
                 self.counters["rejections"] += kappa < ge
-                n, new = n + len(out), new + len(out)
+                n += len(out)
+                new += out
                 if out[-1] == self.eos_id:
                     break
-        return records
+        return continuations, records
 
     def _redraft(self, rounds: list[dict]) -> tuple[list[dict], float]:
         """Re-drafts from up to `redrafts_per_sequence` rejection points per sequence (module docstring):

@@ -228,8 +228,8 @@ class TargetPool:
     engine on an engine error, pausing 1 s after every full pass of failures (Ray restarts engines)
     and giving up SCORE_RETRY_S after submit. `score` = collect(submit(…)).
     `scored_tokens[i]`: the tokens (whole sequences: the engine prefills them) engine i answered for this pool.
-    A `prefix_cache` call goes to the engine the pool's last call went to (the one holding its prefix), and on to
-    the next only when that one fails.
+    A `prefix_cache` call always goes to the pool's home engine (`start`, the one holding its prefixes), and the
+    home moves to the next engine only when that one fails.
     """
 
     def __init__(self, engines: list, start: int = 0):
